@@ -1,0 +1,94 @@
+"""Command line: a thin layer over datapruning.runner and friends (``datapruning --help``)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config, to_dict
+from .stages.common import STAGES, load_run_config
+
+
+def _add_config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("config", nargs="?", help="YAML config (default: the run folder's, else built-in defaults)")
+    p.add_argument("--output", "-o", required=True, help="run folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+
+def resolve_config(args):
+    """The CLI's config: the file given, else the run folder's stored one, else defaults; then --set."""
+    if getattr(args, "config", None):
+        return load_config(args.config, args.set)
+    stored = Path(args.output) / "config.json"
+    if stored.exists():
+        return load_config(None, args.set, base=to_dict(load_run_config(Path(args.output))))
+    return load_config(None, args.set)
+
+
+def cmd_run(args) -> int:
+    from .runner import run_pipeline
+
+    stats = run_pipeline(resolve_config(args), args.input, args.output)
+    print(f"kept {stats['kept']} of {stats['samples_in']} samples ({stats['kept_fraction']:.1%}); "
+          f"manifest: {stats['manifest']}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from .runner import run_stage
+
+    run_stage(args.command, resolve_config(args), args.output, getattr(args, "input", None))
+    print(f"{args.command}: done ({args.output})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, overrides=args.set)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datapruning", description="Prune image and image-text datasets.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="all stages: embed, cluster, score, select, manifest")
+    _add_config_args(p)
+    p.add_argument("--input", "-i", required=True, nargs="+", help="shards: folder, brace pattern, glob or URL")
+    p.set_defaults(func=cmd_run)
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage alone")
+        _add_config_args(p)
+        if stage == "embed":
+            p.add_argument("--input", "-i", nargs="+", help="shards (default: those of the run folder)")
+        p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("demo", help="the offline demo on scikit-learn's digits with a self-trained encoder")
+    p.add_argument("--output", "-o", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+EXPECTED_ERRORS = (ConfigError, ValueError, RuntimeError, OSError, KeyError)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if getattr(args, "input", None) is not None and len(args.input) == 1:
+        args.input = args.input[0]
+    try:
+        return args.func(args)
+    except EXPECTED_ERRORS as exc:
+        if args.verbose:
+            raise
+        print(f"datapruning {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

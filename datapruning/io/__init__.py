@@ -1,0 +1,1 @@
+"""Readers and writers: shard discovery, webdataset tars, embedding parquet, clip-retrieval folders."""

@@ -1,0 +1,91 @@
+"""Atomic writes and per-shard done markers: a crash never leaves half a file that looks finished."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class WriteFailed(OSError):
+    """Writing an output failed (disk full, permissions, ...); the message names the file."""
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, WriteFailed):
+            raise
+        raise WriteFailed(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def write_parquet(path: str | Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def write_npy(path: str | Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def done_path(stage_dir: str | Path, shard: str) -> Path:
+    return Path(stage_dir) / f"_{shard}.done.json"  # "_" keeps it out of parquet dataset reads
+
+
+def is_done(stage_dir: str | Path, shard: str) -> bool:
+    return done_path(stage_dir, shard).exists()
+
+
+def mark_done(stage_dir: str | Path, shard: str, info: dict[str, Any]) -> None:
+    """Write the shard's stats json last; it doubles as the done marker."""
+    write_json(done_path(stage_dir, shard), info)
+
+
+def clean_stage(stage_dir: str | Path) -> None:
+    """Remove a stage's outputs (used when its config changed)."""
+    shutil.rmtree(stage_dir, ignore_errors=True)

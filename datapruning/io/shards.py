@@ -1,0 +1,95 @@
+"""Shard discovery: local folders, globs, brace patterns ('shards/{00000..00099}.tar') and fsspec URLs."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+
+import fsspec
+
+SUFFIXES = {".tar": "webdataset", ".parquet": "parquet", ".npy": "npy"}
+
+
+class InputError(ValueError):
+    """The input cannot be read as asked; the message names the path."""
+
+
+def _braceexpand(pattern: str) -> list[str]:
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def expand_input(spec: str | list[str]) -> list[str]:
+    """All shard paths named by ``spec``, in a stable order. A folder lists its shards (or is a
+    clip-retrieval output folder); brace patterns and globs expand; URLs go through fsspec."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in specs:
+        for path in _braceexpand(item):
+            if _is_url(path):
+                if any(ch in path for ch in "*?["):
+                    fs, _, _ = fsspec.get_url_to_fs(path)
+                    protocol = path.split("://", 1)[0]
+                    out.extend(sorted(f"{protocol}://{p}" for p in fs.glob(path)))
+                else:
+                    out.append(path)
+                continue
+            path = path[len("file://"):] if path.startswith("file://") else path
+            if os.path.isdir(path):
+                out.extend(_list_folder(path))
+            elif any(ch in path for ch in "*?["):
+                out.extend(sorted(glob.glob(path)))
+            elif os.path.exists(path):
+                out.append(path)
+            else:
+                raise InputError(f"input {path}: no such file or folder")
+    if not out:
+        raise InputError(f"input {spec!r}: matched no shards")
+    return list(dict.fromkeys(out))
+
+
+def _list_folder(folder: str) -> list[str]:
+    for emb in ("img_emb", "text_emb"):  # a clip-retrieval output folder: one shard per .npy part
+        if os.path.isdir(os.path.join(folder, emb)):
+            parts = sorted(glob.glob(os.path.join(folder, emb, "*.npy")), key=_natural)
+            if not parts:
+                raise InputError(f"input folder {folder}: {emb}/ holds no .npy files")
+            return parts
+    found = sorted(p for p in glob.glob(os.path.join(folder, "*")) if Path(p).suffix in SUFFIXES)
+    if not found:
+        raise InputError(f"input folder {folder}: holds no .tar, .parquet or .npy files")
+    return found
+
+
+def detect_format(paths: list[str], declared: str = "auto") -> str:
+    """The input format: the declared one, or the one all paths share by suffix."""
+    if declared != "auto":
+        return declared
+    kinds = set()
+    for p in paths:
+        if Path(p).parent.name in ("img_emb", "text_emb") and Path(p).parent.parent.joinpath("metadata").is_dir():
+            kinds.add("clip_retrieval")
+        else:
+            suffix = Path(p.split("?", 1)[0]).suffix
+            kinds.add(SUFFIXES.get(suffix, f"unknown suffix {suffix!r}"))
+    if len(kinds) != 1 or any(k.startswith("unknown") for k in kinds):
+        raise InputError(f"input: cannot tell the format from {sorted(kinds)}; set input.format")
+    return kinds.pop()
+
+
+def _natural(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def shard_names(paths: list[str]) -> list[str]:
+    """A stable, file-name-safe name per shard: the file stem, prefixed by its index where stems repeat."""
+    stems = [re.sub(r"[^A-Za-z0-9_.-]", "_", Path(p.rstrip("/").split("?", 1)[0]).name.split(".")[0]) or "shard"
+             for p in paths]
+    repeated = {s for s in stems if stems.count(s) > 1}
+    return [f"{i:05d}-{s}" if s in repeated else s for i, s in enumerate(stems)]

@@ -1,0 +1,117 @@
+"""Embedding tables: our per-shard parquet, precomputed-embedding parquet, clip-retrieval and .npy inputs."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .shards import InputError
+from .webdataset import skip
+
+
+def embedding_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """A float32/float16 [n, d] matrix as a fixed-size-list arrow column (zero copy)."""
+    matrix = np.ascontiguousarray(matrix)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def column_to_matrix(column: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
+    """A list<float> arrow column as a float32 [n, d] matrix; mixed lengths or nulls name ``where``."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    if column.null_count:
+        raise InputError(f"{where}: {column.null_count} rows have a null embedding")
+    if pa.types.is_fixed_size_list(column.type):
+        d = column.type.list_size
+        values = column.flatten()
+    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = np.asarray(column.value_lengths())
+        if len(np.unique(lengths)) != 1:
+            raise InputError(f"{where}: embeddings of mixed dimensions {sorted(set(lengths.tolist()))[:5]}")
+        d = int(lengths[0])
+        values = column.flatten()
+    else:
+        raise InputError(f"{where}: the embedding column is {column.type}, expected a list of floats")
+    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+        raise InputError(f"{where}: embedding values are {values.type}, expected floats")
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, d)
+
+
+def normalise_rows(matrix: np.ndarray, where: str, skipped: Counter, keys, strict: bool) -> np.ndarray:
+    """L2-normalise rows; NaN/inf or all-zero rows are skipped (counted) or raise in strict mode.
+    Returns the mask of rows kept; ``matrix`` is normalised in place."""
+    finite = np.isfinite(matrix).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], matrix, 0), axis=1)
+    ok = finite & (norms > 0)
+    for i in np.flatnonzero(~ok):
+        skip(skipped, "non_finite_embedding" if not finite[i] else "zero_embedding", where, str(keys[i]),
+             "embedding has NaN/inf" if not finite[i] else "embedding is all zeros", strict)
+    matrix[ok] /= norms[ok, None]
+    return ok
+
+
+def read_parquet(path: str, columns=None) -> pa.Table:
+    try:
+        with fsspec.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+    except KeyError as exc:
+        raise InputError(f"{path}: missing column {exc}") from None
+
+
+def load_npy(path: str) -> np.ndarray:
+    try:
+        with fsspec.open(path, "rb") as fh:
+            return np.load(fh, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+
+
+def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:
+    """Read one precomputed input shard -> (metadata table with a ``uid`` column, float32 [n, d]).
+    ``cfg`` is the InputConfig (column names)."""
+    if fmt == "parquet":
+        table = read_parquet(path)
+        for col in (cfg.id_column, cfg.embedding_column):
+            if col not in table.column_names:
+                raise InputError(f"{path}: missing column {col!r} (have {table.column_names})")
+        matrix = column_to_matrix(table[cfg.embedding_column], path)
+        meta = table.drop_columns([cfg.embedding_column])
+    elif fmt == "clip_retrieval":
+        matrix = load_npy(path).astype(np.float32, copy=False)
+        part = Path(path).stem.split("_")[-1]
+        meta_path = str(Path(path).parent.parent / "metadata" / f"metadata_{part}.parquet")
+        meta = read_parquet(meta_path)
+        if meta.num_rows != len(matrix):
+            raise InputError(f"{path}: {len(matrix)} embeddings but {meta_path} has {meta.num_rows} rows")
+        if cfg.id_column not in meta.column_names:  # clip-retrieval keeps image_path / url; rows align by part
+            candidates = [c for c in ("key", "image_path", "url") if c in meta.column_names]
+            if not candidates:
+                raise InputError(f"{meta_path}: no id column {cfg.id_column!r} (nor key/image_path/url)")
+            meta = meta.append_column(cfg.id_column, meta[candidates[0]].cast(pa.string()))
+    elif fmt == "npy":
+        matrix = load_npy(path).astype(np.float32, copy=False)
+        ids_path = str(Path(path).with_suffix(".parquet"))
+        meta = read_parquet(ids_path)
+        if meta.num_rows != len(matrix) or cfg.id_column not in meta.column_names:
+            raise InputError(f"{ids_path}: needs a {cfg.id_column!r} column with one row per row of {path}")
+    else:
+        raise InputError(f"{path}: format {fmt!r} is not a precomputed-embedding format")
+    if matrix.ndim != 2:
+        raise InputError(f"{path}: embeddings have shape {matrix.shape}, expected [n, d]")
+    if meta[cfg.id_column].null_count:
+        raise InputError(f"{path}: column {cfg.id_column!r} has nulls")
+    return meta, np.array(matrix, dtype=np.float32)
+
+
+def read_stage(path: str | Path, columns=None) -> pa.Table:
+    """Read one of our own per-shard parquet outputs."""
+    return pq.read_table(path, columns=columns)

@@ -1,0 +1,55 @@
+"""Self-supervised prototypicality (Sorscher et al., NeurIPS 2022), METHODS.md section 1."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import MetricOutput, ScoreInputs
+
+
+def prototypicality(embeddings: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    """``s_i = 1 - <x_i, c_a(i)>``: small = prototypical (easy), large = hard.
+
+    embeddings [N, d] and centroids [k, d] are L2-normalised; assignment [N] holds cluster ids.
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    centroids = np.asarray(centroids, dtype=np.float32)
+    assignment = np.asarray(assignment, dtype=np.int64)
+    if embeddings.ndim != 2 or centroids.ndim != 2 or embeddings.shape[1] != centroids.shape[1]:
+        raise ValueError(f"prototypicality: embeddings {embeddings.shape} and centroids {centroids.shape} do not match")
+    if len(assignment) != len(embeddings):
+        raise ValueError(f"prototypicality: {len(assignment)} assignments for {len(embeddings)} embeddings")
+    if len(assignment) and (assignment.min() < 0 or assignment.max() >= len(centroids)):
+        raise ValueError(f"prototypicality: assignment outside [0, {len(centroids)})")
+    out = np.empty(len(embeddings), dtype=np.float64)
+    for start in range(0, len(embeddings), 65536):  # bounded temporaries at any N
+        sl = slice(start, start + 65536)
+        dots = np.einsum("ij,ij->i", embeddings[sl], centroids[assignment[sl]])
+        out[sl] = 1.0 - dots.astype(np.float64)
+    return out
+
+
+def class_prototypes(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Supervised variant: one normalised mean embedding per label. Returns (prototypes, codes)."""
+    labels = np.asarray(labels)
+    codes, inverse = np.unique(labels, return_inverse=True)
+    sums = np.zeros((len(codes), embeddings.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, embeddings)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return (sums / norms).astype(np.float32), inverse
+
+
+def score_ssp(inp: ScoreInputs, prototypes: str = "clusters") -> MetricOutput:
+    """Pipeline adapter. ``prototypes``: ``clusters`` (self-supervised) or ``labels`` (class means)."""
+    if prototypes == "clusters":
+        return MetricOutput(inp.cos_dist.astype(np.float64), {"prototypes": "clusters"})
+    if prototypes != "labels":
+        raise ValueError(f"score.params.ssp.prototypes: expected 'clusters' or 'labels', got {prototypes!r}")
+    if inp.labels is None:
+        raise ValueError("score.params.ssp.prototypes=labels needs labels, but the input has none")
+    known = inp.labels >= 0
+    scores = np.full(len(inp.uid), np.nan)
+    protos, inverse = class_prototypes(inp.embeddings[known], inp.labels[known])
+    scores[known] = prototypicality(inp.embeddings[known], protos, inverse)
+    scores[~known] = inp.cos_dist[~known]  # unlabelled rows fall back to their cluster prototype
+    return MetricOutput(scores, {"prototypes": "labels", "classes": int(len(protos))})

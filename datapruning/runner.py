@@ -1,0 +1,34 @@
+"""Run stages in order over one run folder; every stage resumes from its done markers."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .config import RunConfig
+from .stages.cluster import run_cluster
+from .stages.common import STAGES, Run
+from .stages.embed import run_embed
+from .stages.manifest import run_manifest
+from .stages.score import run_score
+from .stages.select import run_select
+
+log = logging.getLogger("datapruning")
+
+
+def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):
+    """Run one stage (``embed`` takes ``input_spec``; the others read the run folder)."""
+    run = Run(cfg, Path(output))
+    if stage == "embed":
+        return run_embed(run, input_spec)
+    if input_spec is not None:
+        raise ValueError(f"{stage}: --input is only read by the embed stage")
+    return {"cluster": run_cluster, "score": run_score, "select": run_select, "manifest": run_manifest}[stage](run)
+
+
+def run_pipeline(cfg: RunConfig, input_spec, output: str | Path, stages=STAGES) -> dict:
+    """embed -> cluster -> score -> select -> manifest; returns stats.json's content."""
+    stats = None
+    for stage in stages:
+        log.info("stage %s", stage)
+        stats = run_stage(stage, cfg, output, input_spec if stage == "embed" else None)
+    return stats

@@ -1,0 +1,189 @@
+"""Selection: turn scores into keep flags (by fraction or count, hard/easy/random, with group minimums)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+MODES = ("hard", "easy", "random")
+
+
+@dataclass(frozen=True)
+class SelectInputs:
+    """Columns the select step sees, aligned by row. ``scores`` maps metric name -> float64 [N].
+
+    ``eligible`` marks rows still in play after filters such as SemDeDup (all True by default).
+    """
+
+    uid: np.ndarray
+    cluster: np.ndarray
+    cos_dist: np.ndarray
+    centroids: np.ndarray
+    scores: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    eligible: np.ndarray | None = None
+    seed: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def keep_count(n_total: int, keep_fraction: float | None, keep_count: int | None) -> int:
+    """The number of samples to keep; exactly one of fraction or count must be given."""
+    if (keep_fraction is None) == (keep_count is None):
+        raise ValueError("select: give exactly one of select.keep_fraction or select.keep_count")
+    if keep_count is not None:
+        if keep_count < 0:
+            raise ValueError(f"select.keep_count must be >= 0, got {keep_count}")
+        return min(int(keep_count), n_total)
+    if not 0.0 <= keep_fraction <= 1.0:
+        raise ValueError(f"select.keep_fraction must be in [0, 1], got {keep_fraction}")
+    return int(round(keep_fraction * n_total))
+
+
+def rank_order(scores: np.ndarray, mode: str, seed: int) -> np.ndarray:
+    """Indices in keep-preference order: ``hard`` = largest score first, ``easy`` = smallest first,
+    ``random`` = seeded permutation. Ties break by a seeded permutation, so the order is total."""
+    if mode not in MODES:
+        raise ValueError(f"select.mode must be one of {MODES}, got {mode!r}")
+    scores = np.asarray(scores, dtype=np.float64)
+    tiebreak = np.random.default_rng(seed).permutation(len(scores))
+    if mode == "random":
+        return np.argsort(tiebreak, kind="stable")
+    key = -scores if mode == "hard" else scores
+    key = np.where(np.isnan(key), np.inf, key)  # unscored rows go last
+    return np.lexsort((tiebreak, key))
+
+
+def select_top(scores: np.ndarray, n: int, mode: str, seed: int, eligible: np.ndarray | None = None) -> np.ndarray:
+    """Keep the ``n`` best rows by ``mode`` among ``eligible``. Returns a bool mask."""
+    keep = np.zeros(len(scores), dtype=bool)
+    order = rank_order(scores, mode, seed)
+    if eligible is not None:
+        order = order[np.asarray(eligible, dtype=bool)[order]]
+    keep[order[: max(0, min(n, len(order)))]] = True
+    return keep
+
+
+def group_minimums(groups: np.ndarray, min_share: float, n: int, eligible: np.ndarray) -> np.ndarray:
+    """Per-group floor ``min(ceil(min_share * n / G), |group|)`` over the eligible rows, for G groups."""
+    ids, sizes = np.unique(groups[eligible], return_counts=True)
+    floor = np.zeros(int(groups.max()) + 1 if len(groups) else 0, dtype=np.int64)
+    if len(ids) and min_share > 0:
+        want = int(np.ceil(min_share * n / len(ids)))
+        floor[ids] = np.minimum(want, sizes)
+    return floor
+
+
+def _rank_within_groups(order: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """For rows ``order`` (in preference order), each row's 0-based position inside its group."""
+    sorted_groups = groups[order]
+    by_group = np.argsort(sorted_groups, kind="stable")
+    starts = np.searchsorted(sorted_groups[by_group], sorted_groups[by_group])
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[by_group] = np.arange(len(order)) - starts
+    return rank
+
+
+def keep_by_quota(scores, groups, quotas, mode, seed, eligible=None) -> np.ndarray:
+    """Within each group g keep ``quotas[g]`` rows by ``mode`` (used by DBP and class balance).
+    Rows with a negative group are never kept."""
+    groups = np.asarray(groups, dtype=np.int64)
+    eligible = np.ones(len(groups), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    order = rank_order(scores, mode, seed)
+    order = order[eligible[order] & (groups[order] >= 0)]
+    quotas = np.asarray(quotas, dtype=np.int64)
+    keep = np.zeros(len(groups), dtype=bool)
+    keep[order[_rank_within_groups(order, groups) < quotas[groups[order]]]] = True
+    return keep
+
+
+def select_with_minimums(scores, n, mode, seed, groups=None, min_share=0.0, eligible=None) -> np.ndarray:
+    """Keep ``n`` rows by ``mode``, but first give every group (cluster or label) its floor of
+    ``ceil(min_share * n / G)`` rows, taken by the same rule within the group. ``min_share`` in [0, 1].
+    When the floors add up to more than ``n``, the preferred rows among them win."""
+    n_rows = len(scores)
+    eligible = np.ones(n_rows, dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    if groups is None or min_share <= 0:
+        return select_top(scores, n, mode, seed, eligible)
+    if not 0.0 <= min_share <= 1.0:
+        raise ValueError(f"select: minimum share must be in [0, 1], got {min_share}")
+    groups = np.asarray(groups, dtype=np.int64)
+    floor = group_minimums(groups, min_share, n, eligible & (groups >= 0))
+    forced = keep_by_quota(scores, groups, floor, mode, seed, eligible)
+    if forced.sum() > n:  # floors exceed the budget: keep the preferred n of the forced rows
+        return select_top(scores, n, mode, seed, forced)
+    return forced | select_top(scores, n - int(forced.sum()), mode, seed, eligible & ~forced)
+
+
+def class_balanced_quotas(groups: np.ndarray, n: int, eligible: np.ndarray | None = None) -> np.ndarray:
+    """Split ``n`` as evenly as possible over groups, capped by group size (water-filling);
+    leftover from small groups flows to larger ones. Returns quotas indexed by group id."""
+    groups = np.asarray(groups, dtype=np.int64)
+    eligible = np.ones(len(groups), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    sizes = np.bincount(groups[eligible & (groups >= 0)], minlength=int(groups.max(initial=-1)) + 1)
+    n = min(int(n), int(sizes.sum()))
+    quotas = np.zeros_like(sizes)
+    left, open_ = n, sizes > 0
+    while left > 0 and open_.any():
+        ids = np.flatnonzero(open_)
+        share = left // len(ids)
+        if share == 0:  # fewer units than open groups: the lowest ids get one each (deterministic)
+            quotas[ids[:left]] += 1
+            break
+        add = np.minimum(share, sizes[ids] - quotas[ids])
+        quotas[ids] += add
+        left -= int(add.sum())
+        open_ = quotas < sizes
+    return quotas
+
+
+def select_class_balanced(scores, n, mode, seed, groups, eligible=None) -> np.ndarray:
+    """Keep ``n`` rows with the same count per group where sizes allow, ``mode`` within each group."""
+    quotas = class_balanced_quotas(groups, n, eligible)
+    return keep_by_quota(scores, groups, quotas, mode, seed, eligible)
+
+
+# A selector: (SelectInputs, n_keep, **params) -> (keep mask, info dict)
+Selector = Callable[..., tuple[np.ndarray, dict]]
+
+
+def _metric_scores(inp: SelectInputs, metric: str) -> np.ndarray:
+    if metric not in inp.scores:
+        raise ValueError(f"select.metric: no scores for {metric!r}; the score stage ran {sorted(inp.scores)}")
+    return inp.scores[metric]
+
+
+def select_rank(inp: SelectInputs, n: int, metric: str = "ssp", mode: str = "hard",
+                min_per_cluster: float = 0.0, min_per_label: float = 0.0) -> tuple[np.ndarray, dict]:
+    """Global ranking by one metric, with optional minimum shares per cluster and per label."""
+    scores = _metric_scores(inp, metric)
+    eligible = inp.eligible
+    keep = select_with_minimums(scores, n, mode, inp.seed, inp.cluster, min_per_cluster, eligible)
+    if min_per_label > 0 and inp.labels is not None:
+        by_label = select_with_minimums(scores, n, mode, inp.seed, inp.labels, min_per_label, eligible)
+        if min_per_cluster > 0:  # both floors: label floors first, then cluster floors, then the rest
+            floor_rows = keep_by_quota(scores, inp.labels, group_minimums(
+                inp.labels, min_per_label, n, (inp.labels >= 0) & (eligible if eligible is not None else True)),
+                mode, inp.seed, eligible)
+            keep = select_with_minimums(scores, n - int(floor_rows.sum()), mode, inp.seed, inp.cluster,
+                                        min_per_cluster, (eligible if eligible is not None else True) & ~floor_rows)
+            keep |= floor_rows
+        else:
+            keep = by_label
+    return keep, {"metric": metric, "mode": mode}
+
+
+def select_balanced(inp: SelectInputs, n: int, metric: str = "ssp", mode: str = "hard",
+                    by: str = "label") -> tuple[np.ndarray, dict]:
+    """Class-balanced (``by: label``) or cluster-balanced (``by: cluster``) selection with any metric."""
+    if by == "label":
+        if inp.labels is None:
+            raise ValueError("select.params.by=label needs labels, but the input has none")
+        groups = inp.labels
+    elif by == "cluster":
+        groups = inp.cluster
+    else:
+        raise ValueError(f"select.params.by must be 'label' or 'cluster', got {by!r}")
+    quotas = class_balanced_quotas(groups, n, inp.eligible)
+    keep = keep_by_quota(_metric_scores(inp, metric), groups, quotas, mode, inp.seed, inp.eligible)
+    return keep, {"metric": metric, "mode": mode, "by": by, "quotas": quotas.tolist()}

@@ -1,0 +1,80 @@
+"""Cluster stage: fit spherical k-means on a uniform sample, then assign every shard (cluster, cos_dist)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..cluster import assign, fit_kmeans, resolve_backend, sample_indices
+from ..io.files import done_path, is_done, mark_done, read_json, write_json, write_npy, write_parquet
+from ..io.tables import column_to_matrix, read_stage
+from .backends import map_shards
+from .common import Rate, Run, StageError, log, prepare_stage, progress, timed
+
+
+def shard_rows(run: Run) -> list[tuple[dict, int]]:
+    """(shard, row count) for every input shard, from the embed stage's done markers."""
+    emb = run.dir("embed")
+    out = []
+    for shard in run.shards:
+        marker = done_path(emb, shard["name"])
+        if not marker.exists():
+            raise StageError(f"cluster: shard {shard['name']} has no embeddings yet; run 'datapruning embed' first")
+        out.append((shard, read_json(marker)["rows"]))
+    return out
+
+
+def read_embeddings(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
+    """One shard's embedding table (without the vectors) and its float32 [n, d] matrix."""
+    table = read_stage(run.dir("embed") / f"{shard}.parquet")
+    matrix = column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
+    return table.drop_columns(["embedding"]), matrix
+
+
+def gather_rows(run: Run, counts: list[tuple[dict, int]], rows: np.ndarray) -> np.ndarray:
+    """The embeddings at global row indices ``rows`` (sorted), read shard by shard."""
+    out, offset = [], 0
+    for shard, n in counts:
+        local = rows[(rows >= offset) & (rows < offset + n)] - offset
+        if len(local):
+            out.append(read_embeddings(run, shard["name"])[1][local])
+        offset += n
+    return np.concatenate(out)
+
+
+def assign_one(cfg, shard: dict, out_dir: Path) -> dict:
+    """Assign one shard's samples to the stored centroids (the per-shard unit of work)."""
+    start = time.perf_counter()
+    run = Run(cfg, out_dir.parent)
+    centroids = np.load(out_dir / "centroids.npy", allow_pickle=False)
+    meta, matrix = read_embeddings(run, shard["name"])
+    cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, resolve_backend(cfg.cluster.backend))
+    write_parquet(out_dir / f"{shard['name']}.parquet",
+                  pa.table({"uid": meta["uid"], "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist}))
+    info = {"rows": len(cluster), "seconds": round(time.perf_counter() - start, 3)}
+    mark_done(out_dir, shard["name"], info)
+    return info
+
+
+def run_cluster(run: Run) -> None:
+    ccfg = run.cfg.cluster
+    counts = shard_rows(run)
+    out_dir = prepare_stage(run, "cluster")
+    n = sum(c for _, c in counts)
+    with timed(run, "cluster"):
+        if not (out_dir / "fit.json").exists():
+            idx = sample_indices(n, ccfg.k, ccfg.fit_fraction, ccfg.max_points_per_centroid, run.cfg.seed)
+            log.info("cluster: fitting k=%d on %d of %d samples", ccfg.k, len(idx), n)
+            start = time.perf_counter()
+            centroids, stats = fit_kmeans(gather_rows(run, counts, idx), ccfg.k, ccfg.niter, run.cfg.seed,
+                                          resolve_backend(ccfg.backend))
+            write_npy(out_dir / "centroids.npy", centroids)
+            stats["seconds"] = round(time.perf_counter() - start, 3)
+            write_json(out_dir / "fit.json", stats)  # written last: the fit's done marker
+        todo = [s for s, _ in counts if not is_done(out_dir, s["name"])]
+        with progress(len(todo), "cluster") as bar:
+            rate = Rate()
+            for info in map_shards(run.cfg, "assign", todo, out_dir):
+                rate.add(bar, info["rows"])

@@ -1,0 +1,187 @@
+"""Embed stage: input shards -> embeddings/{shard}.parquet (uid, shard, key, label, split, text, embedding)."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..embed import Encoder, build_encoder, decode_input
+from ..io.files import is_done, mark_done, write_json, write_parquet
+from ..io.shards import detect_format, expand_input, shard_names
+from ..io.tables import embedding_column, normalise_rows, precomputed_table
+from ..io.webdataset import iter_tar_samples, skip
+from .backends import map_shards
+from .common import Rate, Run, log, prepare_stage, progress, save_config, timed
+
+TABLE_FORMATS = ("parquet", "clip_retrieval", "npy")
+
+
+def discover(run: Run, input_spec) -> list[dict]:
+    """Resolve the input into shards.json (path, name, format); a rerun must name the same input."""
+    paths = expand_input(input_spec)
+    fmt = detect_format(paths, run.cfg.input.format)
+    shards = [{"path": p, "name": n, "format": fmt} for p, n in zip(paths, shard_names(paths))]
+    run.output.mkdir(parents=True, exist_ok=True)
+    write_json(run.output / "shards.json", {"shards": shards})
+    return shards
+
+
+def _table(rows: dict, matrix: np.ndarray, dtype: str) -> pa.Table:
+    cols = {name: pa.array(values, type=pa.string()) for name, values in rows.items()}
+    if matrix.size == 0:
+        matrix = matrix.reshape(0, max(matrix.shape[1] if matrix.ndim == 2 else 0, 1))
+    cols["embedding"] = embedding_column(matrix.astype(dtype))
+    return pa.table(cols)
+
+
+_ENCODER_CACHE: dict[str, Encoder] = {}
+
+
+def get_encoder(cfg) -> Encoder:
+    """Build the encoder once per worker process (never pickled from the driver)."""
+    key = repr(cfg.embed)
+    if key not in _ENCODER_CACHE:
+        _ENCODER_CACHE[key] = build_encoder(cfg.embed)
+    return _ENCODER_CACHE[key]
+
+
+def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder) -> dict:
+    """Read one webdataset tar, embed its samples in batches, write parquet + done marker."""
+    icfg, ecfg, skipped = cfg.input, cfg.embed, Counter()
+    rows = {"uid": [], "shard": [], "key": [], "label": [], "text": []}
+    chunks: list[np.ndarray] = []
+    seen: set[str] = set()
+    batch_items, batch_meta = [], []
+    pool = ThreadPoolExecutor(max(1, ecfg.decode_workers))
+
+    def prepare(sample):
+        try:
+            item = decode_input(sample, ecfg.modality, icfg.image_keys, icfg.text_keys)
+            return encoder.prepare(item), None
+        except ValueError as exc:
+            return None, str(exc)
+
+    def flush():
+        prepared = list(pool.map(prepare, batch_items))
+        good = []
+        for (sample_meta, (item, err)) in zip(batch_meta, prepared):
+            if err is not None:
+                skip(skipped, err, shard, sample_meta[2], err.replace("_", " "), cfg.strict)
+                continue
+            good.append(item)
+            for name, value in zip(("uid", "shard", "key", "label", "text"), sample_meta):
+                rows[name].append(value)
+        if good:
+            chunks.append(encoder.forward(good))
+        batch_items.clear()
+        batch_meta.clear()
+
+    try:
+        for sample in iter_tar_samples(path, shard, skipped, cfg.strict):
+            key = sample["__key__"]
+            if key in seen:
+                skip(skipped, "duplicate_key", shard, key, "key repeats within the shard", cfg.strict)
+                continue
+            seen.add(key)
+            label = _text_field(sample.get(icfg.label_key))
+            text = _caption(sample, icfg.text_keys) if ecfg.modality == "image" else None
+            batch_items.append(sample)
+            batch_meta.append((f"{shard}/{key}", shard, key, label, text))
+            if len(batch_items) >= ecfg.batch_size:
+                flush()
+        if batch_items:
+            flush()
+    finally:
+        pool.shutdown()
+    matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
+    if not any(v is not None for v in rows["text"]):
+        rows.pop("text")
+    return _write(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
+
+
+def _text_field(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8").strip() or None
+    except UnicodeDecodeError:
+        return None
+
+
+def _caption(sample: dict, text_keys) -> str | None:
+    for key in text_keys:
+        if key in sample:
+            try:
+                return decode_input(sample, "text", (key,), (key,))
+            except ValueError:
+                return None
+    return None
+
+
+def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> dict:
+    """Copy one precomputed-embedding shard into our layout, L2-normalised, bad rows counted."""
+    icfg, skipped = cfg.input, Counter()
+    meta, matrix = precomputed_table(path, fmt, icfg)
+    uids = [str(u) for u in meta[icfg.id_column].to_pylist()]
+    ok = normalise_rows(matrix, shard, skipped, uids, cfg.strict)
+    rows = {"uid": uids, "shard": [shard] * len(uids), "key": uids}
+    for src, name in ((icfg.label_column, "label"), (icfg.split_column, "split"), ("caption", "text"),
+                      ("text", "text")):
+        if src in meta.column_names and name not in rows:
+            rows[name] = [None if v is None else str(v) for v in meta[src].to_pylist()]
+    seen: set[str] = set()
+    for i, uid in enumerate(uids):
+        if ok[i] and uid in seen:
+            skip(skipped, "duplicate_key", shard, uid, "uid repeats within the shard", cfg.strict)
+            ok[i] = False
+        seen.add(uid)
+    rows = {name: [v for v, keep in zip(values, ok) if keep] for name, values in rows.items()}
+    return _write(cfg, out_dir, shard, rows, matrix[ok], skipped, "precomputed")
+
+
+def _write(cfg, out_dir: Path, shard: str, rows: dict, matrix: np.ndarray, skipped: Counter, encoder: str) -> dict:
+    write_parquet(out_dir / f"{shard}.parquet", _table(rows, matrix, cfg.embed.store_dtype))
+    info = {"rows": len(rows["uid"]), "dim": int(matrix.shape[1]) if len(rows["uid"]) else None,
+            "skipped": dict(sorted(skipped.items())), "encoder": encoder}
+    mark_done(out_dir, shard, info)
+    return info
+
+
+def embed_one(cfg, shard: dict, out_dir: Path) -> dict:
+    """Embed one shard (the unit of work a worker, local or Ray, runs)."""
+    start = time.perf_counter()
+    if shard["format"] in TABLE_FORMATS:
+        info = embed_table_shard(cfg, shard["path"], shard["name"], shard["format"], out_dir)
+    else:
+        info = embed_tar_shard(cfg, shard["path"], shard["name"], out_dir, get_encoder(cfg))
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    return info
+
+
+def run_embed(run: Run, input_spec=None) -> None:
+    if input_spec is not None:
+        discover(run, input_spec)
+    save_config(run)
+    shards = run.shards
+    if any(s["format"] not in TABLE_FORMATS for s in shards) and run.cfg.embed.encoder == "precomputed":
+        raise ValueError("embed.encoder=precomputed, but the input is webdataset shards; choose an encoder")
+    out_dir = prepare_stage(run, "embed")
+    todo = [s for s in shards if not is_done(out_dir, s["name"])]
+    log.info("embed: %d shards, %d already done", len(shards), len(shards) - len(todo))
+    with timed(run, "embed"), progress(len(todo), "embed") as bar:
+        rate = Rate()
+        for info in map_shards(run.cfg, "embed", todo, out_dir):
+            rate.add(bar, info["rows"])
+    dims = {read_done_dim(out_dir, s["name"]) for s in shards} - {None}
+    if len(dims) > 1:
+        raise ValueError(f"embed: shards have mixed embedding dimensions {sorted(dims)}; they cannot be clustered together")
+
+
+def read_done_dim(out_dir: Path, shard: str):
+    from ..io.files import read_json, done_path
+
+    return read_json(done_path(out_dir, shard)).get("dim")
