@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -69,7 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
+
+
+# Modules that add their own subcommands: each defines add_commands(subparsers), whose handlers take args
+COMMAND_MODULES: tuple[str, ...] = (
+)
 
 
 EXPECTED_ERRORS = (ConfigError, ValueError, RuntimeError, OSError, KeyError)
