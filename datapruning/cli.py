@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature probe
     if getattr(args, "input", None) is not None and len(args.input) == 1:
         args.input = args.input[0]
     try:

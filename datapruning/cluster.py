@@ -80,6 +80,8 @@ def fit_kmeans(x: np.ndarray, k: int, niter: int, seed: int, backend: str = "aut
 def assign(x: np.ndarray, centroids: np.ndarray, batch: int = 65536, backend: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by inner product, in blocks: (cluster int64 [n], cos_dist float32 [n])."""
     x = np.asarray(x, dtype=np.float32)
+    if len(x) == 0:  # an empty shard
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
     if x.shape[1] != centroids.shape[1]:
         raise ClusterError(f"embeddings have dimension {x.shape[1]} but the centroids {centroids.shape[1]}")
     cluster = np.empty(len(x), dtype=np.int64)

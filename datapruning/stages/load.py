@@ -59,9 +59,10 @@ def load_run_arrays(run: Run, with_embeddings: bool) -> dict:
         uid = table["uid"].combine_chunks()
         if with_embeddings:
             block = column_to_matrix(table["embedding"], f"embeddings/{name}.parquet")
-            if matrix is None:
+            if matrix is None and len(block):
                 matrix = np.empty((n, block.shape[1]), dtype=np.float32)
-            matrix[offset:offset + len(block)] = block
+            if len(block):
+                matrix[offset:offset + len(block)] = block
         cl = load_columns(run, "cluster", name, uid)
         uids.append(uid)
         clusters.append(cl["cluster"].to_numpy())

@@ -1,0 +1,202 @@
+"""Bad inputs end in a counted skip (default) or a one-line error (strict), never a deep traceback."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import add_member, make_parquet_shards, make_png_shards, png_bytes, tiny_clip_overrides
+
+RNG = np.random.default_rng(0)
+
+
+def good_sample(tar, key: str, label: int = 0) -> None:
+    add_member(tar, f"{key}.png", png_bytes(RNG, np.full((32, 32, 3), 100.0)))
+    add_member(tar, f"{key}.cls", str(label).encode())
+
+
+def write_tar(path, build) -> None:
+    with tarfile.open(path, "w") as tar:
+        build(tar)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "datapruning.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def bad_shards(folder):
+    """One good shard plus one shard per kind of damage; returns {shard name: samples that are good}."""
+    make_png_shards(folder, n_shards=1, per_shard=6)
+    good = {"00000": 6}
+
+    def corrupt_image(tar):
+        good_sample(tar, "a")
+        add_member(tar, "b.png", b"\x89PNG\r\n\x1a\n not really a png")
+        good_sample(tar, "c")
+    write_tar(folder / "corrupt_image.tar", corrupt_image)
+    good["corrupt_image"] = 2
+
+    def missing_image(tar):
+        good_sample(tar, "a")
+        add_member(tar, "b.cls", b"1")  # no image at all
+        add_member(tar, "c.txt", b"caption only")
+    write_tar(folder / "missing_image.tar", missing_image)
+    good["missing_image"] = 1
+
+    def duplicate_keys(tar):
+        good_sample(tar, "a")
+        good_sample(tar, "b")
+        good_sample(tar, "a")  # the same key again, not adjacent
+    write_tar(folder / "duplicate_keys.tar", duplicate_keys)
+    good["duplicate_keys"] = 2
+
+    write_tar(folder / "empty.tar", lambda tar: None)
+    good["empty"] = 0
+    (folder / "zero_bytes.tar").write_bytes(b"")
+    good["zero_bytes"] = 0
+    (folder / "not_a_tar.tar").write_bytes(b"this is a text file, not a tar archive\n" * 50)
+    good["not_a_tar"] = 0
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(4):
+            good_sample(tar, f"k{i}")
+    (folder / "truncated.tar").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    good["truncated"] = None  # some prefix of the samples survives
+    return good
+
+
+def test_bad_shards_are_skipped_and_counted(tmp_path, tiny_clip_config):
+    folder = tmp_path / "shards"
+    good = bad_shards(folder)
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", folder, "--output", out,
+                   *[x for a in tiny_clip_overrides(tiny_clip_config) + ["cluster.k=2"] for x in ("--set", a)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = pq.read_table(out / "manifest").to_pandas()
+    counts = manifest.groupby("shard").size().to_dict()
+    for shard, n in good.items():
+        if n is not None:
+            assert counts.get(shard, 0) == n, shard
+    assert 0 < counts.get("truncated", 0) < 4
+    assert manifest["uid"].is_unique
+    stats = json.loads((out / "stats.json").read_text())
+    skipped = stats["skipped"]
+    assert skipped["corrupt_image"] == 1 and skipped["missing_image"] == 2 and skipped["duplicate_key"] == 1
+    assert skipped["unreadable_shard"] >= 2 and skipped["truncated_shard"] == 1
+    assert stats["samples_in"] == len(manifest)
+
+
+def test_strict_mode_stops_at_first_bad_sample(tmp_path, tiny_clip_config):
+    folder = tmp_path / "shards"
+    write_tar(folder.mkdir() or folder / "x.tar",
+              lambda tar: (good_sample(tar, "a"), add_member(tar, "b.png", b"garbage")))
+    proc = run_cli("run", "--input", folder, "--output", tmp_path / "run",
+                   *[x for a in tiny_clip_overrides(tiny_clip_config) + ["strict=true", "cluster.k=1"]
+                     for x in ("--set", a)])
+    assert proc.returncode == 2
+    assert "shard x, key b: corrupt_image" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_non_utf8_text_is_skipped(tmp_path, tiny_clip_config):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+
+    def build(tar):
+        for i, text in enumerate([b"fine caption", b"\xff\xfe bad bytes", b"another one"]):
+            add_member(tar, f"k{i}.txt", text)
+    write_tar(folder / "t.tar", build)
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", folder, "--output", out,
+                   *[x for a in tiny_clip_overrides(tiny_clip_config) + ["embed.modality=text", "cluster.k=1"]
+                     for x in ("--set", a)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "stats.json").read_text())["skipped"] == {"bad_text_encoding": 1}
+
+
+def parquet_with(tmp_path, embeddings, labels=None, name="p.parquet"):
+    folder = tmp_path / "emb"
+    folder.mkdir(exist_ok=True)
+    cols = {"uid": [f"u{i}" for i in range(len(embeddings))], "embedding": pa.array(embeddings, pa.list_(pa.float32()))}
+    if labels is not None:
+        cols["label"] = pa.array(labels, pa.int64())
+    pq.write_table(pa.table(cols), folder / name)
+    return folder
+
+
+def precomputed(*extra):
+    return [x for a in ["embed.encoder=precomputed", *extra] for x in ("--set", a)]
+
+
+def test_nan_and_inf_embeddings_are_skipped(tmp_path):
+    x = RNG.normal(size=(10, 4)).tolist()
+    x[3][1], x[7][0] = float("nan"), float("inf")
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", parquet_with(tmp_path, x), "--output", out, *precomputed("cluster.k=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["skipped"] == {"non_finite_embedding": 2} and stats["samples_in"] == 8
+
+
+def test_mixed_dimensions_name_the_file(tmp_path):
+    x = [[1.0, 0.0], [0.0, 1.0, 0.0]]
+    proc = run_cli("run", "--input", parquet_with(tmp_path, x), "--output", tmp_path / "run", *precomputed("cluster.k=1"))
+    assert proc.returncode == 2 and "p.parquet: embeddings of mixed dimensions" in proc.stderr
+
+
+def test_mixed_dimensions_across_files(tmp_path):
+    parquet_with(tmp_path, RNG.normal(size=(5, 4)).tolist(), name="a.parquet")
+    folder = parquet_with(tmp_path, RNG.normal(size=(5, 6)).tolist(), name="b.parquet")
+    proc = run_cli("run", "--input", folder, "--output", tmp_path / "run", *precomputed("cluster.k=1"))
+    assert proc.returncode == 2 and "mixed embedding dimensions [4, 6]" in proc.stderr
+
+
+def test_label_column_with_nulls(tmp_path):
+    x, _ = RNG.normal(size=(12, 4)), None
+    folder = parquet_with(tmp_path, x.tolist(), labels=[0, 1, None, 1, 0, None, 1, 0, 1, 0, 1, 0])
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", folder, "--output", out,
+                   *precomputed("cluster.k=2", "select.min_per_label=0.5", "select.keep_fraction=0.5"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = pq.read_table(out / "manifest").to_pandas()
+    assert manifest["label"].isna().sum() == 2 and manifest["keep"].sum() == 6
+
+
+def test_identical_embeddings(tmp_path):
+    x = np.tile([[0.6, 0.8, 0.0]], (20, 1)).tolist()
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", parquet_with(tmp_path, x), "--output", out, *precomputed("cluster.k=3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = pq.read_table(out / "manifest").to_pandas()
+    assert manifest["keep"].sum() == 10 and np.isfinite(manifest["score_ssp"]).all()
+
+
+def test_duplicate_uids_across_files_are_an_error(tmp_path):
+    parquet_with(tmp_path, RNG.normal(size=(5, 4)).tolist(), name="a.parquet")
+    folder = parquet_with(tmp_path, RNG.normal(size=(5, 4)).tolist(), name="b.parquet")
+    proc = run_cli("run", "--input", folder, "--output", tmp_path / "run", *precomputed("cluster.k=1"))
+    assert proc.returncode == 2 and "duplicate uid across shards: u0" in proc.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("select: [1, 2]\n", "config key 'select': expected a mapping"),
+    ("cluster:\n  k: ten\n", "config key 'cluster.k': expected an integer"),
+    ("nonsense: 1\n", "unknown config key 'nonsense'"),
+    ("a: [unclosed\n", "not valid YAML"),
+    ("!!python/object/apply:os.system ['echo hacked']\n", "not valid YAML"),
+])
+def test_bad_config_files(tmp_path, parquet_shards, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    proc = run_cli("run", cfg, "--input", parquet_shards[0].parent, "--output", tmp_path / "run")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "hacked" not in proc.stdout
