@@ -122,3 +122,13 @@ def parquet_shards(tmp_path) -> list[Path]:
 def tiny_clip_overrides(cfg_path: Path) -> list[str]:
     return [f"embed.model_config={cfg_path}", "embed.pretrained=", "embed.allow_random_weights=true",
             "embed.batch_size=8", "embed.device=cpu", "cluster.k=3", "cluster.niter=10"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="more kill points and fuzz cases (reliability tests)")
+
+
+@pytest.fixture
+def long_mode(request) -> bool:
+    return request.config.getoption("--long")

@@ -86,6 +86,16 @@ def mark_done(stage_dir: str | Path, shard: str, info: dict[str, Any]) -> None:
     write_json(done_path(stage_dir, shard), info)
 
 
+def clean_temp(folder: str | Path) -> int:
+    """Remove temporary files a killed run left in ``folder`` (never taken for outputs: they are only
+    renamed into place when complete). One run per folder at a time is assumed."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def clean_stage(stage_dir: str | Path) -> None:
     """Remove a stage's outputs (used when its config changed)."""
     shutil.rmtree(stage_dir, ignore_errors=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import RunConfig, config_from_dict, to_dict
-from ..io.files import clean_stage, read_json, write_json
+from ..io.files import clean_stage, clean_temp, read_json, write_json
 
 log = logging.getLogger("datapruning")
 
@@ -71,6 +71,8 @@ def prepare_stage(run: Run, stage: str) -> Path:
         for later in STAGES[STAGES.index(stage):]:
             clean_stage(run.dir(later))
     folder.mkdir(parents=True, exist_ok=True)
+    clean_temp(folder)
+    clean_temp(run.output)
     if not marker.exists():
         write_json(marker, {"stage": stage, "fingerprint": want})
     return folder

@@ -1,0 +1,114 @@
+"""SIGKILL the real CLI at random moments in every stage, many times; every rerun must complete with a
+manifest byte-identical to an uninterrupted run, and no temporary file may be taken for a finished one."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import make_parquet_shards, make_png_shards, tiny_clip_overrides
+
+STAGE_DIRS = ["embeddings", "clusters", "scores", "select", "manifest"]
+
+
+def cli_args(inp: Path, out: Path, sets: list[str]) -> list[str]:
+    return [sys.executable, "-m", "datapruning.cli", "run", "--input", str(inp), "--output", str(out),
+            *[x for s in sets for x in ("--set", s)]]
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    files = sorted((out / "manifest").glob("*.parquet")) + [out / "kept.parquet"]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def kill_somewhere(args: list[str], out: Path, rng: random.Random) -> str:
+    """Start the run, wait until a randomly chosen stage has begun, sleep a random moment, SIGKILL.
+    Returns where the kill landed (the last stage folder that existed), or 'finished'."""
+    target = rng.choice(STAGE_DIRS)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and not (out / target).exists() and time.time() < deadline:
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0, 0.25))
+    if proc.poll() is not None:
+        return "finished"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return next((d for d in reversed(STAGE_DIRS) if (out / d).exists()), "startup")
+
+
+def kill_and_resume(tmp_path: Path, inp: Path, sets: list[str], kills: int, seed: int) -> Counter:
+    ref = tmp_path / "ref"
+    assert subprocess.run(cli_args(inp, ref, sets), capture_output=True).returncode == 0
+    expected = snapshot(ref)
+    rng, landed = random.Random(seed), Counter()
+    for i in range(kills):
+        out = tmp_path / f"run{i}"
+        for _ in range(rng.randint(1, 3)):  # one to three kills in a row on the same folder
+            landed[kill_somewhere(cli_args(inp, out, sets), out, rng)] += 1
+        rerun = subprocess.run(cli_args(inp, out, sets), capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert snapshot(out) == expected, f"manifest differs after kills in run{i}: {landed}"
+        assert not list(out.rglob("*.tmp")), "a temporary file survived a finished run"
+    return landed
+
+
+def record(name: str, landed: Counter, kills: int) -> None:
+    folder = Path(os.environ.get("DATAPRUNING_ARTIFACTS", "test-artifacts"))
+    folder.mkdir(exist_ok=True)
+    (folder / f"kill-{name}.json").write_text(json.dumps({"runs": kills, "kill_points": dict(landed),
+                                                          "lost_or_differing_manifests": 0}, indent=1))
+
+
+def test_random_kills_precomputed(tmp_path, long_mode):
+    inp = tmp_path / "emb"
+    make_parquet_shards(inp, n_shards=6, per_shard=400, d=32, k=8)
+    kills = 24 if long_mode else 5
+    landed = kill_and_resume(tmp_path, inp, ["embed.encoder=precomputed", "cluster.k=8"], kills, seed=1)
+    record("precomputed", landed, kills)
+
+
+def test_random_kills_tar_shards(tmp_path, tiny_clip_config, long_mode):
+    inp = tmp_path / "shards"
+    make_png_shards(inp, n_shards=5, per_shard=24)
+    kills = 12 if long_mode else 3
+    landed = kill_and_resume(tmp_path, inp, tiny_clip_overrides(tiny_clip_config), kills, seed=2)
+    record("tar", landed, kills)
+
+
+def test_failed_write_stops_cleanly_then_resumes(tmp_path, parquet_shards):
+    """A disk-full error on the 4th parquet write (injected through sitecustomize in the real process)
+    stops the run with a one-line message naming the file; the next run resumes and completes."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, os, pyarrow.parquet as pq\n"
+        "_real, _n = pq.write_table, [0]\n"
+        "def write_table(*a, **k):\n"
+        "    _n[0] += 1\n"
+        "    if _n[0] == 4 and os.environ.get('FAIL_WRITE'):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return _real(*a, **k)\n"
+        "pq.write_table = write_table\n")
+    out = tmp_path / "run"
+    args = cli_args(parquet_shards[0].parent, out, ["embed.encoder=precomputed", "cluster.k=4"])
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "FAIL_WRITE": "1"}
+    failed = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert failed.returncode == 2
+    errors = [line for line in failed.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "cannot write" in errors[0]
+    assert not list(out.rglob("*.tmp"))
+    env.pop("FAIL_WRITE")
+    assert subprocess.run(args, capture_output=True, env=env).returncode == 0
+    ref = tmp_path / "ref"
+    subprocess.run(cli_args(parquet_shards[0].parent, ref, ["embed.encoder=precomputed", "cluster.k=4"]), check=True,
+                   capture_output=True)
+    assert snapshot(out) == snapshot(ref)
