@@ -142,3 +142,11 @@ def test_cli_errors_are_one_line(parquet_shards, tmp_path, args, message):
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_process_pool_equals_in_process(png_shards, tiny_clip_config, tmp_path):
+    base = tiny_clip_overrides(tiny_clip_config)
+    run_pipeline(load_config(None, base), str(png_shards[0].parent), tmp_path / "one")
+    run_pipeline(load_config(None, base + ["workers=2"]), str(png_shards[0].parent), tmp_path / "two")
+    for f in sorted((tmp_path / "one" / "manifest").glob("*.parquet")) + [tmp_path / "one" / "kept.parquet"]:
+        assert f.read_bytes() == (tmp_path / "two" / f.relative_to(tmp_path / "one")).read_bytes(), f
