@@ -1,0 +1,188 @@
+"""Density-based pruning (Abbas et al., ICLR 2024): cluster complexity, softmax shares, exact quotas (METHODS.md §2)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..select import SelectInputs, keep_by_quota
+from .base import MetricOutput, ScoreInputs
+
+log = logging.getLogger(__name__)
+
+BLOCK_ELEMS = 1 << 24  # 16M float32 (64 MiB) per centroid-similarity block
+
+
+def d_intra(cos_dist: np.ndarray, cluster: np.ndarray, k: int, eligible: np.ndarray | None = None) -> np.ndarray:
+    """``d_intra_j`` = mean of ``cos_dist`` over the (eligible) members of cluster j, float64 [k].
+
+    A cluster with fewer than two members has no defined spread, so it gets the mean over the
+    clusters that do; if none do, the mean ``cos_dist`` over all members (0.0 when there are none).
+    """
+    cluster = np.asarray(cluster, dtype=np.int64)
+    rows = cluster >= 0 if eligible is None else (cluster >= 0) & np.asarray(eligible, dtype=bool)
+    if rows.any() and cluster[rows].max() >= k:
+        raise ValueError(f"d_intra: cluster id {int(cluster[rows].max())} >= k={k}")
+    sizes = np.bincount(cluster[rows], minlength=k).astype(np.float64)
+    sums = np.bincount(cluster[rows], weights=np.asarray(cos_dist, dtype=np.float64)[rows], minlength=k)
+    defined = sizes >= 2
+    out = np.divide(sums, sizes, out=np.zeros(k), where=defined)
+    if defined.any():
+        fill = float(out[defined].mean())
+    else:
+        fill = float(sums.sum() / sizes.sum()) if sizes.sum() else 0.0
+    out[~defined] = fill
+    return out
+
+
+def d_inter(centroids: np.ndarray, l: int = 20) -> np.ndarray:
+    """``d_inter_j`` = mean of ``1 - <c_j, c_m>`` over the ``l`` nearest OTHER centroids (``l`` capped at
+    k-1), float64 [k]. With k = 1 there is no other concept: d_inter = 1.0 (the distance to an
+    orthogonal one), which leaves the single cluster's complexity equal to its d_intra.
+    Similarities are computed in row blocks of at most ``BLOCK_ELEMS`` entries."""
+    c = np.asarray(centroids, dtype=np.float32)
+    if c.ndim != 2 or len(c) == 0:
+        raise ValueError(f"d_inter: centroids must be a non-empty [k, d] array, got {c.shape}")
+    if int(l) < 1:
+        raise ValueError(f"d_inter: l must be >= 1, got {l}")
+    k = len(c)
+    if k == 1:
+        return np.ones(1)
+    norms = np.linalg.norm(c, axis=1, keepdims=True)
+    c = c / np.where(norms > 0, norms, 1.0)
+    ll = min(int(l), k - 1)
+    out = np.empty(k)
+    step = max(1, BLOCK_ELEMS // k)
+    for r0 in range(0, k, step):
+        r1 = min(r0 + step, k)
+        sims = c[r0:r1] @ c.T
+        sims[np.arange(r1 - r0), np.arange(r0, r1)] = -np.inf  # exclude self by index, not by value
+        top = np.partition(sims, k - ll, axis=1)[:, k - ll:]  # the ll largest similarities per row
+        out[r0:r1] = 1.0 - top.astype(np.float64).mean(axis=1)
+    return out
+
+
+def complexity(d_intra_: np.ndarray, d_inter_: np.ndarray) -> np.ndarray:
+    """``C_j = d_inter_j * d_intra_j``."""
+    return np.asarray(d_inter_, dtype=np.float64) * np.asarray(d_intra_, dtype=np.float64)
+
+
+def dbp_shares(C: np.ndarray, tau: float = 0.1) -> np.ndarray:
+    """Target shares ``P_j = softmax(C_j / tau)`` (max-shifted, so no overflow). Paper default tau = 0.1."""
+    if not tau > 0:
+        raise ValueError(f"dbp: tau must be > 0, got {tau}")
+    z = np.asarray(C, dtype=np.float64) / float(tau)
+    if not np.isfinite(z).all():
+        raise ValueError("dbp: complexity has non-finite values")
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def project_capped_simplex(a: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: float) -> np.ndarray:
+    """Exact Euclidean projection of ``a`` onto ``{n : sum n = total, lo <= n <= hi}``.
+
+    The solution is ``n = clip(a - lam, lo, hi)``; ``f(lam) = sum n`` is piecewise linear and
+    non-increasing with breakpoints ``a - hi`` and ``a - lo``. Bisect over the sorted breakpoints to
+    the segment that brackets ``total``, then solve that linear piece exactly (no QP solver)."""
+    a, lo, hi = (np.asarray(v, dtype=np.float64) for v in (a, lo, hi))
+    if (lo > hi).any() or not lo.sum() <= total <= hi.sum():
+        raise ValueError(f"project_capped_simplex: infeasible (sum lo={lo.sum()}, total={total}, sum hi={hi.sum()})")
+    f = lambda lam: np.clip(a - lam, lo, hi).sum()  # noqa: E731
+    bps = np.unique(np.r_[a - hi, a - lo])  # f(bps[0]) = sum hi >= total >= sum lo = f(bps[-1])
+    i, j = 0, len(bps) - 1
+    while j - i > 1:
+        mid = (i + j) // 2
+        if f(bps[mid]) >= total:
+            i = mid
+        else:
+            j = mid
+    lam0, f0 = bps[i], f(bps[i])
+    free = (a - hi < lam0 + 0.5 * (bps[j] - lam0)) & (a - lo > lam0 + 0.5 * (bps[j] - lam0))  # free on (bps[i], bps[j])
+    lam = lam0 + (f0 - total) / free.sum() if free.any() and f0 > total else lam0
+    return np.clip(a - lam, lo, hi)
+
+
+def round_largest_remainder(x: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Integers with ``sum == total`` and ``lo <= n <= hi``: floors, then +1 to the largest fractional
+    parts (ties by lower index). Float slack in ``x`` is absorbed within the bounds."""
+    lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+    base = np.clip(np.floor(x + 1e-9).astype(np.int64), lo, hi)
+    frac = np.clip(x - base, -1.0, 1.0)
+    rest = int(total) - int(base.sum())
+    idx = np.arange(len(x))
+    if rest > 0:
+        room = np.flatnonzero(base < hi)
+        pick = room[np.lexsort((idx[room], -frac[room]))[:rest]]
+        base[pick] += 1
+    elif rest < 0:
+        room = np.flatnonzero(base > lo)
+        pick = room[np.lexsort((idx[room], frac[room]))[:-rest]]
+        base[pick] -= 1
+    if base.sum() != total:
+        raise RuntimeError(f"round_largest_remainder: could not reach {total} within the bounds")
+    return base
+
+
+def dbp_quotas(N: int, shares: np.ndarray, sizes: np.ndarray, min_per_cluster: int = 0) -> np.ndarray:
+    """Integer quotas n [k] minimising ``||n - N P||^2`` s.t. ``sum n = N`` and ``lo_j <= n_j <= M_j``,
+    ``lo_j = min(min_per_cluster, M_j)``: the exact capped-simplex projection, then largest-remainder
+    rounding, so the sum is exactly N (the reference code's ``np.rint`` lets it drift)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    shares = np.asarray(shares, dtype=np.float64)
+    if shares.shape != sizes.shape or (shares < 0).any() or (sizes < 0).any() or not shares.sum() > 0:
+        raise ValueError("dbp_quotas: shares and sizes must be non-negative [k] arrays with shares summing > 0")
+    N = int(N)
+    if N < 0 or N > sizes.sum():
+        raise ValueError(f"dbp_quotas: cannot keep N={N} from {int(sizes.sum())} samples")
+    lo = np.minimum(int(min_per_cluster), sizes)
+    if lo.sum() > N:
+        raise ValueError(f"dbp_quotas: min_per_cluster={min_per_cluster} needs {int(lo.sum())} samples > N={N}")
+    x = project_capped_simplex(N * shares / shares.sum(), lo, sizes, N)
+    return round_largest_remainder(x, N, lo, sizes)
+
+
+def cluster_complexity(cos_dist, cluster, centroids, l: int = 20, eligible=None):
+    """``(C, d_intra, d_inter)`` per cluster from per-sample ``cos_dist`` and the centroids."""
+    k = len(centroids)
+    intra = d_intra(cos_dist, cluster, k, eligible)
+    inter = d_inter(centroids, l)
+    return complexity(intra, inter), intra, inter
+
+
+def select_dbp(inp: SelectInputs, n: int, mode: str = "hard", tau: float = 0.1, l: int = 20,
+               min_per_cluster: int = 0, metric: str | None = None) -> tuple[np.ndarray, dict]:
+    """DBP selector: complexity from the ELIGIBLE rows (run after SemDeDup), softmax shares, exact
+    quotas, then within each cluster keep ``quota`` rows by ``mode`` on ``cos_dist`` (or on
+    ``inp.scores[metric]``). ``n`` above the eligible count is capped, with a warning."""
+    cluster = np.asarray(inp.cluster, dtype=np.int64)
+    eligible = np.ones(len(cluster), bool) if inp.eligible is None else np.asarray(inp.eligible, bool)
+    k = len(inp.centroids)
+    C, intra, inter = cluster_complexity(inp.cos_dist, cluster, inp.centroids, l, eligible)
+    sizes = np.bincount(cluster[eligible & (cluster >= 0)], minlength=k)
+    n_keep = min(int(n), int(sizes.sum()))
+    if n_keep < n:
+        log.warning("dbp: asked for %d rows but only %d are eligible; keeping all of them", n, n_keep)
+    shares = dbp_shares(C, tau)
+    quotas = dbp_quotas(n_keep, shares, sizes, min_per_cluster)
+    if metric is None:
+        scores = np.asarray(inp.cos_dist, dtype=np.float64)
+    elif metric in inp.scores:
+        scores = inp.scores[metric]
+    else:
+        raise ValueError(f"select.params.metric: no scores for {metric!r}; the score stage ran {sorted(inp.scores)}")
+    keep = keep_by_quota(scores, cluster, quotas, mode, inp.seed, eligible)
+    info = {"mode": mode, "tau": float(tau), "l": int(l), "metric": metric or "cos_dist",
+            "n_requested": int(n), "n_kept": int(keep.sum()), "quotas": quotas.tolist(),
+            "shares": shares.tolist(), "complexity": C.tolist(), "d_intra": intra.tolist(),
+            "d_inter": inter.tolist(), "sizes": sizes.tolist()}
+    return keep, info
+
+
+def score_dbp(inp: ScoreInputs, tau: float = 0.1, l: int = 20) -> MetricOutput:
+    """Pipeline adapter: each sample scores its cluster's complexity ``C_a(i)`` (NaN when unassigned)."""
+    cluster = np.asarray(inp.cluster, dtype=np.int64)
+    C, intra, inter = cluster_complexity(inp.cos_dist, cluster, inp.centroids, l)
+    scores = np.where(cluster >= 0, C[np.maximum(cluster, 0)], np.nan)
+    info = {"tau": float(tau), "l": int(l), "complexity": C.tolist(), "d_intra": intra.tolist(),
+            "d_inter": inter.tolist(), "shares": dbp_shares(C, tau).tolist()}
+    return MetricOutput(scores, info)

@@ -1,0 +1,261 @@
+"""Transfer-aware pruning DP4TL (Zhang et al., NeurIPS 2023): label and feature mapping (METHODS.md §4)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..select import SelectInputs
+from .base import MetricOutput, ScoreInputs
+from .el2n import torch_threads_for
+
+log = logging.getLogger(__name__)
+
+BLOCK_ELEMS = 1 << 24  # 16M float32 scores per block
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def _blocked_argmax(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """``argmax_c (x @ w.T + bias)`` per row, over row blocks of at most ``BLOCK_ELEMS`` scores."""
+    out = np.empty(len(x), dtype=np.int64)
+    step = max(1, BLOCK_ELEMS // max(1, len(w)))
+    for r0 in range(0, len(x), step):
+        s = np.asarray(x[r0:r0 + step], dtype=np.float32) @ w.T
+        out[r0:r0 + step] = np.argmax(s if bias is None else s + bias, axis=1)
+    return out
+
+
+def lm_predictions_from_logits(logits: np.ndarray) -> np.ndarray:
+    """Source-class prediction per target sample: ``argmax`` of a source classifier's logits [n, C]."""
+    if not hasattr(logits, "shape"):  # ndarray or np.memmap pass through without a copy
+        logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"dp4tl: logits must be [n_target, n_classes], got {logits.shape}")
+    out = np.empty(len(logits), dtype=np.int64)
+    step = max(1, BLOCK_ELEMS // logits.shape[1])
+    for r0 in range(0, len(logits), step):
+        out[r0:r0 + step] = np.argmax(logits[r0:r0 + step], axis=1)
+    return out
+
+
+@dataclass(frozen=True)
+class LinearClassifier:
+    """Multinomial logistic regression ``argmax(x @ weight.T + bias)``; classes are label codes 0..C-1."""
+
+    weight: np.ndarray  # float32 [C, d]
+    bias: np.ndarray  # float32 [C]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return _blocked_argmax(x, self.weight, self.bias)
+
+
+def train_linear_source_classifier(source_emb: np.ndarray, source_labels: np.ndarray, seed: int = 0,
+                                   epochs: int = 10, lr: float = 0.01, batch_size: int = 256,
+                                   max_samples: int | None = 200_000) -> LinearClassifier:
+    """Train a linear source classifier with torch (CPU, Adam, seeded init and batch order).
+    Rows with a negative label are ignored; at most ``max_samples`` rows (a seeded uniform sample)
+    are used, which is plenty for a linear probe and bounds the cost at any N."""
+    import torch
+
+    labels = np.asarray(source_labels, dtype=np.int64)
+    rows = np.flatnonzero(labels >= 0)
+    if len(rows) == 0:
+        raise ValueError("dp4tl: the source has no labelled rows to train a classifier on")
+    rng = np.random.default_rng(seed)
+    if max_samples is not None and len(rows) > max_samples:
+        rows = np.sort(rng.choice(rows, int(max_samples), replace=False))
+    x = torch.from_numpy(np.ascontiguousarray(source_emb[rows], dtype=np.float32))
+    y = torch.from_numpy(labels[rows])
+    n_classes = int(labels.max()) + 1
+    gen = torch.Generator().manual_seed(int(seed))
+    model = torch.nn.Linear(x.shape[1], n_classes)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(model.weight.shape, generator=gen) * 0.01)
+        model.bias.zero_()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    with torch_threads_for(int(batch_size) * x.shape[1] * n_classes):
+        for _ in range(int(epochs)):
+            for batch in torch.randperm(len(x), generator=gen).split(int(batch_size)):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+                opt.step()
+    return LinearClassifier(model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy())
+
+
+def zero_shot_predictions(target_emb: np.ndarray, class_text_emb: np.ndarray) -> np.ndarray:
+    """Zero-shot route: ``argmax_c cos(target_i, text_c)``; text embeddings [C, d] come from elsewhere."""
+    text = np.asarray(class_text_emb, dtype=np.float32)
+    if not hasattr(target_emb, "shape"):
+        target_emb = np.asarray(target_emb)
+    if text.ndim != 2 or target_emb.ndim != 2 or text.shape[1] != target_emb.shape[1]:
+        raise ValueError(f"dp4tl: target {target_emb.shape} and class text {text.shape} embeddings do not match")
+    return _blocked_argmax(target_emb, _normalise(text))  # a row's own norm does not change its argmax
+
+
+def feature_mapping_assign(target_emb: np.ndarray, source_centroids: np.ndarray) -> np.ndarray:
+    """Nearest source centroid (cosine) per target sample, int64 [n_target]."""
+    cents = np.asarray(source_centroids, dtype=np.float32)
+    if not hasattr(target_emb, "shape"):
+        target_emb = np.asarray(target_emb)
+    if cents.ndim != 2 or target_emb.ndim != 2 or cents.shape[1] != target_emb.shape[1] or len(cents) == 0:
+        raise ValueError(f"dp4tl: target {target_emb.shape} and centroids {cents.shape} do not match")
+    return _blocked_argmax(target_emb, _normalise(cents))  # a row's own norm does not change its argmax
+
+
+def label_mapping_freq(pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """``freq[c]`` = number of target samples mapped to source class / cluster c, int64 [n_classes]."""
+    pred = np.asarray(pred, dtype=np.int64)
+    if len(pred) and (pred.min() < 0 or pred.max() >= n_classes):
+        raise ValueError(f"dp4tl: predictions outside [0, {n_classes})")
+    return np.bincount(pred, minlength=int(n_classes))
+
+
+feature_mapping_freq = label_mapping_freq  # hits per source cluster: the same count
+
+
+def group_order(freq: np.ndarray) -> np.ndarray:
+    """Group ids by descending hit count, ties by ascending id (zero-hit groups come last)."""
+    freq = np.asarray(freq, dtype=np.float64)
+    return np.lexsort((np.arange(len(freq)), -freq))
+
+
+def top_k_groups(freq: np.ndarray, k: int | None = None, keep_fraction: float | None = None,
+                 sample_budget: int | None = None, group_sizes: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Groups to keep, best first: give exactly one of ``k``, ``keep_fraction`` (of groups, rounded)
+    or ``sample_budget`` (needs ``group_sizes``). Budget rule: walk the groups in order and keep
+    each whole group while the running total stays <= budget; stop at the first group that would
+    cross it (a group with fewer hits never displaces one with more). Returns ``(ids, info)``."""
+    if sum(v is not None for v in (k, keep_fraction, sample_budget)) != 1:
+        raise ValueError("dp4tl: give exactly one of k, keep_fraction or sample_budget")
+    order = group_order(freq)
+    sizes = None if group_sizes is None else np.asarray(group_sizes, dtype=np.int64)
+    if sizes is not None and len(sizes) != len(order):
+        raise ValueError(f"dp4tl: {len(sizes)} group sizes for {len(order)} groups")
+    if keep_fraction is not None:
+        if not 0.0 <= keep_fraction <= 1.0:
+            raise ValueError(f"dp4tl: keep fraction must be in [0, 1], got {keep_fraction}")
+        k = int(round(keep_fraction * len(order)))
+    if sample_budget is not None:
+        if sizes is None:
+            raise ValueError("dp4tl: sample_budget needs group_sizes")
+        within = np.cumsum(sizes[order]) <= int(sample_budget)
+        k = int(np.argmin(within)) if not within.all() else len(order)
+    if k < 0:
+        raise ValueError(f"dp4tl: k must be >= 0, got {k}")
+    kept = order[: int(k)]
+    info = {"groups_total": int(len(order)), "groups_kept": int(len(kept)), "kept_ids": kept.tolist(),
+            "zero_hit_groups": int((np.asarray(freq) == 0).sum())}
+    if sizes is not None:
+        info["samples_kept"] = int(sizes[kept].sum())
+    return kept, info
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(embeddings float32 [n, d], uid or None)`` from a .npy file, or a parquet file or folder of
+    parquet files with an ``embedding`` list<float32> column and an optional ``uid`` column."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False).astype(np.float32, copy=False), None
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"dp4tl: no parquet files in {path}")
+    embs, uids = [], []
+    for f in files:
+        table = pq.read_table(f, columns=[c for c in ("embedding", "uid") if c in pq.read_schema(f).names])
+        if "embedding" not in table.column_names:
+            raise ValueError(f"dp4tl: {f} has no 'embedding' column")
+        col = table.column("embedding").combine_chunks()
+        if len(col):
+            flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            embs.append(flat.reshape(len(col), -1))
+        uids.append(table.column("uid").to_numpy(zero_copy_only=False) if "uid" in table.column_names else None)
+    if not embs:
+        raise ValueError(f"dp4tl: no embeddings in {path}")
+    return np.concatenate(embs), (None if any(u is None for u in uids) else np.concatenate(uids))
+
+
+def _lm_predictions(inp: ScoreInputs, route: str, target, logits, class_text, seed, epochs, max_samples):
+    if route == "logits":
+        if logits is None:
+            raise ValueError("dp4tl_lm route=logits needs score.params.dp4tl_lm.logits (a .npy [n_target, C])")
+        arr = np.load(logits, allow_pickle=False, mmap_mode="r")
+        return lm_predictions_from_logits(arr), arr.shape[1]
+    if target is None:
+        raise ValueError(f"dp4tl_lm route={route} needs score.params.dp4tl_lm.target (target embeddings)")
+    target_emb, _ = read_embeddings(target)
+    if route == "zeroshot":
+        if class_text is None:
+            raise ValueError("dp4tl_lm route=zeroshot needs score.params.dp4tl_lm.class_text (a .npy [C, d])")
+        text = np.load(class_text, allow_pickle=False)
+        return zero_shot_predictions(target_emb, text), len(text)
+    if route == "linear":
+        clf = train_linear_source_classifier(inp.embeddings, inp.labels, seed, epochs, max_samples=max_samples)
+        return clf.predict(target_emb), len(clf.bias)
+    raise ValueError(f"dp4tl_lm route must be 'linear', 'logits' or 'zeroshot', got {route!r}")
+
+
+def score_dp4tl_lm(inp: ScoreInputs, target: str | None = None, route: str = "linear", logits: str | None = None,
+                   class_text: str | None = None, epochs: int = 10, max_samples: int | None = 200_000,
+                   seed: int | None = None) -> MetricOutput:
+    """Pipeline adapter, label mapping: score = target hit count of the sample's source class (larger =
+    more target-relevant; unlabelled rows NaN). Classifier column / text row c is label code c."""
+    if inp.labels is None:
+        raise ValueError("dp4tl_lm needs source labels, but the input has none (use dp4tl_fm)")
+    labels = np.asarray(inp.labels, dtype=np.int64)
+    seed = inp.seed if seed is None else seed
+    pred, n_classes = _lm_predictions(inp, route, target, logits, class_text, seed, epochs, max_samples)
+    if labels.max(initial=-1) >= n_classes:
+        raise ValueError(f"dp4tl_lm: the {route} classifier has {n_classes} classes but labels go to {labels.max()}")
+    freq = label_mapping_freq(pred, n_classes)
+    scores = np.where(labels >= 0, freq[np.maximum(labels, 0)], np.nan).astype(np.float64)
+    info = {"route": route, "n_target": int(len(pred)), "freq": freq.tolist(),
+            "zero_hit_groups": int((freq == 0).sum())}
+    return MetricOutput(scores, info)
+
+
+def score_dp4tl_fm(inp: ScoreInputs, target: str) -> MetricOutput:
+    """Pipeline adapter, feature mapping: score = target hit count of the sample's source cluster
+    (``inp.centroids`` are the source k-means; unassigned rows NaN)."""
+    target_emb, _ = read_embeddings(target)
+    freq = feature_mapping_freq(feature_mapping_assign(target_emb, inp.centroids), len(inp.centroids))
+    cluster = np.asarray(inp.cluster, dtype=np.int64)
+    scores = np.where(cluster >= 0, freq[np.maximum(cluster, 0)], np.nan).astype(np.float64)
+    info = {"n_target": int(len(target_emb)), "freq": freq.tolist(), "zero_hit_groups": int((freq == 0).sum())}
+    return MetricOutput(scores, info)
+
+
+def select_groups(inp: SelectInputs, n: int, metric: str = "dp4tl_lm", by: str = "label",
+                  keep_fraction_groups: float | None = None) -> tuple[np.ndarray, dict]:
+    """Keep WHOLE groups (labels or clusters) with the highest group score (the max of its members'
+    ``metric`` scores) until the sample budget ``n`` (see ``top_k_groups`` for the rule), or the top
+    ``keep_fraction_groups`` of the groups when given (then ``n`` is ignored). Eligible rows only."""
+    if by not in ("label", "cluster"):
+        raise ValueError(f"select.params.by must be 'label' or 'cluster', got {by!r}")
+    if by == "label" and inp.labels is None:
+        raise ValueError("select.params.by=label needs labels, but the input has none")
+    if metric not in inp.scores:
+        raise ValueError(f"select.params.metric: no scores for {metric!r}; the score stage ran {sorted(inp.scores)}")
+    groups = np.asarray(inp.labels if by == "label" else inp.cluster, dtype=np.int64)
+    eligible = np.ones(len(groups), bool) if inp.eligible is None else np.asarray(inp.eligible, bool)
+    rows = eligible & (groups >= 0)
+    sizes = np.bincount(groups[rows], minlength=int(groups.max(initial=-1)) + 1)
+    present = np.flatnonzero(sizes)  # groups with eligible rows; scored by their members' best score
+    group_score = np.full(len(sizes), -np.inf)
+    scores = np.nan_to_num(np.asarray(inp.scores[metric], dtype=np.float64), nan=-np.inf)
+    np.maximum.at(group_score, groups[rows], scores[rows])
+    budget = {"keep_fraction": keep_fraction_groups} if keep_fraction_groups is not None else {"sample_budget": int(n)}
+    local, info = top_k_groups(group_score[present], group_sizes=sizes[present], **budget)
+    kept = present[local]
+    keep = rows & np.isin(groups, kept)
+    info.update({"metric": metric, "by": by, "kept_ids": kept.tolist(), "n_requested": int(n),
+                 "samples_kept": int(keep.sum())})
+    return keep, info

@@ -1,0 +1,183 @@
+"""EL2N (Paul, Ganguli, Dziugaite, NeurIPS 2021): from user logits or from cheap proxy heads (METHODS.md §5)."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .base import MetricOutput, ScoreInputs
+
+log = logging.getLogger(__name__)
+
+BLOCK_ELEMS = 1 << 24  # 16M outputs per block
+SMALL_STEP_MACS = 1 << 24  # below this many multiply-adds per step, extra torch threads only add sync cost
+
+
+@contextmanager
+def torch_threads_for(step_macs: int):
+    """Run small training steps on one torch thread (restored afterwards); big steps keep the default."""
+    import torch
+
+    before = torch.get_num_threads()
+    if step_macs < SMALL_STEP_MACS:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_labels(labels: np.ndarray, n: int, n_classes: int) -> np.ndarray:
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (n,):
+        raise ValueError(f"el2n: {labels.shape} labels for {n} samples")
+    if n and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"el2n: labels must be in [0, {n_classes}); drop unlabelled rows first")
+    return labels
+
+
+def _el2n_block(out: np.ndarray, labels: np.ndarray, from_logits: bool) -> np.ndarray:
+    """EL2N of one row block: ``out`` [M, b, C] -> float64 [b], via ``||p - e_y||^2 = ||p||^2 - 2 p_y + 1``."""
+    out = np.asarray(out, dtype=np.float64)
+    if from_logits:
+        p = np.exp(out - out.max(axis=2, keepdims=True))
+        p /= p.sum(axis=2, keepdims=True)
+    else:
+        p = out
+    p_y = np.take_along_axis(p, labels[None, :, None], axis=2)[..., 0]
+    sq = np.einsum("mbc,mbc->mb", p, p) - 2.0 * p_y + 1.0
+    return np.sqrt(np.maximum(sq, 0.0)).mean(axis=0)
+
+
+def el2n(outputs: np.ndarray, labels: np.ndarray, from_logits: bool = True) -> np.ndarray:
+    """``EL2N(x, y) = mean_m || softmax(f_m(x)) - onehot(y) ||_2``, float64 [n].
+
+    ``outputs``: logits (or probabilities with ``from_logits=False``) [M, n, C], or [n, C] for one
+    model; a ``np.memmap`` is read in row blocks. ``labels``: int [n] in [0, C)."""
+    if not hasattr(outputs, "shape"):
+        outputs = np.asarray(outputs)
+    if outputs.ndim == 2:
+        outputs = outputs[None]
+    if outputs.ndim != 3 or outputs.shape[0] == 0 or outputs.shape[2] == 0:
+        raise ValueError(f"el2n: outputs must be [M, n, C] or [n, C], got {outputs.shape}")
+    m, n, c = outputs.shape
+    labels = _check_labels(labels, n, c)
+    scores = np.empty(n, dtype=np.float64)
+    step = max(1, BLOCK_ELEMS // (m * c))
+    for r0 in range(0, n, step):
+        scores[r0:r0 + step] = _el2n_block(outputs[:, r0:r0 + step], labels[r0:r0 + step], from_logits)
+    return scores
+
+
+def _head_params(n_models: int, d: int, n_classes: int, hidden: int, seed: int):
+    """Per-head weights stacked on a leading model axis; head m is initialised from seed (seed, m)."""
+    import torch
+
+    dims = [d, n_classes] if hidden == 0 else [d, hidden, n_classes]
+    params = [[] for _ in range(2 * (len(dims) - 1))]
+    for m in range(n_models):
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), m]).generate_state(1)[0]))
+        for layer, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+            bound = 1.0 / np.sqrt(fan_in)  # nn.Linear's default uniform init
+            params[2 * layer].append((torch.rand(fan_in, fan_out, generator=gen) * 2 - 1) * bound)
+            params[2 * layer + 1].append((torch.rand(1, fan_out, generator=gen) * 2 - 1) * bound)
+    return [torch.stack(p).requires_grad_(True) for p in params]
+
+
+def _forward(params, x):
+    """x [M, b, d] -> logits [M, b, C] through M independent heads (linear, or one ReLU hidden layer)."""
+    import torch
+
+    h = x
+    for layer in range(0, len(params), 2):
+        h = torch.baddbmm(params[layer + 1], h, params[layer])
+        if layer + 2 < len(params):
+            h = torch.relu(h)
+    return h
+
+
+def el2n_proxy(embeddings: np.ndarray, labels: np.ndarray, n_models: int = 10, epochs: int = 5,
+               hidden: int = 0, seed: int = 0, lr: float = 1e-2, batch_size: int = 256) -> np.ndarray:
+    """Proxy EL2N: train ``n_models`` independently seeded heads (linear, or a ``hidden``-unit MLP)
+    on the embeddings for ``epochs`` epochs (Adam, torch CPU; each head has its own init and batch
+    order), then score every row with ``el2n``. Labels are codes in [0, C); the heads run batched."""
+    import torch
+
+    x_np = np.asarray(embeddings, dtype=np.float32)
+    if x_np.ndim != 2 or n_models < 1 or epochs < 0 or hidden < 0:
+        raise ValueError("el2n_proxy: need 2-D embeddings, n_models >= 1, epochs >= 0, hidden >= 0")
+    n_classes = int(np.asarray(labels).max(initial=-1)) + 1
+    labels = _check_labels(labels, len(x_np), max(n_classes, 1))
+    if n_classes == 1:
+        log.warning("el2n_proxy: one class only; every EL2N score is 0")
+    x, y = torch.from_numpy(x_np), torch.from_numpy(labels)
+    params = _head_params(int(n_models), x.shape[1], max(n_classes, 1), int(hidden), seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(int(seed))
+    n = len(x)
+    width = max(n_classes, 1) if hidden == 0 else hidden + max(n_classes, 1)
+    with torch_threads_for(n_models * int(batch_size) * x.shape[1] * width):
+        for _ in tqdm(range(int(epochs)), desc="el2n proxy heads", unit="epoch", disable=n * epochs < 1_000_000):
+            perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(n_models)])  # [M, n]
+            for b0 in range(0, n, int(batch_size)):
+                idx = perms[:, b0:b0 + int(batch_size)]
+                logits = _forward(params, x[idx])
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[2]), y[idx].reshape(-1))
+                opt.zero_grad()
+                (loss * n_models).backward()  # sum over heads, so each head's gradient is its own mean loss
+                opt.step()
+    scores = np.empty(n, dtype=np.float64)
+    step = max(1, BLOCK_ELEMS // (n_models * max(n_classes, hidden, 1)))
+    with torch.no_grad():
+        for r0 in range(0, n, step):
+            xb = x[r0:r0 + step].expand(n_models, -1, -1)
+            scores[r0:r0 + step] = _el2n_block(_forward(params, xb).numpy(), labels[r0:r0 + step], True)
+    return scores
+
+
+def _read_uids(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False).astype(str)
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["uid"]).column("uid").to_numpy(zero_copy_only=False).astype(str)
+
+
+def score_el2n(inp: ScoreInputs, logits: str | None = None, logits_uids: str | None = None,
+               from_logits: bool = True, n_models: int = 10, epochs: int = 5, hidden: int = 0,
+               lr: float = 1e-2, seed: int | None = None) -> MetricOutput:
+    """Pipeline adapter. With ``logits`` (a .npy [M, n, C] or [n, C], row r = uid ``logits_uids[r]``
+    from a .npy of strings or a parquet ``uid`` column) score from the user's models; otherwise train
+    proxy heads on the embeddings. Needs labels; unlabelled rows and rows without logits get NaN."""
+    if inp.labels is None:
+        raise ValueError("el2n needs labels, but the input has none")
+    labels = np.asarray(inp.labels, dtype=np.int64)
+    seed = inp.seed if seed is None else seed
+    scores = np.full(len(labels), np.nan)
+    if logits is not None:
+        if logits_uids is None:
+            raise ValueError("score.params.el2n.logits needs logits_uids: rows are matched by uid, never by order")
+        arr = np.load(logits, allow_pickle=False, mmap_mode="r")
+        pos = {u: r for r, u in enumerate(_read_uids(logits_uids))}
+        if len(pos) != arr.shape[-2]:
+            raise ValueError(f"el2n: {len(pos)} unique logits uids for {arr.shape[-2]} logits rows")
+        src = np.array([pos.get(str(u), -1) for u in inp.uid], dtype=np.int64)
+        rows = np.flatnonzero((src >= 0) & (labels >= 0))
+        order = np.argsort(src[rows], kind="stable")  # read the memmap in ascending row order
+        rows, src_rows = rows[order], src[rows][order]
+        arr3 = arr if arr.ndim == 3 else arr[None]
+        for b0 in range(0, len(rows), 65536):
+            sl = slice(b0, b0 + 65536)
+            scores[rows[sl]] = el2n(arr3[:, src_rows[sl]], labels[rows[sl]], from_logits)
+        info = {"route": "logits", "n_models": int(arr3.shape[0]), "scored": int(len(rows))}
+    else:
+        rows = np.flatnonzero(labels >= 0)
+        emb = inp.embeddings if len(rows) == len(labels) else inp.embeddings[rows]  # no copy when all labelled
+        scores[rows] = el2n_proxy(emb, labels[rows], n_models, epochs, hidden, seed, lr)
+        info = {"route": "proxy", "n_models": int(n_models), "epochs": int(epochs), "hidden": int(hidden),
+                "scored": int(len(rows))}
+    return MetricOutput(scores, info)

@@ -1,0 +1,150 @@
+"""SemDeDup (Abbas et al. 2023): blocked within-cluster duplicate scores, eps masks and eps tuning (METHODS.md §3)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..select import rank_order
+from .base import MetricOutput, ScoreInputs
+
+log = logging.getLogger(__name__)
+
+FIRST_SCORE = -1.0  # the first member of a cluster (in keep order) has no earlier member to duplicate
+DEFAULT_EPS = (0.0001, 0.00095, 0.005, 0.01, 0.03, 0.05, 0.1)
+REPORT_KEEP_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5)
+PROGRESS_MIN_ROWS = 200_000  # show a progress bar above this many rows to compare
+
+
+def cluster_ranges(cluster: np.ndarray, order: np.ndarray | None = None):
+    """Yield ``(cluster_id, rows)`` per cluster, rows in the order of ``order`` (default: row order).
+    One stable sort by cluster, then contiguous slices; rows with a negative cluster are skipped."""
+    cluster = np.asarray(cluster, dtype=np.int64)
+    order = np.arange(len(cluster)) if order is None else np.asarray(order)
+    order = order[np.argsort(cluster[order], kind="stable")]
+    ids = cluster[order]
+    bounds = np.flatnonzero(np.diff(ids)) + 1
+    for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(ids)]):
+        if stop > start and ids[start] >= 0:
+            yield int(ids[start]), order[start:stop]
+
+
+def _max_sim_to_earlier(embeddings, rows: np.ndarray, block_rows: int, upper: np.ndarray, out: np.ndarray) -> None:
+    """``out[rows[j]] = max_{i<j} <x_rows[i], x_rows[j]>`` with at most ``block_rows``² similarities at once.
+    ``upper`` is a square bool mask, True on and above the diagonal, at least one block wide."""
+    m = len(rows)
+    for r0 in range(0, m, block_rows):
+        r1 = min(r0 + block_rows, m)
+        x_r = np.asarray(embeddings[rows[r0:r1]], dtype=np.float32)
+        best = np.full(r1 - r0, -np.inf, dtype=np.float32)
+        for c0 in range(0, r1, block_rows):  # column blocks up to and including the diagonal block
+            c1 = min(c0 + block_rows, m)
+            x_c = x_r if c0 == r0 else np.asarray(embeddings[rows[c0:c1]], dtype=np.float32)
+            sims = x_r @ x_c.T
+            if c0 == r0:  # diagonal block: only strictly earlier members count
+                np.putmask(sims, upper[: r1 - r0, : r1 - r0], -np.inf)
+            np.maximum(best, sims.max(axis=1), out=best)
+        out[rows[r0:r1]] = np.clip(best.astype(np.float64), FIRST_SCORE, 1.0)  # -inf (first) -> -1; noise > 1 -> 1
+
+
+def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.ndarray, mode: str = "hard",
+                    seed: int = 0, block_rows: int = 4096) -> np.ndarray:
+    """Duplicate score per sample: the max cosine similarity to any member of its cluster that comes
+    EARLIER in keep-preference order. Sample i is removed at ``eps`` iff ``score_i > 1 - eps``.
+
+    Keep order within a cluster (SemDeDup, Abbas et al. 2023): ``hard`` = farthest from the centroid
+    first (largest ``cos_dist``), ``easy`` = closest first, ``random`` = seeded permutation; so from
+    every group of duplicates the preferred member survives. The first member scores -1.0, as do
+    rows with a negative (unassigned) cluster. Embeddings must be L2-normalised. Memory: one
+    ``block_rows x block_rows`` float32 similarity block at a time, whatever the cluster size.
+    """
+    if not hasattr(embeddings, "shape"):  # ndarray or np.memmap pass through without a copy
+        embeddings = np.asarray(embeddings)
+    cluster = np.asarray(cluster, dtype=np.int64)
+    n = len(cluster)
+    if embeddings.ndim != 2 or len(embeddings) != n or len(cos_dist) != n:
+        raise ValueError(f"semdedup: embeddings {embeddings.shape}, cluster {n} and cos_dist {len(cos_dist)} "
+                         "rows differ")
+    if int(block_rows) < 1:
+        raise ValueError(f"semdedup: block_rows must be >= 1, got {block_rows}")
+    out = np.full(n, FIRST_SCORE, dtype=np.float64)
+    order = rank_order(np.asarray(cos_dist, dtype=np.float64), mode, seed)
+    sizes = np.bincount(cluster[cluster >= 0]) if n else np.zeros(0, np.int64)
+    width = int(min(int(block_rows), sizes.max(initial=1)))
+    upper = np.triu(np.ones((width, width), dtype=bool))
+    work = int(sizes[sizes > 1].sum())
+    with tqdm(total=work, unit="row", desc="semdedup", disable=work < PROGRESS_MIN_ROWS) as bar:
+        for _, rows in cluster_ranges(cluster, order):
+            if len(rows) > 1:
+                _max_sim_to_earlier(embeddings, rows, int(block_rows), upper, out)
+                bar.update(len(rows))
+    return out
+
+
+def removal_mask(scores: np.ndarray, eps: float) -> np.ndarray:
+    """Rows SemDeDup removes at ``eps``: ``score > 1 - eps`` (NaN scores are never removed)."""
+    if not eps >= 0:
+        raise ValueError(f"semdedup: eps must be >= 0, got {eps}")
+    with np.errstate(invalid="ignore"):
+        return np.asarray(scores, dtype=np.float64) > 1.0 - float(eps)
+
+
+def semdedup_masks(scores: np.ndarray, eps_list) -> tuple[dict[float, np.ndarray], dict[float, int]]:
+    """Removal masks and removed counts for each eps: ``({eps: mask}, {eps: n_removed})``."""
+    masks = {float(e): removal_mask(scores, e) for e in eps_list}
+    return masks, {e: int(m.sum()) for e, m in masks.items()}
+
+
+def removed_counts(scores: np.ndarray, eps_list) -> dict[float, int]:
+    """Removed count per eps without materialising masks (one sort)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64)[~np.isnan(scores)])
+    return {float(e): int(len(s) - np.searchsorted(s, 1.0 - float(e), side="right")) for e in eps_list}
+
+
+def eps_for_keep_fraction(scores: np.ndarray, target_keep_fraction: float) -> float:
+    """The largest eps that still keeps at least ``ceil(target * N)`` rows, i.e. the smallest amount of
+    deduplication that reaches the target. Ties in the scores can make the kept fraction overshoot;
+    below the reachable minimum (one row per cluster is never removed at eps <= 2) the eps that keeps
+    that minimum is returned. Check the result with ``removal_mask``."""
+    if not 0.0 <= target_keep_fraction <= 1.0:
+        raise ValueError(f"semdedup: keep fraction must be in [0, 1], got {target_keep_fraction}")
+    s = np.sort(np.asarray(scores, dtype=np.float64)[~np.isnan(scores)])
+    if len(s) == 0:
+        return 0.0
+    want = min(max(int(np.ceil(target_keep_fraction * len(s) - 1e-9)), 1), len(s))
+    eps = max(0.0, 1.0 - s[want - 1])  # threshold t = s_(want): rows with s <= t stay
+    while eps > 0 and np.count_nonzero(s <= 1.0 - eps) < want:  # undo float round-off in 1 - (1 - s)
+        eps = float(np.nextafter(eps, 0.0))
+    return float(eps)
+
+
+def semdedup_filter(scores: np.ndarray, eps: float | None = None,
+                    keep_fraction: float | None = None) -> tuple[np.ndarray, dict]:
+    """Eligible mask for the select stage: give ``eps`` directly, or ``keep_fraction`` to tune eps.
+    Returns ``(eligible, info)`` with the eps used and the kept/removed counts."""
+    if (eps is None) == (keep_fraction is None):
+        raise ValueError("semdedup filter: give exactly one of eps or keep_fraction")
+    if eps is None:
+        eps = eps_for_keep_fraction(scores, keep_fraction)
+    eligible = ~removal_mask(scores, eps)
+    kept = int(eligible.sum())
+    info = {"eps": float(eps), "kept": kept, "removed": int(len(eligible) - kept),
+            "kept_fraction": kept / len(eligible) if len(eligible) else 0.0}
+    if keep_fraction is not None:
+        info["target_keep_fraction"] = float(keep_fraction)
+    return eligible, info
+
+
+def score_semdedup(inp: ScoreInputs, mode: str = "hard", block_rows: int = 4096, eps=DEFAULT_EPS,
+                   seed: int | None = None) -> MetricOutput:
+    """Pipeline adapter: scores = duplicate score; info = removed count per eps and the eps that
+    reaches common keep fractions (answers "which eps keeps 60%?")."""
+    seed = inp.seed if seed is None else seed
+    scores = semdedup_scores(inp.embeddings, inp.cluster, inp.cos_dist, mode, seed, block_rows)
+    removed = removed_counts(scores, eps)
+    info = {"mode": mode, "block_rows": int(block_rows), "n": int(len(scores)),
+            "removed": {str(e): c for e, c in removed.items()},
+            "eps_for_keep_fraction": {str(f): eps_for_keep_fraction(scores, f) for f in REPORT_KEEP_FRACTIONS}}
+    log.info("semdedup: removed per eps %s", info["removed"])
+    return MetricOutput(scores, info)

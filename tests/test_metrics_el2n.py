@@ -1,0 +1,110 @@
+"""EL2N: the formula on logits/probabilities, the proxy heads, and the adapter's uid alignment."""
+import importlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from datapruning.metrics import METRICS
+from datapruning.metrics.base import ScoreInputs
+from datapruning.metrics.el2n import el2n, el2n_proxy
+
+el2n_mod = importlib.import_module("datapruning.metrics.el2n")  # the package attribute `el2n` is the function
+
+
+def _direct(logits, labels):
+    out = np.zeros(logits.shape[1])
+    for m in range(logits.shape[0]):
+        for i in range(logits.shape[1]):
+            p = np.exp(logits[m, i]) / np.exp(logits[m, i]).sum()
+            out[i] += np.linalg.norm(p - np.eye(logits.shape[2])[labels[i]]) / logits.shape[0]
+    return out
+
+
+def test_hand_case():
+    assert el2n(np.zeros((1, 2)), np.array([0]))[0] == pytest.approx(np.sqrt(0.5))
+    assert el2n(np.array([[[0.0, 50.0]]]), np.array([1]))[0] == pytest.approx(0.0, abs=1e-12)
+    assert el2n(np.array([[[0.0, 50.0]]]), np.array([0]))[0] == pytest.approx(np.sqrt(2.0))
+    probs = np.array([[0.2, 0.8], [0.5, 0.5]])
+    np.testing.assert_allclose(el2n(probs, np.array([1, 1]), from_logits=False), [np.sqrt(0.08), np.sqrt(0.5)])
+
+
+def test_matches_the_formula_and_blocks(monkeypatch):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 11, 5)) * 4
+    labels = rng.integers(0, 5, 11)
+    want = _direct(logits, labels)
+    np.testing.assert_allclose(el2n(logits, labels), want, atol=1e-12)
+    monkeypatch.setattr(el2n_mod, "BLOCK_ELEMS", 20)  # one row per block
+    np.testing.assert_allclose(el2n(logits.astype(np.float32), labels), want, atol=1e-5)
+    with pytest.raises(ValueError):
+        el2n(logits, np.full(11, 5))
+    with pytest.raises(ValueError):
+        el2n(logits, labels[:4])
+
+
+def _blobs(n=2000, d=16, c=4, seed=0, flip=0.1):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(c, d)) * 2
+    y = rng.integers(0, c, n)
+    x = means[y] + rng.normal(size=(n, d))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    flipped = rng.random(n) < flip
+    y_noisy = np.where(flipped, (y + 1) % c, y)
+    return x, y_noisy, flipped
+
+
+def test_proxy_flags_mislabelled_rows_and_is_seeded():
+    x, y, flipped = _blobs()
+    a = el2n_proxy(x, y, n_models=4, epochs=10, seed=0)
+    assert a.shape == (len(x),) and (a >= 0).all() and (a <= np.sqrt(2) + 1e-9).all()
+    assert a[flipped].mean() > a[~flipped].mean() + 0.3
+    np.testing.assert_array_equal(a, el2n_proxy(x, y, n_models=4, epochs=10, seed=0))
+    assert not np.allclose(a, el2n_proxy(x, y, n_models=4, epochs=10, seed=1))
+    mlp = el2n_proxy(x, y, n_models=2, epochs=2, hidden=8, seed=0)
+    assert np.isfinite(mlp).all() and mlp[flipped].mean() > mlp[~flipped].mean()
+
+
+def test_proxy_degenerate_inputs():
+    x, _, _ = _blobs(n=50)
+    np.testing.assert_array_equal(el2n_proxy(x, np.zeros(50, np.int64), n_models=2, epochs=1), 0.0)  # one class
+    with pytest.raises(ValueError):
+        el2n_proxy(x, -np.ones(50, np.int64))
+    with pytest.raises(ValueError):
+        el2n_proxy(x, np.zeros(50, np.int64), n_models=0)
+
+
+def _inputs(x, y):
+    n = len(x)
+    return ScoreInputs(uid=np.array([f"s{i}" for i in range(n)]), embeddings=x, cluster=np.zeros(n, np.int64),
+                       cos_dist=np.zeros(n, np.float32), centroids=x[:1], labels=y, seed=0)
+
+
+def test_adapter_aligns_logits_by_uid(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y, _ = _blobs(n=30)
+    y = y.copy()
+    y[4] = -1  # unlabelled
+    inp = _inputs(x, y)
+    logits = rng.normal(size=(2, 30, 4))
+    perm = rng.permutation(30)[:25]  # the logits file covers 25 samples, in another order
+    np.save(tmp_path / "logits.npy", logits[:, perm])
+    pq.write_table(pa.table({"uid": inp.uid[perm]}), tmp_path / "uids.parquet")
+    out = METRICS["el2n"](inp, logits=str(tmp_path / "logits.npy"), logits_uids=str(tmp_path / "uids.parquet"))
+    covered = np.isin(np.arange(30), perm) & (y >= 0)
+    np.testing.assert_allclose(out.scores[covered], _direct(logits[:, covered], y[covered]), atol=1e-12)
+    assert np.isnan(out.scores[~covered]).all() and out.info["scored"] == covered.sum()
+    np.save(tmp_path / "uids.npy", inp.uid[perm])
+    again = METRICS["el2n"](inp, logits=str(tmp_path / "logits.npy"), logits_uids=str(tmp_path / "uids.npy"))
+    np.testing.assert_array_equal(again.scores, out.scores)
+    with pytest.raises(ValueError):
+        METRICS["el2n"](inp, logits=str(tmp_path / "logits.npy"))
+
+
+def test_adapter_proxy_needs_labels():
+    x, y, _ = _blobs(n=100)
+    out = METRICS["el2n"](_inputs(x, y), n_models=2, epochs=1)
+    assert np.isfinite(out.scores).all() and out.info["route"] == "proxy"
+    with pytest.raises(ValueError, match="labels"):
+        METRICS["el2n"](_inputs(x, None))
