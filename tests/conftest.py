@@ -132,3 +132,13 @@ def pytest_addoption(parser):
 @pytest.fixture
 def long_mode(request) -> bool:
     return request.config.getoption("--long")
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_tests_without_cuda(request):
+    """Tests marked ``gpu`` run only where torch sees a CUDA device."""
+    if request.node.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")

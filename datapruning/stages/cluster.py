@@ -33,15 +33,36 @@ def read_embeddings(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
     return table.drop_columns(["embedding"]), matrix
 
 
+def read_matrix(run: Run, shard: str) -> np.ndarray:
+    """One shard's float32 [n, d] embedding matrix (only that column is read)."""
+    table = read_stage(run.dir("embed") / f"{shard}.parquet", columns=["embedding"])
+    return column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
+
+
 def gather_rows(run: Run, counts: list[tuple[dict, int]], rows: np.ndarray) -> np.ndarray:
-    """The embeddings at global row indices ``rows`` (sorted), read shard by shard."""
-    out, offset = [], 0
+    """The embeddings at global row indices ``rows`` (sorted), read shard by shard into one array."""
+    out, offset, filled = None, 0, 0
     for shard, n in counts:
         local = rows[(rows >= offset) & (rows < offset + n)] - offset
         if len(local):
-            out.append(read_embeddings(run, shard["name"])[1][local])
+            block = read_matrix(run, shard["name"])
+            if out is None:
+                out = np.empty((len(rows), block.shape[1]), dtype=np.float32)
+            out[filled:filled + len(local)] = block[local]
+            filled += len(local)
+            del block
         offset += n
-    return np.concatenate(out)
+    return out
+
+
+def fit_sample(cfg, output: Path, counts: list[tuple[dict, int]], idx: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Gather the fit sample from the run folder and fit k-means on it (locally or on a Ray worker)."""
+    start = time.perf_counter()
+    ccfg = cfg.cluster
+    x = gather_rows(Run(cfg, Path(output)), counts, idx)
+    centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, resolve_backend(ccfg.backend))
+    stats["seconds"] = round(time.perf_counter() - start, 3)
+    return centroids, stats
 
 
 def assign_one(cfg, shard: dict, out_dir: Path) -> dict:
@@ -67,11 +88,13 @@ def run_cluster(run: Run) -> None:
         if not (out_dir / "fit.json").exists():
             idx = sample_indices(n, ccfg.k, ccfg.fit_fraction, ccfg.max_points_per_centroid, run.cfg.seed)
             log.info("cluster: fitting k=%d on %d of %d samples", ccfg.k, len(idx), n)
-            start = time.perf_counter()
-            centroids, stats = fit_kmeans(gather_rows(run, counts, idx), ccfg.k, ccfg.niter, run.cfg.seed,
-                                          resolve_backend(ccfg.backend))
+            if run.cfg.backend == "ray":  # the fit runs on one Ray worker (a GPU one when there is one)
+                from .ray_backend import ray_fit
+
+                centroids, stats = ray_fit(run.cfg, run.output, counts, idx)
+            else:
+                centroids, stats = fit_sample(run.cfg, run.output, counts, idx)
             write_npy(out_dir / "centroids.npy", centroids)
-            stats["seconds"] = round(time.perf_counter() - start, 3)
             write_json(out_dir / "fit.json", stats)  # written last: the fit's done marker
         todo = [s for s, _ in counts if not is_done(out_dir, s["name"])]
         with progress(len(todo), "cluster") as bar:

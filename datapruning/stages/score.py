@@ -26,8 +26,13 @@ def compute_scores(run: Run) -> tuple[dict, dict, dict]:
     for name in run.cfg.score.metrics:
         params = dict(run.cfg.score.params.get(name, {}))
         start = time.perf_counter()
+        fn = METRICS[name]
+        if run.cfg.backend == "ray":  # per-cluster work on Ray where a metric has a Ray version
+            from .ray_backend import ray_metric
+
+            fn = ray_metric(run.cfg, name, fn)
         try:
-            out = METRICS[name](inp, **params)
+            out = fn(inp, **params)
         except TypeError as exc:
             raise StageError(f"score.params.{name}: {exc}") from None
         if len(out.scores) != len(inp.uid):
