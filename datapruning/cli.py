@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommands: each defines add_commands(subparsers), whose handlers take args
 COMMAND_MODULES: tuple[str, ...] = (
+    "datapruning.evaluate",
+    "datapruning.report",
+    "datapruning.reshard",
+    "datapruning.teacher",
 )
 
 

@@ -1,0 +1,204 @@
+"""Pruning-curve evaluation on a run with planted structure: separable classes plus injected label noise."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from datapruning import cli
+from datapruning.config import load_config
+from datapruning.evaluate import (DEFAULT_FRACTIONS, default_variants, probe_accuracy, recommend, run_eval,
+                                  stratified_split)
+from datapruning.runner import run_pipeline
+from datapruning.select import keep_count
+
+N_PER_SHARD, N_SHARDS, CLASSES, DIM, NOISE = 120, 4, 4, 16, 0.25
+METRICS = ("ssp", "random", "el2n", "dbp", "semdedup", "dp4tl_fm")
+
+
+def planted_shards(folder, seed: int = 0):
+    """Four well-separated classes; a quarter of the rows are a clean test split; a quarter of the training
+    rows get a wrong label. Returns (paths, truth, noisy mask, split)."""
+    rng = np.random.default_rng(seed)
+    n = N_PER_SHARD * N_SHARDS
+    centres = np.linalg.qr(rng.normal(size=(DIM, CLASSES)))[0].T  # orthonormal class directions
+    truth = rng.integers(CLASSES, size=n)
+    x = centres[truth] + 0.25 * rng.normal(size=(n, DIM)) / np.sqrt(DIM)
+    split = np.where(rng.random(n) < 0.25, "test", "train")
+    noisy = (split == "train") & (rng.random(n) < NOISE)
+    labels = truth.copy()
+    labels[noisy] = (truth[noisy] + rng.integers(1, CLASSES, size=noisy.sum())) % CLASSES
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(N_SHARDS):
+        rows = slice(s * N_PER_SHARD, (s + 1) * N_PER_SHARD)
+        path = folder / f"part-{s:03d}.parquet"
+        pq.write_table(pa.table({"uid": [f"u{i:05d}" for i in range(rows.start, rows.stop)],
+                                 "embedding": pa.array(list(x[rows].astype(np.float32)), pa.list_(pa.float32())),
+                                 "label": labels[rows], "split": split[rows]}), path)
+        paths.append(path)
+    target = folder.parent / "target.parquet"  # DP4TL feature mapping: downstream data = classes 0 and 1
+    pick = np.flatnonzero(truth < 2)[:40]
+    pq.write_table(pa.table({"embedding": pa.array(list(x[pick].astype(np.float32)), pa.list_(pa.float32()))}),
+                   target)
+    return paths, truth, noisy, split, target
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    paths, truth, noisy, split, target = planted_shards(root / "emb")
+    cfg = load_config(None, ["embed.encoder=precomputed", "cluster.k=4", f"score.metrics={','.join(METRICS)}",
+                             f"score.params.dp4tl_fm.target={target}", "select.keep_fraction=0.5"])
+    run_pipeline(cfg, str(paths[0].parent), root / "run")
+    return root / "run", split
+
+
+@pytest.fixture(scope="module")
+def planted_eval(planted_run):
+    run, _ = planted_run
+    return run_eval(run, seeds=3, tolerance=0.01)
+
+
+def test_table_has_every_cell(planted_run, planted_eval):
+    run, split = planted_run
+    table, summary = planted_eval["table"], planted_eval["summary"]
+    expected = {"ssp/hard", "ssp/easy", "el2n/hard", "el2n/easy", "el2n/ccs", "dbp/hard", "dbp/easy", "semdedup",
+                "dp4tl_fm", "random", "config: rank ssp hard"}
+    assert set(table["variant"]) == expected
+    assert len(table) == len(expected) * len(DEFAULT_FRACTIONS)
+    for name, part in table.groupby("variant"):
+        assert sorted(part["fraction"]) == list(DEFAULT_FRACTIONS), name
+    assert table["accuracy"].between(0, 1).all() and table.notna().all().all()
+    # the held-out side is the split column, never pruned; selection only ever sees training rows
+    n_train = int((split == "train").sum())
+    assert summary["split"].startswith("split column") and summary["test_rows"] == int((split == "test").sum())
+    assert summary["train_rows"] == n_train
+    exact = table[table["selector"].isin(["rank", "ccs", "dbp"])]
+    assert (exact["kept"] == [keep_count(n_train, f, None) for f in exact["fraction"]]).all()
+    assert (table.loc[table["selector"] == "groups", "kept"] <= table.loc[table["selector"] == "groups", "fraction"]
+            * n_train + 0.5).all()
+    # random is repeated: seeds recorded, a spread somewhere below 1.0, none at 1.0 (all rows kept)
+    rnd = table[table["variant"] == "random"].set_index("fraction")
+    assert (rnd["seeds"] == 3).all() and rnd.loc[0.1, "accuracy_std"] > 0 and rnd.loc[1.0, "accuracy_std"] == 0
+    # every curve reaches the same full-data accuracy at 1.0
+    assert np.allclose(table.loc[table["fraction"] == 1.0, "accuracy"], summary["full_accuracy"])
+    stored = pd.read_parquet(run / "eval" / "curves.parquet")
+    pd.testing.assert_frame_equal(stored, table, check_dtype=False)
+    assert (run / "eval" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_planted_noise_keep_easy_and_ccs_beat_keep_hard(planted_eval):
+    """EL2N's hardest rows are the mislabelled ones: keeping only them at small fractions ruins the probe,
+    while CCS (which drops the hardest first) stays near the full-data accuracy."""
+    acc = planted_eval["table"].set_index(["variant", "fraction"])["accuracy"]
+    full = planted_eval["summary"]["full_accuracy"]
+    for f in (0.1, 0.2):
+        assert acc["el2n/ccs", f] > acc["el2n/hard", f] + 0.5, (f, acc["el2n/ccs", f], acc["el2n/hard", f])
+        assert acc["el2n/ccs", f] > full - 0.1
+        assert acc["el2n/easy", f] > acc["el2n/hard", f], (f, acc["el2n/easy", f], acc["el2n/hard", f])
+    assert acc["el2n/hard", 0.1] < 0.3  # it learned the wrong labels
+    assert acc["el2n/hard", 0.9] > full - 0.05  # with most rows kept, the noise is outvoted again
+
+
+def expected_recommendation(table: pd.DataFrame, full: float, tol: float):
+    ok = table[(table["fraction"] < 1) & (table["accuracy"] >= full - tol - 1e-12)]
+    if ok.empty:
+        return 1.0, None
+    f = ok["fraction"].min()
+    return f, ok.loc[ok["fraction"] == f, "accuracy"].max()
+
+
+def test_recommendation_is_computed_from_the_table(planted_eval):
+    table, summary = planted_eval["table"], planted_eval["summary"]
+    full = summary["full_accuracy"]
+    assert (summary["fraction"], summary.get("accuracy")) == expected_recommendation(table, full, 0.01)
+    seen = set()
+    for tol in (0.0, 0.005, 0.02, 0.05, 0.2, 1.0):
+        rec = recommend(table, full, tol)
+        frac, best = expected_recommendation(table, full, tol)
+        assert rec["fraction"] == frac and rec.get("accuracy") == best
+        if rec["variant"] is not None:
+            row = table[(table["variant"] == rec["variant"]) & (table["fraction"] == frac)]
+            assert row["accuracy"].iloc[0] == best and rec["line"].startswith(f"recommendation: keep {frac:.0%}")
+        seen.add(frac)
+    # a curve that falls linearly away from full data: a looser tolerance reaches a smaller fraction
+    lin = pd.DataFrame({"variant": "lin", "fraction": list(DEFAULT_FRACTIONS), "accuracy_std": 0.0, "seeds": 1})
+    lin["accuracy"] = 0.9 - 0.2 * (1 - lin["fraction"])
+    for tol in (0.01, 0.05, 0.1, 0.15):
+        seen.add(recommend(lin, 0.9, tol)["fraction"])
+        assert recommend(lin, 0.9, tol)["fraction"] == expected_recommendation(lin, 0.9, tol)[0]
+    assert len(seen) >= 4
+    # an impossible target: keep everything
+    worse = table.assign(accuracy=np.where(table["fraction"] < 1, 0.0, table["accuracy"]))
+    assert recommend(worse, full, 0.01)["variant"] is None
+
+
+def test_cli_prints_table_and_recommendation(planted_run, capsys, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(planted_run[0], run)
+    assert cli.main(["eval", str(run), "--seeds", "2", "--fractions", "0.2,0.5,1", "--tolerance", "0.02"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["line"] in out and "random" in out and "el2n/ccs" in out and "0.2" in out
+    assert summary["fractions"] == [0.2, 0.5, 1.0] and summary["seeds"] == 2
+    table = pd.read_parquet(run / "eval" / "curves.parquet")
+    assert (summary["fraction"], summary.get("accuracy")) == expected_recommendation(
+        table, summary["full_accuracy"], 0.02)
+
+
+def test_one_line_errors(planted_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(planted_run[0], run)
+    assert cli.main(["eval", str(run), "--label-column", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "labels" in err and "'nope'" in err and len(err.splitlines()) == 1
+    for marker in (run / "scores").glob("_part-001.done.json"):
+        marker.unlink()
+    assert cli.main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "score" in err and "part-001" in err and len(err.splitlines()) == 1
+    assert cli.main(["eval", str(tmp_path / "missing")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_unlabelled_run_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    (tmp_path / "emb").mkdir()
+    pq.write_table(pa.table({"uid": [f"a{i}" for i in range(30)],
+                             "embedding": pa.array(list(rng.normal(size=(30, 8)).astype(np.float32)),
+                                                   pa.list_(pa.float32()))}), tmp_path / "emb" / "p.parquet")
+    run_pipeline(load_config(None, ["embed.encoder=precomputed", "cluster.k=2"]), str(tmp_path / "emb"),
+                 tmp_path / "run")
+    assert cli.main(["eval", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs labels" in err and len(err.splitlines()) == 1
+
+
+def test_stratified_split_and_probe():
+    labels = np.repeat([0, 1, 2, 3], [50, 20, 5, 1])
+    test = stratified_split(labels, 0.2, seed=0)
+    assert [int(test[labels == c].sum()) for c in range(4)] == [10, 4, 1, 0]  # a singleton stays in training
+    assert np.array_equal(test, stratified_split(labels, 0.2, seed=0))
+    assert not np.array_equal(test, stratified_split(labels, 0.2, seed=1))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5)) + np.repeat(np.eye(5)[:2] * 4, 100, axis=0)
+    y = np.repeat([0, 1], 100)
+    a = probe_accuracy(x[::2], y[::2], x[1::2], y[1::2])
+    assert a > 0.95 and a == probe_accuracy(x[::2], y[::2], x[1::2], y[1::2])  # deterministic
+    assert probe_accuracy(x[:10], y[:10], x[100:], y[100:]) == 0.0  # one class seen: predicts it
+    assert probe_accuracy(x[:0], y[:0], x, y) == 0.0
+
+
+def test_variants_follow_the_run_metrics():
+    names = [v.name for v in default_variants(["ssp", "random"], None, seeds=4)]
+    assert names == ["ssp/hard", "ssp/easy", "random"]
+    cfg = load_config(None, ["select.method=dbp", "select.params={tau: 0.2}"])
+    variants = {v.name: v for v in default_variants(["ssp", "random"], cfg.select, seeds=4)}
+    assert variants["dbp/easy"].params == {"tau": 0.2, "mode": "easy"} and variants["random"].seeds == 4
+    assert variants["config: dbp ssp hard"].selector == "dbp"
