@@ -1,0 +1,322 @@
+"""Feed a run's manifest to trainers: a webdataset filter, a PyTorch IterableDataset, HF/pandas/pyarrow tables,
+stored embeddings, and DataComp's sorted u8,u8 uid subset file."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Callable, Collection, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .io.files import write_npy
+from .io.shards import shard_names
+from .io.webdataset import iter_tar_samples
+from .reshard import RunNotReady, kept_keys, manifest_shard, run_shards
+
+log = logging.getLogger(__name__)
+
+DATACOMP_UID = np.dtype("u8,u8")  # DataComp's resharder: 128-bit uid as (high 64 bits, low 64 bits), sorted
+
+
+# ---------------------------------------------------------------- tables: pyarrow, pandas, Hugging Face datasets
+def manifest_files(run_dir: str | Path) -> list[str]:
+    return [str(Path(run_dir) / "manifest" / f"{s['name']}.parquet") for s in run_shards(run_dir)]
+
+
+def read_manifest(run_dir: str | Path, kept_only: bool = False, columns=None) -> pa.Table:
+    """The manifest as one pyarrow Table (shard order); ``kept_only`` filters while reading."""
+    dataset = pds.dataset(manifest_files(run_dir), format="parquet")
+    return dataset.to_table(columns=columns, filter=(pds.field("keep") == True) if kept_only else None)  # noqa: E712
+
+
+def manifest_dataframe(run_dir: str | Path, kept_only: bool = False, columns=None):
+    """The manifest as a pandas DataFrame."""
+    return read_manifest(run_dir, kept_only, columns).to_pandas()
+
+
+def load_manifest_hf(run_dir: str | Path, kept_only: bool = False, columns=None, cache_dir: str | None = None):
+    """The manifest as a Hugging Face ``datasets.Dataset`` (memory-mapped Arrow, built by ``Dataset.from_parquet``)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError("load_manifest_hf needs Hugging Face datasets: pip install datasets") from exc
+    return datasets.Dataset.from_parquet(manifest_files(run_dir), columns=list(columns) if columns else None,
+                                         filters=[("keep", "==", True)] if kept_only else None, cache_dir=cache_dir)
+
+
+def load_embeddings(run_dir: str | Path, select: str | Collection[str] = "kept") -> dict:
+    """Stored embeddings of the selected samples: {"uid": [n] object, "embedding": [n, d] float32, "label": list}."""
+    from .io.tables import column_to_matrix
+
+    select = _as_selection(select)
+    uids, mats, labels = [], [], []
+    for shard in run_shards(run_dir):
+        path = Path(run_dir) / "embeddings" / f"{shard['name']}.parquet"
+        emb = pds.dataset(str(path)).to_table(columns=["uid", "embedding"])
+        man = manifest_shard(run_dir, shard["name"], _present(run_dir, shard["name"], ("uid", "keep", "label")))
+        if not emb["uid"].equals(man["uid"]):
+            raise RunNotReady(f"{path}: rows do not match manifest/{shard['name']}.parquet by uid; rerun the run")
+        mask = _selection(man, select)
+        uids.extend(np.asarray(man["uid"].to_pylist(), dtype=object)[mask])
+        mats.append(column_to_matrix(emb["embedding"], str(path))[mask])
+        labels.extend(np.asarray(man["label"].to_pylist() if "label" in man.column_names else [None] * len(mask),
+                                 dtype=object)[mask])
+    _check_found(select, uids)
+    return {"uid": np.asarray(uids, dtype=object), "embedding": np.concatenate(mats) if mats else np.zeros((0, 0)),
+            "label": labels}
+
+
+def _present(run_dir, shard: str, columns) -> tuple:
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(Path(run_dir) / "manifest" / f"{shard}.parquet").names
+    return tuple(c for c in columns if c in names)
+
+
+def _as_selection(select) -> str | frozenset:
+    if isinstance(select, str):
+        if select not in ("kept", "all"):
+            raise ValueError(f"select must be 'kept', 'all' or a collection of uids, got {select!r}")
+        return select
+    return frozenset(select)
+
+
+def _selection(man: pa.Table, select: str | frozenset) -> np.ndarray:
+    """Boolean mask of the manifest rows chosen by ``select`` ('kept', 'all' or a set of uids)."""
+    if select == "kept":
+        return man["keep"].to_numpy(zero_copy_only=False).astype(bool)
+    if select == "all":
+        return np.ones(man.num_rows, bool)
+    return np.fromiter((u in select for u in man["uid"].to_pylist()), dtype=bool, count=man.num_rows)
+
+
+def _check_found(select, found) -> None:
+    if not isinstance(select, str) and len(found) != len(select):
+        missing = sorted(select - set(found))
+        raise KeyError(f"{len(missing)} selected uids are not in the manifest (first {missing[0]!r})")
+
+
+# ---------------------------------------------------------------- streaming filter for plain webdataset pipelines
+class KeptFilter:
+    """``wds.WebDataset(urls, shardshuffle=False).select(KeptFilter(run_dir))``: True for the samples the run kept.
+
+    Each sample's ``__url__`` is mapped to the run's shard name (by path, else by file stem) and that shard's kept
+    keys are loaded when the shard is first seen: memory holds a few shards' keys, never the dataset's. Nothing is
+    copied. Picklable, so it works inside DataLoader workers."""
+
+    def __init__(self, run_dir: str | Path, cache_shards: int = 4):
+        self.run_dir = str(run_dir)
+        shards = run_shards(run_dir)
+        self.by_path = {_norm(s["path"]): s["name"] for s in shards}
+        self.names = frozenset(s["name"] for s in shards)
+        self.cache_shards = cache_shards
+        self._cache: OrderedDict[str, frozenset] = OrderedDict()
+
+    def shard_of(self, url: str) -> str:
+        name = self.by_path.get(_norm(url))
+        if name is not None:
+            return name
+        for token in [url, *reversed(url.split())]:  # a moved folder, or "pipe:aws s3 cp s3://b/00001.tar -"
+            stem = shard_names([token])[0]
+            if stem in self.names:
+                return stem
+        raise ValueError(f"{url}: not one of the shards of run {self.run_dir} (see its shards.json)")
+
+    def keys(self, shard: str) -> frozenset:
+        if shard not in self._cache:
+            self._cache[shard] = frozenset(kept_keys(self.run_dir, shard))
+            while len(self._cache) > self.cache_shards:
+                self._cache.popitem(last=False)
+        return self._cache[shard]
+
+    def __call__(self, sample: dict) -> bool:
+        return sample["__key__"] in self.keys(self.shard_of(sample["__url__"]))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+
+class keep_only:  # noqa: N801 - used like webdataset's stage functions: .compose(keep_only(run_dir))
+    """Pipeline stage (iterator of samples -> kept samples) for ``.compose(...)`` or ``wds.DataPipeline(...)``."""
+
+    def __init__(self, run_dir: str | Path):
+        self.keep = KeptFilter(run_dir)
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        return (s for s in samples if self.keep(s))
+
+
+def kept_urls(run_dir: str | Path) -> list[str]:
+    """The original shard paths holding at least one kept sample (the others need not be read at all)."""
+    return [s["path"] for s in run_shards(run_dir) if pc.any(manifest_shard(run_dir, s["name"], ("keep",))["keep"]).as_py()]
+
+
+def _norm(url: str) -> str:
+    url = url[len("file://"):] if url.startswith("file://") else url
+    return url if "://" in url or url.startswith("pipe:") else os.path.realpath(url)
+
+
+# ---------------------------------------------------------------- PyTorch IterableDataset
+class ManifestDataset(IterableDataset):
+    """The selected samples (default: kept) read from the run's original webdataset shards.
+
+    Each sample is the webdataset dict (``__key__`` and raw member bytes by extension) plus ``uid``, ``shard``,
+    the manifest ``columns`` (default: label and split where present) and, with ``teacher=True``, the cached
+    ``teacher_values`` (float16 [k]) and ``teacher_indices`` (int32 [k]); ``transform`` maps it to what you want.
+    Shards are split over DataLoader workers and distributed ranks (rank-major), so every selected sample is
+    read exactly once per epoch. ``shuffle_shards`` reorders shards per ``set_epoch`` (same order in all workers).
+    """
+
+    def __init__(self, run_dir: str | Path, select: str | Collection[str] = "kept", columns=None,
+                 teacher: bool = False, transform: Callable | None = None, shuffle_shards: bool = False, seed: int = 0):
+        self.run_dir = str(run_dir)
+        shards = run_shards(run_dir)
+        bad = [s for s in shards if s["format"] != "webdataset"]
+        if bad:
+            raise RunNotReady(f"{run_dir}: ManifestDataset reads webdataset tars, the input is {bad[0]['format']}; "
+                              "use load_embeddings() or read_manifest() for precomputed inputs")
+        self.select, self.teacher, self.transform = _as_selection(select), teacher, transform
+        self.shuffle_shards, self.seed, self.epoch = shuffle_shards, seed, 0
+        self.columns = tuple(columns) if columns is not None else None
+        self.plan = []
+        for shard in shards:
+            n = int(self._rows(shard["name"]).num_rows)
+            if n:
+                self.plan.append((shard, n))
+        self.num_samples = sum(n for _, n in self.plan)
+        if not isinstance(self.select, str) and self.num_samples != len(self.select):
+            raise KeyError(f"{len(self.select) - self.num_samples} selected uids are not in the manifest of {run_dir}")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rows(self, shard: str) -> pa.Table:
+        cols = self.columns if self.columns is not None else _present(self.run_dir, shard, ("label", "split"))
+        table = manifest_shard(self.run_dir, shard, ("uid", "key", "keep", *cols))
+        return table.filter(pa.array(_selection(table, self.select)))
+
+    def my_shards(self) -> list[dict]:
+        shards = [s for s, _ in self.plan]
+        if self.shuffle_shards:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(shards))
+            shards = [shards[i] for i in order]
+        rank, world = _dist()
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return shards[rank * nw + wid::world * nw]
+
+    def __iter__(self) -> Iterator:
+        for shard in self.my_shards():
+            yield from self._iter_shard(shard)
+
+    def _iter_shard(self, shard: dict) -> Iterator:
+        rows = self._rows(shard["name"])
+        index = {k: i for i, k in enumerate(rows["key"].to_pylist())}
+        uids = rows["uid"].to_pylist()
+        extra = {c: rows[c].to_pylist() for c in rows.column_names if c not in ("uid", "key", "keep")}
+        tv = ti = None
+        if self.teacher:
+            tv, ti = _teacher_rows(self.run_dir, shard["name"], uids)
+        for sample in iter_tar_samples(shard["path"], shard["name"], Counter()):
+            i = index.pop(sample["__key__"], None)
+            if i is None:
+                continue
+            sample.update(uid=uids[i], shard=shard["name"], **{c: v[i] for c, v in extra.items()})
+            if tv is not None:
+                sample["teacher_values"], sample["teacher_indices"] = tv[i], ti[i]
+            yield self.transform(sample) if self.transform is not None else sample
+        if index:
+            raise ValueError(f"shard {shard['name']} ({shard['path']}): {len(index)} selected samples are not in the "
+                             f"tar (first key {next(iter(index))!r}); did the shard change since the run?")
+
+
+def _teacher_rows(run_dir: str, shard: str, uids: list[str]):
+    from .teacher import read_teacher_shard
+
+    tu, values, indices = read_teacher_shard(run_dir, shard)
+    pos = {u: j for j, u in enumerate(tu)}
+    missing = [u for u in uids if u not in pos]
+    if missing:
+        raise KeyError(f"no teacher output for uid {missing[0]!r} ({len(missing)} in shard {shard}); "
+                       "rerun 'datapruning teacher' (with --all for samples the run did not keep)")
+    rows = [pos[u] for u in uids]
+    return values[rows], indices[rows]
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ---------------------------------------------------------------- DataComp subset file
+def datacomp_uid_array(hex_uids: pa.Array | list[str]) -> np.ndarray:
+    """32-hex uids -> DataComp's sorted, unique ``np.dtype("u8,u8")`` array (high 64 bits, low 64 bits), the
+    subset format its ``resharder.py --subset-file`` loads and binary-searches."""
+    if isinstance(hex_uids, pa.ChunkedArray):
+        hex_uids = hex_uids.combine_chunks()
+    arr = hex_uids.cast(pa.string()) if isinstance(hex_uids, pa.Array) else pa.array(hex_uids, pa.string())
+    ok = pc.fill_null(pc.match_substring_regex(arr, r"^[0-9a-fA-F]{32}$"), False)
+    if not pc.all(ok).as_py() and len(arr):
+        bad = arr.filter(pc.invert(ok))[0].as_py()
+        raise ValueError(f"{bad!r} is not a 32-hex DataComp uid")
+    raw = np.frombuffer(bytes.fromhex("".join(arr.to_pylist())), dtype=">u8").reshape(-1, 2)
+    out = np.empty(len(raw), DATACOMP_UID)
+    out["f0"], out["f1"] = raw[:, 0], raw[:, 1]
+    return np.unique(out)  # sorted (by high, then low word) and deduplicated
+
+
+def _json_uids(run_dir: str | Path) -> list[str]:
+    """The ``uid`` field of each kept sample's ``.json`` member, read from the original tars."""
+    out = []
+    for shard in run_shards(run_dir):
+        wanted = set(kept_keys(run_dir, shard["name"]))
+        if not wanted:
+            continue
+        if shard["format"] != "webdataset":
+            raise ValueError(f"uid_source=json reads webdataset tars; shard {shard['name']} is {shard['format']}")
+        for sample in iter_tar_samples(shard["path"], shard["name"], Counter()):
+            if sample["__key__"] in wanted:
+                wanted.discard(sample["__key__"])
+                try:
+                    out.append(str(json.loads(sample["json"])["uid"]))
+                except (KeyError, ValueError, TypeError):
+                    raise ValueError(f"shard {shard['name']}, key {sample['__key__']}: no .json with a 'uid' "
+                                     "field") from None
+        if wanted:
+            raise ValueError(f"shard {shard['name']}: {len(wanted)} kept samples are not in the tar")
+    return out
+
+
+def export_datacomp_uids(run_dir: str | Path, out_npy: str | Path, uid_source: str = "auto") -> dict:
+    """Write the kept samples' DataComp uids as a sorted ``u8,u8`` .npy (DataComp ``resharder.py --subset-file``).
+
+    The 32-hex uid comes from ``uid_source``: ``uid`` (the manifest uid: runs on DataComp's metadata parquets or
+    embeddings keyed by their ``uid`` column), ``key`` (the manifest key column), or ``json`` (the ``uid`` field of
+    each kept sample's ``.json`` in the original tars, as DataComp's resharder reads it; tar-input uids are
+    ``<shard>/<key>``, never hex). ``auto`` takes the first of uid, key, json that works."""
+    sources = ("uid", "key", "json") if uid_source == "auto" else (uid_source,)
+    if any(s not in ("uid", "key", "json") for s in sources):
+        raise ValueError(f"uid_source must be auto, uid, key or json, got {uid_source!r}")
+    errors = []
+    for source in sources:
+        try:
+            values = _json_uids(run_dir) if source == "json" else read_manifest(run_dir, True, [source])[source]
+            uids = datacomp_uid_array(values)
+        except ValueError as exc:
+            errors.append(f"{source}: {exc}")
+            continue
+        if len(uids) != len(values):
+            log.warning("export-datacomp: %d kept samples share a uid; each uid is written once", len(values) - len(uids))
+        write_npy(out_npy, uids)
+        return {"uids": len(uids), "source": source, "path": str(out_npy)}
+    raise ValueError(f"{run_dir}: no DataComp uids (32 hex digits) for the kept samples; " + "; ".join(errors))

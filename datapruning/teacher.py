@@ -1,0 +1,417 @@
+"""Teacher stage: top-k teacher logits computed once per kept sample, stored beside the manifest (teacher/)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import ConfigError
+from .io.files import clean_stage, is_done, mark_done, read_json, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("zero_shot", "module", "logits")
+TEACHER_DIR = "teacher"
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """What the teacher is and what it runs on. Class i of the teacher is ``classes[i]``: integer manifest labels
+    index the classes directly, string labels are looked up by name."""
+
+    source: str = "zero_shot"  # zero_shot | module | logits
+    top_k: int = 10  # logits kept per sample (capped at the number of classes)
+    on: str = "auto"  # auto | embeddings | images: what zero_shot / module teachers read
+    samples: str = "kept"  # kept | all
+    classes: tuple[str, ...] = ()  # class names (zero_shot needs them)
+    templates: tuple[str, ...] = ("a photo of a {}.",)  # zero_shot prompts, averaged per class
+    logit_scale: float = 100.0  # zero_shot: logits = scale * cosine (CLIP's trained scale)
+    model: str | None = None  # zero_shot open_clip model; None: the run's embed.model / model_config / pretrained
+    model_config: str | None = None
+    pretrained: str | None = None
+    allow_random_weights: bool | None = None
+    module: str | None = None  # module: "package.module:ClassName" -> nn.Module returning [n, C] logits
+    weights: str | None = None  # module: safetensors state dict
+    logits: str | None = None  # logits: parquet (uid, logits list<float>) or .npy [n, C] + same-name parquet (uid)
+    batch_size: int = 256
+    device: str = "auto"
+
+    def __post_init__(self):
+        checks = {"teacher.source": (self.source in SOURCES, f"one of {list(SOURCES)}"),
+                  "teacher.on": (self.on in ("auto", "embeddings", "images"), "auto, embeddings or images"),
+                  "teacher.samples": (self.samples in ("kept", "all"), "kept or all"),
+                  "teacher.top_k": (self.top_k >= 1, ">= 1"), "teacher.batch_size": (self.batch_size >= 1, ">= 1"),
+                  "teacher.logit_scale": (self.logit_scale > 0, "> 0")}
+        for key, (ok, want) in checks.items():
+            if not ok:
+                raise ConfigError(f"config key {key!r}: expected {want}, got {getattr(self, key.split('.')[1])!r}")
+        need = {"zero_shot": ("classes", "class names (--classes a,b,c or --classes-file)"),
+                "module": ("module", "an import path 'package.module:ClassName'"), "logits": ("logits", "a file")}
+        field, what = need[self.source]
+        if not getattr(self, field):
+            raise ConfigError(f"config key 'teacher.{field}': teacher.source={self.source} needs {what}")
+
+
+@dataclass
+class Teacher:
+    """A built teacher: ``fn`` maps a batch (embeddings [n, d] float32 or prepared images) to [n, C] logits."""
+
+    name: str
+    on: str  # embeddings | images | logits
+    fn: Callable
+    prepare: Callable | None = None  # images: PIL image -> model input
+
+
+# ---------------------------------------------------------------- building teachers (heavy imports inside)
+def _embed_cfg(tcfg: TeacherConfig, run_cfg):
+    """The open_clip settings of a zero-shot teacher: the given ones, else the run's embed config."""
+    from .config import EmbedConfig
+
+    base = run_cfg.embed if run_cfg.embed.encoder == "open_clip" else EmbedConfig()
+    pick = {k: getattr(tcfg, k) for k in ("model", "model_config", "pretrained", "allow_random_weights")
+            if getattr(tcfg, k) is not None}
+    if "model" in pick and "model_config" not in pick:
+        pick["model_config"] = None
+    return dataclasses.replace(base, encoder="open_clip", device=tcfg.device, batch_size=tcfg.batch_size, **pick)
+
+
+def _same_model(a, b) -> bool:
+    keys = ("encoder", "model", "model_config", "pretrained")
+    return all(getattr(a, k) == getattr(b, k) for k in keys) and b.modality == "image"
+
+
+def build_zero_shot(tcfg: TeacherConfig, run_cfg) -> Teacher:
+    """CLIP zero-shot: class weights from prompts (text tower); logits = scale * cos(image embedding, class)."""
+    import torch
+
+    from .embed import build_encoder
+
+    ecfg = _embed_cfg(tcfg, run_cfg)
+    on = tcfg.on if tcfg.on != "auto" else ("embeddings" if _same_model(ecfg, run_cfg.embed) else "images")
+    if on == "embeddings" and not _same_model(ecfg, run_cfg.embed):
+        raise ConfigError("config key 'teacher.on': the run's embeddings come from another model than the zero-shot "
+                          "teacher's; use on=images, or the run's open_clip model")
+    text = build_encoder(dataclasses.replace(ecfg, modality="text"))
+    weights = []
+    for name in tcfg.classes:
+        emb = text.forward([t.format(name) for t in tcfg.templates]).mean(axis=0)
+        weights.append(emb / max(np.linalg.norm(emb), 1e-12))
+    w = torch.from_numpy(np.stack(weights).astype(np.float32))
+    name = f"zero_shot:{text.name}:{len(tcfg.classes)}classes"
+    if on == "embeddings":
+        return Teacher(name, on, lambda x: tcfg.logit_scale * torch.as_tensor(x, dtype=torch.float32) @ w.T)
+    image = build_encoder(dataclasses.replace(ecfg, modality="image"))
+    return Teacher(name, on, lambda b: tcfg.logit_scale * torch.from_numpy(image.forward(b)) @ w.T, image.prepare)
+
+
+def build_module(tcfg: TeacherConfig, run_cfg) -> Teacher:
+    """A user's nn.Module by import path; on images when it defines ``transform(pil) -> tensor`` (or on=images)."""
+    import torch
+
+    from .embed import load_object, pick_device
+
+    cls = load_object(tcfg.module, key="teacher.module")
+    model = cls()
+    if tcfg.weights:
+        from safetensors.torch import load_file
+
+        if not Path(tcfg.weights).is_file():
+            raise ConfigError(f"config key 'teacher.weights': {tcfg.weights}: no such file")
+        model.load_state_dict(load_file(tcfg.weights))
+    elif not tcfg.allow_random_weights:
+        raise ConfigError("config key 'teacher.weights': a module teacher needs trained weights (safetensors); "
+                          "set allow_random_weights=true only for tests")
+    device = pick_device(tcfg.device)
+    model.to(device).eval()
+    transform = getattr(model, "transform", None)
+    on = tcfg.on if tcfg.on != "auto" else ("images" if transform is not None else "embeddings")
+    if on == "images" and transform is None:
+        from torchvision import transforms as T
+
+        transform = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor()])
+
+    def forward(batch):
+        with torch.no_grad():
+            x = torch.stack(batch) if on == "images" else torch.as_tensor(batch, dtype=torch.float32)
+            return model(x.to(device)).float().cpu()
+
+    return Teacher(f"module:{tcfg.module}:" + (Path(tcfg.weights).name if tcfg.weights else "RANDOM-INIT"), on,
+                   forward, transform if on == "images" else None)
+
+
+def build_logits(tcfg: TeacherConfig, run_cfg) -> Teacher:
+    """Supplied logits: rows looked up by uid."""
+    from .io.tables import column_to_matrix, load_npy, read_parquet
+
+    path = tcfg.logits
+    if path.endswith(".npy"):
+        matrix, ids = load_npy(path), read_parquet(str(Path(path).with_suffix(".parquet")), columns=["uid"])
+    else:
+        table = read_parquet(path, columns=["uid", "logits"])
+        matrix, ids = column_to_matrix(table["logits"], path), table
+    if matrix.ndim != 2 or len(matrix) != ids.num_rows:
+        raise ValueError(f"{path}: logits of shape {matrix.shape} do not match {ids.num_rows} uids")
+    row = {u: i for i, u in enumerate(ids["uid"].to_pylist())}
+
+    def lookup(uids):
+        missing = [u for u in uids if u not in row]
+        if missing:
+            raise ValueError(f"{path}: no logits for uid {missing[0]!r} ({len(missing)} missing in this batch)")
+        return matrix[[row[u] for u in uids]].astype(np.float32)
+
+    return Teacher(f"logits:{Path(path).name}", "logits", lookup)
+
+
+BUILDERS = {"zero_shot": build_zero_shot, "module": build_module, "logits": build_logits}
+
+
+def build_teacher(tcfg: TeacherConfig, run_cfg) -> Teacher:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return BUILDERS[tcfg.source](tcfg, run_cfg)
+
+
+# ---------------------------------------------------------------- pure part: logits -> top-k
+def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest logits per row, descending (ties: lower class first), as float16 values and int32 indices."""
+    logits = np.asarray(logits, dtype=np.float32)
+    k = min(k, logits.shape[1])
+    idx = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(logits, idx, axis=1).astype(np.float16), idx.astype(np.int32)
+
+
+def teacher_table(uids: list[str], values: np.ndarray, indices: np.ndarray) -> pa.Table:
+    k = values.shape[1] if values.ndim == 2 else 0
+    return pa.table({"uid": pa.array(uids, pa.string()),
+                     "topk_values": pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), k),
+                     "topk_indices": pa.FixedSizeListArray.from_arrays(pa.array(indices.reshape(-1)), k)})
+
+
+# ---------------------------------------------------------------- the stage
+def selected_rows(run_dir: Path, shard: str, samples: str) -> pa.Table:
+    from .reshard import manifest_shard
+
+    table = manifest_shard(run_dir, shard, ("uid", "key", "keep"))
+    return table if samples == "all" else table.filter(table["keep"])
+
+
+def shard_logits(teacher: Teacher, run_dir: Path, run_cfg, shard: dict, rows: pa.Table, batch: int) -> np.ndarray:
+    """[m, C] float32 teacher logits for ``rows`` (manifest order)."""
+    uids = rows["uid"].to_pylist()
+    if teacher.on == "logits":
+        return _batched(teacher.fn, uids, batch)
+    if teacher.on == "embeddings":
+        from .io.tables import column_to_matrix
+
+        path = run_dir / "embeddings" / f"{shard['name']}.parquet"
+        table = pq.read_table(path, columns=["uid", "embedding"])
+        pos = {u: i for i, u in enumerate(table["uid"].to_pylist())}
+        matrix = column_to_matrix(table["embedding"], str(path))
+        return _batched(teacher.fn, matrix[[pos[u] for u in uids]], batch)
+    return _image_logits(teacher, run_cfg, shard, rows["key"].to_pylist(), batch)
+
+
+def _batched(fn, items, batch: int) -> np.ndarray:
+    parts = [np.asarray(fn(items[i:i + batch]), dtype=np.float32) for i in range(0, len(items), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch: int) -> np.ndarray:
+    from collections import Counter
+
+    from .embed import decode_input
+    from .io.webdataset import iter_tar_samples
+
+    wanted = {k: i for i, k in enumerate(keys)}
+    out: list = [None] * len(keys)
+    items, where = [], []
+
+    def flush():
+        for i, row in zip(where, np.asarray(teacher.fn(items), dtype=np.float32)):
+            out[i] = row
+        items.clear()
+        where.clear()
+
+    for sample in iter_tar_samples(shard["path"], shard["name"], Counter()):
+        i = wanted.pop(sample["__key__"], None)
+        if i is None:
+            continue
+        try:
+            image = decode_input(sample, "image", run_cfg.input.image_keys, ())
+        except ValueError as exc:
+            raise ValueError(f"shard {shard['name']}, key {sample['__key__']}: {exc}") from None
+        items.append(teacher.prepare(image))
+        where.append(i)
+        if len(items) >= batch:
+            flush()
+    if items:
+        flush()
+    if wanted:
+        raise ValueError(f"shard {shard['name']} ({shard['path']}): {len(wanted)} samples are not in the tar "
+                         f"(first key {next(iter(wanted))!r}); did the shard change since the run?")
+    return np.stack(out) if out else np.zeros((0, 0), np.float32)
+
+
+def fingerprint(tcfg: TeacherConfig, run_dir: Path) -> str:
+    data = dataclasses.asdict(tcfg)
+    stage = run_dir / "manifest" / "_stage.json"
+    data["manifest"] = read_json(stage).get("fingerprint") if stage.exists() else None
+    if tcfg.logits and Path(tcfg.logits).exists():
+        st = Path(tcfg.logits).stat()
+        data["logits_file"] = [st.st_size, st.st_mtime_ns]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_teacher(run_dir: str | Path, tcfg: TeacherConfig) -> dict:
+    """Write teacher/<shard>.parquet (uid, topk_values float16 [k], topk_indices int32 [k]) for every kept
+    sample, a done marker per shard, and teacher/_info.json. Resumes; a changed teacher config redoes it all."""
+    from .reshard import run_shards
+    from .stages.common import load_run_config, progress
+
+    run_dir = Path(run_dir)
+    run_cfg, shards, out = load_run_config(run_dir), run_shards(run_dir), run_dir / TEACHER_DIR
+    fp = fingerprint(tcfg, run_dir)
+    marker = out / "_stage.json"
+    if marker.exists() and read_json(marker).get("fingerprint") != fp:
+        log.warning("teacher: config or manifest changed since the last run; recomputing the teacher outputs")
+        clean_stage(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        write_json(marker, {"stage": "teacher", "fingerprint": fp})
+    teacher = None
+    with progress(len(shards), "teacher") as bar:
+        for shard in shards:
+            if not is_done(out, shard["name"]):
+                teacher = teacher or build_teacher(tcfg, run_cfg)
+                _teacher_shard(teacher, tcfg, run_dir, run_cfg, shard, out)
+            bar.update(1)
+    return _write_info(out, tcfg, shards)
+
+
+def _teacher_shard(teacher: Teacher, tcfg: TeacherConfig, run_dir: Path, run_cfg, shard: dict, out: Path) -> None:
+    rows = selected_rows(run_dir, shard["name"], tcfg.samples)
+    logits = shard_logits(teacher, run_dir, run_cfg, shard, rows, tcfg.batch_size)
+    if len(logits) and tcfg.classes and logits.shape[1] != len(tcfg.classes):
+        raise ValueError(f"teacher {teacher.name} gives {logits.shape[1]} logits per sample but "
+                         f"teacher.classes names {len(tcfg.classes)} classes")
+    if len(logits) and not np.isfinite(logits).all():
+        raise ValueError(f"teacher {teacher.name}: non-finite logits in shard {shard['name']}")
+    if len(logits):
+        values, indices = topk(logits, tcfg.top_k)
+    else:
+        values, indices = np.zeros((0, tcfg.top_k), np.float16), np.zeros((0, tcfg.top_k), np.int32)
+    write_parquet(out / f"{shard['name']}.parquet", teacher_table(rows["uid"].to_pylist(), values, indices))
+    mark_done(out, shard["name"], {"rows": len(rows), "num_classes": int(logits.shape[1]) if len(logits) else None,
+                                   "top_k": int(values.shape[1]) if len(logits) else None, "teacher": teacher.name,
+                                   "on": teacher.on})
+
+
+def _write_info(out: Path, tcfg: TeacherConfig, shards: list[dict]) -> dict:
+    marks = [read_json(out / f"_{s['name']}.done.json") for s in shards]
+    classes = {m["num_classes"] for m in marks} - {None}
+    if len(classes) > 1:
+        raise ValueError(f"teacher outputs in {out} disagree on the number of classes {sorted(classes)}; delete it")
+    info = {"source": tcfg.source, "teacher": next((m["teacher"] for m in marks), None),
+            "on": next((m["on"] for m in marks), None), "samples": tcfg.samples,
+            "rows": sum(m["rows"] for m in marks), "num_classes": classes.pop() if classes else len(tcfg.classes),
+            "top_k": max([m["top_k"] or 0 for m in marks], default=0), "classes": list(tcfg.classes),
+            "logits": "raw teacher logits (before any temperature); KD renormalises softmax(values / T) over top-k",
+            "config": dataclasses.asdict(tcfg)}
+    write_json(out / "_info.json", info)
+    return info
+
+
+# ---------------------------------------------------------------- reading (what trainers call)
+def teacher_info(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / TEACHER_DIR / "_info.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no teacher outputs; run 'datapruning teacher {run_dir} ...' first")
+    return read_json(path)
+
+
+def read_teacher_shard(run_dir: str | Path, shard: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(uids, values float16 [m, k], indices int32 [m, k]) of one shard."""
+    path = Path(run_dir) / TEACHER_DIR / f"{shard}.parquet"
+    if not is_done(path.parent, shard):
+        raise FileNotFoundError(f"{path}: teacher outputs missing; run 'datapruning teacher {run_dir} ...' first")
+    table = pq.read_table(path)
+    k = table.schema.field("topk_values").type.list_size
+    if table.num_rows == 0:
+        return [], np.zeros((0, k), np.float16), np.zeros((0, k), np.int32)
+    values = table["topk_values"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    indices = table["topk_indices"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    return table["uid"].to_pylist(), values, indices
+
+
+def load_teacher(run_dir: str | Path, uids) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher top-k (values float16, indices int32) aligned to ``uids``; every uid must have outputs."""
+    from .reshard import run_shards
+
+    info = teacher_info(run_dir)
+    pos, vals, idxs, base = {}, [], [], 0
+    for shard in run_shards(run_dir):
+        su, v, i = read_teacher_shard(run_dir, shard["name"])
+        if su:
+            pos.update((u, base + j) for j, u in enumerate(su))
+            vals.append(v)
+            idxs.append(i)
+            base += len(su)
+    k = info["top_k"]
+    values = np.concatenate(vals) if vals else np.zeros((0, k), np.float16)
+    indices = np.concatenate(idxs) if idxs else np.zeros((0, k), np.int32)
+    missing = [u for u in uids if u not in pos]
+    if missing:
+        raise KeyError(f"no teacher output for uid {missing[0]!r} ({len(missing)} missing); teacher outputs cover "
+                       f"the {info['samples']} samples of the run: rerun 'datapruning teacher' (--all for every sample)")
+    rows = np.fromiter((pos[u] for u in uids), dtype=np.int64, count=len(uids))
+    return values[rows], indices[rows]
+
+
+# ---------------------------------------------------------------- CLI
+def add_commands(sub) -> None:
+    p = sub.add_parser("teacher", help="cache top-k teacher logits for the kept samples (for KD)")
+    p.add_argument("run_dir", help="run folder made by 'datapruning run'")
+    p.add_argument("--source", choices=SOURCES, default="zero_shot")
+    p.add_argument("--classes", help="comma-separated class names (class i = i-th name)")
+    p.add_argument("--classes-file", help="class names, one per line")
+    p.add_argument("--template", action="append", dest="templates", help="zero-shot prompt with {} (repeatable)")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--on", choices=("auto", "embeddings", "images"), default="auto")
+    p.add_argument("--all", action="store_true", help="every sample of the manifest, not only the kept ones")
+    for flag in ("--model", "--model-config", "--pretrained", "--module", "--weights", "--logits"):
+        p.add_argument(flag)
+    p.add_argument("--allow-random-weights", action="store_true", default=None)
+    p.add_argument("--logit-scale", type=float, default=100.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=_cmd_teacher)
+
+
+def config_from_args(args) -> TeacherConfig:
+    classes = tuple(c.strip() for c in (args.classes or "").split(",") if c.strip())
+    if args.classes_file:
+        classes += tuple(line.strip() for line in Path(args.classes_file).read_text(encoding="utf-8").splitlines()
+                         if line.strip())
+    kw = {k: getattr(args, k) for k in ("source", "top_k", "on", "model", "model_config", "pretrained", "module",
+                                        "weights", "logits", "allow_random_weights", "logit_scale", "batch_size",
+                                        "device")}
+    if args.templates:
+        kw["templates"] = tuple(args.templates)
+    return TeacherConfig(classes=classes, samples="all" if args.all else "kept", **kw)
+
+
+def _cmd_teacher(args) -> int:
+    info = run_teacher(args.run_dir, config_from_args(args))
+    print(f"teacher {info['teacher']}: top-{info['top_k']} of {info['num_classes']} classes for {info['rows']} "
+          f"{info['samples']} samples in {Path(args.run_dir) / TEACHER_DIR}")
+    return 0
