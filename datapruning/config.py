@@ -40,6 +40,7 @@ class EmbedConfig:
     batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda
     decode_workers: int = 2
+    image_decode: str = "auto"  # auto (tensor on CUDA) | tensor (JPEG decode+resize as tensors, nvjpeg on CUDA) | pil
     store_dtype: str = "float32"  # float32 | float16 (on disk)
 
 
@@ -99,6 +100,7 @@ CHOICES = {
     "input.format": ("auto", "webdataset", "parquet", "clip_retrieval", "npy"),
     "embed.modality": ("image", "text"),
     "embed.device": ("auto", "cpu", "cuda"),
+    "embed.image_decode": ("auto", "tensor", "pil"),
     "embed.store_dtype": ("float32", "float16"),
     "cluster.backend": ("auto", "faiss", "faiss-gpu", "torch"),
     "select.mode": ("hard", "easy", "random"),

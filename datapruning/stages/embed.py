@@ -51,6 +51,11 @@ def get_encoder(cfg) -> Encoder:
 
 def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder) -> dict:
     """Read one webdataset tar, embed its samples in batches, write parquet + done marker."""
+    from ..gpu_decode import embed_tar_shard_tensors, tensor_decode_spec
+
+    spec = tensor_decode_spec(cfg, encoder)  # embed.image_decode: JPEG decode + resize as tensors (CUDA)
+    if spec is not None:
+        return embed_tar_shard_tensors(cfg, path, shard, out_dir, encoder, spec)
     icfg, ecfg, skipped = cfg.input, cfg.embed, Counter()
     rows = {"uid": [], "shard": [], "key": [], "label": [], "text": []}
     chunks: list[np.ndarray] = []

@@ -1,0 +1,314 @@
+"""Tensor image path for open_clip image encoders: batched JPEG decode (nvjpeg on CUDA), resize, crop and
+normalise as tensors on the encoder's device, with background threads so the model does not wait.
+
+It reproduces open_clip's preprocess (shortest-side Resize, CenterCrop, Normalize) on uint8 tensors:
+antialiased bicubic resize rounded back to uint8 (as PIL does), torchvision's crop offsets, then mean/std.
+Chosen by ``embed.image_decode``: ``auto`` uses it when the encoder runs on CUDA, ``tensor`` forces it (also
+on CPU, where torchvision's libjpeg decodes), ``pil`` keeps the PIL path with its decode thread pool.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PREFETCH = 3  # batches decoded ahead of the model
+PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb", "convert_to_rgb")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What open_clip's preprocess does, as numbers: resize (int = shortest side, (h, w) = exact),
+    center crop (h, w) or None, torch interpolation mode, per-channel mean and std."""
+
+    resize: int | tuple[int, int]
+    crop: tuple[int, int] | None
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def spec_from_transform(transform) -> PreprocessSpec | None:
+    """Read a torchvision ``Compose`` of Resize / CenterCrop / Normalize (plus RGB and ToTensor steps);
+    None when it holds anything else (then only the PIL path reproduces it)."""
+    from torchvision import transforms as T
+
+    steps = getattr(transform, "transforms", None)
+    if steps is None:
+        return None
+    resize = crop = mean = std = None
+    interpolation = "bilinear"
+    for step in steps:
+        name = getattr(step, "__name__", type(step).__name__)
+        if isinstance(step, T.Resize) and resize is None and step.max_size is None:
+            size = step.size
+            resize = size if isinstance(size, int) else (size[0] if len(size) == 1 else (int(size[0]), int(size[1])))
+            interpolation = {"bicubic": "bicubic", "bilinear": "bilinear"}.get(step.interpolation.value)
+            if interpolation is None:
+                return None
+        elif isinstance(step, T.CenterCrop) and crop is None:
+            crop = (int(step.size[0]), int(step.size[1]))
+        elif isinstance(step, T.Normalize):
+            mean, std = tuple(float(v) for v in step.mean), tuple(float(v) for v in step.std)
+        elif name not in PASS_THROUGH:
+            return None
+    if resize is None or mean is None or len(mean) != 3:
+        return None
+    return PreprocessSpec(resize, crop, interpolation, mean, std)
+
+
+def resized_size(h: int, w: int, size: int | tuple[int, int]) -> tuple[int, int]:
+    """torchvision's output size: an int sets the shorter side, the longer scales and truncates."""
+    if not isinstance(size, int):
+        return size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
+def crop_box(h: int, w: int, crop: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, pad_h, pad_w) as torchvision's center_crop: zero padding first when the image is smaller."""
+    ch, cw = crop
+    pad_h, pad_w = max(0, ch - h), max(0, cw - w)
+    h, w = h + pad_h, w + pad_w
+    return int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0)), pad_h, pad_w
+
+
+def preprocess_images(images: list, spec: PreprocessSpec):
+    """uint8 [3, H, W] tensors (any mix of sizes, one device) -> float32 [B, 3, h, w] model input.
+    Images of equal size are resized together."""
+    import torch
+    import torch.nn.functional as F
+
+    out = [None] * len(images)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+    for (h, w), rows in groups.items():
+        batch = torch.stack([images[i] for i in rows])
+        size = resized_size(h, w, spec.resize)
+        if size != (h, w):
+            x = F.interpolate(batch.float(), size=size, mode=spec.interpolation, align_corners=False, antialias=True)
+            batch = x.round_().clamp_(0, 255)  # PIL works in uint8: round like it does
+        else:
+            batch = batch.float()
+        if spec.crop is not None:
+            top, left, pad_h, pad_w = crop_box(size[0], size[1], spec.crop)
+            if pad_h or pad_w:
+                batch = F.pad(batch, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+            batch = batch[:, :, top:top + spec.crop[0], left:left + spec.crop[1]]
+        for j, i in enumerate(rows):
+            out[i] = batch[j]
+    x = torch.stack(out).div_(255.0)
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def _pil_to_tensor(data: bytes):
+    """The PIL route for what nvjpeg cannot take (PNG, WebP, odd JPEGs): uint8 [3, H, W] on CPU."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise ValueError("corrupt_image") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_images(datas: list[bytes], device: str) -> list:
+    """Decode a batch: JPEGs in one batched ``decode_jpeg`` call on ``device``, the rest (and any JPEG
+    the batch call rejects) one by one, falling back to PIL. Items are uint8 [3, H, W] tensors on
+    ``device``, or the reason string for a sample that cannot be decoded."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list = [None] * len(datas)
+    jpeg = [i for i, d in enumerate(datas) if d[:3] == JPEG_MAGIC]
+    if jpeg:
+        raw = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpeg]
+        try:
+            for i, img in zip(jpeg, decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)):
+                out[i] = img
+        except RuntimeError:  # one bad file fails the whole batch: retry one by one
+            for i, r in zip(jpeg, raw):
+                try:
+                    out[i] = decode_jpeg(r, mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    out[i] = None
+    for i, img in enumerate(out):
+        if img is None:
+            try:
+                out[i] = _pil_to_tensor(datas[i]).to(device, non_blocking=True)
+            except ValueError as exc:
+                out[i] = str(exc)
+    return out
+
+
+class _Stop:
+    """End of stream marker (or the producer's exception) on the queues."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put unless the consumer has stopped (then give up instead of blocking forever)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return _Stop()
+
+
+def _read_batches(cfg, path: str, shard: str, skipped: Counter, out: queue.Queue, stop: threading.Event):
+    """Reader thread: tar samples -> batches of (meta, image bytes or reason) in sample order."""
+    from .io.webdataset import iter_tar_samples, skip
+    from .stages.embed import _caption, _text_field
+
+    icfg, batch, seen = cfg.input, [], set()
+    try:
+        for sample in iter_tar_samples(path, shard, skipped, cfg.strict):
+            key = sample["__key__"]
+            if key in seen:
+                skip(skipped, "duplicate_key", shard, key, "key repeats within the shard", cfg.strict)
+                continue
+            seen.add(key)
+            meta = (f"{shard}/{key}", shard, key, _text_field(sample.get(icfg.label_key)),
+                    _caption(sample, icfg.text_keys))
+            ext = next((k for k in icfg.image_keys if k in sample), None)
+            batch.append((meta, sample[ext] if ext else "missing_image"))
+            if len(batch) >= cfg.embed.batch_size:
+                if not _put(out, batch, stop):
+                    return
+                batch = []
+        if batch:
+            _put(out, batch, stop)
+        _put(out, _Stop(), stop)
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+        _put(out, _Stop(exc), stop)
+
+
+def _decode_batches(spec, device: str, inp: queue.Queue, out: queue.Queue, stop: threading.Event):
+    """Decode thread: byte batches -> (metas, reasons, model input on ``device``), on its own CUDA stream."""
+    import torch
+
+    stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+    try:
+        while True:
+            batch = _get(inp, stop)
+            if isinstance(batch, _Stop):
+                _put(out, batch, stop)
+                return
+            with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+                datas = [d for _, d in batch if isinstance(d, bytes)]
+                decoded = iter(decode_images(datas, device))
+                items = [next(decoded) if isinstance(d, bytes) else d for _, d in batch]
+                good = [t for t in items if not isinstance(t, str)]
+                x = preprocess_images(good, spec) if good else None
+            if stream is not None:
+                stream.synchronize()  # the tensors are complete before the model thread sees them
+            reasons = [t if isinstance(t, str) else None for t in items]
+            if not _put(out, ([m for m, _ in batch], reasons, x), stop):
+                return
+    except BaseException as exc:  # noqa: BLE001
+        _put(out, _Stop(exc), stop)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def tensor_decode_spec(cfg, encoder) -> PreprocessSpec | None:
+    """The preprocess spec when this shard should take the tensor path, else None (PIL path)."""
+    mode = getattr(cfg.embed, "image_decode", "auto")
+    if mode == "pil":
+        return None
+    is_clip_image = cfg.embed.encoder == "open_clip" and cfg.embed.modality == "image"
+    spec = spec_from_transform(encoder.prepare) if is_clip_image else None
+    if mode == "tensor" and spec is None:
+        from .embed import EncoderError
+
+        raise EncoderError("embed.image_decode=tensor needs an open_clip image encoder whose preprocess is "
+                           "Resize/CenterCrop/Normalize; set embed.image_decode=auto or pil")
+    if mode == "auto" and not str(encoder.device).startswith("cuda"):
+        return None
+    return spec
+
+
+def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, spec: PreprocessSpec) -> dict:
+    """``embed_tar_shard`` on the tensor path: a reader thread and a decode thread run ahead of the model."""
+    from .io.webdataset import skip
+    from .stages.embed import _write
+
+    device = str(encoder.device)
+    skipped, read_skipped = Counter(), Counter()  # one counter per thread, merged at the end
+    rows = {"uid": [], "shard": [], "key": [], "label": [], "text": []}
+    chunks: list[np.ndarray] = []
+    raw_q: queue.Queue = queue.Queue(maxsize=PREFETCH)
+    ready_q: queue.Queue = queue.Queue(maxsize=PREFETCH)
+    stop = threading.Event()
+    threads = [threading.Thread(target=_read_batches, args=(cfg, path, shard, read_skipped, raw_q, stop), daemon=True),
+               threading.Thread(target=_decode_batches, args=(spec, device, raw_q, ready_q, stop), daemon=True)]
+    for t in threads:
+        t.start()
+    waited = busy = 0.0
+    try:
+        while True:
+            t0 = time.perf_counter()
+            item = ready_q.get()
+            t1 = time.perf_counter()
+            waited += t1 - t0
+            if isinstance(item, _Stop):
+                if item.error is not None:
+                    raise item.error
+                break
+            metas, reasons, x = item
+            for meta, reason in zip(metas, reasons):
+                if reason is not None:
+                    skip(skipped, reason, shard, meta[2], reason.replace("_", " "), cfg.strict)
+                    continue
+                for name, value in zip(("uid", "shard", "key", "label", "text"), meta):
+                    rows[name].append(value)
+            if x is not None:
+                chunks.append(encoder.forward(list(x)))
+            busy += time.perf_counter() - t1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
+    skipped.update(read_skipped)
+    matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
+    if not any(v is not None for v in rows["text"]):
+        rows.pop("text")
+    info = _write(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
+    log.info("embed %s: tensor path on %s, model busy %.2fs, waited for decode %.2fs", shard, device, busy, waited)
+    return {**info, "model_busy_s": round(busy, 3), "model_wait_s": round(waited, 3)}

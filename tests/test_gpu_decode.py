@@ -1,0 +1,188 @@
+"""The tensor image path (nvjpeg on CUDA; torchvision's libjpeg on CPU here) against open_clip's PIL preprocess."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import add_member, tiny_clip_overrides
+from datapruning.config import load_config
+from datapruning.embed import EncoderError
+from datapruning.gpu_decode import (crop_box, decode_images, preprocess_images, resized_size, spec_from_transform,
+                                    tensor_decode_spec)
+from datapruning.runner import run_stage
+
+
+def smooth_image(rng, h: int, w: int, mode: str = "RGB") -> Image.Image:
+    base = rng.integers(0, 255, size=(h // 8 + 1, w // 8 + 1, 3)).astype(np.uint8)
+    return Image.fromarray(base).resize((w, h), Image.BILINEAR).convert(mode)
+
+
+def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=90) if fmt == "JPEG" else img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def open_clip_preprocess(size: int = 224):
+    import open_clip
+
+    return open_clip.image_transform(size, is_train=False)
+
+
+def make_jpeg_shards(folder, n_shards=2, per_shard=12, seed=0):
+    """JPEG webdataset shards of mixed sizes, plus one PNG, one corrupt JPEG, one sample without an image
+    and one repeated key, so both paths must skip and count the same samples."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    sizes = [(40, 56), (56, 40), (32, 32), (75, 100)]
+    for s in range(n_shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"s{s}-{i:03d}"
+                h, w = sizes[i % len(sizes)]
+                data = encode(smooth_image(rng, h, w, "L" if i == 5 else "RGB"))
+                if s == 0 and i == 3:
+                    data = encode(smooth_image(rng, h, w), "PNG")
+                if s == 1 and i == 4:
+                    data = data[:20] + b"\x00" * 50
+                if not (s == 1 and i == 7):
+                    add_member(tar, f"{key}.jpg", data)
+                add_member(tar, f"{key}.cls", str(i % 3).encode())
+            add_member(tar, f"s{s}-000.cls", b"0")  # key s*-000 again, later in the tar
+    return folder
+
+
+def test_spec_reads_open_clip_preprocess():
+    spec = spec_from_transform(open_clip_preprocess())
+    assert spec.resize == 224 and spec.crop == (224, 224) and spec.interpolation == "bicubic"
+    assert spec.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_unsupported_preprocess_is_refused(tiny_clip_config):
+    from torchvision import transforms as T
+
+    assert spec_from_transform(T.Compose([T.RandomResizedCrop(32), T.ToTensor()])) is None
+    assert spec_from_transform(lambda img: img) is None
+    cfg = load_config(None, tiny_clip_overrides(tiny_clip_config) + ["embed.image_decode=tensor"])
+
+    class Fake:
+        prepare, device = T.Compose([T.RandomResizedCrop(32)]), "cpu"
+
+    with pytest.raises(EncoderError, match="embed.image_decode=tensor"):
+        tensor_decode_spec(cfg, Fake())
+
+
+def test_sizes_follow_torchvision():
+    from torchvision.transforms import functional as F
+
+    for h, w in [(375, 500), (500, 375), (33, 47), (224, 224), (1, 999), (777, 13), (300, 301)]:
+        expect = F.resize(torch.zeros(1, h, w), [224], antialias=True).shape[-2:]
+        assert resized_size(h, w, 224) == tuple(expect)
+    assert resized_size(375, 500, 224) == (224, 298)
+    assert crop_box(224, 298, (224, 224)) == (0, 37, 0, 0)
+    assert crop_box(224, 225, (224, 224)) == (0, 0, 0, 0)  # round(0.5) == 0, as torchvision does
+    assert crop_box(20, 30, (24, 24)) == (0, 3, 4, 0)
+
+
+@pytest.mark.parametrize("h, w, mode", [(375, 500, "RGB"), (500, 375, "RGB"), (224, 224, "RGB"), (100, 150, "L"),
+                                        (33, 47, "RGB"), (1024, 768, "RGB")])
+def test_tensor_preprocess_matches_open_clip(h, w, mode):
+    rng = np.random.default_rng(h * w)
+    data = encode(smooth_image(rng, h, w, mode))
+    pre = open_clip_preprocess()
+    [img] = decode_images([data], "cpu")
+    ours = preprocess_images([img], spec_from_transform(pre))[0]
+    ref = pre(Image.open(io.BytesIO(data)).convert("RGB"))
+    level = 1 / 255 / 0.2613  # one uint8 step after the largest 1/std
+    assert ours.shape == ref.shape
+    assert float((ours - ref).abs().max()) <= 1.01 * level
+    assert float((ours - ref).abs().mean()) < 0.25 * level
+
+
+def test_decode_falls_back_and_names_bad_images():
+    rng = np.random.default_rng(1)
+    good = encode(smooth_image(rng, 30, 40))
+    png = encode(smooth_image(rng, 20, 10), "PNG")
+    bad = good[:30] + b"\x00" * 40
+    out = decode_images([good, bad, png, b"not an image"], "cpu")
+    assert out[0].shape == (3, 30, 40) and out[2].shape == (3, 20, 10)
+    assert out[1] == "corrupt_image" and out[3] == "corrupt_image"
+    np.testing.assert_array_equal(out[2].permute(1, 2, 0).numpy(), np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+
+
+def test_auto_keeps_the_pil_path_on_cpu(tiny_clip_config):
+    from datapruning.stages.embed import get_encoder
+
+    cfg = load_config(None, tiny_clip_overrides(tiny_clip_config))
+    assert cfg.embed.image_decode == "auto"
+    assert tensor_decode_spec(cfg, get_encoder(cfg)) is None
+    forced = load_config(None, tiny_clip_overrides(tiny_clip_config) + ["embed.image_decode=tensor"])
+    assert tensor_decode_spec(forced, get_encoder(forced)).resize == 32
+
+
+def embed_run(tmp_path, name, shards, cfg_path, extra):
+    cfg = load_config(None, tiny_clip_overrides(cfg_path) + ["embed.batch_size=5"] + extra)
+    out = tmp_path / name
+    run_stage("embed", cfg, out, str(shards))
+    table = pq.read_table(out / "embeddings")
+    markers = {p.name: json.loads(p.read_text()) for p in sorted((out / "embeddings").glob("_0*.done.json"))}
+    return table, markers
+
+
+def test_embed_stage_tensor_path_equals_pil_path(tmp_path, tiny_clip_config):
+    shards = make_jpeg_shards(tmp_path / "jpg")
+    pil, pil_markers = embed_run(tmp_path, "pil", shards, tiny_clip_config, ["embed.image_decode=pil"])
+    ten, ten_markers = embed_run(tmp_path, "tensor", shards, tiny_clip_config, ["embed.image_decode=tensor"])
+    for col in ("uid", "shard", "key", "label"):
+        assert ten[col].equals(pil[col]), col
+    assert ten.num_rows == 2 * 12 - 2
+    for name, marker in ten_markers.items():
+        assert marker["skipped"] == pil_markers[name]["skipped"]
+    assert ten_markers["_00001.done.json"]["skipped"] == {"corrupt_image": 1, "duplicate_key": 1,
+                                                          "missing_image": 1}
+    a = np.stack(ten["embedding"].to_numpy(zero_copy_only=False))
+    b = np.stack(pil["embedding"].to_numpy(zero_copy_only=False))
+    assert np.einsum("ij,ij->i", a, b).min() > 0.999
+
+
+@pytest.mark.gpu
+def test_cuda_decode_matches_cpu_decode():
+    rng = np.random.default_rng(5)
+    datas = [encode(smooth_image(rng, h, w)) for h, w in [(375, 500), (375, 500), (480, 640), (64, 64)]]
+    datas.append(datas[0][:40] + b"\x00" * 40)
+    on_gpu = decode_images(datas, "cuda")
+    on_cpu = decode_images(datas, "cpu")
+    assert on_gpu[-1] == on_cpu[-1] == "corrupt_image"
+    spec = spec_from_transform(open_clip_preprocess())
+    x_gpu = preprocess_images(on_gpu[:-1], spec)
+    x_cpu = preprocess_images(on_cpu[:-1], spec)
+    assert x_gpu.is_cuda
+    assert float((x_gpu.cpu() - x_cpu).abs().max()) < 3 / 255 / 0.2613  # nvjpeg vs libjpeg IDCT
+
+
+@pytest.mark.gpu
+def test_cuda_embed_takes_the_tensor_path(tmp_path, tiny_clip_config, caplog):
+    shards = make_jpeg_shards(tmp_path / "jpg")
+    cpu, _ = embed_run(tmp_path, "cpu", shards, tiny_clip_config, ["embed.image_decode=pil"])
+    with caplog.at_level("INFO", logger="datapruning.gpu_decode"):
+        gpu, _ = embed_run(tmp_path, "gpu", shards, tiny_clip_config, ["embed.device=cuda"])
+    assert "tensor path on cuda" in caplog.text
+    assert gpu["uid"].equals(cpu["uid"])
+    a = np.stack(gpu["embedding"].to_numpy(zero_copy_only=False))
+    b = np.stack(cpu["embedding"].to_numpy(zero_copy_only=False))
+    assert np.einsum("ij,ij->i", a, b).min() > 0.98  # bf16 autocast and nvjpeg vs fp32 and PIL
+
+
+def test_strict_mode_raises_from_the_reader_thread(tmp_path, tiny_clip_config):
+    from datapruning.io.webdataset import BadSample
+
+    shards = make_jpeg_shards(tmp_path / "jpg")
+    with pytest.raises(BadSample, match="shard 00000, key s0-000: duplicate_key"):
+        embed_run(tmp_path, "strict", shards, tiny_clip_config, ["embed.image_decode=tensor", "strict=true"])
