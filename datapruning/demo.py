@@ -21,7 +21,7 @@ DEMO_CONFIG = {
     "embed": {"encoder": "torch_module", "module": "datapruning.demo:DigitEncoder", "modality": "image",
               "batch_size": 256, "device": "cpu"},
     "cluster": {"k": 10, "niter": 50},
-    "score": {"metrics": ["ssp", "random"]},
+    "score": {"metrics": ["ssp", "random", "el2n", "dbp", "semdedup"]},
     "select": {"method": "rank", "metric": "ssp", "mode": "hard", "keep_fraction": 0.5, "min_per_cluster": 0.2},
 }
 
@@ -160,5 +160,13 @@ def run_demo(output: str | Path, overrides=()) -> dict:
         f"  kept list {stats['kept_list']}",
         f"  stats     {output / 'run' / 'stats.json'}",
     ]
+    from .evaluate import run_eval
+    from .report import build_report
+
+    evaluation = run_eval(output / "run")  # pruning curves: which metric and fraction suit these digits
+    report = build_report(output / "run")
+    lines += [f"  curves    {evaluation['dir'] / 'curves.png'}",
+              f"  {evaluation['summary']['line']}",
+              f"  report    {report.resolve()}  (open it in a browser)"]
     print("\n".join(lines))
-    return {**stats, "nmi": nmi}
+    return {**stats, "nmi": nmi, "eval": evaluation["summary"], "report": str(report)}

@@ -257,7 +257,7 @@ def gallery_html(df: pd.DataFrame, clusters: list[int], media: dict) -> str:
         parts.append(f"<h3>cluster {c}: {len(rows)} samples, {kept} kept</h3>")
         cols = []
         for title, pick in (("most prototypical (smallest cos_dist)", proto), ("hardest (largest cos_dist)", hard)):
-            strip = "".join(member_html(df, i, media, f"cos {cos[i]:.3f}") for i in pick)
+            strip = "".join(member_html(df, i, media, f"cos {cos[i]:.3g}") for i in pick)
             cols.append(f'<div><div class="muted">{title}</div><div class="strip">{strip}</div></div>')
         parts.append(f'<div class="row">{"".join(cols)}</div>')
     return "\n".join(parts)
@@ -312,9 +312,11 @@ def build_report(run_dir, out_path=None) -> Path:
             sections.append(("Clusters", f'<img class="plot" src="{plot_clusters(sizes, kept)}" alt="clusters">'))
         elif step == "dbp":
             s, q, c, note = dbp_view(run, df, stats)
-            sections.append(("DBP quota vs cluster size", f'<img class="plot" src="{plot_dbp(s, q, c, note)}" alt="dbp">'))
+            sections.append(("DBP quota vs cluster size", f'<p class="muted">Quotas {_esc(note)}.</p>'
+                             f'<img class="plot" src="{plot_dbp(s, q, c, note)}" alt="DBP quota vs cluster size">'))
         elif step == "scores" and metrics:
-            sections.append(("Score histograms", f'<img class="plot" src="{plot_scores(df, metrics)}" alt="scores">'))
+            sections.append(("Score histograms", f'<img class="plot" src="{plot_scores(df, metrics)}" '
+                             f'alt="score histograms: {_esc(", ".join(metrics))}">'))
         elif step == "labels" and "label" in df.columns:
             sections.append(("Kept fraction per label", f'<img class="plot" src="{plot_labels(df["label"], keep)}" '
                              'alt="labels">'))

@@ -1,0 +1,130 @@
+"""The HTML report: self-contained, renders in headless Chromium with every image decoded, thumbnails by key."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datapruning import cli
+from datapruning.config import load_config
+from datapruning.evaluate import run_eval
+from datapruning.report import THUMB_PX, build_report
+from datapruning.runner import run_pipeline
+from conftest import make_parquet_shards, make_png_shards, tiny_clip_overrides
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Debian Chromium through selenium (installed by .ci/run), console logs captured."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1300,900",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    yield driver
+    driver.quit()
+
+
+def render(driver, page: Path, shot: Path) -> list:
+    """Load ``page`` from file://, return [complete, naturalWidth, alt] per <img>; assert no console errors;
+    save a full-page screenshot to ``shot`` and test-artifacts/."""
+    driver.get(page.resolve().as_uri())
+    images = driver.execute_script(
+        "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.getAttribute('alt')])")
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1300, min(int(height) + 150, 16000))
+    driver.save_screenshot(str(shot))
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / shot.name)
+    return images
+
+
+def assert_self_contained(text: str) -> None:
+    """Every src/href is a data: URI or an in-page anchor: nothing to fetch."""
+    refs = re.findall(r'(?:src|href)="([^"]*)"', text)
+    assert refs and all(r.startswith(("data:", "#")) for r in refs), [r[:40] for r in refs if not r.startswith(("data:", "#"))]
+    assert "<script" not in text
+
+
+def tar_png(path: Path, key: str) -> bytes:
+    with tarfile.open(path) as tar:
+        return tar.extractfile(f"{key}.png").read()
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, tiny_clip_config):
+    root = tmp_path_factory.mktemp("report")
+    shards = make_png_shards(root / "shards", n_shards=3, per_shard=12, classes=3)
+    cfg = load_config(None, tiny_clip_overrides(tiny_clip_config) + ["score.metrics=ssp,random,semdedup,dbp"])
+    run_pipeline(cfg, str(root / "shards"), root / "run")
+    return root / "run", shards
+
+
+def test_report_renders_in_chromium(image_run, browser, tmp_path):
+    run, shards = image_run
+    run_eval(run, fractions=(0.5, 1.0), seeds=2)
+    out = build_report(run)
+    assert out == run / "report.html"
+    text = out.read_text()
+    assert_self_contained(text)
+    for title in ("Pruning curves", "Clusters", "DBP quota vs cluster size", "Score histograms",
+                  "Kept fraction per label", "Cluster samples", "SemDeDup duplicate pairs", "Config and stats"):
+        assert f">{title}</h2>" in text, title
+    assert 'alt="score histograms: ssp, random, semdedup, dbp"' in text
+    assert "recommendation:" in text and "&quot;k&quot;: 3" in text  # eval summary and the resolved config
+    images = render(browser, out, tmp_path / "report-images.png")
+    assert len(images) >= 10 and all(done and width > 0 for done, width, _ in images), images
+    # thumbnails are the samples' own images, read from the tar shards by key
+    thumbs = re.findall(r'<img src="data:image/png;base64,([^"]+)" width="\d+" height="\d+" alt="([^"]+)"', text)
+    assert len(thumbs) >= 6
+    for b64, uid in thumbs[:4]:
+        shard, key = uid.split("/", 1)
+        original = Image.open(io.BytesIO(tar_png(run.parent / "shards" / f"{shard}.tar", key))).convert("RGB")
+        shown = Image.open(io.BytesIO(base64.b64decode(b64)))
+        assert shown.size == (THUMB_PX, THUMB_PX)
+        assert np.array_equal(np.asarray(shown), np.asarray(original.resize((THUMB_PX, THUMB_PX), Image.NEAREST))), uid
+
+
+def test_report_without_eval_or_images(tmp_path, browser):
+    """Precomputed embeddings (no images, no text), DBP selection, no eval yet: still one working page."""
+    make_parquet_shards(tmp_path / "emb", n_shards=2, per_shard=30)
+    cfg = load_config(None, ["embed.encoder=precomputed", "cluster.k=4", "select.method=dbp",
+                             "select.keep_fraction=0.4"])
+    run_pipeline(cfg, str(tmp_path / "emb"), tmp_path / "run")
+    assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r.html")]) == 0
+    text = (tmp_path / "r.html").read_text()
+    assert_self_contained(text)
+    assert "No pruning curves yet" in text and "select used DBP" in text and "SemDeDup" not in text
+    assert 'class="txt">id-' in text  # no image or text: the uid stands in
+    images = render(browser, tmp_path / "r.html", tmp_path / "report-no-images.png")
+    assert len(images) >= 4 and all(done and width > 0 for done, width, _ in images)
+
+
+def test_report_needs_a_finished_run(image_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(image_run[0], run)
+    next((run / "manifest").glob("_*.done.json")).unlink()
+    assert cli.main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "manifest" in err and len(err.splitlines()) == 1
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
