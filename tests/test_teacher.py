@@ -1,0 +1,225 @@
+"""Teacher stage on a real run: zero-shot open_clip (tiny random-init), a user's module, supplied logits."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from datapruning import teacher as tm
+from datapruning.config import ConfigError, load_config
+from datapruning.runner import run_pipeline
+from conftest import make_png_shards, tiny_clip_overrides
+
+CLASSES = ("red", "green", "blue")
+rng = np.random.default_rng(7)
+W_EMB = rng.normal(size=(4, 16)).astype(np.float32)  # LinearTeacher's weights: 16-d embeddings -> 4 classes
+B_EMB = rng.normal(size=4).astype(np.float32)
+
+
+class LinearTeacher(nn.Module):
+    """A user's teacher on the stored embeddings (loaded by import path 'test_teacher:LinearTeacher')."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class ImageTeacher(nn.Module):
+    """A user's teacher on images: defines transform(pil) -> tensor, so on=auto reads images."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 5)
+
+    @staticmethod
+    def transform(image):
+        return torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_clip_config):
+    root = tmp_path_factory.mktemp("teacher")
+    make_png_shards(root / "shards", n_shards=3, per_shard=8)
+    run_pipeline(load_config(None, tiny_clip_overrides(tiny_clip_config)), str(root / "shards"), root / "run")
+    return root / "run"
+
+
+@pytest.fixture
+def fresh(run, tmp_path):
+    """A copy of the run without teacher outputs (each test computes its own)."""
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("teacher"))
+    return tmp_path / "run"
+
+
+def stored(run_dir) -> tuple[list[str], np.ndarray, np.ndarray]:
+    t = pq.read_table(run_dir / "teacher")
+    k = t.schema.field("topk_values").type.list_size
+    assert t.schema.field("topk_values").type.value_type == pa.float16()
+    v = t["topk_values"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    i = t["topk_indices"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    return t["uid"].to_pylist(), v.astype(np.float32), i
+
+
+def kept_uids(run_dir) -> list[str]:
+    return pq.read_table(run_dir / "kept.parquet")["uid"].to_pylist()
+
+
+def check_topk(uids, values, indices, reference: dict[str, np.ndarray], atol: float) -> None:
+    """Stored top-k = the reference's k largest logits (values within float16 rounding; ties may swap)."""
+    for u, v, i in zip(uids, values, indices):
+        ref = reference[u]
+        np.testing.assert_allclose(v, np.sort(ref)[::-1][:len(v)], atol=atol, rtol=1e-3)
+        np.testing.assert_allclose(ref[i], v, atol=atol, rtol=1e-3)
+        assert len(set(i.tolist())) == len(i) and np.all(np.diff(v) <= 0)
+
+
+def open_clip_reference(run_dir, cfg_path, classes) -> dict[str, np.ndarray]:
+    """Zero-shot logits computed here with open_clip directly: 100 * cos(image, prompt)."""
+    import open_clip
+    from PIL import Image
+
+    open_clip.add_model_config(cfg_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # build_encoder seeds random-init weights the same way
+        model, _, preprocess = open_clip.create_model_and_transforms(cfg_path.stem, pretrained=None)
+    model.eval()
+    tok = open_clip.get_tokenizer(cfg_path.stem)
+    out = {}
+    with torch.no_grad():
+        text = model.encode_text(tok([f"a photo of a {c}." for c in classes]))
+        text = text / text.norm(dim=-1, keepdim=True)
+        for s in json.loads((run_dir / "shards.json").read_text())["shards"]:
+            with tarfile.open(s["path"]) as tar:
+                for m in tar:
+                    if m.name.endswith(".png"):
+                        img = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+                        f = model.encode_image(preprocess(img)[None])
+                        f = f / f.norm(dim=-1, keepdim=True)
+                        out[f"{s['name']}/{m.name[:-4]}"] = (100.0 * f @ text.T)[0].numpy()
+    return out
+
+
+def test_zero_shot_open_clip_on_embeddings_and_on_images(fresh, tiny_clip_config):
+    ref = open_clip_reference(fresh, tiny_clip_config, CLASSES)
+    cfg = tm.TeacherConfig(classes=CLASSES, top_k=2)  # model: the run's (tiny, random-init, allowed by the run)
+    info = tm.run_teacher(fresh, cfg)
+    assert info["on"] == "embeddings" and info["num_classes"] == 3 and info["top_k"] == 2 and info["rows"] == 12
+    assert info["teacher"].startswith("zero_shot:open_clip:tiny-test-clip:RANDOM-INIT")
+    uids, v, i = stored(fresh)
+    assert sorted(uids) == sorted(kept_uids(fresh))
+    check_topk(uids, v, i, ref, atol=0.1)
+    tm.run_teacher(fresh, tm.TeacherConfig(classes=CLASSES, top_k=2, on="images"))
+    uids2, v2, i2 = stored(fresh)
+    assert uids2 == uids
+    check_topk(uids2, v2, i2, ref, atol=0.1)
+
+
+def test_module_teacher_on_embeddings_and_images(fresh, tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "lin.safetensors"
+    save_file({"fc.weight": torch.from_numpy(W_EMB), "fc.bias": torch.from_numpy(B_EMB)}, str(weights))
+    info = tm.run_teacher(fresh, tm.TeacherConfig(source="module", module="test_teacher:LinearTeacher",
+                                                  weights=str(weights), top_k=3))
+    assert info["on"] == "embeddings" and info["num_classes"] == 4
+    emb = pq.read_table(fresh / "embeddings")
+    x = np.stack(emb["embedding"].to_numpy(zero_copy_only=False))
+    ref = dict(zip(emb["uid"].to_pylist(), x @ W_EMB.T + B_EMB))
+    uids, v, i = stored(fresh)
+    check_topk(uids, v, i, ref, atol=2e-3)
+    info = tm.run_teacher(fresh, tm.TeacherConfig(source="module", module="test_teacher:ImageTeacher",
+                                                  allow_random_weights=True, top_k=2, samples="all"))
+    assert info["on"] == "images" and info["num_classes"] == 5 and info["rows"] == 24
+    with pytest.raises(ConfigError, match="teacher.weights"):
+        tm.run_teacher(fresh, tm.TeacherConfig(source="module", module="test_teacher:ImageTeacher"))
+
+
+def write_logits(path, uids, logits):
+    pq.write_table(pa.table({"uid": uids, "logits": pa.array(list(logits), pa.list_(pa.float32()))}), path)
+
+
+def test_supplied_logits_parquet_and_npy(fresh, tmp_path):
+    all_uids = pq.read_table(fresh / "manifest")["uid"].to_pylist()
+    logits = np.random.default_rng(0).normal(size=(len(all_uids), 6)).astype(np.float32) * 5
+    write_logits(tmp_path / "l.parquet", all_uids[::-1], logits[::-1])  # any row order: matched by uid
+    tm.run_teacher(fresh, tm.TeacherConfig(source="logits", logits=str(tmp_path / "l.parquet"), top_k=4))
+    uids, v, i = stored(fresh)
+    ref = dict(zip(all_uids, logits))
+    assert sorted(uids) == sorted(kept_uids(fresh))
+    np.testing.assert_array_equal(i, np.argsort(-np.stack([ref[u] for u in uids]), axis=1, kind="stable")[:, :4])
+    np.testing.assert_array_equal(v, np.stack([np.sort(ref[u])[::-1][:4] for u in uids]).astype(np.float16))
+    np.save(tmp_path / "m.npy", logits)
+    pq.write_table(pa.table({"uid": all_uids}), tmp_path / "m.parquet")
+    tm.run_teacher(fresh, tm.TeacherConfig(source="logits", logits=str(tmp_path / "m.npy"), top_k=4))
+    assert stored(fresh)[0] == uids and np.array_equal(stored(fresh)[2], i)
+    values, indices = tm.load_teacher(fresh, uids[::-1])
+    np.testing.assert_array_equal(indices, i[::-1])
+    assert values.dtype == np.float16 and indices.dtype == np.int32
+    not_kept = sorted(set(all_uids) - set(uids))[0]
+    with pytest.raises(KeyError, match="no teacher output for uid"):
+        tm.load_teacher(fresh, [not_kept])
+
+
+def test_resume_and_config_change(fresh, tmp_path, monkeypatch):
+    all_uids = pq.read_table(fresh / "manifest")["uid"].to_pylist()
+    write_logits(tmp_path / "l.parquet", all_uids, np.random.default_rng(1).normal(size=(len(all_uids), 3)))
+    cfg = tm.TeacherConfig(source="logits", logits=str(tmp_path / "l.parquet"), top_k=2, classes=CLASSES)
+    first = tm.run_teacher(fresh, cfg)
+    before = {p.name: p.read_bytes() for p in (fresh / "teacher").glob("*.parquet")}
+    monkeypatch.setattr(tm, "build_teacher", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
+    assert tm.run_teacher(fresh, cfg) == first  # every shard done: nothing is built or recomputed
+    assert before == {p.name: p.read_bytes() for p in (fresh / "teacher").glob("*.parquet")}
+    with pytest.raises(AssertionError, match="recomputed"):  # another top_k: the stage starts over
+        tm.run_teacher(fresh, tm.TeacherConfig(source="logits", logits=str(tmp_path / "l.parquet"), top_k=3))
+
+
+def test_errors_name_the_problem(fresh, tmp_path):
+    with pytest.raises(ConfigError, match="teacher.classes"):
+        tm.TeacherConfig(source="zero_shot")
+    with pytest.raises(ConfigError, match="teacher.top_k"):
+        tm.TeacherConfig(source="logits", logits="x.parquet", top_k=0)
+    uids = pq.read_table(fresh / "manifest")["uid"].to_pylist()
+    write_logits(tmp_path / "few.parquet", uids[:3], np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="no logits for uid"):
+        tm.run_teacher(fresh, tm.TeacherConfig(source="logits", logits=str(tmp_path / "few.parquet")))
+    write_logits(tmp_path / "five.parquet", uids, np.zeros((len(uids), 5)))
+    with pytest.raises(ValueError, match="gives 5 logits per sample but teacher.classes names 3"):
+        tm.run_teacher(fresh, tm.TeacherConfig(source="logits", logits=str(tmp_path / "five.parquet"),
+                                               classes=CLASSES))
+    with pytest.raises(FileNotFoundError, match="no teacher outputs"):
+        tm.teacher_info(tmp_path)
+
+
+def test_topk_is_pure_and_stable():
+    v, i = tm.topk(np.array([[1.0, 3.0, 3.0, -1.0], [0.0, 0.0, 0.0, 0.0]]), 3)
+    assert i.tolist() == [[1, 2, 0], [0, 1, 2]] and v.dtype == np.float16 and i.dtype == np.int32
+    assert tm.topk(np.ones((2, 2)), 5)[0].shape == (2, 2)
+
+
+def test_cli_teacher(fresh, tmp_path, capsys):
+    from datapruning.cli import main
+
+    uids = pq.read_table(fresh / "manifest")["uid"].to_pylist()
+    write_logits(tmp_path / "l.parquet", uids, np.random.default_rng(2).normal(size=(len(uids), 3)))
+    (tmp_path / "classes.txt").write_text("red\ngreen\nblue\n")
+    assert main(["teacher", str(fresh), "--source", "logits", "--logits", str(tmp_path / "l.parquet"),
+                 "--classes-file", str(tmp_path / "classes.txt"), "--top-k", "2", "--all"]) == 0
+    assert "top-2 of 3 classes for 24 all samples" in capsys.readouterr().out
+    assert tm.teacher_info(fresh)["classes"] == list(CLASSES)
+    assert main(["teacher", str(fresh), "--source", "zero_shot"]) == 2
+    assert "teacher.classes" in capsys.readouterr().err
