@@ -1,5 +1,5 @@
 """Feed a run's manifest to trainers: a webdataset filter, a PyTorch IterableDataset, HF/pandas/pyarrow tables,
-stored embeddings, and DataComp's sorted u8,u8 uid subset file."""
+stored embeddings, cached teacher outputs, and DataComp's sorted u8,u8 uid subset file."""
 from __future__ import annotations
 
 import json
@@ -13,12 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
+import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .io.files import write_npy
+from .io.files import is_done, read_json, write_npy
 from .io.shards import shard_names
 from .io.webdataset import iter_tar_samples
 from .reshard import RunNotReady, kept_keys, manifest_shard, run_shards
+from .teacher import TEACHER_DIR
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,6 @@ def load_embeddings(run_dir: str | Path, select: str | Collection[str] = "kept")
 
 
 def _present(run_dir, shard: str, columns) -> tuple:
-    import pyarrow.parquet as pq
-
     names = pq.read_schema(Path(run_dir) / "manifest" / f"{shard}.parquet").names
     return tuple(c for c in columns if c in names)
 
@@ -155,7 +155,8 @@ class keep_only:  # noqa: N801 - used like webdataset's stage functions: .compos
 
 def kept_urls(run_dir: str | Path) -> list[str]:
     """The original shard paths holding at least one kept sample (the others need not be read at all)."""
-    return [s["path"] for s in run_shards(run_dir) if pc.any(manifest_shard(run_dir, s["name"], ("keep",))["keep"]).as_py()]
+    return [s["path"] for s in run_shards(run_dir)
+            if pc.any(manifest_shard(run_dir, s["name"], ("keep",))["keep"]).as_py()]
 
 
 def _norm(url: str) -> str:
@@ -238,8 +239,6 @@ class ManifestDataset(IterableDataset):
 
 
 def _teacher_rows(run_dir: str, shard: str, uids: list[str]):
-    from .teacher import read_teacher_shard
-
     tu, values, indices = read_teacher_shard(run_dir, shard)
     pos = {u: j for j, u in enumerate(tu)}
     missing = [u for u in uids if u not in pos]
@@ -256,6 +255,51 @@ def _dist() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+# ---------------------------------------------------------------- cached teacher outputs (datapruning teacher)
+def teacher_info(run_dir: str | Path) -> dict:
+    """teacher/_info.json: the teacher's name, classes (class i = classes[i]), num_classes, top_k, samples."""
+    path = Path(run_dir) / TEACHER_DIR / "_info.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no teacher outputs; run 'datapruning teacher {run_dir} ...' first")
+    return read_json(path)
+
+
+def read_teacher_shard(run_dir: str | Path, shard: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(uids, values float16 [m, k], indices int32 [m, k]) of one shard."""
+    path = Path(run_dir) / TEACHER_DIR / f"{shard}.parquet"
+    if not is_done(path.parent, shard):
+        raise FileNotFoundError(f"{path}: teacher outputs missing; run 'datapruning teacher {run_dir} ...' first")
+    table = pq.read_table(path)
+    k = table.schema.field("topk_values").type.list_size
+    if table.num_rows == 0:
+        return [], np.zeros((0, k), np.float16), np.zeros((0, k), np.int32)
+    values = table["topk_values"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    indices = table["topk_indices"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    return table["uid"].to_pylist(), values, indices
+
+
+def load_teacher(run_dir: str | Path, uids) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher top-k (values float16, indices int32) aligned to ``uids``; every uid must have outputs."""
+    info = teacher_info(run_dir)
+    pos, vals, idxs, base = {}, [], [], 0
+    for shard in run_shards(run_dir):
+        su, v, i = read_teacher_shard(run_dir, shard["name"])
+        if su:
+            pos.update((u, base + j) for j, u in enumerate(su))
+            vals.append(v)
+            idxs.append(i)
+            base += len(su)
+    k = info["top_k"]
+    values = np.concatenate(vals) if vals else np.zeros((0, k), np.float16)
+    indices = np.concatenate(idxs) if idxs else np.zeros((0, k), np.int32)
+    missing = [u for u in uids if u not in pos]
+    if missing:
+        raise KeyError(f"no teacher output for uid {missing[0]!r} ({len(missing)} missing); the teacher outputs "
+                       f"cover the {info['samples']} samples: rerun 'datapruning teacher' (--all for every sample)")
+    rows = np.fromiter((pos[u] for u in uids), dtype=np.int64, count=len(uids))
+    return values[rows], indices[rows]
 
 
 # ---------------------------------------------------------------- DataComp subset file
@@ -316,7 +360,8 @@ def export_datacomp_uids(run_dir: str | Path, out_npy: str | Path, uid_source: s
             errors.append(f"{source}: {exc}")
             continue
         if len(uids) != len(values):
-            log.warning("export-datacomp: %d kept samples share a uid; each uid is written once", len(values) - len(uids))
+            log.warning("export-datacomp: %d kept samples share a uid; each uid is written once",
+                        len(values) - len(uids))
         write_npy(out_npy, uids)
         return {"uids": len(uids), "source": source, "path": str(out_npy)}
     raise ValueError(f"{run_dir}: no DataComp uids (32 hex digits) for the kept samples; " + "; ".join(errors))

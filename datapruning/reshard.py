@@ -1,4 +1,4 @@
-"""Reshard: copy a run's kept samples into new webdataset tars (fixed size, deterministic names, members byte-for-byte)."""
+"""Reshard: copy a run's kept samples into new webdataset tars (fixed size, deterministic names, exact bytes)."""
 from __future__ import annotations
 
 import hashlib
@@ -160,7 +160,7 @@ def write_stats(out_dir: Path, name: str, count: int, sources: dict) -> None:
 def reshard_one(task: dict) -> dict:
     """Copy one input shard's kept samples: whole output shards go straight to their final name, the parts of
     output shards shared with a neighbouring input shard go to pieces. Returns the pieces written."""
-    out_dir, name, n, total = Path(task["out_dir"]), task["name"], task["per_shard"], task["total"]
+    out_dir, name, n = Path(task["out_dir"]), task["name"], task["per_shard"]
     wanted = {k: task["offset"] + i for i, k in enumerate(task["keys"])}
     pieces, writer, current, found, damage = {}, None, None, 0, ""
     try:

@@ -331,52 +331,6 @@ def _write_info(out: Path, tcfg: TeacherConfig, shards: list[dict]) -> dict:
     return info
 
 
-# ---------------------------------------------------------------- reading (what trainers call)
-def teacher_info(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / TEACHER_DIR / "_info.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no teacher outputs; run 'datapruning teacher {run_dir} ...' first")
-    return read_json(path)
-
-
-def read_teacher_shard(run_dir: str | Path, shard: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(uids, values float16 [m, k], indices int32 [m, k]) of one shard."""
-    path = Path(run_dir) / TEACHER_DIR / f"{shard}.parquet"
-    if not is_done(path.parent, shard):
-        raise FileNotFoundError(f"{path}: teacher outputs missing; run 'datapruning teacher {run_dir} ...' first")
-    table = pq.read_table(path)
-    k = table.schema.field("topk_values").type.list_size
-    if table.num_rows == 0:
-        return [], np.zeros((0, k), np.float16), np.zeros((0, k), np.int32)
-    values = table["topk_values"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-    indices = table["topk_indices"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-    return table["uid"].to_pylist(), values, indices
-
-
-def load_teacher(run_dir: str | Path, uids) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher top-k (values float16, indices int32) aligned to ``uids``; every uid must have outputs."""
-    from .reshard import run_shards
-
-    info = teacher_info(run_dir)
-    pos, vals, idxs, base = {}, [], [], 0
-    for shard in run_shards(run_dir):
-        su, v, i = read_teacher_shard(run_dir, shard["name"])
-        if su:
-            pos.update((u, base + j) for j, u in enumerate(su))
-            vals.append(v)
-            idxs.append(i)
-            base += len(su)
-    k = info["top_k"]
-    values = np.concatenate(vals) if vals else np.zeros((0, k), np.float16)
-    indices = np.concatenate(idxs) if idxs else np.zeros((0, k), np.int32)
-    missing = [u for u in uids if u not in pos]
-    if missing:
-        raise KeyError(f"no teacher output for uid {missing[0]!r} ({len(missing)} missing); teacher outputs cover "
-                       f"the {info['samples']} samples of the run: rerun 'datapruning teacher' (--all for every sample)")
-    rows = np.fromiter((pos[u] for u in uids), dtype=np.int64, count=len(uids))
-    return values[rows], indices[rows]
-
-
 # ---------------------------------------------------------------- CLI
 def add_commands(sub) -> None:
     p = sub.add_parser("teacher", help="cache top-k teacher logits for the kept samples (for KD)")

@@ -29,8 +29,7 @@ from torch import nn
 from datapruning.embed import decode_input
 from datapruning.io.files import write_json, write_parquet
 from datapruning.kd import alpha_schedule, kd_loss
-from datapruning.loaders import ManifestDataset, load_embeddings, read_manifest
-from datapruning.teacher import load_teacher, teacher_info
+from datapruning.loaders import ManifestDataset, load_embeddings, load_teacher, read_manifest, teacher_info
 
 HOLDOUT_SPLITS = ("val", "validation", "test")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -196,7 +195,8 @@ def main(argv=None) -> list[dict]:
         if c > info["num_classes"]:
             raise SystemExit(f"the labels need {c} classes but the teacher has {info['num_classes']}")
         c = info["num_classes"]
-    alpha = alpha_schedule(kept_fraction if args.select == "kept" else 1.0) if args.alpha == "auto" else float(args.alpha)
+    auto = alpha_schedule(kept_fraction if args.select == "kept" else 1.0)  # the default, documented in kd.py
+    alpha = auto if args.alpha == "auto" else float(args.alpha)
     if args.model == "head":
         train = embedding_batches(args.run_dir, train_uids, names, args.kd, args.batch_size, args.seed, True)
         held = embedding_batches(args.run_dir, held_uids, names, False, 1024, args.seed, False) if held_uids else None

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from datapruning import loaders as ld
 from datapruning import teacher as tm
 from datapruning.config import ConfigError, load_config
 from datapruning.runner import run_pipeline
@@ -167,12 +168,12 @@ def test_supplied_logits_parquet_and_npy(fresh, tmp_path):
     pq.write_table(pa.table({"uid": all_uids}), tmp_path / "m.parquet")
     tm.run_teacher(fresh, tm.TeacherConfig(source="logits", logits=str(tmp_path / "m.npy"), top_k=4))
     assert stored(fresh)[0] == uids and np.array_equal(stored(fresh)[2], i)
-    values, indices = tm.load_teacher(fresh, uids[::-1])
+    values, indices = ld.load_teacher(fresh, uids[::-1])
     np.testing.assert_array_equal(indices, i[::-1])
     assert values.dtype == np.float16 and indices.dtype == np.int32
     not_kept = sorted(set(all_uids) - set(uids))[0]
     with pytest.raises(KeyError, match="no teacher output for uid"):
-        tm.load_teacher(fresh, [not_kept])
+        ld.load_teacher(fresh, [not_kept])
 
 
 def test_resume_and_config_change(fresh, tmp_path, monkeypatch):
@@ -202,7 +203,7 @@ def test_errors_name_the_problem(fresh, tmp_path):
         tm.run_teacher(fresh, tm.TeacherConfig(source="logits", logits=str(tmp_path / "five.parquet"),
                                                classes=CLASSES))
     with pytest.raises(FileNotFoundError, match="no teacher outputs"):
-        tm.teacher_info(tmp_path)
+        ld.teacher_info(tmp_path)
 
 
 def test_topk_is_pure_and_stable():
@@ -220,6 +221,6 @@ def test_cli_teacher(fresh, tmp_path, capsys):
     assert main(["teacher", str(fresh), "--source", "logits", "--logits", str(tmp_path / "l.parquet"),
                  "--classes-file", str(tmp_path / "classes.txt"), "--top-k", "2", "--all"]) == 0
     assert "top-2 of 3 classes for 24 all samples" in capsys.readouterr().out
-    assert tm.teacher_info(fresh)["classes"] == list(CLASSES)
+    assert ld.teacher_info(fresh)["classes"] == list(CLASSES)
     assert main(["teacher", str(fresh), "--source", "zero_shot"]) == 2
     assert "teacher.classes" in capsys.readouterr().err
