@@ -158,7 +158,8 @@ def select_train(data: EvalData, variant: Variant, fraction: float, seed: int) -
 def evaluate_curves(data: EvalData, variants, fractions=DEFAULT_FRACTIONS, max_iter: int = 200,
                     C: float = 1.0, bar=None) -> tuple[pd.DataFrame, float]:
     """(table, full-data accuracy). One row per variant x fraction: kept rows, accuracy (mean over
-    seeds) and its std. A probe is fit once per distinct kept set (cached by content)."""
+    seeds) and its std; NaN where the selector refused that fraction. A probe is fit once per distinct
+    kept set (cached by content)."""
     train_idx = np.flatnonzero(~data.test)
     x_test, y_test = data.embeddings[data.test], data.labels[data.test]
     cache: dict[str, float] = {}
@@ -176,9 +177,13 @@ def evaluate_curves(data: EvalData, variants, fractions=DEFAULT_FRACTIONS, max_i
         for f in fractions:
             accs, kept = [], []
             for s in range(v.seeds):
-                keep = select_train(data, v, float(f), data.seed + s)
-                accs.append(accuracy(keep))
-                kept.append(int(keep.sum()))
+                try:
+                    keep = select_train(data, v, float(f), data.seed + s)
+                except ValueError as exc:  # e.g. a config's CCS beta leaves too few rows: an empty cell, not a crash
+                    log.warning("eval: %s at fraction %g: %s", v.name, f, exc)
+                    keep = None
+                accs.append(np.nan if keep is None else accuracy(keep))
+                kept.append(0 if keep is None else int(keep.sum()))
                 if bar is not None:
                     bar.update(1)
             rows.append({"variant": v.name, "metric": v.metric, "mode": v.mode, "selector": v.selector,
@@ -212,14 +217,19 @@ def recommend(table: pd.DataFrame, full_accuracy: float, tolerance: float) -> di
     return rec
 
 
-def format_table(table: pd.DataFrame) -> str:
-    """variant x fraction accuracy grid as text; repeated curves (random) show mean±std."""
-    cell = table.apply(lambda r: f"{r['accuracy']:.3f}" + (f"±{r['accuracy_std']:.3f}" if r["seeds"] > 1 else ""),
-                       axis=1)
+def accuracy_grid(table: pd.DataFrame) -> pd.DataFrame:
+    """variant x fraction grid of accuracy strings, curves in table order; repeated curves show mean±std."""
+    cell = table.apply(lambda r: "n/a" if np.isnan(r["accuracy"]) else f"{r['accuracy']:.3f}"
+                       + (f"±{r['accuracy_std']:.3f}" if r["seeds"] > 1 else ""), axis=1)
     grid = table.assign(cell=cell).pivot(index="variant", columns="fraction", values="cell")
     grid = grid.loc[list(dict.fromkeys(table["variant"]))]
     grid.columns = [f"{c:g}" for c in grid.columns]
-    return grid.to_string()
+    return grid
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The accuracy grid as printable text."""
+    return accuracy_grid(table).to_string()
 
 
 def plot_curves(table: pd.DataFrame, rec: dict, path: Path, title: str = "") -> None:
@@ -393,5 +403,5 @@ def add_commands(sub) -> None:
 
 
 __all__ = ["DEFAULT_FRACTIONS", "Variant", "EvalData", "stratified_split", "probe_accuracy", "default_variants",
-           "select_train", "evaluate_curves", "recommend", "format_table", "plot_curves", "load_eval_data",
+           "select_train", "evaluate_curves", "recommend", "accuracy_grid", "format_table", "plot_curves", "load_eval_data",
            "run_eval"]

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from .evaluate import accuracy_grid
 from .io.files import is_done, read_json, write_bytes
 from .stages.common import Run, StageError, load_run_config
 
@@ -274,16 +275,12 @@ def _shorten(obj, n: int = 24):
 
 def eval_html(run_dir: Path) -> str:
     curves = run_dir / "eval" / "curves.png"
-    if not curves.exists():
+    if not all((run_dir / "eval" / f).exists() for f in ("curves.png", "curves.parquet", "summary.json")):
         return ('<p class="muted">No pruning curves yet: run <code>datapruning eval '
                 f'{_esc(run_dir)}</code> (needs labels), then this report again.</p>')
     summary = read_json(run_dir / "eval" / "summary.json")
-    table = pd.read_parquet(run_dir / "eval" / "curves.parquet")
-    cell = table.apply(lambda r: f"{r['accuracy']:.3f}" + (f" ± {r['accuracy_std']:.3f}" if r["seeds"] > 1 else ""),
-                       axis=1)
-    grid = table.assign(cell=cell).pivot(index="variant", columns="fraction", values="cell")
-    grid = grid.loc[list(dict.fromkeys(table["variant"]))]
-    grid.columns = [f"keep {c:g}" for c in grid.columns]
+    grid = accuracy_grid(pd.read_parquet(run_dir / "eval" / "curves.parquet"))
+    grid.columns = [f"keep {c}" for c in grid.columns]
     return (f'<p><b>{_esc(summary["line"])}</b></p><p class="muted">linear probe on {summary["train_rows"]} '
             f'training rows, accuracy on {summary["test_rows"]} held-out rows ({_esc(summary["split"])})</p>'
             f'<img class="plot" src="{png_uri(curves.read_bytes())}" alt="pruning curves">{grid.to_html()}')

@@ -12,8 +12,8 @@ import pytest
 
 from datapruning import cli
 from datapruning.config import load_config
-from datapruning.evaluate import (DEFAULT_FRACTIONS, default_variants, probe_accuracy, recommend, run_eval,
-                                  stratified_split)
+from datapruning.evaluate import (DEFAULT_FRACTIONS, Variant, default_variants, evaluate_curves, format_table,
+                                  load_eval_data, probe_accuracy, recommend, run_eval, stratified_split)
 from datapruning.runner import run_pipeline
 from datapruning.select import keep_count
 
@@ -202,3 +202,15 @@ def test_variants_follow_the_run_metrics():
     variants = {v.name: v for v in default_variants(["ssp", "random"], cfg.select, seeds=4)}
     assert variants["dbp/easy"].params == {"tau": 0.2, "mode": "easy"} and variants["random"].seeds == 4
     assert variants["config: dbp ssp hard"].selector == "dbp"
+
+
+def test_a_fraction_the_selector_refuses_is_an_empty_cell(planted_run):
+    """CCS with beta=0.95 cannot keep half the rows: that cell is NaN (and never recommended), not a crash."""
+    data = load_eval_data(planted_run[0])
+    bad = Variant("el2n/ccs95", "el2n", "ccs", "ccs", {"metric": "el2n", "beta": 0.95})
+    table, full = evaluate_curves(data, [bad], (0.02, 0.5, 1.0))
+    acc = table.set_index("fraction")["accuracy"]
+    assert np.isfinite(acc[0.02]) and np.isnan(acc[0.5]) and np.isnan(acc[1.0])
+    assert "n/a" in format_table(table)
+    rec = recommend(table, full, 1.0)
+    assert rec["fraction"] == 0.02
