@@ -6,7 +6,6 @@ import html
 import io
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -338,9 +337,6 @@ def build_report(run_dir, out_path=None) -> Path:
                              f"</summary><pre>{_esc(st)}</pre></details>"))
     out = Path(out_path) if out_path else run_dir / "report.html"
     write_bytes(out, page(run_dir, stats, metrics, sections).encode("utf-8"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o666 & ~umask)  # a page to share: the usual file mode, not the temp file's 0600
     return out
 
 
