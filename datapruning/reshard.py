@@ -371,7 +371,8 @@ def add_commands(sub) -> None:
 
 def _cmd_reshard(args) -> int:
     s = reshard(args.run_dir, args.output, args.samples_per_shard, args.workers, args.keys)
-    print(f"wrote {s['samples']} samples in {len(s['shards'])} shards: {s['pattern']}")
+    n = len(s["shards"])
+    print(f"wrote {s['samples']} samples in {n} shard{'s' * (n != 1)}: {s['pattern']}")
     return 0
 
 

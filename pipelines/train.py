@@ -177,9 +177,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--kd", action="store_true", help="distil from the cached teacher outputs (datapruning teacher)")
     p.add_argument("--alpha", default="auto", help="KD weight, or 'auto': datapruning.kd.alpha_schedule(kept fraction)")
     p.add_argument("--T", type=float, default=4.0, help="KD temperature")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (head), 3e-3 (cnn)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-2 (head), 3e-3 (cnn)")
     p.add_argument("--holdout", type=float, default=0.2)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (cnn)")
@@ -209,7 +209,7 @@ def main(argv=None) -> list[dict]:
         model = small_cnn(c)
     print(f"training {args.model} on {len(train_uids)} samples ({args.select}; kept fraction {kept_fraction:.2f}), "
           f"{len(held_uids)} held out; " + (f"KD alpha={alpha:.2f} T={args.T}" if args.kd else "no KD"), flush=True)
-    lr = args.lr or (1e-3 if args.model == "head" else 3e-3)
+    lr = args.lr or (1e-2 if args.model == "head" else 3e-3)
     history = fit(model, train, held, args.epochs, lr, alpha, args.T, args.kd)
     if args.metrics:
         write_json(args.metrics, {"args": vars(args), "alpha": alpha if args.kd else None, "history": history})
