@@ -4,11 +4,14 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import add_member, tiny_clip_overrides
@@ -186,3 +189,80 @@ def test_strict_mode_raises_from_the_reader_thread(tmp_path, tiny_clip_config):
     shards = make_jpeg_shards(tmp_path / "jpg")
     with pytest.raises(BadSample, match="shard 00000, key s0-000: duplicate_key"):
         embed_run(tmp_path, "strict", shards, tiny_clip_config, ["embed.image_decode=tensor", "strict=true"])
+
+
+# ---- the fast tar reader must read exactly what tarfile reads ------------------------------------------
+
+def build_tar(path, fmt=tarfile.GNU_FORMAT, gzip=False):
+    """Members tarfile users meet: long names, a ustar prefix, a directory, a symlink, a '__' key,
+    a repeated member, an empty file, a non-ASCII name, sizes across the 512-byte padding."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz" if gzip else "w", format=fmt) as tar:
+        info = tarfile.TarInfo("dir")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for i, size in enumerate([0, 1, 511, 512, 513, 3000]):
+            add_member(tar, f"k{i}.jpg", rng.bytes(size))
+            add_member(tar, f"k{i}.cls", str(i).encode())
+        add_member(tar, "sub/" + "long" * 40 + ".jpg", b"long name")
+        add_member(tar, "a" * 90 + "/" + "b" * 60 + ".txt", b"prefix")
+        add_member(tar, "ünï/cödé.txt", "non-ascii".encode())
+        link = tarfile.TarInfo("k5.lnk")
+        link.type, link.linkname = tarfile.SYMTYPE, "k5.jpg"
+        tar.addfile(link)
+        add_member(tar, "__meta__.json", b"{}")
+        add_member(tar, "k9.jpg", b"x")
+        add_member(tar, "k9.jpg", b"y")  # repeated member
+        add_member(tar, "noext", b"z")
+    return path
+
+
+def both_readers(path, strict=False):
+    from datapruning.gpu_decode import read_tar_samples
+    from datapruning.io.webdataset import iter_tar_samples
+
+    out = []
+    for reader in (iter_tar_samples, read_tar_samples):
+        counts = Counter()
+        try:
+            samples = list(reader(str(path), "s", counts, strict))
+        except Exception as exc:  # noqa: BLE001 - compared between the readers (not the library's detail)
+            samples = f"{type(exc).__name__}: {str(exc).split(' (')[0]}"
+        out.append((samples, dict(counts)))
+    return out
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+@pytest.mark.parametrize("strict", [False, True])
+def test_fast_tar_reader_equals_tarfile(tmp_path, fmt, strict):
+    if fmt == tarfile.USTAR_FORMAT:  # ustar cannot hold the long name
+        pytest.skip("ustar has no long names")
+    ref, fast = both_readers(build_tar(tmp_path / "a.tar", fmt), strict)
+    assert fast == ref
+    if not strict:
+        assert len(ref[0]) == 10 and ref[1] == {"duplicate_member": 1}
+
+
+def test_fast_tar_reader_falls_back_for_gzip(tmp_path):
+    ref, fast = both_readers(build_tar(tmp_path / "a.tar.gz", gzip=True))
+    assert fast == ref and len(ref[0]) == 10
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 20000), tail=st.sampled_from([b"", b"\0" * 1024, b"garbage" * 100]))
+def test_fast_tar_reader_on_cut_and_padded_tars(tmp_path, cut, tail):
+    whole = build_tar(tmp_path / "whole.tar").read_bytes()
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(whole[: cut % (len(whole) + 1)] + tail)
+    ref, fast = both_readers(damaged)
+    assert fast == ref
+    ref, fast = both_readers(damaged, strict=True)
+    assert fast == ref
+
+
+def test_fast_tar_reader_on_non_tars(tmp_path):
+    for name, data, counts in [("empty.tar", b"", {"unreadable_shard": 1}), ("zeros.tar", b"\0" * 10240, {}),
+                               ("text.tar", b"hello" * 300, {"unreadable_shard": 1})]:
+        (tmp_path / name).write_bytes(data)
+        ref, fast = both_readers(tmp_path / name)
+        assert fast == ref and ref == ([], counts), name
