@@ -22,13 +22,6 @@ log = logging.getLogger(__name__)
 NAME_FORMAT = "{:08d}"  # DataComp / img2dataset style: 00000000.tar plus 00000000_stats.json ("successes": n)
 TAR_FORMAT = tarfile.PAX_FORMAT
 PIECES = ".pieces"  # boundary pieces of output shards that span input shards; removed when the reshard completes
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _readable(path: Path) -> None:
-    """Shards are data for others to read: the usual file mode, not the private mode of a temporary file."""
-    os.chmod(path, 0o666 & ~_UMASK)
 
 
 class RunNotReady(RuntimeError):
@@ -142,7 +135,6 @@ class _ShardWriter:
     def close(self) -> int:
         data_end = self.tar.offset
         self.tar.close()
-        _readable(self._tmp)
         self._ctx.__exit__(None, None, None)
         return data_end
 
@@ -225,7 +217,6 @@ def assemble(out_dir: Path, j: int, parts: list[dict], name_format: str) -> None
                 _copy_exact(src, dst, part["data_end"])
         end = dst.tell() + 2 * tarfile.BLOCKSIZE  # the end-of-archive blocks, padded to a record as tarfile does
         dst.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
-        _readable(tmp)
     sources: dict[str, int] = {}
     for part in parts:
         for src_name, c in part["sources"].items():
