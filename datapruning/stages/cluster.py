@@ -1,17 +1,22 @@
 """Cluster stage: fit spherical k-means on a uniform sample, then assign every shard (cluster, cos_dist)."""
 from __future__ import annotations
 
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from ..cluster import assign, fit_kmeans, resolve_backend, sample_indices
+from ..cluster import assign, faiss_gpus, fit_kmeans, resolve_backend, sample_indices
 from ..io.files import done_path, is_done, mark_done, read_json, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from .backends import map_shards
 from .common import Rate, Run, StageError, log, prepare_stage, progress, timed
+
+READ_THREADS = 4  # parquet shards decoded at once while gathering the fit sample
 
 
 def shard_rows(run: Run) -> list[tuple[dict, int]]:
@@ -33,6 +38,15 @@ def read_embeddings(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
     return table.drop_columns(["embedding"]), matrix
 
 
+def stage_backend(cfg) -> str:
+    """``cluster.backend`` resolved. ``auto`` where no NVIDIA device node exists (and torch is not loaded yet)
+    is faiss on CPU without importing torch just to ask CUDA: that import costs ~0.5 GB and seconds."""
+    nvidia = Path("/dev/nvidiactl").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+    if cfg.cluster.backend == "auto" and not nvidia and "torch" not in sys.modules and faiss_gpus() == 0:
+        return "faiss"
+    return resolve_backend(cfg.cluster.backend)
+
+
 def read_matrix(run: Run, shard: str) -> np.ndarray:
     """One shard's float32 [n, d] embedding matrix (only that column is read)."""
     table = read_stage(run.dir("embed") / f"{shard}.parquet", columns=["embedding"])
@@ -40,18 +54,21 @@ def read_matrix(run: Run, shard: str) -> np.ndarray:
 
 
 def gather_rows(run: Run, counts: list[tuple[dict, int]], rows: np.ndarray) -> np.ndarray:
-    """The embeddings at global row indices ``rows`` (sorted), read shard by shard into one array."""
-    out, offset, filled = None, 0, 0
+    """The embeddings at global row indices ``rows`` (sorted), read shard by shard into one array.
+    Shards are decoded on a few threads (parquet decoding releases the GIL); each keeps only its rows."""
+    wanted, offset = [], 0
     for shard, n in counts:
         local = rows[(rows >= offset) & (rows < offset + n)] - offset
         if len(local):
-            block = read_matrix(run, shard["name"])
+            wanted.append((shard["name"], local))
+        offset += n
+    out, filled = None, 0
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        for block in pool.map(lambda item: read_matrix(run, item[0])[item[1]], wanted):
             if out is None:
                 out = np.empty((len(rows), block.shape[1]), dtype=np.float32)
-            out[filled:filled + len(local)] = block[local]
-            filled += len(local)
-            del block
-        offset += n
+            out[filled:filled + len(block)] = block
+            filled += len(block)
     return out
 
 
@@ -60,23 +77,46 @@ def fit_sample(cfg, output: Path, counts: list[tuple[dict, int]], idx: np.ndarra
     start = time.perf_counter()
     ccfg = cfg.cluster
     x = gather_rows(Run(cfg, Path(output)), counts, idx)
-    centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, resolve_backend(ccfg.backend))
+    centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, stage_backend(cfg))
     stats["seconds"] = round(time.perf_counter() - start, 3)
     return centroids, stats
+
+
+def read_uid_matrix(run: Run, shard: str) -> tuple[pa.Array, np.ndarray]:
+    """One shard's uids and float32 [n, d] embeddings (only those two columns are read)."""
+    table = read_stage(run.dir("embed") / f"{shard}.parquet", columns=["uid", "embedding"])
+    return table["uid"], column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
+
+
+def assign_shard(cfg, shard: dict, out_dir: Path, centroids: np.ndarray, uid, matrix: np.ndarray, start: float) -> dict:
+    """Assign one shard's rows to the centroids and write its cluster parquet and done marker."""
+    cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, stage_backend(cfg))
+    write_parquet(out_dir / f"{shard['name']}.parquet",
+                  pa.table({"uid": uid, "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist}))
+    info = {"rows": len(cluster), "seconds": round(time.perf_counter() - start, 3)}
+    mark_done(out_dir, shard["name"], info)
+    return info
 
 
 def assign_one(cfg, shard: dict, out_dir: Path) -> dict:
     """Assign one shard's samples to the stored centroids (the per-shard unit of work)."""
     start = time.perf_counter()
-    run = Run(cfg, out_dir.parent)
     centroids = np.load(out_dir / "centroids.npy", allow_pickle=False)
-    meta, matrix = read_embeddings(run, shard["name"])
-    cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, resolve_backend(cfg.cluster.backend))
-    write_parquet(out_dir / f"{shard['name']}.parquet",
-                  pa.table({"uid": meta["uid"], "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist}))
-    info = {"rows": len(cluster), "seconds": round(time.perf_counter() - start, 3)}
-    mark_done(out_dir, shard["name"], info)
-    return info
+    uid, matrix = read_uid_matrix(Run(cfg, out_dir.parent), shard["name"])
+    return assign_shard(cfg, shard, out_dir, centroids, uid, matrix, start)
+
+
+def assign_prefetching(run: Run, todo: list[dict], out_dir: Path) -> Iterator[dict]:
+    """``assign_one`` over ``todo`` in this process, reading the next shard while this one is assigned."""
+    centroids = np.load(out_dir / "centroids.npy", allow_pickle=False)
+    with ThreadPoolExecutor(1) as pool:
+        ahead = [pool.submit(read_uid_matrix, run, s["name"]) for s in todo[:1]]
+        for i, shard in enumerate(todo):
+            start = time.perf_counter()
+            uid, matrix = ahead.pop(0).result()
+            if i + 1 < len(todo):
+                ahead.append(pool.submit(read_uid_matrix, run, todo[i + 1]["name"]))
+            yield assign_shard(run.cfg, shard, out_dir, centroids, uid, matrix, start)
 
 
 def run_cluster(run: Run) -> None:
@@ -99,5 +139,7 @@ def run_cluster(run: Run) -> None:
         todo = [s for s, _ in counts if not is_done(out_dir, s["name"])]
         with progress(len(todo), "cluster") as bar:
             rate = Rate()
-            for info in map_shards(run.cfg, "assign", todo, out_dir):
+            local = run.cfg.backend == "local" and (run.cfg.workers <= 1 or len(todo) == 1)
+            infos = assign_prefetching(run, todo, out_dir) if local else map_shards(run.cfg, "assign", todo, out_dir)
+            for info in infos:
                 rate.add(bar, info["rows"])

@@ -1,0 +1,188 @@
+"""Benchmark: our embed stage reading JPEG webdataset shards against the bare model: the same encoder's forward
+(bf16 autocast on CUDA) on tensors that are already decoded, resized and on the device. Prints images/s of
+both, their ratio, and the decode+resize rates of the tensor (nvjpeg) and PIL paths on their own.
+
+Weights cannot be downloaded here, so the model is a RANDOM-INIT ViT-B-32 (embed.allow_random_weights): the
+throughput is that of the real architecture, the embeddings are meaningless. Targets on one H100/H200:
+ours >= 0.85 x bare and >= 10,000 images/s for ViT-B-32 bf16.
+
+    python scripts/bench_embed.py                          # ViT-B-32, 375x500 JPEGs (~90 KB), device auto
+    python scripts/bench_embed.py --image-decode pil --decode-workers 15
+    python scripts/bench_embed.py --quick                  # tiny random model, 64 images (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import report  # noqa: E402
+
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                             "patch_size": 8},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TARGET_RATIO, TARGET_IMG_S = 0.85, 10_000
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--images", type=int, help="samples in the shards (default 30000 on CUDA, 384 on CPU)")
+    p.add_argument("--distinct", type=int, default=64, help="distinct JPEGs, cycled through the shards")
+    p.add_argument("--height", type=int, default=375)
+    p.add_argument("--width", type=int, default=500)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--image-decode", default="auto", choices=("auto", "tensor", "pil"))
+    p.add_argument("--decode-workers", type=int, default=2)
+    p.add_argument("--workdir", help="folder for the shards and the run (default: a temporary folder)")
+    p.add_argument("--json", help="also write the result here")
+    p.add_argument("--quick", action="store_true", help="tiny random model and 64 small images (CI)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images, args.distinct, args.height, args.width, args.batch_size = args.images or 64, 8, 48, 64, 16
+    return args
+
+
+def jpeg_bytes(rng: np.random.Generator, h: int, w: int) -> bytes:
+    """A photo-like JPEG: smooth colour fields plus grain (375x500 at quality 90 is about 90 KB)."""
+    from PIL import Image
+
+    base = Image.fromarray(rng.integers(0, 255, size=(h // 16 + 2, w // 16 + 2, 3)).astype(np.uint8))
+    arr = np.asarray(base.resize((w, h), Image.BICUBIC)).astype(np.int16) + rng.integers(-10, 11, size=(h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, datas: list[bytes], images: int, shards: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-images // shards)
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(s * per, min(images, (s + 1) * per)):
+                for ext, data in (("jpg", datas[i % len(datas)]), ("cls", str(i % 10).encode())):
+                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def bare_rate(encoder, batch, images: int, batch_size: int) -> float:
+    """Images/s of ``Encoder.forward`` alone on a device-resident batch (cycled), after one warm-up call."""
+    encoder.forward(list(batch[:batch_size]))
+    sync(encoder.device)
+    start, done = time.perf_counter(), 0
+    while done < images:
+        take = min(batch_size, images - done)
+        rows = (np.arange(done, done + take) % len(batch)).tolist()
+        encoder.forward([batch[r] for r in rows])
+        done += take
+    sync(encoder.device)
+    return images / (time.perf_counter() - start)
+
+
+def decode_rates(encoder, spec, datas: list[bytes], count: int, batch_size: int, workers: int) -> dict:
+    """Decode + resize + normalise alone: the tensor path (on the encoder's device) and the PIL path."""
+    from datapruning.embed import decode_input
+    from datapruning.gpu_decode import decode_images, preprocess_images
+
+    items = [datas[i % len(datas)] for i in range(count)]
+    out = {}
+    if spec is not None:
+        preprocess_images(decode_images(items[:batch_size], encoder.device), spec)  # warm-up
+        sync(encoder.device)
+        start = time.perf_counter()
+        for s in range(0, count, batch_size):
+            preprocess_images(decode_images(items[s:s + batch_size], encoder.device), spec)
+        sync(encoder.device)
+        out["decode_tensor_img_s"] = round(count / (time.perf_counter() - start), 1)
+
+    def pil(data):
+        return encoder.prepare(decode_input({"jpg": data}, "image", ("jpg",), ()))
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        start = time.perf_counter()
+        list(pool.map(pil, items))
+        out["decode_pil_img_s"] = round(count / (time.perf_counter() - start), 1)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    import torch
+
+    from datapruning.config import load_config
+    from datapruning.gpu_decode import tensor_decode_spec
+    from datapruning.io.files import read_json
+    from datapruning.runner import run_stage
+    from datapruning.stages.embed import get_encoder
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    images = args.images or (30000 if device == "cuda" else 384)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_embed_"))
+    try:
+        overrides = [f"embed.model={args.model}", "embed.pretrained=", "embed.allow_random_weights=true",
+                     f"embed.device={device}", f"embed.batch_size={args.batch_size}",
+                     f"embed.image_decode={args.image_decode}", f"embed.decode_workers={args.decode_workers}"]
+        if args.quick:
+            (work / "tiny-bench-clip.json").parent.mkdir(parents=True, exist_ok=True)
+            (work / "tiny-bench-clip.json").write_text(json.dumps(TINY_CLIP))
+            overrides.append(f"embed.model_config={work / 'tiny-bench-clip.json'}")
+        cfg = load_config(None, overrides)
+        rng = np.random.default_rng(0)
+        datas = [jpeg_bytes(rng, args.height, args.width) for _ in range(args.distinct)]
+        write_shards(work / "shards", datas, images, args.shards)
+        encoder = get_encoder(cfg)  # built once; the stage below reuses it (as a worker would)
+        spec = tensor_decode_spec(cfg, encoder)
+        from datapruning.embed import decode_input
+
+        pre = torch.stack([encoder.prepare(decode_input({"jpg": d}, "image", ("jpg",), ())) for d in datas])
+        bare = bare_rate(encoder, pre.to(device), images, args.batch_size)
+        start = time.perf_counter()
+        run_stage("embed", cfg, work / "run", str(work / "shards"))
+        ours_s = time.perf_counter() - start
+        rows = sum(read_json(p)["rows"] for p in (work / "run" / "embeddings").glob("_*.done.json"))
+        decode = decode_rates(encoder, spec, datas, min(images, 2048), args.batch_size, args.decode_workers)
+        ours = rows / ours_s
+        result = {
+            "model": Path(cfg.embed.model_config).stem if args.quick else args.model, "random_weights": True,
+            "device": device, "bf16_autocast": device == "cuda", "image_decode": "tensor" if spec else "pil",
+            "decode_workers": args.decode_workers, "batch_size": args.batch_size, "images": images,
+            "rows_written": rows, "jpeg_kb": round(float(np.mean([len(d) for d in datas])) / 1024, 1),
+            "jpeg_size": [args.height, args.width], "ours_img_s": round(ours, 1), "bare_img_s": round(bare, 1),
+            "ratio": round(ours / bare, 3), **decode, "quick": args.quick,
+            "targets": {"ratio": TARGET_RATIO, "img_s": TARGET_IMG_S, "apply": device == "cuda" and
+                        args.model == "ViT-B-32" and not args.quick},
+        }
+        if result["targets"]["apply"]:
+            result["meets_targets"] = ours / bare >= TARGET_RATIO and ours >= TARGET_IMG_S
+        print(f"embed stage {ours:.0f} img/s vs bare forward {bare:.0f} img/s: {ours / bare:.2f}; decode alone "
+              f"{decode} ({result['image_decode']} path, {device})", file=sys.stderr)
+        report("bench_embed", result, args.json)
+        return result
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

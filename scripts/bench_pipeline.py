@@ -1,0 +1,142 @@
+"""Benchmark: the SemDeDup+DBP recipe end to end on precomputed embeddings in parquet shards (default 1M x 512),
+each stage in its own process: seconds and peak RSS per stage, against 2x the embedding bytes (the target)
+and against a bare script (load one matrix, faiss k-means + search, the library's SemDeDup and DBP) run the
+same way on the same data.
+
+    python scripts/bench_pipeline.py                       # 1M x 512, k=500, configs/semdedup_dbp.yaml
+    python scripts/bench_pipeline.py --quick               # tiny (CI)
+    python scripts/bench_pipeline.py --n 200000 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import REPO, mib, peak_rss_bytes, report, run_child, write_embedding_shards  # noqa: E402
+
+STAGES = ("embed", "cluster", "score", "select", "manifest")
+RSS_TARGET = 2.0  # peak RSS per stage <= 2x the float32 embedding bytes
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--k", type=int, default=500)
+    p.add_argument("--niter", type=int, default=20)
+    p.add_argument("--shards", type=int, default=100)
+    p.add_argument("--config", default=str(REPO / "configs" / "semdedup_dbp.yaml"))
+    p.add_argument("--workdir", help="folder for the data and the run (default: a temporary folder)")
+    p.add_argument("--json", help="also write the result here")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
+    p.add_argument("--child", choices=(*STAGES, "bare"), help=argparse.SUPPRESS)
+    p.add_argument("--run", help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.d, args.k, args.niter, args.shards = 4000, 32, 10, 5, 4
+    return args
+
+
+def child_stage(stage: str, run: str, input_dir: str) -> None:
+    """One stage in this fresh process; prints its seconds and this process's peak RSS."""
+    from datapruning.runner import run_stage
+    from datapruning.stages.common import load_run_config
+
+    cfg_path = Path(run).parent / "bench_config.json"
+    from datapruning.config import config_from_dict
+
+    cfg = config_from_dict(json.loads(cfg_path.read_text())) if stage == "embed" else load_run_config(Path(run))
+    start = time.perf_counter()
+    run_stage(stage, cfg, run, input_dir if stage == "embed" else None)
+    print(json.dumps({"stage": stage, "seconds": round(time.perf_counter() - start, 3),
+                      "peak_rss_bytes": peak_rss_bytes()}))
+
+
+def child_bare(run: str, input_dir: str) -> None:
+    """The same work without the stage machinery: one matrix in memory, library functions on it."""
+    import numpy as np
+
+    from bench_common import read_matrix
+    from datapruning.cluster import assign, fit_kmeans, sample_indices
+    from datapruning.config import config_from_dict
+    from datapruning.metrics.dbp import select_dbp
+    from datapruning.metrics.semdedup import semdedup_filter, semdedup_scores
+    from datapruning.select import SelectInputs, keep_count
+
+    cfg = config_from_dict(json.loads((Path(run).parent / "bench_config.json").read_text()))
+    times = {}
+    start = time.perf_counter()
+    x = read_matrix(sorted(Path(input_dir).glob("*.parquet")))
+    times["load"] = time.perf_counter() - start
+    idx = sample_indices(len(x), cfg.cluster.k, cfg.cluster.fit_fraction, cfg.cluster.max_points_per_centroid, cfg.seed)
+    centroids, _ = fit_kmeans(x[idx], cfg.cluster.k, cfg.cluster.niter, cfg.seed, "faiss")
+    cluster, cos_dist = assign(x, centroids, len(x), "faiss")
+    times["cluster"] = time.perf_counter() - start - times["load"]
+    sd = cfg.score.params.get("semdedup", {})
+    scores = semdedup_scores(x, cluster, cos_dist, sd.get("mode", "hard"), cfg.seed)
+    eligible, _ = semdedup_filter(scores, eps=cfg.select.dedup_eps, keep_fraction=cfg.select.dedup_keep_fraction)
+    times["score"] = time.perf_counter() - start - times["load"] - times["cluster"]
+    n_keep = min(keep_count(len(x), cfg.select.keep_fraction, cfg.select.keep_count), int(eligible.sum()))
+    inp = SelectInputs(uid=np.arange(len(x)), cluster=cluster, cos_dist=cos_dist, centroids=centroids,
+                       scores={"semdedup": scores}, eligible=eligible, seed=cfg.seed)
+    keep, _ = select_dbp(inp, n_keep, mode=cfg.select.mode, **cfg.select.params)
+    total = time.perf_counter() - start
+    times["select"] = total - sum(times.values())
+    print(json.dumps({"stage": "bare", "seconds": round(total, 3), "parts": {k: round(v, 3) for k, v in times.items()},
+                      "kept": int(keep.sum()), "peak_rss_bytes": peak_rss_bytes()}))
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.child:
+        return child_bare(args.run, args.input) if args.child == "bare" else child_stage(args.child, args.run,
+                                                                                         args.input)
+    from datapruning.config import load_config, to_dict
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_pipeline_"))
+    try:
+        start = time.perf_counter()
+        write_embedding_shards(work / "input", args.n, args.d, args.shards, k_true=args.k, seed=0)
+        gen_s = time.perf_counter() - start
+        cfg = load_config(args.config, ["embed.encoder=precomputed", f"cluster.k={args.k}",
+                                        f"cluster.niter={args.niter}", "embed.store_dtype=float32"])
+        (work / "bench_config.json").write_text(json.dumps(to_dict(cfg)))
+        emb_bytes = args.n * args.d * 4
+        common = [str(Path(__file__).resolve()), "--run", str(work / "run"), "--input", str(work / "input")]
+        rows = [run_child([*common, "--child", stage]) for stage in STAGES]
+        bare = run_child([*common, "--child", "bare"])
+        stats = json.loads((work / "run" / "stats.json").read_text())
+        worst = max(r["peak_rss_bytes"] for r in rows)
+        ours_s = sum(r["seconds"] for r in rows)
+        result = {
+            "n": args.n, "d": args.d, "k": args.k, "niter": args.niter, "shards": args.shards,
+            "config": Path(args.config).name, "data_gen_s": round(gen_s, 2), "embedding_mib": mib(emb_bytes),
+            "stages": {r["stage"]: {"seconds": r["seconds"], "peak_rss_mib": mib(r["peak_rss_bytes"]),
+                                    "rss_over_embeddings": round(r["peak_rss_bytes"] / emb_bytes, 2)} for r in rows},
+            "ours_s": round(ours_s, 3), "bare_s": bare["seconds"], "bare_parts_s": bare["parts"],
+            "ratio": round(ours_s / bare["seconds"], 3), "bare_peak_rss_mib": mib(bare["peak_rss_bytes"]),
+            "worst_stage_rss_over_embeddings": round(worst / emb_bytes, 2), "rss_target": RSS_TARGET,
+            "meets_rss_target": worst <= RSS_TARGET * emb_bytes, "kept": stats["kept"], "bare_kept": bare["kept"],
+            "dedup": stats["select"].get("dedup"), "quick": args.quick,
+        }
+        for r in rows:
+            print(f"{r['stage']:9s} {r['seconds']:8.2f}s  peak RSS {mib(r['peak_rss_bytes']):8.1f} MiB "
+                  f"({r['peak_rss_bytes'] / emb_bytes:.2f}x embeddings)", file=sys.stderr)
+        print(f"{'bare':9s} {bare['seconds']:8.2f}s  peak RSS {mib(bare['peak_rss_bytes']):8.1f} MiB; "
+              f"ours/bare {ours_s / bare['seconds']:.2f}x", file=sys.stderr)
+        report("bench_pipeline", result, args.json)
+        return result
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

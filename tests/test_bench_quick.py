@@ -1,0 +1,55 @@
+"""Every benchmark runs in --quick mode, so the scripts cannot rot: real runs, checked results, no timings asserted."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def run_bench(name: str, tmp_path, *extra) -> dict:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), "--quick", "--json", str(out), *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    written = json.loads(out.read_text())
+    assert printed == written and written["quick"] is True
+    assert written["machine"]["cpus"] >= 1 and "date" in written["machine"]
+    return written
+
+
+def test_bench_cluster_quick(tmp_path):
+    r = run_bench("bench_cluster", tmp_path)
+    assert r["ours_s"] > 0 and r["bare_faiss_s"] > 0 and r["ratio"] > 0
+    assert r["same_labels_as_bare"] > 0.99  # the stage runs the same faiss k-means on the same sample
+
+
+def test_bench_semdedup_quick(tmp_path):
+    r = run_bench("bench_semdedup", tmp_path)
+    assert r["same_scores"] and r["removed_at_eps_0.01"] > 0
+
+
+def test_bench_pipeline_quick(tmp_path):
+    r = run_bench("bench_pipeline", tmp_path)
+    assert set(r["stages"]) == {"embed", "cluster", "score", "select", "manifest"}
+    assert all(s["peak_rss_mib"] > 10 for s in r["stages"].values())
+    assert r["kept"] == r["bare_kept"] > 0  # the stages select exactly what the bare script selects
+    assert r["dedup"]["removed"] > 0
+
+
+def test_bench_embed_quick(tmp_path):
+    r = run_bench("bench_embed", tmp_path)
+    assert r["images"] > 0 and r["ours_img_s"] > 0 and r["bare_img_s"] > 0
+    assert r["rows_written"] == r["images"]
+    assert r["model"].startswith("tiny") and r["random_weights"] is True
+
+
+@pytest.mark.gpu
+def test_bench_embed_quick_on_cuda(tmp_path):
+    r = run_bench("bench_embed", tmp_path, "--device", "cuda")
+    assert r["device"] == "cuda" and r["image_decode"] == "tensor"
