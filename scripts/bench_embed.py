@@ -41,6 +41,8 @@ def parse(argv=None):
     p.add_argument("--distinct", type=int, default=64, help="distinct JPEGs, cycled through the shards")
     p.add_argument("--height", type=int, default=375)
     p.add_argument("--width", type=int, default=500)
+    p.add_argument("--mixed-sizes", action="store_true",
+                   help="JPEGs of random sizes (200..640 a side) instead of one size: no same-size batching")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -60,7 +62,7 @@ def jpeg_bytes(rng: np.random.Generator, h: int, w: int) -> bytes:
     from PIL import Image
 
     base = Image.fromarray(rng.integers(0, 255, size=(h // 16 + 2, w // 16 + 2, 3)).astype(np.uint8))
-    arr = np.asarray(base.resize((w, h), Image.BICUBIC)).astype(np.int16) + rng.integers(-10, 11, size=(h, w, 3))
+    arr = np.asarray(base.resize((w, h), Image.BICUBIC)).astype(np.int16) + rng.integers(-24, 25, size=(h, w, 3))
     buf = io.BytesIO()
     Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -149,7 +151,9 @@ def main(argv=None) -> dict:
             overrides.append(f"embed.model_config={work / 'tiny-bench-clip.json'}")
         cfg = load_config(None, overrides)
         rng = np.random.default_rng(0)
-        datas = [jpeg_bytes(rng, args.height, args.width) for _ in range(args.distinct)]
+        sizes = (rng.integers(200, 641, size=(args.distinct, 2)) if args.mixed_sizes
+                 else np.tile([args.height, args.width], (args.distinct, 1)))
+        datas = [jpeg_bytes(rng, int(h), int(w)) for h, w in sizes]
         write_shards(work / "shards", datas, images, args.shards)
         encoder = get_encoder(cfg)  # built once; the stage below reuses it (as a worker would)
         spec = tensor_decode_spec(cfg, encoder)
@@ -168,7 +172,7 @@ def main(argv=None) -> dict:
             "device": device, "bf16_autocast": device == "cuda", "image_decode": "tensor" if spec else "pil",
             "decode_workers": args.decode_workers, "batch_size": args.batch_size, "images": images,
             "rows_written": rows, "jpeg_kb": round(float(np.mean([len(d) for d in datas])) / 1024, 1),
-            "jpeg_size": [args.height, args.width], "ours_img_s": round(ours, 1), "bare_img_s": round(bare, 1),
+            "jpeg_size": "mixed 200..640" if args.mixed_sizes else [args.height, args.width], "ours_img_s": round(ours, 1), "bare_img_s": round(bare, 1),
             "ratio": round(ours / bare, 3), **decode, "quick": args.quick,
             "targets": {"ratio": TARGET_RATIO, "img_s": TARGET_IMG_S, "apply": device == "cuda" and
                         args.model == "ViT-B-32" and not args.quick},

@@ -1,8 +1,10 @@
 """Cluster stage: fit spherical k-means on a uniform sample, then assign every shard (cluster, cos_dist)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +18,8 @@ from ..io.tables import column_to_matrix, read_stage
 from .backends import map_shards
 from .common import Rate, Run, StageError, log, prepare_stage, progress, timed
 
-READ_THREADS = 4  # parquet shards decoded at once while gathering the fit sample
+READ_THREADS = min(8, os.cpu_count() or 1)  # parquet shards decoded at once (decoding releases the GIL)
+PREFETCH_BYTES = 512 << 20  # decoded shards held ahead of the assignment
 
 
 def shard_rows(run: Run) -> list[tuple[dict, int]]:
@@ -106,16 +109,19 @@ def assign_one(cfg, shard: dict, out_dir: Path) -> dict:
     return assign_shard(cfg, shard, out_dir, centroids, uid, matrix, start)
 
 
-def assign_prefetching(run: Run, todo: list[dict], out_dir: Path) -> Iterator[dict]:
-    """``assign_one`` over ``todo`` in this process, reading the next shard while this one is assigned."""
+def assign_prefetching(run: Run, todo: list[tuple[dict, int]], out_dir: Path) -> Iterator[dict]:
+    """``assign_one`` over ``todo`` (shard, rows) in this process, decoding the next shards on threads while
+    this one is assigned; at most ``PREFETCH_BYTES`` of decoded shards wait."""
     centroids = np.load(out_dir / "centroids.npy", allow_pickle=False)
-    with ThreadPoolExecutor(1) as pool:
-        ahead = [pool.submit(read_uid_matrix, run, s["name"]) for s in todo[:1]]
-        for i, shard in enumerate(todo):
+    largest = max((rows for _, rows in todo), default=1) * centroids.shape[1] * 4
+    depth = max(1, min(READ_THREADS, PREFETCH_BYTES // max(largest, 1)))
+    with ThreadPoolExecutor(depth) as pool:
+        ahead = deque(pool.submit(read_uid_matrix, run, s["name"]) for s, _ in todo[:depth])
+        for i, (shard, _) in enumerate(todo):
             start = time.perf_counter()
-            uid, matrix = ahead.pop(0).result()
-            if i + 1 < len(todo):
-                ahead.append(pool.submit(read_uid_matrix, run, todo[i + 1]["name"]))
+            uid, matrix = ahead.popleft().result()
+            if i + depth < len(todo):
+                ahead.append(pool.submit(read_uid_matrix, run, todo[i + depth][0]["name"]))
             yield assign_shard(run.cfg, shard, out_dir, centroids, uid, matrix, start)
 
 
@@ -136,10 +142,12 @@ def run_cluster(run: Run) -> None:
                 centroids, stats = fit_sample(run.cfg, run.output, counts, idx)
             write_npy(out_dir / "centroids.npy", centroids)
             write_json(out_dir / "fit.json", stats)  # written last: the fit's done marker
-        todo = [s for s, _ in counts if not is_done(out_dir, s["name"])]
+        todo = [(s, rows) for s, rows in counts if not is_done(out_dir, s["name"])]
         with progress(len(todo), "cluster") as bar:
             rate = Rate()
-            local = run.cfg.backend == "local" and (run.cfg.workers <= 1 or len(todo) == 1)
-            infos = assign_prefetching(run, todo, out_dir) if local else map_shards(run.cfg, "assign", todo, out_dir)
+            if run.cfg.backend == "local" and (run.cfg.workers <= 1 or len(todo) == 1):
+                infos = assign_prefetching(run, todo, out_dir)
+            else:
+                infos = map_shards(run.cfg, "assign", [s for s, _ in todo], out_dir)
             for info in infos:
                 rate.add(bar, info["rows"])
