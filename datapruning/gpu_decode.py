@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,7 +377,7 @@ def _decode_batches(spec, device: str, inp: queue.Queue, out: queue.Queue, stop:
             if isinstance(batch, _Stop):
                 _put(out, batch, stop)
                 return
-            with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 datas = [d for _, d in batch if isinstance(d, bytes)]
                 decoded = iter(decode_images(datas, device))
                 items = [next(decoded) if isinstance(d, bytes) else d for _, d in batch]
@@ -389,14 +390,6 @@ def _decode_batches(spec, device: str, inp: queue.Queue, out: queue.Queue, stop:
                 return
     except BaseException as exc:  # noqa: BLE001
         _put(out, _Stop(exc), stop)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def tensor_decode_spec(cfg, encoder) -> PreprocessSpec | None:
@@ -418,6 +411,8 @@ def tensor_decode_spec(cfg, encoder) -> PreprocessSpec | None:
 
 def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, spec: PreprocessSpec) -> dict:
     """``embed_tar_shard`` on the tensor path: a reader thread and a decode thread run ahead of the model."""
+    import torch
+
     from .io.webdataset import skip
     from .stages.embed import _write
 
@@ -451,6 +446,8 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
                 for name, value in zip(("uid", "shard", "key", "label", "text"), meta):
                     rows[name].append(value)
             if x is not None:
+                if x.is_cuda:  # made on the decode stream, read on this one: keep it from early reuse
+                    x.record_stream(torch.cuda.current_stream(x.device))
                 chunks.append(encoder.forward(list(x)))
             busy += time.perf_counter() - t1
     finally:
