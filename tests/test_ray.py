@@ -58,7 +58,10 @@ def test_ray_precomputed_equals_local(ray_local, tmp_path):
             "score.metrics=[ssp,random,semdedup,dbp]", "select.method=dbp", "select.keep_fraction=0.5",
             "select.dedup_keep_fraction=0.8"]
     run_pipeline(load_config(None, args), str(inp), tmp_path / "local")
-    stats = run_pipeline(load_config(None, args + ["backend=ray"]), str(inp), tmp_path / "ray")
+    # the Ray workers open the shards through fsspec: give them chained fsspec URLs, not plain paths
+    urls = [f"simplecache::file://{p}" for p in sorted(inp.glob("*.parquet"))]
+    stats = run_pipeline(load_config(None, args + ["backend=ray"]), urls, tmp_path / "ray")
+    assert json.loads((tmp_path / "ray" / "shards.json").read_text())["shards"][0]["path"].startswith("simplecache::")
     local, distributed = outputs(tmp_path / "local"), outputs(tmp_path / "ray")
     assert local.keys() == distributed.keys() and len(local) == 4 + 2 + 4 + 4
     for name in local:

@@ -114,13 +114,18 @@ def _map_tasks(ray, cfg_dict: dict, stage: str, shards: list[dict], out_dir: str
             yield info
 
 
+CPUS_PER_CPU_ACTOR = 4  # without GPUs: a model copy per 4 CPUs (torch threads) rather than one per CPU
+
+
 def embed_actor_options(cfg, ray) -> tuple[dict, int]:
     """Actor resources and pool size: one actor per ``ray.embed_gpus`` GPUs when the cluster has GPUs
-    (and embed.device is not cpu), else one single-CPU actor per CPU."""
+    (and embed.device is not cpu), else one actor per ``CPUS_PER_CPU_ACTOR`` CPUs."""
     gpus = cluster_gpus(ray)
     if gpus > 0 and cfg.embed.device != "cpu":
         return {"num_gpus": cfg.ray.embed_gpus, "num_cpus": 1}, max(1, int(gpus / cfg.ray.embed_gpus))
-    return {"num_cpus": 1}, max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per = min(CPUS_PER_CPU_ACTOR, largest_node_cpus(ray))
+    return {"num_cpus": per}, max(1, cpus // per)
 
 
 def _map_actors(ray, cfg, cfg_dict: dict, shards: list[dict], out_dir: str) -> Iterator[dict]:
