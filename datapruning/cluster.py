@@ -31,6 +31,8 @@ def resolve_backend(backend: str) -> str:
         return backend
     if faiss_gpus() > 0:
         return "faiss-gpu"
+    if not _may_have_cuda():  # importing torch only to ask costs ~0.5 GB and seconds
+        return "faiss"
     try:
         import torch
 
@@ -39,6 +41,14 @@ def resolve_backend(backend: str) -> str:
     except ImportError:
         pass
     return "faiss"
+
+
+def _may_have_cuda() -> bool:
+    """True where torch is already loaded or an NVIDIA device node exists."""
+    import sys
+    from pathlib import Path
+
+    return "torch" in sys.modules or Path("/dev/nvidiactl").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def sample_indices(n: int, k: int, fit_fraction: float | None, max_points_per_centroid: int, seed: int) -> np.ndarray:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from ..cluster import assign, faiss_gpus, fit_kmeans, resolve_backend, sample_indices
+from ..cluster import assign, fit_kmeans, resolve_backend, sample_indices
 from ..io.files import done_path, is_done, mark_done, read_json, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from .backends import map_shards
@@ -39,15 +38,6 @@ def read_embeddings(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
     table = read_stage(run.dir("embed") / f"{shard}.parquet")
     matrix = column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
     return table.drop_columns(["embedding"]), matrix
-
-
-def stage_backend(cfg) -> str:
-    """``cluster.backend`` resolved. ``auto`` where no NVIDIA device node exists (and torch is not loaded yet)
-    is faiss on CPU without importing torch just to ask CUDA: that import costs ~0.5 GB and seconds."""
-    nvidia = Path("/dev/nvidiactl").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
-    if cfg.cluster.backend == "auto" and not nvidia and "torch" not in sys.modules and faiss_gpus() == 0:
-        return "faiss"
-    return resolve_backend(cfg.cluster.backend)
 
 
 def read_matrix(run: Run, shard: str) -> np.ndarray:
@@ -80,7 +70,7 @@ def fit_sample(cfg, output: Path, counts: list[tuple[dict, int]], idx: np.ndarra
     start = time.perf_counter()
     ccfg = cfg.cluster
     x = gather_rows(Run(cfg, Path(output)), counts, idx)
-    centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, stage_backend(cfg))
+    centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, resolve_backend(cfg.cluster.backend))
     stats["seconds"] = round(time.perf_counter() - start, 3)
     return centroids, stats
 
@@ -93,7 +83,7 @@ def read_uid_matrix(run: Run, shard: str) -> tuple[pa.Array, np.ndarray]:
 
 def assign_shard(cfg, shard: dict, out_dir: Path, centroids: np.ndarray, uid, matrix: np.ndarray, start: float) -> dict:
     """Assign one shard's rows to the centroids and write its cluster parquet and done marker."""
-    cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, stage_backend(cfg))
+    cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, resolve_backend(cfg.cluster.backend))
     write_parquet(out_dir / f"{shard['name']}.parquet",
                   pa.table({"uid": uid, "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist}))
     info = {"rows": len(cluster), "seconds": round(time.perf_counter() - start, 3)}
