@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import struct
 import threading
 import time
 from collections import Counter
@@ -160,157 +159,6 @@ def decode_images(datas: list[bytes], device: str) -> list:
     return out
 
 
-# ---- a tar reader fast enough to feed nvjpeg (tarfile costs ~5x more Python time per member) ------------
-
-class _Unsupported(Exception):
-    """A tar feature left to ``tarfile`` (compression, sparse files, pax sizes, base-256 numbers)."""
-
-
-class _BadHeader(Exception):
-    pass
-
-
-class _EndHeader(_BadHeader):
-    """A zero block: the end of the archive (an empty archive when it comes first)."""
-
-
-COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-REGULAR, NOT_FILES = (b"0", b"\0", b"7"), (b"1", b"2", b"3", b"4", b"5", b"6")
-PAX_IGNORED = {"mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "comment", "linkpath"}
-
-
-def _nti(field: bytes) -> int:
-    if field[:1] in (b"\x80", b"\xff"):
-        raise _Unsupported("base-256 number")
-    try:
-        return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
-    except (UnicodeDecodeError, ValueError):
-        raise _BadHeader("invalid header") from None
-
-
-def _parse_header(buf: bytes) -> tuple[bytes, bytes, int]:
-    """(name with ustar prefix, type flag, size) of one 512-byte header, checked as tarfile checks it."""
-    if len(buf) != 512:
-        raise _BadHeader("empty file" if not buf else "truncated header")
-    if not buf.strip(b"\0"):
-        raise _EndHeader("end of archive")
-    if _nti(buf[148:156]) not in (256 + sum(struct.unpack_from("148B8x356B", buf)),
-                                  256 + sum(struct.unpack_from("148b8x356b", buf))):
-        raise _BadHeader("bad checksum")
-    name, typ, size = buf[0:100].split(b"\0", 1)[0], buf[156:157], _nti(buf[124:136])
-    if typ == b"\0" and name.endswith(b"/"):
-        typ = b"5"  # old V7 directory
-    prefix = buf[345:500].split(b"\0", 1)[0]
-    if prefix and typ not in (b"L", b"K", b"S"):
-        name = prefix + b"/" + name
-    return name, typ, size
-
-
-def _read_exact(raw, n: int) -> bytes:
-    data = raw.read(n)
-    while len(data) < n:
-        more = raw.read(n - len(data))
-        if not more:
-            raise EOFError("unexpected end of data")
-        data += more
-    return data
-
-
-def _pax_path(data: bytes) -> bytes | None:
-    path, pos = None, 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        if key == b"path":
-            path = value
-        elif key.decode("utf-8", "replace") not in PAX_IGNORED:
-            raise _Unsupported(f"pax key {key!r}")
-        pos += length
-    return path
-
-
-def plain_tar_members(raw):
-    """(name, bytes) of the regular files of an uncompressed tar, ending and failing where tarfile's
-    stream reader does: a bad or missing header after the first ends quietly, short data raises EOFError."""
-    offset, long_name, pax, pad = 0, None, None, 0
-    while True:
-        _read_exact(raw, pad)  # the last member's padding, read when tarfile reads it: before the next header
-        head = raw.read(512)
-        if offset == 0 and head.startswith(COMPRESSED_MAGIC):
-            raise _Unsupported("compressed tar")
-        try:
-            name, typ, size = _parse_header(head)
-        except _BadHeader as exc:
-            pending = long_name is not None or pax is not None
-            if pending or (offset == 0 and not isinstance(exc, _EndHeader)):
-                raise ValueError(f"tar: {exc}") from None
-            return
-        offset += 512
-        if typ == b"S":
-            raise _Unsupported("sparse member")
-        data = None
-        pad = 0
-        if typ not in NOT_FILES:
-            data, pad = _read_exact(raw, size), -size % 512
-            offset += size + pad
-        if typ in (b"L", b"K"):
-            long_name = data.split(b"\0", 1)[0] if typ == b"L" else long_name
-            continue
-        if typ in (b"x", b"g"):
-            path = _pax_path(data)
-            if typ == b"g" and path is not None:
-                raise _Unsupported("global pax path")
-            pax = path if typ == b"x" else pax
-            continue
-        name = pax if pax is not None else long_name if long_name is not None else name
-        long_name = pax = None
-        if typ in REGULAR:
-            yield name.decode("utf-8", "surrogateescape"), data
-
-
-def read_tar_samples(path: str, shard: str, skipped: Counter, strict: bool = False):
-    """``iter_tar_samples`` (same samples, skips and errors) on ``plain_tar_members``; tars it does not
-    handle are read again with ``iter_tar_samples``, past the samples already yielded."""
-    import fsspec
-
-    from .io.webdataset import BadSample, iter_tar_samples, skip, split_member
-
-    mine, current, emitted = Counter(), None, 0
-    try:
-        with fsspec.open(path, "rb") as raw:
-            for name, data in plain_tar_members(raw):
-                key, ext = split_member(name)
-                if key.startswith("__") or not ext:
-                    continue
-                if current is not None and current["__key__"] != key:
-                    emitted += 1
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key}
-                if ext in current:
-                    skip(mine, "duplicate_member", shard, key, f"repeats .{ext}", strict)
-                    continue
-                current[ext] = data
-    except _Unsupported as exc:
-        log.info("shard %s: %s; reading it with tarfile", shard, exc)
-        for i, sample in enumerate(iter_tar_samples(path, shard, skipped, strict)):
-            if i >= emitted:
-                yield sample
-        return
-    except (EOFError, OSError, ValueError) as exc:
-        if isinstance(exc, BadSample):
-            raise
-        reason = "unreadable_shard" if current is None else "truncated_shard"
-        skip(mine, reason, shard, current["__key__"] if current else None, f"{type(exc).__name__}: {exc}", strict)
-        skipped.update(mine)
-        return
-    skipped.update(mine)
-    if current is not None:
-        yield current
-
-
 class _Stop:
     """End of stream marker (or the producer's exception) on the queues."""
 
@@ -340,12 +188,12 @@ def _get(q: queue.Queue, stop: threading.Event):
 
 def _read_batches(cfg, path: str, shard: str, skipped: Counter, out: queue.Queue, stop: threading.Event):
     """Reader thread: tar samples -> batches of (meta, image bytes or reason) in sample order."""
-    from .io.webdataset import skip
+    from .io.webdataset import iter_tar_samples, skip
     from .stages.embed import _caption, _text_field
 
     icfg, batch, seen = cfg.input, [], set()
     try:
-        for sample in read_tar_samples(path, shard, skipped, cfg.strict):
+        for sample in iter_tar_samples(path, shard, skipped, cfg.strict, fast=True):
             key = sample["__key__"]
             if key in seen:
                 skip(skipped, "duplicate_key", shard, key, "key repeats within the shard", cfg.strict)
