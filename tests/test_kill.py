@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,20 +30,29 @@ def snapshot(out: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in files}
 
 
-def kill_somewhere(args: list[str], out: Path, rng: random.Random) -> str:
-    """Start the run, wait until a randomly chosen stage has begun, sleep a random moment, SIGKILL.
-    Returns where the kill landed (the last stage folder that existed), or 'finished'."""
-    target = rng.choice(STAGE_DIRS)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+STAGE_LOG = {"embeddings": "embed", "clusters": "cluster", "scores": "score", "select": "select",
+             "manifest": "manifest"}
+
+
+def kill_somewhere(args: list[str], rng: random.Random) -> str:
+    """Start the run, wait until its log says it began a randomly chosen stage (or a later one), sleep a
+    random 0-250 ms, SIGKILL. Returns the stage the process was in when killed, or 'finished'."""
+    names = [STAGE_LOG[d] for d in STAGE_DIRS]
+    target = rng.randrange(len(names))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(
+        line.rsplit("stage ", 1)[1].strip() for line in proc.stderr if " datapruning: stage " in line), daemon=True)
+    reader.start()
     deadline = time.time() + 120
-    while proc.poll() is None and not (out / target).exists() and time.time() < deadline:
+    while proc.poll() is None and time.time() < deadline and not any(names.index(s) >= target for s in seen):
         time.sleep(0.002)
-    time.sleep(rng.uniform(0, 0.25))
+    time.sleep(0.25 * rng.random() ** 3)  # mostly soon after the stage starts: stages on small data are quick
     if proc.poll() is not None:
         return "finished"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    return next((d for d in reversed(STAGE_DIRS) if (out / d).exists()), "startup")
+    return seen[-1] if seen else "startup"
 
 
 def kill_and_resume(tmp_path: Path, inp: Path, sets: list[str], kills: int, seed: int) -> Counter:
@@ -53,7 +63,7 @@ def kill_and_resume(tmp_path: Path, inp: Path, sets: list[str], kills: int, seed
     for i in range(kills):
         out = tmp_path / f"run{i}"
         for _ in range(rng.randint(1, 3)):  # one to three kills in a row on the same folder
-            landed[kill_somewhere(cli_args(inp, out, sets), out, rng)] += 1
+            landed[kill_somewhere(cli_args(inp, out, sets), rng)] += 1
         rerun = subprocess.run(cli_args(inp, out, sets), capture_output=True, text=True)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         assert snapshot(out) == expected, f"manifest differs after kills in run{i}: {landed}"
