@@ -97,19 +97,22 @@ def keep_by_quota(scores, groups, quotas, mode, seed, eligible=None) -> np.ndarr
     return keep
 
 
-def select_with_minimums(scores, n, mode, seed, groups=None, min_share=0.0, eligible=None) -> np.ndarray:
+def select_with_minimums(scores, n, mode, seed, groups=None, min_share=0.0, eligible=None,
+                         floors=()) -> np.ndarray:
     """Keep ``n`` rows by ``mode``, but first give every group (cluster or label) its floor of
     ``ceil(min_share * n / G)`` rows, taken by the same rule within the group. ``min_share`` in [0, 1].
-    When the floors add up to more than ``n``, the preferred rows among them win."""
-    n_rows = len(scores)
-    eligible = np.ones(n_rows, dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
-    if groups is None or min_share <= 0:
-        return select_top(scores, n, mode, seed, eligible)
-    if not 0.0 <= min_share <= 1.0:
-        raise ValueError(f"select: minimum share must be in [0, 1], got {min_share}")
-    groups = np.asarray(groups, dtype=np.int64)
-    floor = group_minimums(groups, min_share, n, eligible & (groups >= 0))
-    forced = keep_by_quota(scores, groups, floor, mode, seed, eligible)
+    ``floors`` adds more (groups, min_share) pairs: a row meeting any floor is forced. When the forced rows
+    add up to more than ``n``, the preferred rows among them win."""
+    eligible = np.ones(len(scores), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    forced = np.zeros(len(scores), dtype=bool)
+    for grp, share in ((groups, min_share), *floors):
+        if grp is None or share <= 0:
+            continue
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"select: minimum share must be in [0, 1], got {share}")
+        grp = np.asarray(grp, dtype=np.int64)
+        forced |= keep_by_quota(scores, grp, group_minimums(grp, share, n, eligible & (grp >= 0)), mode, seed,
+                                eligible)
     if forced.sum() > n:  # floors exceed the budget: keep the preferred n of the forced rows
         return select_top(scores, n, mode, seed, forced)
     return forced | select_top(scores, n - int(forced.sum()), mode, seed, eligible & ~forced)
@@ -156,20 +159,9 @@ def _metric_scores(inp: SelectInputs, metric: str) -> np.ndarray:
 def select_rank(inp: SelectInputs, n: int, metric: str = "ssp", mode: str = "hard",
                 min_per_cluster: float = 0.0, min_per_label: float = 0.0) -> tuple[np.ndarray, dict]:
     """Global ranking by one metric, with optional minimum shares per cluster and per label."""
-    scores = _metric_scores(inp, metric)
-    eligible = inp.eligible
-    keep = select_with_minimums(scores, n, mode, inp.seed, inp.cluster, min_per_cluster, eligible)
-    if min_per_label > 0 and inp.labels is not None:
-        by_label = select_with_minimums(scores, n, mode, inp.seed, inp.labels, min_per_label, eligible)
-        if min_per_cluster > 0:  # both floors: label floors first, then cluster floors, then the rest
-            floor_rows = keep_by_quota(scores, inp.labels, group_minimums(
-                inp.labels, min_per_label, n, (inp.labels >= 0) & (eligible if eligible is not None else True)),
-                mode, inp.seed, eligible)
-            keep = select_with_minimums(scores, n - int(floor_rows.sum()), mode, inp.seed, inp.cluster,
-                                        min_per_cluster, (eligible if eligible is not None else True) & ~floor_rows)
-            keep |= floor_rows
-        else:
-            keep = by_label
+    labels = (inp.labels, min_per_label) if inp.labels is not None else (None, 0.0)
+    keep = select_with_minimums(_metric_scores(inp, metric), n, mode, inp.seed, inp.cluster, min_per_cluster,
+                                inp.eligible, floors=(labels,))
     return keep, {"metric": metric, "mode": mode}
 
 

@@ -1,0 +1,42 @@
+"""Spherical k-means with faiss: the fit sample, unit centroids, assignment against brute force."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datapruning.cluster import ClusterError, assign, fit_kmeans, resolve_backend, sample_indices
+from conftest import blobs
+
+
+def test_sample_indices():
+    assert sample_indices(100, 5, None, 4, 0).tolist() == sorted(sample_indices(100, 5, None, 4, 0).tolist())
+    assert len(sample_indices(100, 5, None, 4, 0)) == 20 and len(sample_indices(100, 5, 0.5, 4, 0)) == 50
+    assert len(sample_indices(10, 5, None, 256, 0)) == 10
+    assert (sample_indices(1000, 5, 0.1, 4, 1) != sample_indices(1000, 5, 0.1, 4, 2)).any()
+    with pytest.raises(ClusterError, match="cluster.k=20 is larger than the 10 samples"):
+        sample_indices(10, 20, None, 4, 0)
+
+
+def test_fit_and_assign_match_brute_force():
+    x, truth = blobs(600, 16, 5, seed=3, spread=0.02)
+    centroids, stats = fit_kmeans(x, 5, 25, seed=0)
+    assert centroids.shape == (5, 16) and np.allclose(np.linalg.norm(centroids, axis=1), 1, atol=1e-5)
+    assert stats["backend"] == resolve_backend("auto") == "faiss" and stats["fit_points"] == 600
+    cluster, cos_dist = assign(x, centroids, batch=64)
+    sims = x @ centroids.T
+    np.testing.assert_array_equal(cluster, sims.argmax(1))
+    np.testing.assert_allclose(cos_dist, 1 - sims.max(1), atol=1e-5)
+    # the fit is seeded: the same call gives the same centroids
+    np.testing.assert_array_equal(centroids, fit_kmeans(x, 5, 25, seed=0)[0])
+
+
+def test_degenerate_inputs():
+    same = np.tile(np.array([[0.6, 0.8]], np.float32), (8, 1))
+    centroids, _ = fit_kmeans(same, 3, 10, seed=0)
+    cluster, cos_dist = assign(same, centroids)
+    assert np.isfinite(cos_dist).all() and len(set(cluster.tolist())) == 1
+    assert assign(np.zeros((0, 2), np.float32), centroids)[0].shape == (0,)
+    with pytest.raises(ClusterError, match="dimension"):
+        assign(np.ones((2, 3), np.float32), centroids)
+    with pytest.raises(ClusterError, match="cluster.k=9"):
+        fit_kmeans(same, 9, 10, seed=0)
