@@ -319,11 +319,29 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
     rows = labels >= 0
     test, source = _heldout(splits, labels, rows, test_split, test_fraction, run.cfg.seed)
     scores = {m: np.concatenate(parts)[rows] for m, parts in scores.items()}
+    if "el2n" in scores:
+        scores["el2n"] = _el2n_without_heldout(run, arrays["embeddings"][rows], labels[rows], test, scores["el2n"])
     sel = arrays["labels"]
     return EvalData(uid=arrays["uid"][rows], embeddings=arrays["embeddings"][rows], labels=labels[rows], test=test,
                     cluster=arrays["cluster"][rows], cos_dist=arrays["cos_dist"][rows],
                     centroids=np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False), scores=scores,
                     select_labels=None if sel is None else sel[rows], seed=run.cfg.seed, split_source=source)
+
+
+def _el2n_without_heldout(run: Run, x: np.ndarray, labels: np.ndarray, test: np.ndarray, stored: np.ndarray):
+    """The run's EL2N proxy heads saw every labelled row, held-out ones included; for the curves, retrain them
+    on the training rows only (same parameters), so no held-out label shapes which rows count as hard.
+    Scores from the user's own logits are kept as they are."""
+    from .metrics.el2n import el2n_proxy
+
+    params = dict(run.cfg.score.params.get("el2n", {}))
+    if params.get("logits"):
+        return stored
+    keys = ("n_models", "epochs", "hidden", "lr")
+    out = np.full(len(labels), np.nan)
+    out[~test] = el2n_proxy(x[~test], labels[~test], seed=params.get("seed", run.cfg.seed),
+                            **{k: params[k] for k in keys if k in params})
+    return out
 
 
 def _heldout(splits, labels, rows, test_split, test_fraction, seed) -> tuple[np.ndarray, str]:

@@ -214,3 +214,24 @@ def test_a_fraction_the_selector_refuses_is_an_empty_cell(planted_run):
     assert "n/a" in format_table(table)
     rec = recommend(table, full, 1.0)
     assert rec["fraction"] == 0.02
+
+
+def test_el2n_curves_never_see_held_out_labels():
+    """The proxy EL2N used for the curves is trained on training rows only: changing held-out labels
+    changes nothing, while the run's own scores (all labelled rows) would."""
+    from types import SimpleNamespace
+
+    from datapruning.config import load_config
+    from datapruning.evaluate import _el2n_without_heldout
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 8)).astype(np.float32)
+    labels = rng.integers(3, size=120)
+    test = np.arange(120) % 4 == 0
+    run = SimpleNamespace(cfg=load_config(None, ["score.params.el2n.epochs=3"]))
+    a = _el2n_without_heldout(run, x, labels, test, None)
+    flipped = labels.copy()
+    flipped[test] = (flipped[test] + 1) % 3
+    b = _el2n_without_heldout(run, x, flipped, test, None)
+    np.testing.assert_array_equal(a[~test], b[~test])
+    assert np.isnan(a[test]).all() and np.isfinite(a[~test]).all()
