@@ -9,16 +9,14 @@ k, niter and sample. Target <= 1.3x. The compute-only ratio (bare without its lo
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import mib, read_matrix, report, write_embedding_shards  # noqa: E402
+from bench_common import mib, read_matrix, report, scratch, write_embedding_shards  # noqa: E402
 
 TARGET = 1.3
 
@@ -59,8 +57,7 @@ def main(argv=None) -> dict:
     from datapruning.config import load_config
     from datapruning.runner import run_stage
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_cluster_"))
-    try:
+    with scratch(args.workdir, "bench_cluster_") as work:
         t0 = time.perf_counter()
         paths = write_embedding_shards(work / "input", args.n, args.d, args.shards, k_true=max(2, args.k), seed=0)
         gen_s = time.perf_counter() - t0
@@ -96,9 +93,6 @@ def main(argv=None) -> dict:
               f"{ours_s / bare_s:.2f}x (target <= {TARGET}x); labels equal on {agree:.2%} of rows", file=sys.stderr)
         report("bench_cluster", result, args.json)
         return result
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

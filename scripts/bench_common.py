@@ -3,17 +3,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import platform
 import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def scratch(workdir: str | None, prefix: str):
+    """The benchmark's folder: ``workdir`` when given (kept), else a temporary one removed afterwards."""
+    work = Path(workdir or tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        if not workdir:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def peak_rss_bytes() -> int:

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shutil
 import sys
 import tarfile
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import report  # noqa: E402
+from bench_common import report, scratch  # noqa: E402
 
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
                                              "patch_size": 8},
@@ -140,8 +138,7 @@ def main(argv=None) -> dict:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     images = args.images or (30000 if device == "cuda" else 384)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_embed_"))
-    try:
+    with scratch(args.workdir, "bench_embed_") as work:
         overrides = [f"embed.model={args.model}", "embed.pretrained=", "embed.allow_random_weights=true",
                      f"embed.device={device}", f"embed.batch_size={args.batch_size}",
                      f"embed.image_decode={args.image_decode}", f"embed.decode_workers={args.decode_workers}"]
@@ -183,9 +180,6 @@ def main(argv=None) -> dict:
               f"{decode} ({result['image_decode']} path, {device})", file=sys.stderr)
         report("bench_embed", result, args.json)
         return result
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

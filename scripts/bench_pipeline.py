@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import REPO, mib, peak_rss_bytes, report, run_child, write_embedding_shards  # noqa: E402
+from bench_common import REPO, mib, peak_rss_bytes, report, run_child, scratch, write_embedding_shards  # noqa: E402
 
 STAGES = ("embed", "cluster", "score", "select", "manifest")
 RSS_TARGET = 2.0  # peak RSS per stage <= 2x the float32 embedding bytes
@@ -100,8 +98,7 @@ def main(argv=None) -> dict:
                                                                                          args.input)
     from datapruning.config import load_config, to_dict
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_pipeline_"))
-    try:
+    with scratch(args.workdir, "bench_pipeline_") as work:
         start = time.perf_counter()
         write_embedding_shards(work / "input", args.n, args.d, args.shards, k_true=args.k, seed=0)
         gen_s = time.perf_counter() - start
@@ -133,9 +130,6 @@ def main(argv=None) -> dict:
               f"ours/bare {ours_s / bare['seconds']:.2f}x", file=sys.stderr)
         report("bench_pipeline", result, args.json)
         return result
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
