@@ -142,3 +142,22 @@ def _skip_gpu_tests_without_cuda(request):
 
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
+
+
+def make_tiny_run(root: Path, clip_config: Path, **shard_kwargs) -> Path:
+    """A finished run (all stages) over seeded PNG shards with the tiny random-init open_clip model."""
+    from datapruning.config import load_config
+    from datapruning.runner import run_pipeline
+
+    make_png_shards(root / "shards", **shard_kwargs)
+    run_pipeline(load_config(None, tiny_clip_overrides(clip_config)), str(root / "shards"), root / "run")
+    return root / "run"
+
+
+@pytest.fixture
+def fresh(run, tmp_path) -> Path:
+    """A copy of the module's ``run`` fixture without teacher outputs (each test computes its own)."""
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("teacher"))
+    return tmp_path / "run"

@@ -14,9 +14,8 @@ from torch import nn
 
 from datapruning import loaders as ld
 from datapruning import teacher as tm
-from datapruning.config import ConfigError, load_config
-from datapruning.runner import run_pipeline
-from conftest import make_png_shards, tiny_clip_overrides
+from datapruning.config import ConfigError
+from conftest import make_tiny_run
 
 CLASSES = ("red", "green", "blue")
 rng = np.random.default_rng(7)
@@ -53,18 +52,8 @@ class ImageTeacher(nn.Module):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_clip_config):
     root = tmp_path_factory.mktemp("teacher")
-    make_png_shards(root / "shards", n_shards=3, per_shard=8)
-    run_pipeline(load_config(None, tiny_clip_overrides(tiny_clip_config)), str(root / "shards"), root / "run")
-    return root / "run"
+    return make_tiny_run(root, tiny_clip_config, n_shards=3, per_shard=8)
 
-
-@pytest.fixture
-def fresh(run, tmp_path):
-    """A copy of the run without teacher outputs (each test computes its own)."""
-    import shutil
-
-    shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("teacher"))
-    return tmp_path / "run"
 
 
 def stored(run_dir) -> tuple[list[str], np.ndarray, np.ndarray]:

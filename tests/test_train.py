@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,8 @@ from pathlib import Path
 import pytest
 
 from datapruning import teacher as tm
-from datapruning.config import load_config
 from datapruning.kd import alpha_schedule
-from datapruning.runner import run_pipeline
-from conftest import make_png_shards, tiny_clip_overrides
+from conftest import make_tiny_run
 
 TRAIN = Path(__file__).resolve().parent.parent / "pipelines" / "train.py"
 
@@ -30,15 +27,8 @@ def load_trainer():
 def run(tmp_path_factory, tiny_clip_config):
     """80 labelled PNG samples (3 classes) in 4 shards, tiny random-init open_clip, half kept."""
     root = tmp_path_factory.mktemp("train")
-    make_png_shards(root / "shards", n_shards=4, per_shard=20, seed=3)
-    run_pipeline(load_config(None, tiny_clip_overrides(tiny_clip_config)), str(root / "shards"), root / "run")
-    return root / "run"
+    return make_tiny_run(root, tiny_clip_config, n_shards=4, per_shard=20, seed=3)
 
-
-@pytest.fixture
-def fresh(run, tmp_path):
-    shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("teacher"))
-    return tmp_path / "run"
 
 
 def decreasing(history) -> bool:
