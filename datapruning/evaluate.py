@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from .io.files import is_done, write_json, write_parquet
 from .select import SelectInputs, keep_count
 from .stages.common import Run, StageError, load_run_config
-from .stages.load import label_codes, load_columns, load_run_arrays
+from .stages.load import label_codes, load_columns, load_run_arrays, load_scores
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
     run = Run(load_run_config(Path(run_dir)), Path(run_dir))
     _require_stages(run)
     arrays = load_run_arrays(run, with_embeddings=True)
-    labels_raw, splits, scores = [], [], {}
+    labels_raw, splits = [], []
     for name, lo, hi in arrays["bounds"]:
         uid = pa.array(arrays["uid"][lo:hi], pa.string())
         col = _shard_column(run, name, uid, label_column)
@@ -309,16 +309,12 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
                              "or its manifest; pass --label-column NAME")
         labels_raw.append(col)
         splits.append(_shard_column(run, name, uid, "split"))
-        table = load_columns(run, "score", name, uid)
-        for c in table.column_names:
-            if c.startswith("score_"):
-                scores.setdefault(c[6:], []).append(table[c].to_numpy())
     labels, _ = label_codes(labels_raw)
     if labels is None or (labels >= 0).sum() < 4:
         raise StageError(f"eval needs labels: column {label_column!r} of {run.output} has fewer than 4 labelled rows")
     rows = labels >= 0
     test, source = _heldout(splits, labels, rows, test_split, test_fraction, run.cfg.seed)
-    scores = {m: np.concatenate(parts)[rows] for m, parts in scores.items()}
+    scores = {m: s[rows] for m, s in load_scores(run, arrays).items()}
     if "el2n" in scores:
         scores["el2n"] = _el2n_without_heldout(run, arrays["embeddings"][rows], labels[rows], test, scores["el2n"])
     sel = arrays["labels"]

@@ -84,3 +84,15 @@ def load_run_arrays(run: Run, with_embeddings: bool) -> dict:
         "labels": codes, "label_names": names, "bounds": bounds,
         "embeddings": matrix if with_embeddings else None,
     }
+
+
+def load_scores(run: Run, arrays: dict) -> dict[str, np.ndarray]:
+    """Every ``score_<metric>`` column of the score stage, concatenated in the order of ``arrays``
+    (from ``load_run_arrays``) and checked by uid: {metric: float64 [N]}."""
+    parts: dict[str, list] = {}
+    for name, lo, hi in arrays["bounds"]:
+        table = load_columns(run, "score", name, pa.array(arrays["uid"][lo:hi], pa.string()))
+        for col in table.column_names:
+            if col.startswith("score_"):
+                parts.setdefault(col[len("score_"):], []).append(table[col].to_numpy())
+    return {metric: np.concatenate(chunks) for metric, chunks in parts.items()}

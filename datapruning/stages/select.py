@@ -10,7 +10,7 @@ from ..io.files import is_done, mark_done, write_json, write_parquet
 from ..metrics import SELECTORS
 from ..select import SelectInputs, keep_count
 from .common import Run, StageError, prepare_stage, progress, timed
-from .load import load_columns, load_run_arrays
+from .load import load_run_arrays, load_scores
 
 COMMON = ("metric", "mode", "min_per_cluster", "min_per_label")
 
@@ -31,13 +31,7 @@ def compute_keep(run: Run) -> tuple[dict, np.ndarray, dict]:
     if scfg.method not in SELECTORS:
         raise StageError(f"select.method: unknown selector {scfg.method!r}; known: {sorted(SELECTORS)}")
     arrays = load_run_arrays(run, with_embeddings=False)
-    scores: dict[str, np.ndarray] = {}
-    for name, lo, hi in arrays["bounds"]:
-        table = load_columns(run, "score", name, pa.array(arrays["uid"][lo:hi], pa.string()))
-        for col in table.column_names:
-            if col.startswith("score_"):
-                scores.setdefault(col[6:], []).append(table[col].to_numpy())
-    scores = {m: np.concatenate(parts) for m, parts in scores.items()}
+    scores = load_scores(run, arrays)
     eligible, dedup_info = dedup_filter(scfg, scores)
     n_total = len(arrays["uid"])
     n_keep = keep_count(n_total, None if scfg.keep_count is not None else scfg.keep_fraction, scfg.keep_count)
