@@ -133,7 +133,6 @@ def load_object(spec: str, key: str = "embed.module") -> Any:
 def build_torch_module(cfg) -> Encoder:
     """A user's ``torch.nn.Module`` by import path, weights from a safetensors file. The class may define
     ``transform(pil_image) -> tensor``; its forward returns [n, d] features."""
-    import torch
     from safetensors.torch import load_file
 
     cls = load_object(cfg.module)

@@ -213,7 +213,6 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int, seed: int, device: str | Non
 def torch_assign(x: np.ndarray, centroids: np.ndarray, batch: int = 65536, device: str | None = None,
                  precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by inner product, streamed in ``batch`` rows: (cluster int64 [n], cos_dist float32 [n])."""
-    torch = _torch()
     device = resolve_device(device)
     precision = _resolve_precision(precision, device)
     c = _as_tensor(centroids).to(device)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import add_member, make_parquet_shards, make_png_shards, png_bytes, tiny_clip_overrides
+from conftest import add_member, make_png_shards, png_bytes, tiny_clip_overrides
 
 RNG = np.random.default_rng(0)
 

@@ -56,5 +56,5 @@ def test_fsspec_url_input(png_shards, tiny_clip_config, tmp_path):
     cfg = load_config(None, tiny_clip_overrides(tiny_clip_config))
     stats = run_pipeline(cfg, "memory://dp-test/{00000..00002}.tar", tmp_path / "run")
     assert stats["samples_in"] == 24
-    local = run_pipeline(cfg, str(png_shards[0].parent), tmp_path / "local")
+    run_pipeline(cfg, str(png_shards[0].parent), tmp_path / "local")
     assert (tmp_path / "run" / "kept.parquet").read_bytes() == (tmp_path / "local" / "kept.parquet").read_bytes()

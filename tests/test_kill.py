@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 
 from conftest import make_parquet_shards, make_png_shards, tiny_clip_overrides
 
