@@ -150,17 +150,18 @@ def select_class_balanced(scores, n, mode, seed, groups, eligible=None) -> np.nd
 Selector = Callable[..., tuple[np.ndarray, dict]]
 
 
-def _metric_scores(inp: SelectInputs, metric: str) -> np.ndarray:
+def metric_scores(inp: SelectInputs, metric: str) -> np.ndarray:
+    """The scores of ``metric`` (float64 [N]); a one-line error naming the metrics the score stage ran."""
     if metric not in inp.scores:
         raise ValueError(f"select.metric: no scores for {metric!r}; the score stage ran {sorted(inp.scores)}")
-    return inp.scores[metric]
+    return np.asarray(inp.scores[metric], dtype=np.float64)
 
 
 def select_rank(inp: SelectInputs, n: int, metric: str = "ssp", mode: str = "hard",
                 min_per_cluster: float = 0.0, min_per_label: float = 0.0) -> tuple[np.ndarray, dict]:
     """Global ranking by one metric, with optional minimum shares per cluster and per label."""
     labels = (inp.labels, min_per_label) if inp.labels is not None else (None, 0.0)
-    keep = select_with_minimums(_metric_scores(inp, metric), n, mode, inp.seed, inp.cluster, min_per_cluster,
+    keep = select_with_minimums(metric_scores(inp, metric), n, mode, inp.seed, inp.cluster, min_per_cluster,
                                 inp.eligible, floors=(labels,))
     return keep, {"metric": metric, "mode": mode}
 
@@ -177,5 +178,5 @@ def select_balanced(inp: SelectInputs, n: int, metric: str = "ssp", mode: str = 
     else:
         raise ValueError(f"select.params.by must be 'label' or 'cluster', got {by!r}")
     quotas = class_balanced_quotas(groups, n, inp.eligible)
-    keep = keep_by_quota(_metric_scores(inp, metric), groups, quotas, mode, inp.seed, inp.eligible)
+    keep = keep_by_quota(metric_scores(inp, metric), groups, quotas, mode, inp.seed, inp.eligible)
     return keep, {"metric": metric, "mode": mode, "by": by, "quotas": quotas.tolist()}

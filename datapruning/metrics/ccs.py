@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..select import SelectInputs, keep_by_quota, rank_order
+from ..select import SelectInputs, keep_by_quota, metric_scores, rank_order
 
 # (prune fraction, beta) anchors: METHODS.md gives 0.2 at 80% and 0.3 at 90% pruning; at <= 50% the
 # hardest examples are worth keeping (beta 0). Linear in between, held at 0.3 above 90%.
@@ -76,9 +76,7 @@ def ccs_select(scores: np.ndarray, n: int, beta: float = 0.0, n_strata: int = 50
 def select_ccs(inp: SelectInputs, n: int, metric: str = "el2n", beta: float | None = None,
                strata: int = 50) -> tuple[np.ndarray, dict]:
     """CCS selector. ``beta`` defaults to ``ccs_default_beta(1 - n / scored eligible rows)``."""
-    if metric not in inp.scores:
-        raise ValueError(f"select.params.metric: no scores for {metric!r}; the score stage ran {sorted(inp.scores)}")
-    scores = np.asarray(inp.scores[metric], dtype=np.float64)
+    scores = metric_scores(inp, metric)
     valid = ~np.isnan(scores) if inp.eligible is None else ~np.isnan(scores) & np.asarray(inp.eligible, bool)
     total = int(valid.sum())
     if beta is None:

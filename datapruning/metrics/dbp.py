@@ -5,7 +5,7 @@ import logging
 
 import numpy as np
 
-from ..select import SelectInputs, keep_by_quota
+from ..select import SelectInputs, keep_by_quota, metric_scores
 from .base import MetricOutput, ScoreInputs
 
 log = logging.getLogger(__name__)
@@ -164,12 +164,7 @@ def select_dbp(inp: SelectInputs, n: int, mode: str = "hard", tau: float = 0.1, 
         log.warning("dbp: asked for %d rows but only %d are eligible; keeping all of them", n, n_keep)
     shares = dbp_shares(C, tau)
     quotas = dbp_quotas(n_keep, shares, sizes, min_per_cluster)
-    if metric is None:
-        scores = np.asarray(inp.cos_dist, dtype=np.float64)
-    elif metric in inp.scores:
-        scores = inp.scores[metric]
-    else:
-        raise ValueError(f"select.params.metric: no scores for {metric!r}; the score stage ran {sorted(inp.scores)}")
+    scores = np.asarray(inp.cos_dist, dtype=np.float64) if metric is None else metric_scores(inp, metric)
     keep = keep_by_quota(scores, cluster, quotas, mode, inp.seed, eligible)
     info = {"mode": mode, "tau": float(tau), "l": int(l), "metric": metric or "cos_dist",
             "n_requested": int(n), "n_kept": int(keep.sum()), "quotas": quotas.tolist(),

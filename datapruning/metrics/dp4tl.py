@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..select import SelectInputs
+from ..select import SelectInputs, metric_scores
 from .base import MetricOutput, ScoreInputs
 from .el2n import torch_threads_for
 
@@ -242,15 +242,14 @@ def select_groups(inp: SelectInputs, n: int, metric: str = "dp4tl_lm", by: str =
         raise ValueError(f"select.params.by must be 'label' or 'cluster', got {by!r}")
     if by == "label" and inp.labels is None:
         raise ValueError("select.params.by=label needs labels, but the input has none")
-    if metric not in inp.scores:
-        raise ValueError(f"select.params.metric: no scores for {metric!r}; the score stage ran {sorted(inp.scores)}")
+    raw = metric_scores(inp, metric)
     groups = np.asarray(inp.labels if by == "label" else inp.cluster, dtype=np.int64)
     eligible = np.ones(len(groups), bool) if inp.eligible is None else np.asarray(inp.eligible, bool)
     rows = eligible & (groups >= 0)
     sizes = np.bincount(groups[rows], minlength=int(groups.max(initial=-1)) + 1)
     present = np.flatnonzero(sizes)  # groups with eligible rows; scored by their members' best score
     group_score = np.full(len(sizes), -np.inf)
-    scores = np.nan_to_num(np.asarray(inp.scores[metric], dtype=np.float64), nan=-np.inf)
+    scores = np.nan_to_num(raw, nan=-np.inf)
     np.maximum.at(group_score, groups[rows], scores[rows])
     budget = {"keep_fraction": keep_fraction_groups} if keep_fraction_groups is not None else {"sample_budget": int(n)}
     local, info = top_k_groups(group_score[present], group_sizes=sizes[present], **budget)
