@@ -10,9 +10,7 @@ from typing import Any, Mapping
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or of the wrong type; the message names the key."""
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -160,8 +160,8 @@ def run_demo(output: str | Path, overrides=()) -> dict:
         f"  kept list {stats['kept_list']}",
         f"  stats     {output / 'run' / 'stats.json'}",
     ]
-    from .evaluate import run_eval
-    from .report import build_report
+    from .evaluation.curves import run_eval
+    from .evaluation.report import build_report
 
     evaluation = run_eval(output / "run")  # pruning curves: which metric and fraction suit these digits
     report = build_report(output / "run")

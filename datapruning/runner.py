@@ -5,12 +5,12 @@ import logging
 from pathlib import Path
 
 from .config import RunConfig
-from .stages.cluster import run_cluster
-from .stages.common import STAGES, Run
-from .stages.embed import run_embed
-from .stages.manifest import run_manifest
-from .stages.score import run_score
-from .stages.select import run_select
+from .cluster.stage import run_cluster
+from .embed.stage import run_embed
+from .manifest.stage import run_manifest
+from .run import STAGES, Run
+from .score.stage import run_score
+from .select.stage import run_select
 
 log = logging.getLogger("datapruning")
 

@@ -1,6 +1,6 @@
 """Reference trainer: a classifier on a run's kept data, with or without KD from cached teacher outputs.
 
-Copy it into your own trainer. The data comes from datapruning.loaders, the loss from datapruning.kd, and the
+Copy it into your own trainer. The data comes from datapruning.consumers.loaders, the loss from datapruning.consumers.kd, and the
 teacher's top-k logits were computed once by `datapruning teacher`: this script never runs a teacher.
 
     python pipelines/train.py runs/demo/run --model head              # MLP head on the stored embeddings (CPU, seconds)
@@ -28,8 +28,8 @@ from torch import nn
 
 from datapruning.embed import decode_input
 from datapruning.io.files import write_json, write_parquet
-from datapruning.kd import alpha_schedule, kd_loss
-from datapruning.loaders import ManifestDataset, load_embeddings, load_teacher, read_manifest, teacher_info
+from datapruning.consumers.kd import alpha_schedule, kd_loss
+from datapruning.consumers.loaders import ManifestDataset, load_embeddings, load_teacher, read_manifest, teacher_info
 
 HOLDOUT_SPLITS = ("val", "validation", "test")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -175,7 +175,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--model", choices=("head", "cnn"), default="head")
     p.add_argument("--select", choices=("kept", "all"), default="kept", help="train on the kept or all samples")
     p.add_argument("--kd", action="store_true", help="distil from the cached teacher outputs (datapruning teacher)")
-    p.add_argument("--alpha", default="auto", help="KD weight, or 'auto': datapruning.kd.alpha_schedule(kept fraction)")
+    p.add_argument("--alpha", default="auto", help="KD weight, or 'auto': datapruning.consumers.kd.alpha_schedule(kept fraction)")
     p.add_argument("--T", type=float, default=4.0, help="KD temperature")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)

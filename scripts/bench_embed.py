@@ -102,7 +102,7 @@ def bare_rate(encoder, batch, images: int, batch_size: int) -> float:
 def decode_rates(encoder, spec, datas: list[bytes], count: int, batch_size: int, workers: int) -> dict:
     """Decode + resize + normalise alone: the tensor path (on the encoder's device) and the PIL path."""
     from datapruning.embed import decode_input
-    from datapruning.gpu_decode import decode_images, preprocess_images
+    from datapruning.embed.gpu_decode import decode_images, preprocess_images
 
     items = [datas[i % len(datas)] for i in range(count)]
     out = {}
@@ -130,10 +130,10 @@ def main(argv=None) -> dict:
     import torch
 
     from datapruning.config import load_config
-    from datapruning.gpu_decode import tensor_decode_spec
+    from datapruning.embed.gpu_decode import tensor_decode_spec
     from datapruning.io.files import read_json
     from datapruning.runner import run_stage
-    from datapruning.stages.embed import get_encoder
+    from datapruning.embed.stage import get_encoder
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device

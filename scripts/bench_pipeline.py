@@ -45,7 +45,7 @@ def parse(argv=None):
 def child_stage(stage: str, run: str, input_dir: str) -> None:
     """One stage in this fresh process; prints its seconds and this process's peak RSS."""
     from datapruning.runner import run_stage
-    from datapruning.stages.common import load_run_config
+    from datapruning.run import load_run_config
 
     cfg_path = Path(run).parent / "bench_config.json"
     from datapruning.config import config_from_dict
@@ -64,7 +64,7 @@ def child_bare(run: str, input_dir: str) -> None:
     from bench_common import read_matrix
     from datapruning.cluster import assign, fit_kmeans, sample_indices
     from datapruning.config import config_from_dict
-    from datapruning.metrics.dbp import select_dbp
+    from datapruning.select import select_dbp
     from datapruning.metrics.semdedup import semdedup_filter, semdedup_scores
     from datapruning.select import SelectInputs, keep_count
 

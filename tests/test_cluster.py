@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datapruning.cluster import ClusterError, assign, fit_kmeans, resolve_backend, sample_indices
+from datapruning.errors import ClusterError
+from datapruning.cluster import assign, fit_kmeans, resolve_backend, sample_indices
 from conftest import blobs
 
 

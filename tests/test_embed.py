@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from datapruning.config import load_config
-from datapruning.embed import EncoderError, build_encoder
+from datapruning.embed import build_encoder
+from datapruning.errors import EncoderError
 from datapruning.runner import run_pipeline
 from conftest import tiny_clip_overrides
 

@@ -12,7 +12,7 @@ import pytest
 
 from datapruning import cli
 from datapruning.config import load_config
-from datapruning.evaluate import (DEFAULT_FRACTIONS, Variant, default_variants, evaluate_curves, format_table,
+from datapruning.evaluation.curves import (DEFAULT_FRACTIONS, Variant, default_variants, evaluate_curves, format_table,
                                   load_eval_data, probe_accuracy, recommend, run_eval, stratified_split)
 from datapruning.runner import run_pipeline
 from datapruning.select import keep_count
@@ -222,7 +222,7 @@ def test_el2n_curves_never_see_held_out_labels():
     from types import SimpleNamespace
 
     from datapruning.config import load_config
-    from datapruning.evaluate import _el2n_without_heldout
+    from datapruning.evaluation.curves import _el2n_without_heldout
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 8)).astype(np.float32)

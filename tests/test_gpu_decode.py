@@ -16,8 +16,8 @@ from PIL import Image
 
 from conftest import add_member, tiny_clip_overrides
 from datapruning.config import load_config
-from datapruning.embed import EncoderError
-from datapruning.gpu_decode import (crop_box, decode_images, preprocess_images, resized_size, spec_from_transform,
+from datapruning.errors import EncoderError
+from datapruning.embed.gpu_decode import (crop_box, decode_images, preprocess_images, resized_size, spec_from_transform,
                                     tensor_decode_spec)
 from datapruning.runner import run_stage
 
@@ -121,7 +121,7 @@ def test_decode_falls_back_and_names_bad_images():
 
 
 def test_auto_keeps_the_pil_path_on_cpu(tiny_clip_config):
-    from datapruning.stages.embed import get_encoder
+    from datapruning.embed.stage import get_encoder
 
     cfg = load_config(None, tiny_clip_overrides(tiny_clip_config))
     assert cfg.embed.image_decode == "auto"
@@ -174,7 +174,7 @@ def test_cuda_decode_matches_cpu_decode():
 def test_cuda_embed_takes_the_tensor_path(tmp_path, tiny_clip_config, caplog):
     shards = make_jpeg_shards(tmp_path / "jpg")
     cpu, _ = embed_run(tmp_path, "cpu", shards, tiny_clip_config, ["embed.image_decode=pil"])
-    with caplog.at_level("INFO", logger="datapruning.gpu_decode"):
+    with caplog.at_level("INFO", logger="datapruning.embed.gpu_decode"):
         gpu, _ = embed_run(tmp_path, "gpu", shards, tiny_clip_config, ["embed.device=cuda"])
     assert "tensor path on cuda" in caplog.text
     assert gpu["uid"].equals(cpu["uid"])

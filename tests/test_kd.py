@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datapruning.kd import alpha_schedule, kd_loss
+from datapruning.consumers.kd import alpha_schedule, kd_loss
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 from conftest import blobs, make_parquet_shards
 from datapruning.cluster import assign, fit_kmeans
 from datapruning.config import load_config
-from datapruning.kmeans_torch import faiss_init_indices, torch_assign, torch_kmeans
+from datapruning.cluster.kmeans_torch import faiss_init_indices, torch_assign, torch_kmeans
 from datapruning.runner import run_pipeline
 
 

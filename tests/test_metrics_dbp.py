@@ -8,10 +8,10 @@ from scipy.optimize import minimize
 from scipy.special import softmax
 
 import datapruning.metrics.dbp as dbp_mod
-from datapruning.metrics import METRICS, SELECTORS
-from datapruning.metrics.base import ScoreInputs
-from datapruning.metrics.dbp import (complexity, d_inter, d_intra, dbp_quotas, dbp_shares, project_capped_simplex,
-                                     select_dbp)
+from datapruning.score import METRICS
+from datapruning.select import SELECTORS, select_dbp
+from datapruning.score.base import ScoreInputs
+from datapruning.metrics.dbp import (complexity, d_inter, d_intra, dbp_quotas, dbp_shares, project_capped_simplex)
 from datapruning.select import SelectInputs
 
 

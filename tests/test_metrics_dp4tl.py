@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import datapruning.metrics.dp4tl as dp
-from datapruning.metrics import METRICS, SELECTORS
-from datapruning.metrics.base import ScoreInputs
+from datapruning.score import METRICS
+from datapruning.io.tables import read_embeddings
+from datapruning.select import SELECTORS, select_groups
+from datapruning.score.base import ScoreInputs
 from datapruning.select import SelectInputs
 
 
@@ -81,16 +83,16 @@ def test_top_k_groups_orders_by_hits_and_prunes_zero_hits_first():
 def test_read_embeddings_npy_parquet_and_folder(tmp_path):
     emb = np.arange(12, dtype=np.float32).reshape(4, 3)
     np.save(tmp_path / "t.npy", emb)
-    got, uid = dp.read_embeddings(tmp_path / "t.npy")
+    got, uid = read_embeddings(tmp_path / "t.npy")
     assert uid is None and (got == emb).all()
     folder = tmp_path / "emb"
     folder.mkdir()
     for i, rows in enumerate([slice(0, 3), slice(3, 4)]):
         table = pa.table({"uid": [f"u{j}" for j in range(4)][rows], "embedding": [list(r) for r in emb[rows]]})
         pq.write_table(table, folder / f"{i:05d}.parquet")
-    got, uid = dp.read_embeddings(folder)
+    got, uid = read_embeddings(folder)
     assert (got == emb).all() and got.dtype == np.float32 and uid.tolist() == ["u0", "u1", "u2", "u3"]
-    got, _ = dp.read_embeddings(folder / "00000.parquet")
+    got, _ = read_embeddings(folder / "00000.parquet")
     assert got.shape == (3, 3)
 
 
@@ -173,10 +175,10 @@ def test_select_groups_properties(seed, n, by):
     inp, _ = _groups_input(seed)
     eligible = np.random.default_rng(seed + 1).random(200) < 0.8
     inp = SelectInputs(**{**inp.__dict__, "eligible": eligible})
-    keep, info = dp.select_groups(inp, n, by=by)
+    keep, info = select_groups(inp, n, by=by)
     groups = inp.labels if by == "label" else inp.cluster
     assert keep.sum() <= n and not (keep & ~eligible).any()
     for gid in np.unique(groups):  # whole groups: all eligible rows of a group, or none
         rows = (groups == gid) & eligible
         assert keep[rows].all() or not keep[rows].any()
-    assert (keep == dp.select_groups(inp, n, by=by)[0]).all()
+    assert (keep == select_groups(inp, n, by=by)[0]).all()

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datapruning.metrics import METRICS
-from datapruning.metrics.base import ScoreInputs
+from datapruning.score import METRICS
+from datapruning.score.base import ScoreInputs
 from datapruning.metrics.el2n import el2n, el2n_proxy
 
 el2n_mod = importlib.import_module("datapruning.metrics.el2n")  # the package attribute `el2n` is the function

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from datapruning.metrics import METRICS
-from datapruning.metrics.base import ScoreInputs
-from datapruning.metrics.semdedup import (eps_for_keep_fraction, removal_mask, removed_counts, score_semdedup,
+from datapruning.score import METRICS
+from datapruning.score.semdedup import score_semdedup
+from datapruning.score.base import ScoreInputs
+from datapruning.metrics.semdedup import (eps_for_keep_fraction, removal_mask, removed_counts,
                                           semdedup_filter, semdedup_masks, semdedup_scores)
 
 

@@ -91,7 +91,7 @@ def test_ray_task_error_is_the_original_error(ray_local, tmp_path):
     inp.mkdir()
     pq.write_table(pa.table({"id": ["a", "b"], "embedding": pa.array([[1.0, 0.0], [0.0, 1.0]])}),
                    inp / "part-0.parquet")
-    from datapruning.io.shards import InputError
+    from datapruning.errors import InputError
 
     with pytest.raises(InputError, match="missing column 'uid'"):
         run_pipeline(load_config(None, ["embed.encoder=precomputed", "cluster.k=2", "backend=ray"]), str(inp),

@@ -14,8 +14,8 @@ from PIL import Image
 
 from datapruning import cli
 from datapruning.config import load_config
-from datapruning.evaluate import run_eval
-from datapruning.report import THUMB_PX, build_report
+from datapruning.evaluation.curves import run_eval
+from datapruning.evaluation.report import THUMB_PX, build_report
 from datapruning.runner import run_pipeline
 from conftest import make_parquet_shards, make_png_shards, tiny_clip_overrides
 

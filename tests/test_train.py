@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from datapruning import teacher as tm
-from datapruning.kd import alpha_schedule
+from datapruning.consumers.kd import alpha_schedule
 from conftest import make_tiny_run
 
 TRAIN = Path(__file__).resolve().parent.parent / "pipelines" / "train.py"

@@ -12,14 +12,11 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ..errors import WriteFailed
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class WriteFailed(OSError):
-    """Writing an output failed (disk full, permissions, ...); the message names the file."""
 
 
 @contextmanager

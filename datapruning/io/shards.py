@@ -7,12 +7,9 @@ import re
 from pathlib import Path
 
 import fsspec
+from ..errors import InputError
 
 SUFFIXES = {".tar": "webdataset", ".parquet": "parquet", ".npy": "npy"}
-
-
-class InputError(ValueError):
-    """The input cannot be read as asked; the message names the path."""
 
 
 def _braceexpand(pattern: str) -> list[str]:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shards import InputError
+from ..errors import InputError
 from .webdataset import skip
 
 
@@ -115,3 +115,29 @@ def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:
 def read_stage(path: str | Path, columns=None) -> pa.Table:
     """Read one of our own per-shard parquet outputs."""
     return pq.read_table(path, columns=columns)
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(embeddings float32 [n, d], uid or None)`` from a .npy file, or a parquet file or folder of
+    parquet files with an ``embedding`` list<float32> column and an optional ``uid`` column."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False).astype(np.float32, copy=False), None
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"dp4tl: no parquet files in {path}")
+    embs, uids = [], []
+    for f in files:
+        table = pq.read_table(f, columns=[c for c in ("embedding", "uid") if c in pq.read_schema(f).names])
+        if "embedding" not in table.column_names:
+            raise ValueError(f"dp4tl: {f} has no 'embedding' column")
+        col = table.column("embedding").combine_chunks()
+        if len(col):
+            flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            embs.append(flat.reshape(len(col), -1))
+        uids.append(table.column("uid").to_numpy(zero_copy_only=False) if "uid" in table.column_names else None)
+    if not embs:
+        raise ValueError(f"dp4tl: no embeddings in {path}")
+    return np.concatenate(embs), (None if any(u is None for u in uids) else np.concatenate(uids))

@@ -7,12 +7,9 @@ from collections import Counter
 from typing import Iterator
 
 import fsspec
+from ..errors import BadSample
 
 log = logging.getLogger(__name__)
-
-
-class BadSample(ValueError):
-    """A sample or shard that cannot be used; the message names the shard and key."""
 
 
 def split_member(name: str) -> tuple[str, str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..select import SelectInputs, keep_by_quota, metric_scores, rank_order
+from .ranking import keep_by_quota, rank_order
 
 # (prune fraction, beta) anchors: METHODS.md gives 0.2 at 80% and 0.3 at 90% pruning; at <= 50% the
 # hardest examples are worth keeping (beta 0). Linear in between, held at 0.3 above 90%.
@@ -36,7 +36,7 @@ def ccs_allocate(sizes: np.ndarray, n: int) -> np.ndarray:
     return alloc
 
 
-def _ccs(scores, n, beta, n_strata, seed, eligible=None) -> tuple[np.ndarray, dict]:
+def ccs_keep(scores, n, beta, n_strata, seed, eligible=None) -> tuple[np.ndarray, dict]:
     scores = np.asarray(scores, dtype=np.float64)
     valid = ~np.isnan(scores) if eligible is None else ~np.isnan(scores) & np.asarray(eligible, bool)
     if not 0.0 <= beta < 1.0 or int(n_strata) < 1:
@@ -70,17 +70,4 @@ def ccs_select(scores: np.ndarray, n: int, beta: float = 0.0, n_strata: int = 50
     NaN/ineligible rows are never kept), split the remaining score range into ``n_strata``
     equal-width strata, allocate with ``ccs_allocate`` and sample uniformly within each stratum
     (seeded). ValueError when fewer than ``n`` rows remain."""
-    return _ccs(scores, n, beta, n_strata, seed, eligible)[0]
-
-
-def select_ccs(inp: SelectInputs, n: int, metric: str = "el2n", beta: float | None = None,
-               strata: int = 50) -> tuple[np.ndarray, dict]:
-    """CCS selector. ``beta`` defaults to ``ccs_default_beta(1 - n / scored eligible rows)``."""
-    scores = metric_scores(inp, metric)
-    valid = ~np.isnan(scores) if inp.eligible is None else ~np.isnan(scores) & np.asarray(inp.eligible, bool)
-    total = int(valid.sum())
-    if beta is None:
-        beta = ccs_default_beta(1.0 - min(int(n), total) / total) if total else 0.0
-    keep, info = _ccs(scores, int(n), beta, strata, inp.seed, valid)
-    info.update({"metric": metric, "n_requested": int(n), "n_kept": int(keep.sum())})
-    return keep, info
+    return ccs_keep(scores, n, beta, n_strata, seed, eligible)[0]

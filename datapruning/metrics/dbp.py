@@ -5,8 +5,6 @@ import logging
 
 import numpy as np
 
-from ..select import SelectInputs, keep_by_quota, metric_scores
-from .base import MetricOutput, ScoreInputs
 
 log = logging.getLogger(__name__)
 
@@ -147,37 +145,3 @@ def cluster_complexity(cos_dist, cluster, centroids, l: int = 20, eligible=None)
     intra = d_intra(cos_dist, cluster, k, eligible)
     inter = d_inter(centroids, l)
     return complexity(intra, inter), intra, inter
-
-
-def select_dbp(inp: SelectInputs, n: int, mode: str = "hard", tau: float = 0.1, l: int = 20,
-               min_per_cluster: int = 0, metric: str | None = None) -> tuple[np.ndarray, dict]:
-    """DBP selector: complexity from the ELIGIBLE rows (run after SemDeDup), softmax shares, exact
-    quotas, then within each cluster keep ``quota`` rows by ``mode`` on ``cos_dist`` (or on
-    ``inp.scores[metric]``). ``n`` above the eligible count is capped, with a warning."""
-    cluster = np.asarray(inp.cluster, dtype=np.int64)
-    eligible = np.ones(len(cluster), bool) if inp.eligible is None else np.asarray(inp.eligible, bool)
-    k = len(inp.centroids)
-    C, intra, inter = cluster_complexity(inp.cos_dist, cluster, inp.centroids, l, eligible)
-    sizes = np.bincount(cluster[eligible & (cluster >= 0)], minlength=k)
-    n_keep = min(int(n), int(sizes.sum()))
-    if n_keep < n:
-        log.warning("dbp: asked for %d rows but only %d are eligible; keeping all of them", n, n_keep)
-    shares = dbp_shares(C, tau)
-    quotas = dbp_quotas(n_keep, shares, sizes, min_per_cluster)
-    scores = np.asarray(inp.cos_dist, dtype=np.float64) if metric is None else metric_scores(inp, metric)
-    keep = keep_by_quota(scores, cluster, quotas, mode, inp.seed, eligible)
-    info = {"mode": mode, "tau": float(tau), "l": int(l), "metric": metric or "cos_dist",
-            "n_requested": int(n), "n_kept": int(keep.sum()), "quotas": quotas.tolist(),
-            "shares": shares.tolist(), "complexity": C.tolist(), "d_intra": intra.tolist(),
-            "d_inter": inter.tolist(), "sizes": sizes.tolist()}
-    return keep, info
-
-
-def score_dbp(inp: ScoreInputs, tau: float = 0.1, l: int = 20) -> MetricOutput:
-    """Pipeline adapter: each sample scores its cluster's complexity ``C_a(i)`` (NaN when unassigned)."""
-    cluster = np.asarray(inp.cluster, dtype=np.int64)
-    C, intra, inter = cluster_complexity(inp.cos_dist, cluster, inp.centroids, l)
-    scores = np.where(cluster >= 0, C[np.maximum(cluster, 0)], np.nan)
-    info = {"tau": float(tau), "l": int(l), "complexity": C.tolist(), "d_intra": intra.tolist(),
-            "d_inter": inter.tolist(), "shares": dbp_shares(C, tau).tolist()}
-    return MetricOutput(scores, info)

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ..select import SelectInputs, metric_scores
-from .base import MetricOutput, ScoreInputs
 from .el2n import torch_threads_for
 
 log = logging.getLogger(__name__)
@@ -155,106 +152,3 @@ def top_k_groups(freq: np.ndarray, k: int | None = None, keep_fraction: float | 
     if sizes is not None:
         info["samples_kept"] = int(sizes[kept].sum())
     return kept, info
-
-
-def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(embeddings float32 [n, d], uid or None)`` from a .npy file, or a parquet file or folder of
-    parquet files with an ``embedding`` list<float32> column and an optional ``uid`` column."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False).astype(np.float32, copy=False), None
-    import pyarrow.parquet as pq
-
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files:
-        raise ValueError(f"dp4tl: no parquet files in {path}")
-    embs, uids = [], []
-    for f in files:
-        table = pq.read_table(f, columns=[c for c in ("embedding", "uid") if c in pq.read_schema(f).names])
-        if "embedding" not in table.column_names:
-            raise ValueError(f"dp4tl: {f} has no 'embedding' column")
-        col = table.column("embedding").combine_chunks()
-        if len(col):
-            flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            embs.append(flat.reshape(len(col), -1))
-        uids.append(table.column("uid").to_numpy(zero_copy_only=False) if "uid" in table.column_names else None)
-    if not embs:
-        raise ValueError(f"dp4tl: no embeddings in {path}")
-    return np.concatenate(embs), (None if any(u is None for u in uids) else np.concatenate(uids))
-
-
-def _lm_predictions(inp: ScoreInputs, route: str, target, logits, class_text, seed, epochs, max_samples):
-    if route == "logits":
-        if logits is None:
-            raise ValueError("dp4tl_lm route=logits needs score.params.dp4tl_lm.logits (a .npy [n_target, C])")
-        arr = np.load(logits, allow_pickle=False, mmap_mode="r")
-        return lm_predictions_from_logits(arr), arr.shape[1]
-    if target is None:
-        raise ValueError(f"dp4tl_lm route={route} needs score.params.dp4tl_lm.target (target embeddings)")
-    target_emb, _ = read_embeddings(target)
-    if route == "zeroshot":
-        if class_text is None:
-            raise ValueError("dp4tl_lm route=zeroshot needs score.params.dp4tl_lm.class_text (a .npy [C, d])")
-        text = np.load(class_text, allow_pickle=False)
-        return zero_shot_predictions(target_emb, text), len(text)
-    if route == "linear":
-        clf = train_linear_source_classifier(inp.embeddings, inp.labels, seed, epochs, max_samples=max_samples)
-        return clf.predict(target_emb), len(clf.bias)
-    raise ValueError(f"dp4tl_lm route must be 'linear', 'logits' or 'zeroshot', got {route!r}")
-
-
-def score_dp4tl_lm(inp: ScoreInputs, target: str | None = None, route: str = "linear", logits: str | None = None,
-                   class_text: str | None = None, epochs: int = 10, max_samples: int | None = 200_000,
-                   seed: int | None = None) -> MetricOutput:
-    """Pipeline adapter, label mapping: score = target hit count of the sample's source class (larger =
-    more target-relevant; unlabelled rows NaN). Classifier column / text row c is label code c."""
-    if inp.labels is None:
-        raise ValueError("dp4tl_lm needs source labels, but the input has none (use dp4tl_fm)")
-    labels = np.asarray(inp.labels, dtype=np.int64)
-    seed = inp.seed if seed is None else seed
-    pred, n_classes = _lm_predictions(inp, route, target, logits, class_text, seed, epochs, max_samples)
-    if labels.max(initial=-1) >= n_classes:
-        raise ValueError(f"dp4tl_lm: the {route} classifier has {n_classes} classes but labels go to {labels.max()}")
-    freq = label_mapping_freq(pred, n_classes)
-    scores = np.where(labels >= 0, freq[np.maximum(labels, 0)], np.nan).astype(np.float64)
-    info = {"route": route, "n_target": int(len(pred)), "freq": freq.tolist(),
-            "zero_hit_groups": int((freq == 0).sum())}
-    return MetricOutput(scores, info)
-
-
-def score_dp4tl_fm(inp: ScoreInputs, target: str) -> MetricOutput:
-    """Pipeline adapter, feature mapping: score = target hit count of the sample's source cluster
-    (``inp.centroids`` are the source k-means; unassigned rows NaN)."""
-    target_emb, _ = read_embeddings(target)
-    freq = feature_mapping_freq(feature_mapping_assign(target_emb, inp.centroids), len(inp.centroids))
-    cluster = np.asarray(inp.cluster, dtype=np.int64)
-    scores = np.where(cluster >= 0, freq[np.maximum(cluster, 0)], np.nan).astype(np.float64)
-    info = {"n_target": int(len(target_emb)), "freq": freq.tolist(), "zero_hit_groups": int((freq == 0).sum())}
-    return MetricOutput(scores, info)
-
-
-def select_groups(inp: SelectInputs, n: int, metric: str = "dp4tl_lm", by: str = "label",
-                  keep_fraction_groups: float | None = None) -> tuple[np.ndarray, dict]:
-    """Keep WHOLE groups (labels or clusters) with the highest group score (the max of its members'
-    ``metric`` scores) until the sample budget ``n`` (see ``top_k_groups`` for the rule), or the top
-    ``keep_fraction_groups`` of the groups when given (then ``n`` is ignored). Eligible rows only."""
-    if by not in ("label", "cluster"):
-        raise ValueError(f"select.params.by must be 'label' or 'cluster', got {by!r}")
-    if by == "label" and inp.labels is None:
-        raise ValueError("select.params.by=label needs labels, but the input has none")
-    raw = metric_scores(inp, metric)
-    groups = np.asarray(inp.labels if by == "label" else inp.cluster, dtype=np.int64)
-    eligible = np.ones(len(groups), bool) if inp.eligible is None else np.asarray(inp.eligible, bool)
-    rows = eligible & (groups >= 0)
-    sizes = np.bincount(groups[rows], minlength=int(groups.max(initial=-1)) + 1)
-    present = np.flatnonzero(sizes)  # groups with eligible rows; scored by their members' best score
-    group_score = np.full(len(sizes), -np.inf)
-    scores = np.nan_to_num(raw, nan=-np.inf)
-    np.maximum.at(group_score, groups[rows], scores[rows])
-    budget = {"keep_fraction": keep_fraction_groups} if keep_fraction_groups is not None else {"sample_budget": int(n)}
-    local, info = top_k_groups(group_score[present], group_sizes=sizes[present], **budget)
-    kept = present[local]
-    keep = rows & np.isin(groups, kept)
-    info.update({"metric": metric, "by": by, "kept_ids": kept.tolist(), "n_requested": int(n),
-                 "samples_kept": int(keep.sum())})
-    return keep, info

@@ -5,7 +5,6 @@ import hashlib
 
 import numpy as np
 
-from .base import MetricOutput, ScoreInputs
 
 
 def random_scores(uids, seed: int) -> np.ndarray:
@@ -16,9 +15,3 @@ def random_scores(uids, seed: int) -> np.ndarray:
         digest = hashlib.blake2b(str(uid).encode(), digest_size=8, key=salt).digest()
         out[i] = int.from_bytes(digest, "little") / 2.0**64
     return out
-
-
-def score_random(inp: ScoreInputs, seed: int | None = None) -> MetricOutput:
-    """Pipeline adapter: ``seed`` defaults to the run seed."""
-    seed = inp.seed if seed is None else seed
-    return MetricOutput(random_scores(inp.uid, seed), {"seed": int(seed)})

@@ -6,8 +6,7 @@ import logging
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..select import rank_order
-from .base import MetricOutput, ScoreInputs
+from .ranking import rank_order
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +133,3 @@ def semdedup_filter(scores: np.ndarray, eps: float | None = None,
     if keep_fraction is not None:
         info["target_keep_fraction"] = float(keep_fraction)
     return eligible, info
-
-
-def score_semdedup(inp: ScoreInputs, mode: str = "hard", block_rows: int = 4096, eps=DEFAULT_EPS,
-                   seed: int | None = None) -> MetricOutput:
-    """Pipeline adapter: scores = duplicate score; info = removed count per eps and the eps that
-    reaches common keep fractions (answers "which eps keeps 60%?")."""
-    seed = inp.seed if seed is None else seed
-    scores = semdedup_scores(inp.embeddings, inp.cluster, inp.cos_dist, mode, seed, block_rows)
-    removed = removed_counts(scores, eps)
-    info = {"mode": mode, "block_rows": int(block_rows), "n": int(len(scores)),
-            "removed": {str(e): c for e, c in removed.items()},
-            "eps_for_keep_fraction": {str(f): eps_for_keep_fraction(scores, f) for f in REPORT_KEEP_FRACTIONS}}
-    log.info("semdedup: removed per eps %s", info["removed"])
-    return MetricOutput(scores, info)

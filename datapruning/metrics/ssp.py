@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import MetricOutput, ScoreInputs
 
 
 def prototypicality(embeddings: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> np.ndarray:
@@ -37,19 +36,3 @@ def class_prototypes(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.nda
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
     return (sums / norms).astype(np.float32), inverse
-
-
-def score_ssp(inp: ScoreInputs, prototypes: str = "clusters") -> MetricOutput:
-    """Pipeline adapter. ``prototypes``: ``clusters`` (self-supervised) or ``labels`` (class means)."""
-    if prototypes == "clusters":
-        return MetricOutput(inp.cos_dist.astype(np.float64), {"prototypes": "clusters"})
-    if prototypes != "labels":
-        raise ValueError(f"score.params.ssp.prototypes: expected 'clusters' or 'labels', got {prototypes!r}")
-    if inp.labels is None:
-        raise ValueError("score.params.ssp.prototypes=labels needs labels, but the input has none")
-    known = inp.labels >= 0
-    scores = np.full(len(inp.uid), np.nan)
-    protos, inverse = class_prototypes(inp.embeddings[known], inp.labels[known])
-    scores[known] = prototypicality(inp.embeddings[known], protos, inverse)
-    scores[~known] = inp.cos_dist[~known]  # unlabelled rows fall back to their cluster prototype
-    return MetricOutput(scores, {"prototypes": "labels", "classes": int(len(protos))})

@@ -13,10 +13,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .io.files import is_done, write_json, write_parquet
-from .select import SelectInputs, keep_count
-from .stages.common import Run, StageError, load_run_config
-from .stages.load import label_codes, load_columns, load_run_arrays, load_scores
+from ..errors import StageError
+from ..io.files import is_done, write_json, write_parquet
+from ..run import Run, label_codes, load_columns, load_run_arrays, load_run_config, load_scores
+from ..select import SelectInputs, keep_count
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ def default_variants(metrics, select_cfg=None, seeds: int = 5) -> list[Variant]:
 
 def run_config_variant(select_cfg) -> Variant:
     """The run's own selection (method, metric, mode, minimum shares, params) as one curve."""
-    from .metrics import SELECTORS
-    from .stages.select import COMMON
+    from ..select import SELECTORS
+    from ..select.stage import COMMON
 
     if select_cfg.method not in SELECTORS:
         raise StageError(f"select.method: unknown selector {select_cfg.method!r}; known: {sorted(SELECTORS)}")
@@ -141,7 +141,8 @@ def run_config_variant(select_cfg) -> Variant:
 
 def select_train(data: EvalData, variant: Variant, fraction: float, seed: int) -> np.ndarray:
     """Keep mask over the TRAINING rows, made by the package's registered selector (never re-implemented)."""
-    from .metrics import SELECTORS, random_scores
+    from ..metrics import random_scores
+    from ..select import SELECTORS
 
     train = ~data.test
     scores = {m: s[train] for m, s in data.scores.items()}
@@ -328,7 +329,7 @@ def _el2n_without_heldout(run: Run, x: np.ndarray, labels: np.ndarray, test: np.
     """The run's EL2N proxy heads saw every labelled row, held-out ones included; for the curves, retrain them
     on the training rows only (same parameters), so no held-out label shapes which rows count as hard.
     Scores from the user's own logits are kept as they are."""
-    from .metrics.el2n import el2n_proxy
+    from ..metrics.el2n import el2n_proxy
 
     params = dict(run.cfg.score.params.get("el2n", {}))
     if params.get("logits"):
@@ -388,32 +389,6 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
                "curves": [asdict(v) for v in variants]}
     write_json(out / "summary.json", summary)
     return {"table": table, "summary": summary, "dir": out}
-
-
-# ---------------------------------------------------------------- CLI
-def cmd_eval(args) -> int:
-    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
-    result = run_eval(args.run_dir, args.label_column, fractions, args.seeds, args.tolerance, args.test_split,
-                      args.test_fraction, args.max_iter)
-    print(f"linear-probe accuracy on {result['summary']['test_rows']} held-out rows "
-          f"({result['summary']['split']}), by keep fraction of {result['summary']['train_rows']} training rows:")
-    print(format_table(result["table"]))
-    print(result["summary"]["line"])
-    print(f"table: {result['dir'] / 'curves.parquet'}   plot: {result['dir'] / 'curves.png'}")
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("eval", help="pruning curves: linear-probe accuracy per metric and keep fraction")
-    p.add_argument("run_dir", help="a run folder (embed, cluster and score done; labels needed)")
-    p.add_argument("--label-column", default="label", help="label column of the embeddings or manifest")
-    p.add_argument("--fractions", default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS), help="keep fractions")
-    p.add_argument("--seeds", type=int, default=5, help="random-baseline repeats (default 5)")
-    p.add_argument("--tolerance", type=float, default=0.01, help="accuracy drop allowed vs full data (0.01 = 1 pp)")
-    p.add_argument("--test-split", default=None, help="split value held out (default: test/val/... if present)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="stratified hold-out size without a split")
-    p.add_argument("--max-iter", type=int, default=200, help="probe lbfgs iterations")
-    p.set_defaults(func=cmd_eval)
 
 
 __all__ = ["DEFAULT_FRACTIONS", "Variant", "EvalData", "stratified_split", "probe_accuracy", "default_variants",

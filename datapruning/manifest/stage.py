@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 
 from ..config import to_dict
 from ..io.files import done_path, is_done, mark_done, read_json, write_json, write_parquet
-from .common import Run, StageError, prepare_stage, progress, timed
-from .load import _is_int, load_columns
+from ..run import Run, StageError, prepare_stage, progress, timed
+from ..run import is_int_text, load_columns
 
 PACKAGES = ("datapruning", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "torch", "open_clip_torch", "webdataset")
 
@@ -23,7 +23,7 @@ def _labels_are_ints(run: Run) -> bool:
         path = run.dir("embed") / f"{shard['name']}.parquet"
         if "label" in pq.read_schema(path).names:
             labels = pq.read_table(path, columns=["label"])["label"].drop_null().to_pylist()
-            if not all(_is_int(v) for v in labels):
+            if not all(is_int_text(v) for v in labels):
                 return False
     return True
 

@@ -188,8 +188,8 @@ def _get(q: queue.Queue, stop: threading.Event):
 
 def _read_batches(cfg, path: str, shard: str, skipped: Counter, out: queue.Queue, stop: threading.Event):
     """Reader thread: tar samples -> batches of (meta, image bytes or reason) in sample order."""
-    from .io.webdataset import iter_tar_samples, skip
-    from .stages.embed import _caption, _text_field
+    from ..io.webdataset import iter_tar_samples, skip
+    from .samples import caption, text_field
 
     icfg, batch, seen = cfg.input, [], set()
     try:
@@ -199,8 +199,8 @@ def _read_batches(cfg, path: str, shard: str, skipped: Counter, out: queue.Queue
                 skip(skipped, "duplicate_key", shard, key, "key repeats within the shard", cfg.strict)
                 continue
             seen.add(key)
-            meta = (f"{shard}/{key}", shard, key, _text_field(sample.get(icfg.label_key)),
-                    _caption(sample, icfg.text_keys))
+            meta = (f"{shard}/{key}", shard, key, text_field(sample.get(icfg.label_key)),
+                    caption(sample, icfg.text_keys))
             ext = next((k for k in icfg.image_keys if k in sample), None)
             batch.append((meta, sample[ext] if ext else "missing_image"))
             if len(batch) >= cfg.embed.batch_size:
@@ -248,7 +248,7 @@ def tensor_decode_spec(cfg, encoder) -> PreprocessSpec | None:
     is_clip_image = cfg.embed.encoder == "open_clip" and cfg.embed.modality == "image"
     spec = spec_from_transform(encoder.prepare) if is_clip_image else None
     if mode == "tensor" and spec is None:
-        from .embed import EncoderError
+        from ..errors import EncoderError
 
         raise EncoderError("embed.image_decode=tensor needs an open_clip image encoder whose preprocess is "
                            "Resize/CenterCrop/Normalize; set embed.image_decode=auto or pil")
@@ -261,8 +261,8 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
     """``embed_tar_shard`` on the tensor path: a reader thread and a decode thread run ahead of the model."""
     import torch
 
-    from .io.webdataset import skip
-    from .stages.embed import _write
+    from ..io.webdataset import skip
+    from .samples import write_shard
 
     device = str(encoder.device)
     skipped, read_skipped = Counter(), Counter()  # one counter per thread, merged at the end
@@ -306,6 +306,6 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
     matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
     if not any(v is not None for v in rows["text"]):
         rows.pop("text")
-    info = _write(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
+    info = write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
     log.info("embed %s: tensor path on %s, model busy %.2fs, waited for decode %.2fs", shard, device, busy, waited)
     return {**info, "model_busy_s": round(busy, 3), "model_wait_s": round(waited, 3)}

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import ConfigError
-from .io.files import clean_stage, is_done, mark_done, read_json, write_json, write_parquet
+from ..errors import ConfigError
+from ..io.files import clean_stage, is_done, mark_done, read_json, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Teacher:
 # ---------------------------------------------------------------- building teachers (heavy imports inside)
 def _embed_cfg(tcfg: TeacherConfig, run_cfg):
     """The open_clip settings of a zero-shot teacher: the given ones, else the run's embed config."""
-    from .config import EmbedConfig
+    from ..config import EmbedConfig
 
     base = run_cfg.embed if run_cfg.embed.encoder == "open_clip" else EmbedConfig()
     pick = {k: getattr(tcfg, k) for k in ("model", "model_config", "pretrained", "allow_random_weights")
@@ -92,7 +92,7 @@ def build_zero_shot(tcfg: TeacherConfig, run_cfg) -> Teacher:
     """CLIP zero-shot: class weights from prompts (text tower); logits = scale * cos(image embedding, class)."""
     import torch
 
-    from .embed import build_encoder
+    from ..embed import build_encoder
 
     ecfg = _embed_cfg(tcfg, run_cfg)
     on = tcfg.on if tcfg.on != "auto" else ("embeddings" if _same_model(ecfg, run_cfg.embed) else "images")
@@ -116,7 +116,7 @@ def build_module(tcfg: TeacherConfig, run_cfg) -> Teacher:
     """A user's nn.Module by import path; on images when it defines ``transform(pil) -> tensor`` (or on=images)."""
     import torch
 
-    from .embed import load_object, pick_device
+    from ..embed import load_object, pick_device
 
     cls = load_object(tcfg.module, key="teacher.module")
     model = cls()
@@ -149,7 +149,7 @@ def build_module(tcfg: TeacherConfig, run_cfg) -> Teacher:
 
 def build_logits(tcfg: TeacherConfig, run_cfg) -> Teacher:
     """Supplied logits: rows looked up by uid."""
-    from .io.tables import column_to_matrix, load_npy, read_parquet
+    from ..io.tables import column_to_matrix, load_npy, read_parquet
 
     path = tcfg.logits
     if path.endswith(".npy"):
@@ -211,7 +211,7 @@ def shard_logits(teacher: Teacher, run_dir: Path, run_cfg, shard: dict, rows: pa
     if teacher.on == "logits":
         return _batched(teacher.fn, uids, batch)
     if teacher.on == "embeddings":
-        from .io.tables import column_to_matrix
+        from ..io.tables import column_to_matrix
 
         path = run_dir / "embeddings" / f"{shard['name']}.parquet"
         table = pq.read_table(path, columns=["uid", "embedding"])
@@ -229,8 +229,8 @@ def _batched(fn, items, batch: int) -> np.ndarray:
 def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch: int) -> np.ndarray:
     from collections import Counter
 
-    from .embed import decode_input
-    from .io.webdataset import iter_tar_samples
+    from ..embed import decode_input
+    from ..io.webdataset import iter_tar_samples
 
     wanted = {k: i for i, k in enumerate(keys)}
     out: list = [None] * len(keys)
@@ -276,7 +276,7 @@ def run_teacher(run_dir: str | Path, tcfg: TeacherConfig) -> dict:
     """Write teacher/<shard>.parquet (uid, topk_values float16 [k], topk_indices int32 [k]) for every kept
     sample, a done marker per shard, and teacher/_info.json. Resumes; a changed teacher config redoes it all."""
     from .reshard import run_shards
-    from .stages.common import load_run_config, progress
+    from ..run import load_run_config, progress
 
     run_dir = Path(run_dir)
     run_cfg, shards, out = load_run_config(run_dir), run_shards(run_dir), run_dir / TEACHER_DIR
@@ -329,43 +329,3 @@ def _write_info(out: Path, tcfg: TeacherConfig, shards: list[dict]) -> dict:
             "config": dataclasses.asdict(tcfg)}
     write_json(out / "_info.json", info)
     return info
-
-
-# ---------------------------------------------------------------- CLI
-def add_commands(sub) -> None:
-    p = sub.add_parser("teacher", help="cache top-k teacher logits for the kept samples (for KD)")
-    p.add_argument("run_dir", help="run folder made by 'datapruning run'")
-    p.add_argument("--source", choices=SOURCES, default="zero_shot")
-    p.add_argument("--classes", help="comma-separated class names (class i = i-th name)")
-    p.add_argument("--classes-file", help="class names, one per line")
-    p.add_argument("--template", action="append", dest="templates", help="zero-shot prompt with {} (repeatable)")
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--on", choices=("auto", "embeddings", "images"), default="auto")
-    p.add_argument("--all", action="store_true", help="every sample of the manifest, not only the kept ones")
-    for flag in ("--model", "--model-config", "--pretrained", "--module", "--weights", "--logits"):
-        p.add_argument(flag)
-    p.add_argument("--allow-random-weights", action="store_true", default=None)
-    p.add_argument("--logit-scale", type=float, default=100.0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.set_defaults(func=_cmd_teacher)
-
-
-def config_from_args(args) -> TeacherConfig:
-    classes = tuple(c.strip() for c in (args.classes or "").split(",") if c.strip())
-    if args.classes_file:
-        classes += tuple(line.strip() for line in Path(args.classes_file).read_text(encoding="utf-8").splitlines()
-                         if line.strip())
-    kw = {k: getattr(args, k) for k in ("source", "top_k", "on", "model", "model_config", "pretrained", "module",
-                                        "weights", "logits", "allow_random_weights", "logit_scale", "batch_size",
-                                        "device")}
-    if args.templates:
-        kw["templates"] = tuple(args.templates)
-    return TeacherConfig(classes=classes, samples="all" if args.all else "kept", **kw)
-
-
-def _cmd_teacher(args) -> int:
-    info = run_teacher(args.run_dir, config_from_args(args))
-    print(f"teacher {info['teacher']}: top-{info['top_k']} of {info['num_classes']} classes for {info['rows']} "
-          f"{info['samples']} samples in {Path(args.run_dir) / TEACHER_DIR}")
-    return 0

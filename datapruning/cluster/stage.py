@@ -5,32 +5,21 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from ..cluster import assign, fit_kmeans, resolve_backend, sample_indices
-from ..io.files import done_path, is_done, mark_done, read_json, write_json, write_npy, write_parquet
+from .kmeans import assign, fit_kmeans, resolve_backend, sample_indices
+from ..io.files import is_done, mark_done, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
-from .backends import map_shards
-from .common import Rate, Run, StageError, log, prepare_stage, progress, timed
+from ..exec import call, map_unordered
+from ..run import Rate, Run, log, prepare_stage, progress, shard_rows, timed
 
 READ_THREADS = min(8, os.cpu_count() or 1)  # parquet shards decoded at once (decoding releases the GIL)
 PREFETCH_BYTES = 512 << 20  # decoded shards held ahead of the assignment
-
-
-def shard_rows(run: Run) -> list[tuple[dict, int]]:
-    """(shard, row count) for every input shard, from the embed stage's done markers."""
-    emb = run.dir("embed")
-    out = []
-    for shard in run.shards:
-        marker = done_path(emb, shard["name"])
-        if not marker.exists():
-            raise StageError(f"cluster: shard {shard['name']} has no embeddings yet; run 'datapruning embed' first")
-        out.append((shard, read_json(marker)["rows"]))
-    return out
 
 
 def read_embeddings(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
@@ -75,6 +64,18 @@ def fit_sample(cfg, output: Path, counts: list[tuple[dict, int]], idx: np.ndarra
     return centroids, stats
 
 
+def fit_resources(cfg) -> dict | None:
+    """On Ray the fit runs as one task: on a GPU when the cluster has one (and cluster.backend is not
+    faiss), else on a whole CPU node. None locally."""
+    if cfg.backend != "ray":
+        return None
+    from ..exec.ray import cluster_gpus, largest_node_cpus
+
+    if cluster_gpus(cfg) > 0 and cfg.cluster.backend != "faiss":
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_cpus": largest_node_cpus(cfg)}
+
+
 def read_uid_matrix(run: Run, shard: str) -> tuple[pa.Array, np.ndarray]:
     """One shard's uids and float32 [n, d] embeddings (only those two columns are read)."""
     table = read_stage(run.dir("embed") / f"{shard}.parquet", columns=["uid", "embedding"])
@@ -91,7 +92,7 @@ def assign_shard(cfg, shard: dict, out_dir: Path, centroids: np.ndarray, uid, ma
     return info
 
 
-def assign_one(cfg, shard: dict, out_dir: Path) -> dict:
+def assign_one(cfg, out_dir: Path, shard: dict) -> dict:
     """Assign one shard's samples to the stored centroids (the per-shard unit of work)."""
     start = time.perf_counter()
     centroids = np.load(out_dir / "centroids.npy", allow_pickle=False)
@@ -124,12 +125,10 @@ def run_cluster(run: Run) -> None:
         if not (out_dir / "fit.json").exists():
             idx = sample_indices(n, ccfg.k, ccfg.fit_fraction, ccfg.max_points_per_centroid, run.cfg.seed)
             log.info("cluster: fitting k=%d on %d of %d samples", ccfg.k, len(idx), n)
-            if run.cfg.backend == "ray":  # the fit runs on one Ray worker (a GPU one when there is one)
-                from .ray_backend import ray_fit
-
-                centroids, stats = ray_fit(run.cfg, run.output, counts, idx)
-            else:
-                centroids, stats = fit_sample(run.cfg, run.output, counts, idx)
+            resources = fit_resources(run.cfg)
+            centroids, stats = call(fit_sample, (run.cfg, run.output, counts, idx), run.cfg, resources)
+            if resources:
+                stats["ray"] = resources
             write_npy(out_dir / "centroids.npy", centroids)
             write_json(out_dir / "fit.json", stats)  # written last: the fit's done marker
         todo = [(s, rows) for s, rows in counts if not is_done(out_dir, s["name"])]
@@ -138,6 +137,6 @@ def run_cluster(run: Run) -> None:
             if run.cfg.backend == "local" and (run.cfg.workers <= 1 or len(todo) == 1):
                 infos = assign_prefetching(run, todo, out_dir)
             else:
-                infos = map_shards(run.cfg, "assign", [s for s, _ in todo], out_dir)
+                infos = map_unordered(partial(assign_one, run.cfg, out_dir), [s for s, _ in todo], run.cfg)
             for info in infos:
                 rate.add(bar, info["rows"])

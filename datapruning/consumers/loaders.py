@@ -16,10 +16,11 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .io.files import is_done, read_json, write_npy
-from .io.shards import shard_names
-from .io.webdataset import iter_tar_samples
-from .reshard import RunNotReady, kept_keys, manifest_shard, run_shards
+from ..errors import RunNotReady
+from ..io.files import is_done, read_json, write_npy
+from ..io.shards import shard_names
+from ..io.webdataset import iter_tar_samples
+from .reshard import kept_keys, manifest_shard, run_shards
 from .teacher import TEACHER_DIR
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def load_manifest_hf(run_dir: str | Path, kept_only: bool = False, columns=None,
 
 def load_embeddings(run_dir: str | Path, select: str | Collection[str] = "kept") -> dict:
     """Stored embeddings of the selected samples: {"uid": [n] object, "embedding": [n, d] float32, "label": list}."""
-    from .io.tables import column_to_matrix
+    from ..io.tables import column_to_matrix
 
     select = _as_selection(select)
     uids, mats, labels = [], [], []

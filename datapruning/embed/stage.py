@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +12,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..embed import Encoder, build_encoder, decode_input
-from ..io.files import is_done, mark_done, write_json, write_parquet
+from .encoders import Encoder, build_encoder, decode_input
+from .samples import caption, text_field, write_shard
+from ..io.files import done_path, is_done, read_json, write_json
 from ..io.shards import detect_format, expand_input, shard_names
-from ..io.tables import embedding_column, normalise_rows, precomputed_table
+from ..io.tables import normalise_rows, precomputed_table
 from ..io.webdataset import iter_tar_samples, skip
-from .backends import map_shards
-from .common import Rate, Run, log, prepare_stage, progress, save_config, timed
+from ..exec import map_unordered, map_with_setup
+from ..run import Rate, Run, log, prepare_stage, progress, save_config, timed
 
 TABLE_FORMATS = ("parquet", "clip_retrieval", "npy")
 
@@ -30,15 +32,6 @@ def discover(run: Run, input_spec) -> list[dict]:
     run.output.mkdir(parents=True, exist_ok=True)
     write_json(run.output / "shards.json", {"shards": shards})
     return shards
-
-
-def _table(rows: dict, matrix: np.ndarray, dtype: str) -> pa.Table:
-    cols = {name: values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=pa.string())
-            for name, values in rows.items()}
-    if matrix.size == 0:
-        matrix = matrix.reshape(0, max(matrix.shape[1] if matrix.ndim == 2 else 0, 1))
-    cols["embedding"] = embedding_column(matrix.astype(dtype))
-    return pa.table(cols)
 
 
 _ENCODER_CACHE: dict[str, Encoder] = {}
@@ -54,7 +47,7 @@ def get_encoder(cfg) -> Encoder:
 
 def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder) -> dict:
     """Read one webdataset tar, embed its samples in batches, write parquet + done marker."""
-    from ..gpu_decode import embed_tar_shard_tensors, tensor_decode_spec
+    from .gpu_decode import embed_tar_shard_tensors, tensor_decode_spec
 
     spec = tensor_decode_spec(cfg, encoder)  # embed.image_decode: JPEG decode + resize as tensors (CUDA)
     if spec is not None:
@@ -95,8 +88,8 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
                 skip(skipped, "duplicate_key", shard, key, "key repeats within the shard", cfg.strict)
                 continue
             seen.add(key)
-            label = _text_field(sample.get(icfg.label_key))
-            text = _caption(sample, icfg.text_keys) if ecfg.modality == "image" else None
+            label = text_field(sample.get(icfg.label_key))
+            text = caption(sample, icfg.text_keys) if ecfg.modality == "image" else None
             batch_items.append(sample)
             batch_meta.append((f"{shard}/{key}", shard, key, label, text))
             if len(batch_items) >= ecfg.batch_size:
@@ -108,26 +101,7 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
     matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
     if not any(v is not None for v in rows["text"]):
         rows.pop("text")
-    return _write(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
-
-
-def _text_field(data: bytes | None) -> str | None:
-    if data is None:
-        return None
-    try:
-        return data.decode("utf-8").strip() or None
-    except UnicodeDecodeError:
-        return None
-
-
-def _caption(sample: dict, text_keys) -> str | None:
-    for key in text_keys:
-        if key in sample:
-            try:
-                return decode_input(sample, "text", (key,), (key,))
-            except ValueError:
-                return None
-    return None
+    return write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
 
 
 def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> dict:
@@ -148,27 +122,52 @@ def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> di
         if src in meta.column_names and name not in rows:
             rows[name] = pc.cast(meta[src], pa.string())
     keep = pa.array(ok)
-    return _write(cfg, out_dir, shard, {name: col.filter(keep) for name, col in rows.items()}, matrix[ok],
+    return write_shard(cfg, out_dir, shard, {name: col.filter(keep) for name, col in rows.items()}, matrix[ok],
                   skipped, "precomputed")
 
 
-def _write(cfg, out_dir: Path, shard: str, rows: dict, matrix: np.ndarray, skipped: Counter, encoder: str) -> dict:
-    write_parquet(out_dir / f"{shard}.parquet", _table(rows, matrix, cfg.embed.store_dtype))
-    info = {"rows": len(rows["uid"]), "dim": int(matrix.shape[1]) if len(rows["uid"]) else None,
-            "skipped": dict(sorted(skipped.items())), "encoder": encoder}
-    mark_done(out_dir, shard, info)
-    return info
-
-
-def embed_one(cfg, shard: dict, out_dir: Path) -> dict:
-    """Embed one shard (the unit of work a worker, local or Ray, runs)."""
+def embed_one(cfg, out_dir: Path, shard: dict, encoder: Encoder | None = None) -> dict:
+    """Embed one shard (the unit of work a worker, local or Ray, runs) with ``encoder`` (built once per
+    worker process when not given)."""
     start = time.perf_counter()
     if shard["format"] in TABLE_FORMATS:
         info = embed_table_shard(cfg, shard["path"], shard["name"], shard["format"], out_dir)
     else:
-        info = embed_tar_shard(cfg, shard["path"], shard["name"], out_dir, get_encoder(cfg))
+        info = embed_tar_shard(cfg, shard["path"], shard["name"], out_dir, encoder or get_encoder(cfg))
     info["seconds"] = round(time.perf_counter() - start, 3)
     return info
+
+
+def embed_with(cfg, out_dir: Path, encoder: Encoder, shard: dict) -> dict:
+    return embed_one(cfg, out_dir, shard, encoder)
+
+
+CPUS_PER_CPU_ACTOR = 4  # without GPUs: a model copy per 4 CPUs (torch threads) rather than one per CPU
+
+
+def actor_resources(cfg) -> tuple[dict, int]:
+    """Ray resources per embedding actor and how many: one per ``ray.embed_gpus`` GPUs when the cluster has
+    GPUs (and embed.device is not cpu), else one per ``CPUS_PER_CPU_ACTOR`` CPUs."""
+    from ..exec.ray import cluster_cpus, cluster_gpus, largest_node_cpus
+
+    gpus = cluster_gpus(cfg)
+    if gpus > 0 and cfg.embed.device != "cpu":
+        return {"num_gpus": cfg.ray.embed_gpus, "num_cpus": 1}, max(1, int(gpus / cfg.ray.embed_gpus))
+    per = min(CPUS_PER_CPU_ACTOR, largest_node_cpus(cfg))
+    return {"num_cpus": per}, max(1, cluster_cpus(cfg) // per)
+
+
+def embed_shards(cfg, out_dir: Path, shards: list[dict]):
+    """Embed ``shards``: table shards as plain tasks; model shards in workers that build the encoder once
+    (Ray actors on ``backend: ray``, else this process or a process pool)."""
+    models = [s for s in shards if s["format"] not in TABLE_FORMATS]
+    tables = [s for s in shards if s["format"] in TABLE_FORMATS]
+    if models and cfg.backend == "ray":
+        resources, slots = actor_resources(cfg)
+        yield from map_with_setup(partial(build_encoder, cfg.embed), partial(embed_with, cfg, out_dir), models, cfg,
+                                  resources, slots)
+        models = []
+    yield from map_unordered(partial(embed_one, cfg, out_dir), models + tables, cfg)
 
 
 def run_embed(run: Run, input_spec=None) -> None:
@@ -183,7 +182,7 @@ def run_embed(run: Run, input_spec=None) -> None:
     log.info("embed: %d shards, %d already done", len(shards), len(shards) - len(todo))
     with timed(run, "embed"), progress(len(todo), "embed") as bar:
         rate = Rate()
-        for info in map_shards(run.cfg, "embed", todo, out_dir):
+        for info in embed_shards(run.cfg, out_dir, todo):
             rate.add(bar, info["rows"])
     dims = {read_done_dim(out_dir, s["name"]) for s in shards} - {None}
     if len(dims) > 1:
@@ -191,6 +190,4 @@ def run_embed(run: Run, input_spec=None) -> None:
 
 
 def read_done_dim(out_dir: Path, shard: str):
-    from ..io.files import read_json, done_path
-
     return read_json(done_path(out_dir, shard)).get("dim")

@@ -1,30 +1,10 @@
 """Selection: turn scores into keep flags (by fraction or count, hard/easy/random, with group minimums)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import numpy as np
 
 MODES = ("hard", "easy", "random")
-
-
-@dataclass(frozen=True)
-class SelectInputs:
-    """Columns the select step sees, aligned by row. ``scores`` maps metric name -> float64 [N].
-
-    ``eligible`` marks rows still in play after filters such as SemDeDup (all True by default).
-    """
-
-    uid: np.ndarray
-    cluster: np.ndarray
-    cos_dist: np.ndarray
-    centroids: np.ndarray
-    scores: dict[str, np.ndarray]
-    labels: np.ndarray | None = None
-    eligible: np.ndarray | None = None
-    seed: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def keep_count(n_total: int, keep_fraction: float | None, keep_count: int | None) -> int:
@@ -144,39 +124,3 @@ def select_class_balanced(scores, n, mode, seed, groups, eligible=None) -> np.nd
     """Keep ``n`` rows with the same count per group where sizes allow, ``mode`` within each group."""
     quotas = class_balanced_quotas(groups, n, eligible)
     return keep_by_quota(scores, groups, quotas, mode, seed, eligible)
-
-
-# A selector: (SelectInputs, n_keep, **params) -> (keep mask, info dict)
-Selector = Callable[..., tuple[np.ndarray, dict]]
-
-
-def metric_scores(inp: SelectInputs, metric: str) -> np.ndarray:
-    """The scores of ``metric`` (float64 [N]); a one-line error naming the metrics the score stage ran."""
-    if metric not in inp.scores:
-        raise ValueError(f"select.metric: no scores for {metric!r}; the score stage ran {sorted(inp.scores)}")
-    return np.asarray(inp.scores[metric], dtype=np.float64)
-
-
-def select_rank(inp: SelectInputs, n: int, metric: str = "ssp", mode: str = "hard",
-                min_per_cluster: float = 0.0, min_per_label: float = 0.0) -> tuple[np.ndarray, dict]:
-    """Global ranking by one metric, with optional minimum shares per cluster and per label."""
-    labels = (inp.labels, min_per_label) if inp.labels is not None else (None, 0.0)
-    keep = select_with_minimums(metric_scores(inp, metric), n, mode, inp.seed, inp.cluster, min_per_cluster,
-                                inp.eligible, floors=(labels,))
-    return keep, {"metric": metric, "mode": mode}
-
-
-def select_balanced(inp: SelectInputs, n: int, metric: str = "ssp", mode: str = "hard",
-                    by: str = "label") -> tuple[np.ndarray, dict]:
-    """Class-balanced (``by: label``) or cluster-balanced (``by: cluster``) selection with any metric."""
-    if by == "label":
-        if inp.labels is None:
-            raise ValueError("select.params.by=label needs labels, but the input has none")
-        groups = inp.labels
-    elif by == "cluster":
-        groups = inp.cluster
-    else:
-        raise ValueError(f"select.params.by must be 'label' or 'cluster', got {by!r}")
-    quotas = class_balanced_quotas(groups, n, inp.eligible)
-    keep = keep_by_quota(metric_scores(inp, metric), groups, quotas, mode, inp.seed, inp.eligible)
-    return keep, {"metric": metric, "mode": mode, "by": by, "quotas": quotas.tolist()}

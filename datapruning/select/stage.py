@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..io.files import is_done, mark_done, write_json, write_parquet
-from ..metrics import SELECTORS
-from ..select import SelectInputs, keep_count
-from .common import Run, StageError, prepare_stage, progress, timed
-from .load import load_run_arrays, load_scores
+from ..metrics.ranking import keep_count
+from . import SELECTORS, SelectInputs
+from ..run import Run, StageError, prepare_stage, progress, timed
+from ..run import load_run_arrays, load_scores
 
 COMMON = ("metric", "mode", "min_per_cluster", "min_per_label")
 

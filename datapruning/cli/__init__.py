@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, to_dict
-from .stages.common import STAGES, load_run_config
+from ..config import load_config, to_dict
+from ..errors import DataPruningError
+from ..run import STAGES, load_run_config
+from .tools import add_commands
 
 
 def _add_config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -29,7 +30,7 @@ def resolve_config(args):
 
 
 def cmd_run(args) -> int:
-    from .runner import run_pipeline
+    from ..runner import run_pipeline
 
     stats = run_pipeline(resolve_config(args), args.input, args.output)
     print(f"kept {stats['kept']} of {stats['samples_in']} samples ({stats['kept_fraction']:.1%}); "
@@ -38,7 +39,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from .runner import run_stage
+    from ..runner import run_stage
 
     run_stage(args.command, resolve_config(args), args.output, getattr(args, "input", None))
     print(f"{args.command}: done ({args.output})")
@@ -46,7 +47,7 @@ def cmd_stage(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(args.output, overrides=args.set)
     return 0
@@ -70,21 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).add_commands(sub)
+    add_commands(sub)
     return parser
 
 
-# Modules that add their own subcommands: each defines add_commands(subparsers), whose handlers take args
-COMMAND_MODULES: tuple[str, ...] = (
-    "datapruning.evaluate",
-    "datapruning.report",
-    "datapruning.reshard",
-    "datapruning.teacher",
-)
 
-
-EXPECTED_ERRORS = (ConfigError, ValueError, RuntimeError, OSError, KeyError)
+# DataPruningError: every error raised on purpose. The built-ins stand for what a library underneath
+# raises on bad input (pyarrow's ArrowInvalid is a ValueError, an unreadable file an OSError).
+EXPECTED_ERRORS = (DataPruningError, ValueError, RuntimeError, OSError, KeyError)
 
 
 def main(argv=None) -> int:

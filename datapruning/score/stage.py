@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 
 from ..io.files import is_done, mark_done, write_json, write_parquet
-from ..metrics import METRICS, ScoreInputs
-from .common import Run, StageError, log, prepare_stage, progress, timed
-from .load import load_run_arrays
+from . import METRICS, ScoreInputs
+from ..run import Run, StageError, log, prepare_stage, progress, timed
+from ..run import load_run_arrays
 
 
 def compute_scores(run: Run) -> tuple[dict, dict, dict]:
@@ -27,10 +27,6 @@ def compute_scores(run: Run) -> tuple[dict, dict, dict]:
         params = dict(run.cfg.score.params.get(name, {}))
         start = time.perf_counter()
         fn = METRICS[name]
-        if run.cfg.backend == "ray":  # per-cluster work on Ray where a metric has a Ray version
-            from .ray_backend import ray_metric
-
-            fn = ray_metric(run.cfg, name, fn)
         try:
             out = fn(inp, **params)
         except TypeError as exc:

@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .evaluate import accuracy_grid
-from .io.files import is_done, read_json, write_bytes
-from .stages.common import Run, StageError, load_run_config
+from ..errors import StageError
+from ..io.files import is_done, read_json, write_bytes
+from ..run import Run, load_run_config
+from .curves import accuracy_grid
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def load_manifest(run: Run) -> pd.DataFrame:
 def dbp_view(run: Run, df: pd.DataFrame, stats: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(sizes, quotas, complexity, note): from the select stage when it used DBP, else computed on the fly
     with the package's DBP functions for the run's kept count."""
-    from .metrics import complexity, d_inter, d_intra, dbp_quotas, dbp_shares
+    from ..metrics import complexity, d_inter, d_intra, dbp_quotas, dbp_shares
 
     sel = stats.get("select", {})
     if sel.get("method") == "dbp" and "quotas" in sel:
@@ -156,7 +157,7 @@ def thumbnail_uri(data: bytes, px: int = THUMB_PX) -> str:
 def fetch_media(run: Run, wanted: set[str]) -> dict[str, dict]:
     """uid -> {"image": data URI or None, "text": str or None}: images read from the original tar shards by
     key (webdataset input), text from the embeddings' ``text`` column. Each needed shard is read once."""
-    from .io.webdataset import iter_tar_samples
+    from ..io.webdataset import iter_tar_samples
 
     out = {uid: {"image": None, "text": None} for uid in wanted}
     image_keys = run.cfg.input.image_keys
@@ -196,7 +197,7 @@ def sample_clusters(sizes: np.ndarray, n: int = N_CLUSTERS_SHOWN) -> list[int]:
 
 def duplicate_pairs(run: Run, df: pd.DataFrame, n: int = N_PAIRS_SHOWN) -> list[tuple[int, int, float]]:
     """The ``n`` most duplicated rows by ``score_semdedup``, each with its most similar cluster-mate."""
-    from .stages.load import load_run_arrays
+    from ..run import load_run_arrays
 
     arrays = load_run_arrays(run, with_embeddings=True)
     if not np.array_equal(arrays["uid"], df["uid"].to_numpy(dtype=object)):
@@ -354,15 +355,3 @@ def page(run_dir: Path, stats: dict, metrics: list[str], sections) -> str:
             f"<title>datapruning report: {_esc(run_dir.name)}</title><style>{CSS}</style></head><body>"
             f"<h1>datapruning report</h1><div class=\"muted\">{_esc(run_dir.resolve())} · encoder "
             f"{_esc(stats.get('encoder'))}</div><div class=\"cards\">{body}</div><p>{toc}</p>{secs}</body></html>")
-
-
-def cmd_report(args) -> int:
-    print(f"report: {build_report(args.run_dir, args.out).resolve()}")
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("report", help="one self-contained HTML report of a run (RUN_DIR/report.html)")
-    p.add_argument("run_dir", help="a finished run folder")
-    p.add_argument("--out", default=None, help="HTML path (default RUN_DIR/report.html)")
-    p.set_defaults(func=cmd_report)

@@ -4,12 +4,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from ..errors import ClusterError
 
 log = logging.getLogger(__name__)
-
-
-class ClusterError(ValueError):
-    """Clustering cannot run on this input (k too large, bad array); the message names the setting."""
 
 
 def _faiss():

@@ -10,12 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from ..errors import EncoderError
 
 log = logging.getLogger(__name__)
-
-
-class EncoderError(RuntimeError):
-    """The encoder cannot be built (missing weights, package or module); the message says how to fix it."""
 
 
 def pick_device(device: str) -> str:

@@ -15,17 +15,14 @@ from typing import Iterator
 import fsspec
 import pyarrow.parquet as pq
 
-from .io.files import atomic_path, done_path, is_done, mark_done, read_json, write_json
+from ..io.files import atomic_path, done_path, is_done, mark_done, read_json, write_json
+from ..errors import RunNotReady, TruncatedShard, UnsafeMember
 
 log = logging.getLogger(__name__)
 
 NAME_FORMAT = "{:08d}"  # DataComp / img2dataset style: 00000000.tar plus 00000000_stats.json ("successes": n)
 TAR_FORMAT = tarfile.PAX_FORMAT
 PIECES = ".pieces"  # boundary pieces of output shards that span input shards; removed when the reshard completes
-
-
-class RunNotReady(RuntimeError):
-    """The run folder lacks what a consumer needs (a finished manifest, tar input); the message says what to do."""
 
 
 # ---------------------------------------------------------------- reading a finished run (light: no torch here)
@@ -59,14 +56,6 @@ def kept_keys(run_dir: str | Path, shard: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- reading tar samples with their raw members
-class UnsafeMember(ValueError):
-    """A tar member that must not be copied (link, absolute path, '..'); the message names shard and member."""
-
-
-class TruncatedShard(ValueError):
-    """The tar ends early or is corrupt; the samples before the damage were yielded, the partial one was not."""
-
-
 def check_member(member: tarfile.TarInfo, shard: str) -> None:
     name = member.name
     if member.issym() or member.islnk():
@@ -80,7 +69,7 @@ def check_member(member: tarfile.TarInfo, shard: str) -> None:
 def raw_samples(path: str, shard: str) -> Iterator[tuple[str, list[tuple[str, tarfile.TarInfo, bytes]]]]:
     """Yield (key, [(suffix, tarinfo, bytes)...]) per sample, suffix case kept, as the embed stage groups them:
     consecutive members by key, first copy of a repeated extension, first group of a repeated key."""
-    from .io.webdataset import split_member
+    from ..io.webdataset import split_member
 
     key, members, seen_keys = None, [], set()
     try:
@@ -320,7 +309,7 @@ def _claim_output(out_dir: Path, run_dir: Path, digest: str, per_shard: int, key
 
 
 def _run_tasks(todo: list[dict], workers: int) -> None:
-    from .stages.common import progress
+    from ..run import progress
 
     with progress(len(todo), "reshard") as bar:
         if workers <= 1 or len(todo) <= 1:
@@ -339,37 +328,3 @@ def _pattern(out_dir: Path, names: list[str]) -> str:
         return ""
     inner = names[0] if len(names) == 1 else f"{{{names[0]}..{names[-1]}}}"
     return os.path.join(str(out_dir), f"{inner}.tar")
-
-
-# ---------------------------------------------------------------- CLI
-def add_commands(sub) -> None:
-    p = sub.add_parser("reshard", help="write the kept samples as new webdataset tars")
-    p.add_argument("run_dir", help="run folder made by 'datapruning run'")
-    p.add_argument("--output", "-o", required=True, help="folder for the new shards (new or empty)")
-    p.add_argument("--samples-per-shard", "-n", type=int, required=True)
-    p.add_argument("--workers", "-w", type=int, default=1, help="processes over input shards")
-    p.add_argument("--keys", choices=("uid", "original"), default="uid",
-                   help="sample keys: the manifest uid '<shard>/<key>' (unique; default) or the input __key__")
-    p.set_defaults(func=_cmd_reshard)
-    p = sub.add_parser("export-datacomp", help="write the kept uids as DataComp's sorted u8,u8 .npy subset file")
-    p.add_argument("run_dir")
-    p.add_argument("out", help="output .npy (for DataComp's resharder.py --subset-file)")
-    p.add_argument("--uid-source", choices=("auto", "uid", "key", "json"), default="auto",
-                   help="where the 32-hex DataComp uid comes from: the manifest uid or key column, or the 'uid' "
-                        "field of each kept sample's .json in the original tars (auto: first that works)")
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_reshard(args) -> int:
-    s = reshard(args.run_dir, args.output, args.samples_per_shard, args.workers, args.keys)
-    n = len(s["shards"])
-    print(f"wrote {s['samples']} samples in {n} shard{'s' * (n != 1)}: {s['pattern']}")
-    return 0
-
-
-def _cmd_export(args) -> int:
-    from .loaders import export_datacomp_uids
-
-    info = export_datacomp_uids(args.run_dir, args.out, args.uid_source)
-    print(f"wrote {info['uids']} DataComp uids (from {info['source']}) to {args.out}")
-    return 0

@@ -1,0 +1,125 @@
+"""Subcommands around a finished run: eval, report, reshard, export-datacomp, teacher (parsing and printing only)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+# ---------------------------------------------------------------- CLI
+def cmd_eval(args) -> int:
+    from ..evaluation.curves import DEFAULT_FRACTIONS, format_table, run_eval
+
+    fractions = [float(f) for f in args.fractions.split(",") if f.strip()] if args.fractions else DEFAULT_FRACTIONS
+    result = run_eval(args.run_dir, args.label_column, fractions, args.seeds, args.tolerance, args.test_split,
+                      args.test_fraction, args.max_iter)
+    print(f"linear-probe accuracy on {result['summary']['test_rows']} held-out rows "
+          f"({result['summary']['split']}), by keep fraction of {result['summary']['train_rows']} training rows:")
+    print(format_table(result["table"]))
+    print(result["summary"]["line"])
+    print(f"table: {result['dir'] / 'curves.parquet'}   plot: {result['dir'] / 'curves.png'}")
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="pruning curves: linear-probe accuracy per metric and keep fraction")
+    p.add_argument("run_dir", help="a run folder (embed, cluster and score done; labels needed)")
+    p.add_argument("--label-column", default="label", help="label column of the embeddings or manifest")
+    p.add_argument("--fractions", default=None, help="keep fractions, comma-separated (default 0.1,0.2,0.3,0.5,0.7,0.9,1)")
+    p.add_argument("--seeds", type=int, default=5, help="random-baseline repeats (default 5)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="accuracy drop allowed vs full data (0.01 = 1 pp)")
+    p.add_argument("--test-split", default=None, help="split value held out (default: test/val/... if present)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="stratified hold-out size without a split")
+    p.add_argument("--max-iter", type=int, default=200, help="probe lbfgs iterations")
+    p.set_defaults(func=cmd_eval)
+def cmd_report(args) -> int:
+    from ..evaluation.report import build_report
+
+    print(f"report: {build_report(args.run_dir, args.out).resolve()}")
+    return 0
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML report of a run (RUN_DIR/report.html)")
+    p.add_argument("run_dir", help="a finished run folder")
+    p.add_argument("--out", default=None, help="HTML path (default RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
+# ---------------------------------------------------------------- CLI
+def add_reshard(sub) -> None:
+    p = sub.add_parser("reshard", help="write the kept samples as new webdataset tars")
+    p.add_argument("run_dir", help="run folder made by 'datapruning run'")
+    p.add_argument("--output", "-o", required=True, help="folder for the new shards (new or empty)")
+    p.add_argument("--samples-per-shard", "-n", type=int, required=True)
+    p.add_argument("--workers", "-w", type=int, default=1, help="processes over input shards")
+    p.add_argument("--keys", choices=("uid", "original"), default="uid",
+                   help="sample keys: the manifest uid '<shard>/<key>' (unique; default) or the input __key__")
+    p.set_defaults(func=cmd_reshard)
+    p = sub.add_parser("export-datacomp", help="write the kept uids as DataComp's sorted u8,u8 .npy subset file")
+    p.add_argument("run_dir")
+    p.add_argument("out", help="output .npy (for DataComp's resharder.py --subset-file)")
+    p.add_argument("--uid-source", choices=("auto", "uid", "key", "json"), default="auto",
+                   help="where the 32-hex DataComp uid comes from: the manifest uid or key column, or the 'uid' "
+                        "field of each kept sample's .json in the original tars (auto: first that works)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_reshard(args) -> int:
+    from ..consumers.reshard import reshard
+
+    s = reshard(args.run_dir, args.output, args.samples_per_shard, args.workers, args.keys)
+    n = len(s["shards"])
+    print(f"wrote {s['samples']} samples in {n} shard{'s' * (n != 1)}: {s['pattern']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..consumers.loaders import export_datacomp_uids
+
+    info = export_datacomp_uids(args.run_dir, args.out, args.uid_source)
+    print(f"wrote {info['uids']} DataComp uids (from {info['source']}) to {args.out}")
+    return 0
+# ---------------------------------------------------------------- CLI
+def add_teacher(sub) -> None:
+    p = sub.add_parser("teacher", help="cache top-k teacher logits for the kept samples (for KD)")
+    p.add_argument("run_dir", help="run folder made by 'datapruning run'")
+    p.add_argument("--source", choices=("zero_shot", "module", "logits"), default="zero_shot")
+    p.add_argument("--classes", help="comma-separated class names (class i = i-th name)")
+    p.add_argument("--classes-file", help="class names, one per line")
+    p.add_argument("--template", action="append", dest="templates", help="zero-shot prompt with {} (repeatable)")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--on", choices=("auto", "embeddings", "images"), default="auto")
+    p.add_argument("--all", action="store_true", help="every sample of the manifest, not only the kept ones")
+    for flag in ("--model", "--model-config", "--pretrained", "--module", "--weights", "--logits"):
+        p.add_argument(flag)
+    p.add_argument("--allow-random-weights", action="store_true", default=None)
+    p.add_argument("--logit-scale", type=float, default=100.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=cmd_teacher)
+
+
+def config_from_args(args):
+    from ..consumers.teacher import TeacherConfig
+
+    classes = tuple(c.strip() for c in (args.classes or "").split(",") if c.strip())
+    if args.classes_file:
+        classes += tuple(line.strip() for line in Path(args.classes_file).read_text(encoding="utf-8").splitlines()
+                         if line.strip())
+    kw = {k: getattr(args, k) for k in ("source", "top_k", "on", "model", "model_config", "pretrained", "module",
+                                        "weights", "logits", "allow_random_weights", "logit_scale", "batch_size",
+                                        "device")}
+    if args.templates:
+        kw["templates"] = tuple(args.templates)
+    return TeacherConfig(classes=classes, samples="all" if args.all else "kept", **kw)
+
+
+def cmd_teacher(args) -> int:
+    from ..consumers.teacher import TEACHER_DIR, run_teacher
+
+    info = run_teacher(args.run_dir, config_from_args(args))
+    print(f"teacher {info['teacher']}: top-{info['top_k']} of {info['num_classes']} classes for {info['rows']} "
+          f"{info['samples']} samples in {Path(args.run_dir) / TEACHER_DIR}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    for add in (add_eval, add_report, add_reshard, add_teacher):
+        add(sub)

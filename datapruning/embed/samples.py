@@ -1,0 +1,48 @@
+"""What both image paths (PIL and tensor/nvjpeg) and the table path share: sample fields and the shard writer."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..io.files import mark_done, write_parquet
+from ..io.tables import embedding_column
+from .encoders import decode_input
+
+
+def embedding_table(rows: dict, matrix: np.ndarray, dtype: str) -> pa.Table:
+    cols = {name: values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=pa.string())
+            for name, values in rows.items()}
+    if matrix.size == 0:
+        matrix = matrix.reshape(0, max(matrix.shape[1] if matrix.ndim == 2 else 0, 1))
+    cols["embedding"] = embedding_column(matrix.astype(dtype))
+    return pa.table(cols)
+
+
+def text_field(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8").strip() or None
+    except UnicodeDecodeError:
+        return None
+
+
+def caption(sample: dict, text_keys) -> str | None:
+    for key in text_keys:
+        if key in sample:
+            try:
+                return decode_input(sample, "text", (key,), (key,))
+            except ValueError:
+                return None
+    return None
+
+
+def write_shard(cfg, out_dir: Path, shard: str, rows: dict, matrix: np.ndarray, skipped: Counter, encoder: str) -> dict:
+    write_parquet(out_dir / f"{shard}.parquet", embedding_table(rows, matrix, cfg.embed.store_dtype))
+    info = {"rows": len(rows["uid"]), "dim": int(matrix.shape[1]) if len(rows["uid"]) else None,
+            "skipped": dict(sorted(skipped.items())), "encoder": encoder}
+    mark_done(out_dir, shard, info)
+    return info

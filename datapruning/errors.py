@@ -1,0 +1,50 @@
+"""Every error the package raises on purpose: one base class, so callers (and the CLI) catch them all at once.
+
+Each one keeps its old built-in base too (``ConfigError`` is still a ``ValueError``), so code that caught
+the built-in keeps working. Messages name the file, shard, key or config key, and what to do.
+"""
+from __future__ import annotations
+
+
+class DataPruningError(Exception):
+    """Base of every error raised on purpose by datapruning; its message is one line meant for the user."""
+
+
+class ConfigError(DataPruningError, ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names the key."""
+
+
+class InputError(DataPruningError, ValueError):
+    """An input path, pattern or file cannot be used; the message names it."""
+
+
+class BadSample(InputError):
+    """A sample or shard that cannot be used; the message names the shard and key."""
+
+
+class UnsafeMember(InputError):
+    """A tar member that must not be copied (link, device, absolute or '..' path); names shard and member."""
+
+
+class TruncatedShard(InputError):
+    """A tar ends early or is corrupt; the samples before the damage were read, the partial one was not."""
+
+
+class StageError(DataPruningError, RuntimeError):
+    """A stage cannot run (missing upstream output, changed input); the message says what to do."""
+
+
+class RunNotReady(StageError):
+    """A run folder lacks the stage outputs a consumer needs (manifest, teacher outputs)."""
+
+
+class EncoderError(DataPruningError, RuntimeError):
+    """An encoder cannot be built (weights unreachable, random weights not allowed, unknown name)."""
+
+
+class ClusterError(DataPruningError, ValueError):
+    """Clustering input or parameters are unusable (k larger than the samples, bad shapes)."""
+
+
+class WriteFailed(DataPruningError, OSError):
+    """Writing an output failed (disk full, permissions, ...); the message names the file."""

@@ -1,0 +1,131 @@
+"""The Ray executor: tasks, model-holding actors and single remote calls, for any callable.
+
+Workers read input shards through fsspec (any URL the driver can name) and write into the run folder, so
+on a multi-machine cluster OUTPUT must be a path every node sees (NFS, a mounted bucket).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger("datapruning")
+
+
+def ray_module():
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError("backend: ray needs Ray: pip install 'ray[default]' (or pip install 'datapruning[ray]')") from exc
+    return ray
+
+
+def ensure_ray(cfg):
+    """Connect to ``ray.address`` (or start a local instance) unless Ray is already initialised."""
+    ray = ray_module()
+    if not ray.is_initialized():
+        kwargs = {"address": cfg.ray.address, "log_to_driver": True}
+        if cfg.ray.address is None and cfg.ray.num_cpus is not None:
+            kwargs["num_cpus"] = cfg.ray.num_cpus  # only for a new local instance: Ray refuses it when connecting
+        log.info("ray: %s", f"connecting to {cfg.ray.address}" if cfg.ray.address else "starting a local instance")
+        ray.init(**kwargs)
+    return ray
+
+
+def cluster_gpus(cfg) -> float:
+    return float(ensure_ray(cfg).cluster_resources().get("GPU", 0.0))
+
+
+def cluster_cpus(cfg) -> int:
+    return max(1, int(ensure_ray(cfg).cluster_resources().get("CPU", 1)))
+
+
+def largest_node_cpus(cfg) -> int:
+    cpus = [n.get("Resources", {}).get("CPU", 0) for n in ensure_ray(cfg).nodes() if n.get("Alive")]
+    return max(1, int(max(cpus, default=1)))
+
+
+def _unwrap(ray, fn, *args):
+    """``fn(*args)``, re-raising a failed task's own exception (one-line CLI errors keep working)."""
+    try:
+        return fn(*args)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+
+
+def _drain(ray, pending: dict) -> Iterator[tuple]:
+    """Wait for one finished call; yields (key, result)."""
+    done, _ = ray.wait(list(pending), num_returns=1)
+    for ref in done:
+        key = pending.pop(ref)
+        yield key, _unwrap(ray, ray.get, ref)
+
+
+def _apply(fn: Callable, item):
+    return fn(item)
+
+
+def map_tasks(fn: Callable, items: list, cfg, resources: dict) -> Iterator:
+    """One Ray task per item, at most twice the cluster's CPUs in flight; results as they finish."""
+    ray = ensure_ray(cfg)
+    task = ray.remote(max_retries=0, **resources)(_apply)
+    fn_ref = ray.put(fn)
+    window = max(2, 2 * cluster_cpus(cfg))
+    pending: dict = {}
+    for item in items:
+        pending[task.remote(fn_ref, item)] = None
+        while len(pending) >= window:
+            for _, result in _drain(ray, pending):
+                yield result
+    while pending:
+        for _, result in _drain(ray, pending):
+            yield result
+
+
+class _Worker:
+    """One actor: ``setup`` builds the state once (a model on its GPU), ``process`` runs item after item."""
+
+    def __init__(self, setup: Callable, process: Callable):
+        self.setup_fn, self.process_fn, self.state = setup, process, None
+
+    def setup(self) -> str:
+        self.state = self.setup_fn()
+        return str(getattr(self.state, "name", type(self.state).__name__))
+
+    def process(self, item):
+        return self.process_fn(self.state, item)
+
+    def teardown(self) -> None:
+        self.state = None
+
+
+def map_actors(setup: Callable, process: Callable, items: list, cfg, resources: dict, slots: int) -> Iterator:
+    """``slots`` actors with ``resources`` each; every actor builds its state once, then takes items."""
+    ray = ensure_ray(cfg)
+    actor_cls = ray.remote(**resources)(_Worker)
+    actors = [actor_cls.remote(setup, process) for _ in range(max(1, min(slots, len(items))))]
+    try:
+        names = _unwrap(ray, ray.get, [a.setup.remote() for a in actors])
+        log.info("ray: %d actors (%s) with %s", len(actors), resources, names[0])
+        queue, pending = list(items), {}
+        for actor in actors:
+            if queue:
+                pending[actor.process.remote(queue.pop(0))] = actor
+        while pending:
+            for actor, result in _drain(ray, pending):
+                yield result
+                if queue:
+                    pending[actor.process.remote(queue.pop(0))] = actor
+        ray.get([a.teardown.remote() for a in actors])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def run_task(fn: Callable, args: tuple, cfg, resources: dict) -> Any:
+    """``fn(*args)`` as one Ray task with ``resources``."""
+    ray = ensure_ray(cfg)
+    task = ray.remote(max_retries=0, **resources)(fn)
+    return _unwrap(ray, ray.get, task.remote(*args))

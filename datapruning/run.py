@@ -1,0 +1,224 @@
+"""The run folder: the only owner of its layout (stage folders, config, shard list, top-level outputs),
+stage fingerprints, progress, and typed readers of the stages' per-shard outputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import RunConfig, config_from_dict, to_dict
+from .io.files import clean_stage, clean_temp, done_path, read_json, write_json
+from .io.tables import column_to_matrix, read_stage
+from .errors import StageError
+
+log = logging.getLogger("datapruning")
+
+STAGES = ("embed", "cluster", "score", "select", "manifest")
+STAGE_DIRS = {"embed": "embeddings", "cluster": "clusters", "score": "scores", "select": "select", "manifest": "manifest"}
+# config sections whose values change each stage's output (cumulative down the pipeline)
+STAGE_KEYS = {
+    "embed": ("input", "embed"),
+    "cluster": ("input", "embed", "cluster", "seed"),
+    "score": ("input", "embed", "cluster", "seed", "score"),
+    "select": ("input", "embed", "cluster", "seed", "score", "select"),
+    "manifest": ("input", "embed", "cluster", "seed", "score", "select"),
+}
+NOT_RESULT_KEYS = {"embed": ("batch_size", "decode_workers"), "cluster": ("assign_batch",)}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder and its resolved config."""
+
+    cfg: RunConfig
+    output: Path
+
+    def dir(self, stage: str) -> Path:
+        return self.output / STAGE_DIRS[stage]
+
+    @property
+    def shards(self) -> list[dict]:
+        path = self.output / "shards.json"
+        if not path.exists():
+            raise StageError(f"{self.output}: no shards.json; run 'datapruning embed' (or 'run') with --input first")
+        return read_json(path)["shards"]
+
+
+def fingerprint(cfg: RunConfig, stage: str, inputs: list[str]) -> str:
+    data = to_dict(cfg)
+    for section, drop in NOT_RESULT_KEYS.items():
+        for key in drop:
+            data[section].pop(key, None)
+    picked = {key: data[key] for key in STAGE_KEYS[stage]}
+    picked["inputs"] = inputs
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_stage(run: Run, stage: str) -> Path:
+    """Make the stage folder. If it holds outputs of another config, clear it and every later stage."""
+    folder = run.dir(stage)
+    inputs = [s["path"] for s in run.shards]
+    want = fingerprint(run.cfg, stage, inputs)
+    marker = folder / "_stage.json"
+    if marker.exists() and read_json(marker).get("fingerprint") != want:
+        log.warning("%s: config or input changed since the last run; redoing this stage and the ones after it", stage)
+        for later in STAGES[STAGES.index(stage):]:
+            clean_stage(run.dir(later))
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_temp(folder)
+    clean_temp(run.output)
+    if not marker.exists():
+        write_json(marker, {"stage": stage, "fingerprint": want})
+    return folder
+
+
+def save_config(run: Run) -> None:
+    write_json(run.output / "config.json", to_dict(run.cfg))
+
+
+def load_run_config(output: Path) -> RunConfig:
+    path = Path(output) / "config.json"
+    if not path.exists():
+        raise StageError(f"{output}: no config.json; give a config or run 'datapruning run' first")
+    return config_from_dict(read_json(path))
+
+
+@contextmanager
+def timed(run: Run, stage: str) -> Iterator[dict]:
+    """Record a stage's wall time in OUTPUT/timings.json (read into stats.json)."""
+    info: dict[str, Any] = {}
+    start = time.perf_counter()
+    yield info
+    path = run.output / "timings.json"
+    timings = read_json(path) if path.exists() else {}
+    timings[stage] = round(time.perf_counter() - start, 3)
+    write_json(path, timings)
+
+
+def progress(total: int, stage: str):
+    """A per-stage progress bar: shards done / total, with samples/s in the postfix."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=stage, unit="shard", disable=None, dynamic_ncols=True)
+
+
+class Rate:
+    """Samples/s for a progress bar postfix."""
+
+    def __init__(self):
+        self.start, self.samples = time.perf_counter(), 0
+
+    def add(self, bar, samples: int) -> None:
+        self.samples += samples
+        bar.update(1)
+        bar.set_postfix(samples_per_s=f"{self.samples / max(time.perf_counter() - self.start, 1e-9):.0f}")
+
+
+# ---- readers of the stages' per-shard outputs ----------------------------------------------------------
+
+def shard_rows(run: Run) -> list[tuple[dict, int]]:
+    """(shard, row count) for every input shard, from the embed stage's done markers."""
+    emb = run.dir("embed")
+    out = []
+    for shard in run.shards:
+        marker = done_path(emb, shard["name"])
+        if not marker.exists():
+            raise StageError(f"shard {shard['name']} has no embeddings yet; run 'datapruning embed' first")
+        out.append((shard, read_json(marker)["rows"]))
+    return out
+
+
+def _check_uids(expected: pa.Array, got: pa.Array, where: str) -> None:
+    if not expected.equals(got):
+        raise StageError(f"{where}: rows do not match the embeddings by uid; delete that file and rerun")
+
+
+def load_columns(run: Run, stage: str, shard: str, expected_uids: pa.Array, columns=None) -> pa.Table:
+    """One stage's parquet for ``shard``, verified to hold the same uids in the same order as the embeddings."""
+    path = run.dir(stage) / f"{shard}.parquet"
+    if not path.exists():
+        raise StageError(f"{stage}: {path} is missing; run 'datapruning {stage}' first")
+    table = read_stage(path, columns=None if columns is None else ["uid", *columns])
+    _check_uids(expected_uids, table["uid"].combine_chunks(), str(path))
+    return table
+
+
+def label_codes(labels: list[pa.Array]) -> tuple[np.ndarray | None, tuple]:
+    """Label strings -> int64 codes (-1 for null), numbers sorted numerically; None when there are no labels."""
+    merged = pa.concat_arrays([a.cast(pa.string()) for a in labels]) if labels else pa.array([], pa.string())
+    if len(merged) == 0 or merged.null_count == len(merged):
+        return None, ()
+    values = np.asarray(merged.to_pylist(), dtype=object)
+    known = np.array([v is not None for v in values])
+    names = sorted(set(values[known]), key=lambda v: (0, int(v), "") if is_int_text(v) else (1, 0, v))
+    index = {name: i for i, name in enumerate(names)}
+    codes = np.array([index[v] if v is not None else -1 for v in values], dtype=np.int64)
+    return codes, tuple(names)
+
+
+def is_int_text(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def load_run_arrays(run: Run, with_embeddings: bool) -> dict:
+    """Concatenate every shard's uid, cluster, cos_dist, labels (and embeddings) in shard order."""
+    counts = shard_rows(run)
+    n = sum(c for _, c in counts)
+    uids, clusters, dists, labels, bounds = [], [], [], [], []
+    matrix = None
+    offset = 0
+    for shard, rows in counts:
+        name = shard["name"]
+        path = run.dir("embed") / f"{name}.parquet"
+        wanted = ["uid", "label", "embedding"] if with_embeddings else ["uid", "label"]
+        table = read_stage(path, columns=[c for c in wanted if c in pq.read_schema(path).names])
+        uid = table["uid"].combine_chunks()
+        if with_embeddings:
+            block = column_to_matrix(table["embedding"], f"embeddings/{name}.parquet")
+            if matrix is None and len(block):
+                matrix = np.empty((n, block.shape[1]), dtype=np.float32)
+            if len(block):
+                matrix[offset:offset + len(block)] = block
+        cl = load_columns(run, "cluster", name, uid)
+        uids.append(uid)
+        clusters.append(cl["cluster"].to_numpy())
+        dists.append(cl["cos_dist"].to_numpy())
+        labels.append(table["label"].combine_chunks() if "label" in table.column_names
+                      else pa.nulls(len(uid), pa.string()))
+        bounds.append((name, offset, offset + len(uid)))
+        offset += len(uid)
+    uid_all = pa.concat_arrays(uids) if uids else pa.array([], pa.string())
+    if len(uid_all) and pc.count_distinct(uid_all).as_py() != len(uid_all):
+        dup = pc.value_counts(uid_all).filter(pc.greater(pc.struct_field(pc.value_counts(uid_all), "counts"), 1))
+        raise StageError(f"duplicate uid across shards: {dup[0]['values']!s} (and {len(dup) - 1} more); "
+                         "uids must be unique; fix the id column")
+    codes, names = label_codes(labels)
+    return {
+        "uid": np.asarray(uid_all.to_pylist(), dtype=object),
+        "cluster": np.concatenate(clusters).astype(np.int64) if clusters else np.zeros(0, np.int64),
+        "cos_dist": np.concatenate(dists).astype(np.float32) if dists else np.zeros(0, np.float32),
+        "labels": codes, "label_names": names, "bounds": bounds,
+        "embeddings": matrix if with_embeddings else None,
+    }
+
+
+def load_scores(run: Run, arrays: dict) -> dict[str, np.ndarray]:
+    """Every ``score_<metric>`` column of the score stage, concatenated in the order of ``arrays``
+    (from ``load_run_arrays``) and checked by uid: {metric: float64 [N]}."""
+    parts: dict[str, list] = {}
+    for name, lo, hi in arrays["bounds"]:
+        table = load_columns(run, "score", name, pa.array(arrays["uid"][lo:hi], pa.string()))
+        for col in table.column_names:
+            if col.startswith("score_"):
+                parts.setdefault(col[len("score_"):], []).append(table[col].to_numpy())
+    return {metric: np.concatenate(chunks) for metric, chunks in parts.items()}
