@@ -50,6 +50,8 @@ class ClusterConfig:
     max_points_per_centroid: int = 256
     backend: str = "auto"  # auto | faiss | faiss-gpu | torch
     assign_batch: int = 65536
+    partition: bool = True  # also write the embeddings grouped by cluster (per-cluster metrics need it)
+    partition_mib: int = 256  # float32 embedding bytes per group of clusters (a per-cluster unit of work)
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ CHOICES = {
     "select.mode": ("hard", "easy", "random"),
 }
 POSITIVE = ("workers", "embed.batch_size", "cluster.k", "cluster.niter", "cluster.max_points_per_centroid",
-            "cluster.assign_batch")
+            "cluster.assign_batch", "cluster.partition_mib")
 FRACTIONS = ("cluster.fit_fraction", "select.keep_fraction", "select.min_per_cluster", "select.min_per_label",
              "select.dedup_keep_fraction")
 

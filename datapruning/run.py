@@ -33,7 +33,7 @@ STAGE_KEYS = {
     "select": ("input", "embed", "cluster", "seed", "score", "select"),
     "manifest": ("input", "embed", "cluster", "seed", "score", "select"),
 }
-NOT_RESULT_KEYS = {"embed": ("batch_size", "decode_workers"), "cluster": ("assign_batch",)}
+NOT_RESULT_KEYS = {"embed": ("batch_size", "decode_workers"), "cluster": ("assign_batch", "partition_mib")}
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,21 @@ class Run:
 
     def dir(self, stage: str) -> Path:
         return self.output / STAGE_DIRS[stage]
+
+    def partition_file(self, group: int, shard: str) -> Path:
+        """The cluster stage's copy of ``shard``'s rows that fall in cluster group ``group``."""
+        return self.dir("cluster") / "parts" / f"g{group:05d}" / f"{shard}.parquet"
+
+    def partition_files(self, group: int) -> list[Path]:
+        return sorted((self.dir("cluster") / "parts" / f"g{group:05d}").glob("*.parquet"))
+
+    @property
+    def kept_path(self) -> Path:
+        return self.output / "kept.parquet"
+
+    @property
+    def stats_path(self) -> Path:
+        return self.output / "stats.json"
 
     @property
     def shards(self) -> list[dict]:
@@ -222,3 +237,120 @@ def load_scores(run: Run, arrays: dict) -> dict[str, np.ndarray]:
             if col.startswith("score_"):
                 parts.setdefault(col[len("score_"):], []).append(table[col].to_numpy())
     return {metric: np.concatenate(chunks) for metric, chunks in parts.items()}
+
+
+# ---- numeric blocks for the streaming stages ----------------------------------------------------------
+
+def shard_offsets(run: Run) -> list[tuple[dict, int, int]]:
+    """(shard with its ``index``, first global row, rows) for every shard, in shard order."""
+    out, offset = [], 0
+    for i, (shard, rows) in enumerate(shard_rows(run)):
+        out.append(({**shard, "index": i}, offset, rows))
+        offset += rows
+    return out
+
+
+LABEL_INDEX = "_labels.json"
+
+
+def label_index(run: Run) -> dict | None:
+    """The run's label coding, built once from every shard's distinct labels and stored in scores/_labels.json:
+    ``{"integer": bool, "names": [...]}``. Integer labels (all of them non-negative integers) keep their
+    value as the code, so code c is class c of any classifier; other labels are coded by their sorted
+    rank. None when the input has no labels."""
+    path = run.dir("score") / LABEL_INDEX
+    if path.exists():
+        index = read_json(path)
+        return index if index["names"] else None
+    seen: set = set()
+    for shard, _ in shard_rows(run):
+        emb = run.dir("embed") / f"{shard['name']}.parquet"
+        if "label" in pq.read_schema(emb).names:
+            seen.update(pc.unique(pq.read_table(emb, columns=["label"])["label"].drop_null()).to_pylist())
+    names = sorted(seen, key=lambda v: (0, int(v), "") if is_int_text(v) else (1, 0, v))
+    integer = bool(names) and all(is_int_text(v) and int(v) >= 0 for v in names)
+    index = {"integer": integer, "names": names}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, index)
+    return index if names else None
+
+
+def encode_labels(labels: pa.Array | pa.ChunkedArray, index: dict | None) -> np.ndarray | None:
+    """Label strings -> int64 codes by ``index`` (-1 for null or unknown); None without an index."""
+    if index is None:
+        return None
+    labels = labels.combine_chunks() if isinstance(labels, pa.ChunkedArray) else labels
+    if index["integer"]:
+        known = pc.fill_null(pc.utf8_is_digit(labels), False)
+        values = pc.if_else(known, labels, "-1")
+        return np.asarray(pc.cast(values, pa.int64()), dtype=np.int64)
+    codes = pc.index_in(labels, value_set=pa.array(index["names"], pa.string()))
+    return np.asarray(pc.fill_null(codes, -1), dtype=np.int64)
+
+
+def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None = None,
+               embeddings: bool = False, uid: bool = False) -> dict:
+    """One shard's numeric columns: pos, shard, cluster, cos_dist, tie (cluster stage); with ``scores`` the
+    score stage's label codes and score_<metric> columns; with a ``labels`` index the label codes from the
+    embeddings; ``embeddings``: the float32 [n, d] matrix; ``uid``: the Arrow uid array.
+    ``item`` is (shard, offset, rows) from ``shard_offsets``."""
+    shard, offset, _ = item
+    name = shard["name"]
+    cl = read_stage(run.dir("cluster") / f"{name}.parquet", columns=["uid", "cluster", "cos_dist", "tie"])
+    n = cl.num_rows
+    block = {"pos": np.arange(offset, offset + n, dtype=np.int64), "shard": np.full(n, shard["index"], np.int32),
+             "cluster": cl["cluster"].to_numpy().astype(np.int64),
+             "cos_dist": cl["cos_dist"].to_numpy().astype(np.float64), "tie": cl["tie"].to_numpy()}
+    if uid:
+        block["uid"] = cl["uid"].combine_chunks()
+    if labels is not None or embeddings:
+        path = run.dir("embed") / f"{name}.parquet"
+        cols = [c for c in ("uid", "label", "embedding") if c in pq.read_schema(path).names
+                and (c != "embedding" or embeddings) and (c != "label" or labels is not None)]
+        emb = read_stage(path, columns=cols)
+        _check_uids(cl["uid"].combine_chunks(), emb["uid"].combine_chunks(), str(path))
+        if labels is not None:
+            block["label"] = (encode_labels(emb["label"], labels) if "label" in emb.column_names
+                              else np.full(n, -1, np.int64))
+        if embeddings:
+            block["embedding"] = column_to_matrix(emb["embedding"], f"embeddings/{name}.parquet")
+    if scores:
+        sc = read_stage(run.dir("score") / f"{name}.parquet")
+        if sc.num_rows != n:
+            raise StageError(f"scores/{name}.parquet has {sc.num_rows} rows, clusters/{name}.parquet "
+                             f"{n}; delete it and rerun 'datapruning score'")
+        for col in sc.column_names:
+            if col == "label" or col.startswith("score_"):
+                block[col] = sc[col].to_numpy().astype(np.int64 if col == "label" else np.float64)
+    return block
+
+
+def run_rows(run: Run, **columns):
+    """Every row of the run as blocks, one per shard (see ``rows.BlockRows``), on the run's executor;
+    ``columns`` are ``read_block``'s options."""
+    from functools import partial
+
+    from .rows import BlockRows
+
+    items = shard_offsets(run)
+    return BlockRows(partial(read_block, run, **columns), items, sum(n for _, _, n in items), run.cfg)
+
+
+def read_group(run: Run, offsets: np.ndarray, group: int) -> dict:
+    """Every row of cluster group ``group`` from the cluster stage's partitions, sorted by (cluster, pos):
+    pos, shard, row, cluster, cos_dist, tie and the float32 embedding matrix. ``offsets``: first global
+    row of each shard, by shard index."""
+    files = run.partition_files(group)
+    if not files:
+        return {"pos": np.zeros(0, np.int64)}
+    table = pa.concat_tables([read_stage(f) for f in files])
+    shard = table["shard"].to_numpy().astype(np.int64)
+    row = table["row"].to_numpy().astype(np.int64)
+    pos = offsets[shard] + row
+    cluster = table["cluster"].to_numpy().astype(np.int64)
+    order = np.lexsort((pos, cluster))
+    where = f"clusters/parts/g{group:05d}"
+    return {"pos": pos[order], "shard": shard[order], "row": row[order], "cluster": cluster[order],
+            "cos_dist": table["cos_dist"].to_numpy().astype(np.float64)[order],
+            "tie": table["tie"].to_numpy()[order],
+            "embedding": column_to_matrix(table["embedding"], where)[order]}

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from datapruning.score import METRICS
-from datapruning.score.semdedup import score_semdedup
 from datapruning.score.base import ScoreInputs
 from datapruning.metrics.semdedup import (eps_for_keep_fraction, removal_mask, removed_counts,
                                           semdedup_filter, semdedup_masks, semdedup_scores)
@@ -154,7 +153,7 @@ def test_adapter_is_registered_and_reports_counts():
     x, cluster, cos_dist = _data()
     inp = ScoreInputs(uid=np.arange(len(x)).astype(str), embeddings=x, cluster=cluster, cos_dist=cos_dist,
                       centroids=_unit(np.ones((4, x.shape[1]))), seed=0)
-    assert METRICS["semdedup"] is score_semdedup
+    assert METRICS["semdedup"].unit == "cluster"
     out = METRICS["semdedup"](inp, mode="hard", block_rows=16, eps=[0.001, 0.1])
     np.testing.assert_allclose(out.scores, _reference(x, cluster, cos_dist, "hard"), atol=1e-6)
     assert out.info["removed"] == {"0.001": int((out.scores > 0.999).sum()), "0.1": int((out.scores > 0.9).sum())}

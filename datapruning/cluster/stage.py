@@ -1,4 +1,5 @@
-"""Cluster stage: fit spherical k-means on a uniform sample, then assign every shard (cluster, cos_dist)."""
+"""Cluster stage: fit spherical k-means on a uniform sample, then assign every shard (cluster, cos_dist, the
+seeded tie key) and write its rows again grouped by cluster, so per-cluster work reads only its clusters."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from .kmeans import assign, fit_kmeans, resolve_backend, sample_indices
 from ..io.files import is_done, mark_done, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from ..exec import call, map_unordered
+from ..metrics.random import uid_hash
 from ..run import Rate, Run, log, prepare_stage, progress, shard_rows, timed
 
 READ_THREADS = min(8, os.cpu_count() or 1)  # parquet shards decoded at once (decoding releases the GIL)
@@ -54,14 +56,31 @@ def gather_rows(run: Run, counts: list[tuple[dict, int]], rows: np.ndarray) -> n
     return out
 
 
-def fit_sample(cfg, output: Path, counts: list[tuple[dict, int]], idx: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Gather the fit sample from the run folder and fit k-means on it (locally or on a Ray worker)."""
+def fit_sample(cfg, output: Path, counts: list[tuple[dict, int]], idx: np.ndarray):
+    """Gather the fit sample from the run folder and fit k-means on it (locally or on a Ray worker).
+    Returns (centroids, stats, the sample's size per cluster)."""
     start = time.perf_counter()
     ccfg = cfg.cluster
     x = gather_rows(Run(cfg, Path(output)), counts, idx)
-    centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, resolve_backend(cfg.cluster.backend))
+    backend = resolve_backend(cfg.cluster.backend)
+    centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, backend)
+    sample_sizes = np.bincount(assign(x, centroids, ccfg.assign_batch, backend)[0], minlength=ccfg.k)
     stats["seconds"] = round(time.perf_counter() - start, 3)
-    return centroids, stats
+    return centroids, stats, sample_sizes
+
+
+def plan_groups(sample_sizes: np.ndarray, n: int, d: int, partition_mib: int) -> np.ndarray:
+    """Cluster -> group id: consecutive clusters packed while their estimated rows (the fit sample's counts
+    scaled to ``n``) fit ``partition_mib`` of float32 embeddings; a larger cluster is a group alone."""
+    est = np.asarray(sample_sizes, dtype=np.float64) * n / max(int(np.sum(sample_sizes)), 1)
+    budget = max(1.0, partition_mib * 2.0**20 / (4 * max(d, 1)))
+    group = np.empty(len(est), dtype=np.int32)
+    g, filled = 0, 0.0
+    for c, rows in enumerate(est):
+        if filled and filled + rows > budget:
+            g, filled = g + 1, 0.0
+        group[c], filled = g, filled + rows
+    return group
 
 
 def fit_resources(cfg) -> dict | None:
@@ -76,44 +95,76 @@ def fit_resources(cfg) -> dict | None:
     return {"num_cpus": largest_node_cpus(cfg)}
 
 
-def read_uid_matrix(run: Run, shard: str) -> tuple[pa.Array, np.ndarray]:
-    """One shard's uids and float32 [n, d] embeddings (only those two columns are read)."""
+def read_uid_matrix(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
+    """One shard's uid and embedding columns (as stored) and its float32 [n, d] matrix."""
     table = read_stage(run.dir("embed") / f"{shard}.parquet", columns=["uid", "embedding"])
-    return table["uid"], column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
+    return table, column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
 
 
-def assign_shard(cfg, shard: dict, out_dir: Path, centroids: np.ndarray, uid, matrix: np.ndarray, start: float) -> dict:
-    """Assign one shard's rows to the centroids and write its cluster parquet and done marker."""
+def write_partition(run: Run, shard: dict, table: pa.Table, cluster: np.ndarray, cos_dist, tie, groups) -> int:
+    """The shard's rows again, one file per group of clusters (parts/g<group>/<shard>.parquet), each sorted
+    by (cluster, row): shard index, row, cluster, cos_dist, tie and the embedding as stored."""
+    order = np.lexsort((np.arange(len(cluster)), cluster))
+    group = groups[cluster[order]]
+    bounds = np.flatnonzero(np.diff(group)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
+        if hi > lo:
+            rows = order[lo:hi]
+            part = pa.table({"shard": pa.array(np.full(hi - lo, shard["index"], np.int32)),
+                             "row": pa.array(rows.astype(np.int32)), "cluster": pa.array(cluster[rows], pa.int32()),
+                             "cos_dist": pa.array(cos_dist[rows]), "tie": pa.array(tie[rows]),
+                             "embedding": table["embedding"].take(pa.array(rows))})
+            write_parquet(run.partition_file(int(group[lo]), shard["name"]), part)
+    return len(bounds) + 1 if len(order) else 0
+
+
+def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, table: pa.Table, matrix: np.ndarray,
+                 start: float) -> dict:
+    """Assign one shard's rows to the centroids; write its cluster parquet, its partition files, then the
+    done marker."""
+    cfg, out_dir = run.cfg, run.dir("cluster")
     cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, resolve_backend(cfg.cluster.backend))
+    tie = uid_hash(table["uid"], cfg.seed)
+    if groups is not None:
+        write_partition(run, shard, table, cluster, cos_dist, tie, groups)
     write_parquet(out_dir / f"{shard['name']}.parquet",
-                  pa.table({"uid": uid, "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist}))
+                  pa.table({"uid": table["uid"], "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist,
+                            "tie": pa.array(tie)}))
     info = {"rows": len(cluster), "seconds": round(time.perf_counter() - start, 3)}
     mark_done(out_dir, shard["name"], info)
     return info
 
 
-def assign_one(cfg, out_dir: Path, shard: dict) -> dict:
+def load_fit(run: Run) -> tuple[np.ndarray, np.ndarray | None]:
+    """The stored centroids and cluster -> group map (None when partitions are off)."""
+    out_dir = run.dir("cluster")
+    groups = out_dir / "groups.npy"
+    return (np.load(out_dir / "centroids.npy", allow_pickle=False),
+            np.load(groups, allow_pickle=False) if run.cfg.cluster.partition else None)
+
+
+def assign_one(run: Run, shard: dict) -> dict:
     """Assign one shard's samples to the stored centroids (the per-shard unit of work)."""
     start = time.perf_counter()
-    centroids = np.load(out_dir / "centroids.npy", allow_pickle=False)
-    uid, matrix = read_uid_matrix(Run(cfg, out_dir.parent), shard["name"])
-    return assign_shard(cfg, shard, out_dir, centroids, uid, matrix, start)
+    centroids, groups = load_fit(run)
+    table, matrix = read_uid_matrix(run, shard["name"])
+    return assign_shard(run, shard, centroids, groups, table, matrix, start)
 
 
 def assign_prefetching(run: Run, todo: list[tuple[dict, int]], out_dir: Path) -> Iterator[dict]:
     """``assign_one`` over ``todo`` (shard, rows) in this process, decoding the next shards on threads while
     this one is assigned; at most ``PREFETCH_BYTES`` of decoded shards wait."""
-    centroids = np.load(out_dir / "centroids.npy", allow_pickle=False)
+    centroids, groups = load_fit(run)
     largest = max((rows for _, rows in todo), default=1) * centroids.shape[1] * 4
     depth = max(1, min(READ_THREADS, PREFETCH_BYTES // max(largest, 1)))
     with ThreadPoolExecutor(depth) as pool:
         ahead = deque(pool.submit(read_uid_matrix, run, s["name"]) for s, _ in todo[:depth])
         for i, (shard, _) in enumerate(todo):
             start = time.perf_counter()
-            uid, matrix = ahead.popleft().result()
+            table, matrix = ahead.popleft().result()
             if i + depth < len(todo):
                 ahead.append(pool.submit(read_uid_matrix, run, todo[i + depth][0]["name"]))
-            yield assign_shard(run.cfg, shard, out_dir, centroids, uid, matrix, start)
+            yield assign_shard(run, shard, centroids, groups, table, matrix, start)
 
 
 def run_cluster(run: Run) -> None:
@@ -126,17 +177,20 @@ def run_cluster(run: Run) -> None:
             idx = sample_indices(n, ccfg.k, ccfg.fit_fraction, ccfg.max_points_per_centroid, run.cfg.seed)
             log.info("cluster: fitting k=%d on %d of %d samples", ccfg.k, len(idx), n)
             resources = fit_resources(run.cfg)
-            centroids, stats = call(fit_sample, (run.cfg, run.output, counts, idx), run.cfg, resources)
+            centroids, stats, sample_sizes = call(fit_sample, (run.cfg, run.output, counts, idx), run.cfg, resources)
             if resources:
                 stats["ray"] = resources
+            groups = plan_groups(sample_sizes, n, centroids.shape[1], ccfg.partition_mib)
+            stats["groups"] = int(groups.max()) + 1
             write_npy(out_dir / "centroids.npy", centroids)
+            write_npy(out_dir / "groups.npy", groups)
             write_json(out_dir / "fit.json", stats)  # written last: the fit's done marker
-        todo = [(s, rows) for s, rows in counts if not is_done(out_dir, s["name"])]
+        todo = [({**s, "index": i}, rows) for i, (s, rows) in enumerate(counts) if not is_done(out_dir, s["name"])]
         with progress(len(todo), "cluster") as bar:
             rate = Rate()
             if run.cfg.backend == "local" and (run.cfg.workers <= 1 or len(todo) == 1):
                 infos = assign_prefetching(run, todo, out_dir)
             else:
-                infos = map_unordered(partial(assign_one, run.cfg, out_dir), [s for s, _ in todo], run.cfg)
+                infos = map_unordered(partial(assign_one, run), [s for s, _ in todo], run.cfg)
             for info in infos:
                 rate.add(bar, info["rows"])

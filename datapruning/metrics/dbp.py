@@ -5,6 +5,8 @@ import logging
 
 import numpy as np
 
+from .fixed import fixed_mean, fixed_sum
+
 
 log = logging.getLogger(__name__)
 
@@ -12,23 +14,27 @@ BLOCK_ELEMS = 1 << 24  # 16M float32 (64 MiB) per centroid-similarity block
 
 
 def d_intra(cos_dist: np.ndarray, cluster: np.ndarray, k: int, eligible: np.ndarray | None = None) -> np.ndarray:
-    """``d_intra_j`` = mean of ``cos_dist`` over the (eligible) members of cluster j, float64 [k].
-
-    A cluster with fewer than two members has no defined spread, so it gets the mean over the
-    clusters that do; if none do, the mean ``cos_dist`` over all members (0.0 when there are none).
-    """
+    """``d_intra_j`` = mean of ``cos_dist`` over the (eligible) members of cluster j, float64 [k]
+    (exact fixed-point sums; see ``d_intra_from_sums`` for clusters without a defined spread)."""
     cluster = np.asarray(cluster, dtype=np.int64)
     rows = cluster >= 0 if eligible is None else (cluster >= 0) & np.asarray(eligible, dtype=bool)
     if rows.any() and cluster[rows].max() >= k:
         raise ValueError(f"d_intra: cluster id {int(cluster[rows].max())} >= k={k}")
-    sizes = np.bincount(cluster[rows], minlength=k).astype(np.float64)
-    sums = np.bincount(cluster[rows], weights=np.asarray(cos_dist, dtype=np.float64)[rows], minlength=k)
+    sums = fixed_sum(np.asarray(cos_dist, dtype=np.float64)[rows], cluster[rows], k)
+    return d_intra_from_sums(sums, np.bincount(cluster[rows], minlength=k))
+
+
+def d_intra_from_sums(sums: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """``d_intra`` from per-cluster ``fixed_sum`` sums of cos_dist and member counts. A cluster with fewer
+    than two members has no defined spread, so it gets the mean over the clusters that do; if none do,
+    the mean ``cos_dist`` over all members (0.0 when there are none)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
     defined = sizes >= 2
-    out = np.divide(sums, sizes, out=np.zeros(k), where=defined)
+    out = fixed_mean(np.where(defined, sums, 0), np.where(defined, sizes, 0))
     if defined.any():
         fill = float(out[defined].mean())
     else:
-        fill = float(sums.sum() / sizes.sum()) if sizes.sum() else 0.0
+        fill = float(fixed_mean(sums.sum(keepdims=True), sizes.sum(keepdims=True))[0])
     out[~defined] = fill
     return out
 

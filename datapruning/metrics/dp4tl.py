@@ -55,7 +55,7 @@ class LinearClassifier:
 
 def train_linear_source_classifier(source_emb: np.ndarray, source_labels: np.ndarray, seed: int = 0,
                                    epochs: int = 10, lr: float = 0.01, batch_size: int = 256,
-                                   max_samples: int | None = 200_000) -> LinearClassifier:
+                                   max_samples: int | None = 200_000, n_classes: int | None = None) -> LinearClassifier:
     """Train a linear source classifier with torch (CPU, Adam, seeded init and batch order).
     Rows with a negative label are ignored; at most ``max_samples`` rows (a seeded uniform sample)
     are used, which is plenty for a linear probe and bounds the cost at any N."""
@@ -70,7 +70,7 @@ def train_linear_source_classifier(source_emb: np.ndarray, source_labels: np.nda
         rows = np.sort(rng.choice(rows, int(max_samples), replace=False))
     x = torch.from_numpy(np.ascontiguousarray(source_emb[rows], dtype=np.float32))
     y = torch.from_numpy(labels[rows])
-    n_classes = int(labels.max()) + 1
+    n_classes = max(int(labels.max()) + 1, int(n_classes or 0))
     gen = torch.Generator().manual_seed(int(seed))
     model = torch.nn.Linear(x.shape[1], n_classes)
     with torch.no_grad():

@@ -97,26 +97,27 @@ def _forward(params, x):
     return h
 
 
-def el2n_proxy(embeddings: np.ndarray, labels: np.ndarray, n_models: int = 10, epochs: int = 5,
-               hidden: int = 0, seed: int = 0, lr: float = 1e-2, batch_size: int = 256) -> np.ndarray:
-    """Proxy EL2N: train ``n_models`` independently seeded heads (linear, or a ``hidden``-unit MLP)
-    on the embeddings for ``epochs`` epochs (Adam, torch CPU; each head has its own init and batch
-    order), then score every row with ``el2n``. Labels are codes in [0, C); the heads run batched."""
+def train_proxy_heads(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, n_models: int = 10,
+                      epochs: int = 5, hidden: int = 0, seed: int = 0, lr: float = 1e-2,
+                      batch_size: int = 256) -> list[np.ndarray]:
+    """Train ``n_models`` independently seeded heads (linear, or a ``hidden``-unit MLP) on the embeddings
+    for ``epochs`` epochs (Adam, torch CPU; each head has its own init and batch order). Returns the
+    stacked weights as numpy arrays (``proxy_el2n`` scores with them)."""
     import torch
 
     x_np = np.asarray(embeddings, dtype=np.float32)
     if x_np.ndim != 2 or n_models < 1 or epochs < 0 or hidden < 0:
         raise ValueError("el2n_proxy: need 2-D embeddings, n_models >= 1, epochs >= 0, hidden >= 0")
-    n_classes = int(np.asarray(labels).max(initial=-1)) + 1
-    labels = _check_labels(labels, len(x_np), max(n_classes, 1))
+    n_classes = max(int(n_classes), 1)
+    labels = _check_labels(labels, len(x_np), n_classes)
     if n_classes == 1:
         log.warning("el2n_proxy: one class only; every EL2N score is 0")
     x, y = torch.from_numpy(x_np), torch.from_numpy(labels)
-    params = _head_params(int(n_models), x.shape[1], max(n_classes, 1), int(hidden), seed)
+    params = _head_params(int(n_models), x.shape[1], n_classes, int(hidden), seed)
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(int(seed))
     n = len(x)
-    width = max(n_classes, 1) if hidden == 0 else hidden + max(n_classes, 1)
+    width = n_classes if hidden == 0 else hidden + n_classes
     with torch_threads_for(n_models * int(batch_size) * x.shape[1] * width):
         for _ in tqdm(range(int(epochs)), desc="el2n proxy heads", unit="epoch", disable=n * epochs < 1_000_000):
             perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(n_models)])  # [M, n]
@@ -127,10 +128,30 @@ def el2n_proxy(embeddings: np.ndarray, labels: np.ndarray, n_models: int = 10, e
                 opt.zero_grad()
                 (loss * n_models).backward()  # sum over heads, so each head's gradient is its own mean loss
                 opt.step()
-    scores = np.empty(n, dtype=np.float64)
-    step = max(1, BLOCK_ELEMS // (n_models * max(n_classes, hidden, 1)))
+    return [p.detach().numpy() for p in params]
+
+
+def proxy_el2n(heads: list[np.ndarray], embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """EL2N of each row under the trained ``heads`` (from ``train_proxy_heads``); labels in [0, C)."""
+    import torch
+
+    params = [torch.from_numpy(np.asarray(h)) for h in heads]
+    n_models, n_classes = params[0].shape[0], params[-1].shape[-1]
+    x = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+    labels = _check_labels(labels, len(x), n_classes)
+    scores = np.empty(len(x), dtype=np.float64)
+    step = max(1, BLOCK_ELEMS // (n_models * max(n_classes, params[0].shape[-1], 1)))
     with torch.no_grad():
-        for r0 in range(0, n, step):
+        for r0 in range(0, len(x), step):
             xb = x[r0:r0 + step].expand(n_models, -1, -1)
             scores[r0:r0 + step] = _el2n_block(_forward(params, xb).numpy(), labels[r0:r0 + step], True)
     return scores
+
+
+def el2n_proxy(embeddings: np.ndarray, labels: np.ndarray, n_models: int = 10, epochs: int = 5,
+               hidden: int = 0, seed: int = 0, lr: float = 1e-2, batch_size: int = 256) -> np.ndarray:
+    """Proxy EL2N: train ``n_models`` seeded heads on the embeddings (``train_proxy_heads``), then score
+    every row with ``el2n``. Labels are codes in [0, C); the heads run batched."""
+    n_classes = int(np.asarray(labels).max(initial=-1)) + 1
+    heads = train_proxy_heads(embeddings, labels, n_classes, n_models, epochs, hidden, seed, lr, batch_size)
+    return proxy_el2n(heads, embeddings, labels)

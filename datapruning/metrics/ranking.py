@@ -1,10 +1,32 @@
-"""Selection: turn scores into keep flags (by fraction or count, hard/easy/random, with group minimums)."""
-from __future__ import annotations
+"""Selection rules on whole arrays: scores -> keep flags (by count, hard/easy/random, group minimums).
 
+Every rule ranks rows by one total order: ``(order_key(score, mode), tie, row)`` ascending, where ``tie``
+is a seeded per-row hash (of the uid in the pipeline, of the row index here by default). The select stage
+applies the same order shard by shard (``select.cutoffs``), so both give the same rows.
+"""
+from __future__ import annotations
 
 import numpy as np
 
+from .random import row_hash
+
 MODES = ("hard", "easy", "random")
+_TOP = np.uint64(1 << 63)
+
+
+def order_key(scores: np.ndarray, mode: str) -> np.ndarray:
+    """uint64 keys whose ascending order is keep preference: ``hard`` = largest score first, ``easy`` =
+    smallest first, ``random`` = all equal (the tie key decides). NaN (unscored) sorts last; -0.0 == 0.0."""
+    if mode not in MODES:
+        raise ValueError(f"select.mode must be one of {MODES}, got {mode!r}")
+    s = np.asarray(scores, dtype=np.float64)
+    if mode == "random":
+        return np.zeros(len(s), dtype=np.uint64)
+    v = (-s if mode == "hard" else s) + 0.0
+    bits = v.view(np.uint64)
+    key = np.where(bits & _TOP, ~bits, bits | _TOP)
+    key[np.isnan(s)] = np.uint64(0xFFFFFFFFFFFFFFFF)
+    return key
 
 
 def keep_count(n_total: int, keep_fraction: float | None, keep_count: int | None) -> int:
@@ -20,24 +42,20 @@ def keep_count(n_total: int, keep_fraction: float | None, keep_count: int | None
     return int(round(keep_fraction * n_total))
 
 
-def rank_order(scores: np.ndarray, mode: str, seed: int) -> np.ndarray:
+def rank_order(scores: np.ndarray, mode: str, seed: int, tie: np.ndarray | None = None) -> np.ndarray:
     """Indices in keep-preference order: ``hard`` = largest score first, ``easy`` = smallest first,
-    ``random`` = seeded permutation. Ties break by a seeded permutation, so the order is total."""
-    if mode not in MODES:
-        raise ValueError(f"select.mode must be one of {MODES}, got {mode!r}")
-    scores = np.asarray(scores, dtype=np.float64)
-    tiebreak = np.random.default_rng(seed).permutation(len(scores))
-    if mode == "random":
-        return np.argsort(tiebreak, kind="stable")
-    key = -scores if mode == "hard" else scores
-    key = np.where(np.isnan(key), np.inf, key)  # unscored rows go last
-    return np.lexsort((tiebreak, key))
+    ``random`` = seeded shuffle. Ties break by ``tie`` (default: a seeded hash of the row index), then by
+    row, so the order is total."""
+    key = order_key(scores, mode)
+    tie = row_hash(len(key), seed) if tie is None else np.asarray(tie, dtype=np.uint64)
+    return np.lexsort((np.arange(len(key)), tie, key))
 
 
-def select_top(scores: np.ndarray, n: int, mode: str, seed: int, eligible: np.ndarray | None = None) -> np.ndarray:
+def select_top(scores: np.ndarray, n: int, mode: str, seed: int, eligible: np.ndarray | None = None,
+               tie: np.ndarray | None = None) -> np.ndarray:
     """Keep the ``n`` best rows by ``mode`` among ``eligible``. Returns a bool mask."""
     keep = np.zeros(len(scores), dtype=bool)
-    order = rank_order(scores, mode, seed)
+    order = rank_order(scores, mode, seed, tie)
     if eligible is not None:
         order = order[np.asarray(eligible, dtype=bool)[order]]
     keep[order[: max(0, min(n, len(order)))]] = True
@@ -64,12 +82,12 @@ def _rank_within_groups(order: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return rank
 
 
-def keep_by_quota(scores, groups, quotas, mode, seed, eligible=None) -> np.ndarray:
+def keep_by_quota(scores, groups, quotas, mode, seed, eligible=None, tie=None) -> np.ndarray:
     """Within each group g keep ``quotas[g]`` rows by ``mode`` (used by DBP and class balance).
     Rows with a negative group are never kept."""
     groups = np.asarray(groups, dtype=np.int64)
     eligible = np.ones(len(groups), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
-    order = rank_order(scores, mode, seed)
+    order = rank_order(scores, mode, seed, tie)
     order = order[eligible[order] & (groups[order] >= 0)]
     quotas = np.asarray(quotas, dtype=np.int64)
     keep = np.zeros(len(groups), dtype=bool)
@@ -78,7 +96,7 @@ def keep_by_quota(scores, groups, quotas, mode, seed, eligible=None) -> np.ndarr
 
 
 def select_with_minimums(scores, n, mode, seed, groups=None, min_share=0.0, eligible=None,
-                         floors=()) -> np.ndarray:
+                         floors=(), tie=None) -> np.ndarray:
     """Keep ``n`` rows by ``mode``, but first give every group (cluster or label) its floor of
     ``ceil(min_share * n / G)`` rows, taken by the same rule within the group. ``min_share`` in [0, 1].
     ``floors`` adds more (groups, min_share) pairs: a row meeting any floor is forced. When the forced rows
@@ -92,10 +110,10 @@ def select_with_minimums(scores, n, mode, seed, groups=None, min_share=0.0, elig
             raise ValueError(f"select: minimum share must be in [0, 1], got {share}")
         grp = np.asarray(grp, dtype=np.int64)
         forced |= keep_by_quota(scores, grp, group_minimums(grp, share, n, eligible & (grp >= 0)), mode, seed,
-                                eligible)
+                                eligible, tie)
     if forced.sum() > n:  # floors exceed the budget: keep the preferred n of the forced rows
-        return select_top(scores, n, mode, seed, forced)
-    return forced | select_top(scores, n - int(forced.sum()), mode, seed, eligible & ~forced)
+        return select_top(scores, n, mode, seed, forced, tie)
+    return forced | select_top(scores, n - int(forced.sum()), mode, seed, eligible & ~forced, tie)
 
 
 def class_balanced_quotas(groups: np.ndarray, n: int, eligible: np.ndarray | None = None) -> np.ndarray:
@@ -120,7 +138,7 @@ def class_balanced_quotas(groups: np.ndarray, n: int, eligible: np.ndarray | Non
     return quotas
 
 
-def select_class_balanced(scores, n, mode, seed, groups, eligible=None) -> np.ndarray:
+def select_class_balanced(scores, n, mode, seed, groups, eligible=None, tie=None) -> np.ndarray:
     """Keep ``n`` rows with the same count per group where sizes allow, ``mode`` within each group."""
     quotas = class_balanced_quotas(groups, n, eligible)
-    return keep_by_quota(scores, groups, quotas, mode, seed, eligible)
+    return keep_by_quota(scores, groups, quotas, mode, seed, eligible, tie)

@@ -48,15 +48,16 @@ def _max_sim_to_earlier(embeddings, rows: np.ndarray, block_rows: int, upper: np
 
 
 def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.ndarray, mode: str = "hard",
-                    seed: int = 0, block_rows: int = 4096) -> np.ndarray:
+                    seed: int = 0, block_rows: int = 4096, tie: np.ndarray | None = None) -> np.ndarray:
     """Duplicate score per sample: the max cosine similarity to any member of its cluster that comes
     EARLIER in keep-preference order. Sample i is removed at ``eps`` iff ``score_i > 1 - eps``.
 
     Keep order within a cluster (SemDeDup, Abbas et al. 2023): ``hard`` = farthest from the centroid
     first (largest ``cos_dist``), ``easy`` = closest first, ``random`` = seeded permutation; so from
     every group of duplicates the preferred member survives. The first member scores -1.0, as do
-    rows with a negative (unassigned) cluster. Embeddings must be L2-normalised. Memory: one
-    ``block_rows x block_rows`` float32 similarity block at a time, whatever the cluster size.
+    rows with a negative (unassigned) cluster. Equal distances break by ``tie`` (default: a seeded hash
+    of the row index; the pipeline passes a seeded hash of the uid), then by row. Embeddings must be
+    L2-normalised. Memory: one ``block_rows x block_rows`` float32 similarity block at a time.
     """
     if not hasattr(embeddings, "shape"):  # ndarray or np.memmap pass through without a copy
         embeddings = np.asarray(embeddings)
@@ -68,7 +69,7 @@ def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.nd
     if int(block_rows) < 1:
         raise ValueError(f"semdedup: block_rows must be >= 1, got {block_rows}")
     out = np.full(n, FIRST_SCORE, dtype=np.float64)
-    order = rank_order(np.asarray(cos_dist, dtype=np.float64), mode, seed)
+    order = rank_order(np.asarray(cos_dist, dtype=np.float64), mode, seed, tie)
     sizes = np.bincount(cluster[cluster >= 0]) if n else np.zeros(0, np.int64)
     width = int(min(int(block_rows), sizes.max(initial=1)))
     upper = np.triu(np.ones((width, width), dtype=bool))

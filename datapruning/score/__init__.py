@@ -1,22 +1,17 @@
-"""The score stage's metric registry: name -> pipeline metric. A new metric is one file plus one line here."""
+"""The score stage's metric registry: name -> ``Metric``. A new metric is one file plus one line here.
+
+``METRICS[name](ScoreInputs(...), **params)`` scores whole arrays in memory; the stage streams the same
+steps over a run (see ``score.base``)."""
 from __future__ import annotations
 
-from .base import MetricFn, MetricOutput, ScoreInputs
-from .dbp import score_dbp
-from .dp4tl import score_dp4tl_fm, score_dp4tl_lm
-from .el2n import score_el2n
-from .random import score_random
-from .semdedup import score_semdedup
-from .ssp import score_ssp
+from .base import Context, Metric, MetricOutput, ScoreInputs
+from .dbp import DBP
+from .dp4tl import DP4TL_FM, DP4TL_LM
+from .el2n import EL2N
+from .random import RANDOM
+from .semdedup import SEMDEDUP
+from .ssp import SSP
 
-METRICS: dict[str, MetricFn] = {
-    "ssp": score_ssp,
-    "random": score_random,
-    "semdedup": score_semdedup,
-    "dbp": score_dbp,
-    "dp4tl_lm": score_dp4tl_lm,
-    "dp4tl_fm": score_dp4tl_fm,
-    "el2n": score_el2n,
-}
+METRICS: dict[str, Metric] = {m.name: m for m in (SSP, RANDOM, SEMDEDUP, DBP, DP4TL_LM, DP4TL_FM, EL2N)}
 
-__all__ = ["METRICS", "MetricFn", "MetricOutput", "ScoreInputs"]
+__all__ = ["METRICS", "Context", "Metric", "MetricOutput", "ScoreInputs"]

@@ -1,19 +1,32 @@
-"""Inputs and outputs shared by every registered metric (the score stage's contract)."""
+"""What a metric declares and receives: the score stage's contract.
+
+A metric is a ``Metric``: its typed parameters, the unit it scores (``shard``: one input shard at a time;
+``cluster``: one group of whole clusters at a time, read from the cluster stage's partitions), what it
+reads (embeddings, labels), an optional ``prepare`` step that computes a small global state once (cluster
+statistics, a model fitted on a bounded sample, target-data hit counts), and an optional ``summarize``
+step for stats.json. The stage runs the same functions on a run folder, block by block, that
+``Metric.__call__`` runs on arrays in memory, so both give the same scores.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import ConfigError
+
+UNITS = ("shard", "cluster")
+
 
 @dataclass(frozen=True)
 class ScoreInputs:
-    """Everything the score stage hands a metric, aligned by row (row i is ``uid[i]``).
+    """Whole arrays for scoring in memory, aligned by row (row i is ``uid[i]``).
 
     embeddings: float32 [N, d], L2-normalised. cluster: int64 [N]. cos_dist: float32 [N],
     ``1 - <x_i, c_a(i)>``. centroids: float32 [k, d], normalised. labels: int64 [N] codes with
-    -1 for unknown, or None when the input has no labels; label_names maps code -> original.
+    -1 for unknown (code c is class c), or None when the input has no labels.
     """
 
     uid: np.ndarray
@@ -34,5 +47,69 @@ class MetricOutput:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-# A pipeline metric: (inputs, **params from config score.params.<name>) -> MetricOutput
-MetricFn = Callable[..., MetricOutput]
+@dataclass(frozen=True)
+class Context:
+    """What ``prepare`` and ``summarize`` may use. ``rows``: numeric blocks (pos, cluster, cos_dist, tie,
+    label) of every row; ``embedding_rows``: the same with ``embedding`` (float32 [n, d]); ``centroids``;
+    ``n_classes`` (0 without labels); ``seed``; ``state_dir`` for files a metric keeps between steps."""
+
+    rows: Any
+    embedding_rows: Any
+    centroids: np.ndarray
+    n_classes: int
+    seed: int
+    state_dir: Any = None
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One registered metric. ``score(block, state, params) -> float64 [len(block)]`` where block is a
+    dict of arrays (see ``datapruning.rows``) plus ``uid`` (shard unit) and ``embedding`` when asked for.
+    A cluster-unit block holds whole clusters, rows sorted by (cluster, pos)."""
+
+    name: str
+    params: type
+    score: Callable
+    unit: str = "shard"
+    reads: Any = frozenset()  # {"embedding", "label"}, or params -> that set
+    prepare: Callable | None = None
+    summarize: Callable | None = None
+
+    def wants(self, params) -> frozenset:
+        """What the metric reads with these parameters: a subset of {"embedding", "label"}."""
+        return frozenset(self.reads(params) if callable(self.reads) else self.reads)
+
+    def parse(self, raw: dict | None, seed: int) -> Any:
+        """Typed parameters from ``score.params.<name>``; unknown keys and wrong types fail with the key named."""
+        raw = dict(raw or {})
+        fields = {f.name: f for f in dataclasses.fields(self.params)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise ConfigError(f"score.params.{self.name}: unknown key {unknown[0]!r}; accepted: {sorted(fields)}")
+        if "seed" in fields and raw.get("seed") is None:
+            raw["seed"] = seed
+        try:
+            params = self.params(**raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"score.params.{self.name}: {exc}") from None
+        check = getattr(params, "check", None)
+        if check is not None:
+            check()
+        return params
+
+    def __call__(self, inp: ScoreInputs, **params) -> MetricOutput:
+        """Score whole arrays in memory (the importable route; the stage streams the same functions)."""
+        from .memory import score_in_memory
+
+        return score_in_memory(self, inp, params)
+
+
+def choice(name: str, value, options) -> None:
+    """A parameter check: ``value`` must be one of ``options`` (message names the key and the options)."""
+    if value not in options:
+        raise ConfigError(f"{name}: expected one of {list(options)}, got {value!r}")
+
+
+def positive(name: str, value, minimum=1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ConfigError(f"{name}: must be a number >= {minimum}, got {value!r}")

@@ -1,17 +1,61 @@
-"""DBP as a pipeline metric: each sample scores its cluster's complexity (docs/methods.md#dbp)."""
+"""DBP as a pipeline metric (docs/methods.md#dbp-density-based-pruning): each sample scores its cluster's
+complexity ``C_a(i) = d_intra * d_inter``, from exact per-cluster sums over every row (one pass)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from ..metrics.dbp import cluster_complexity, dbp_shares
-from .base import MetricOutput, ScoreInputs
+from ..metrics.dbp import complexity, d_inter, d_intra_from_sums, dbp_shares
+from ..metrics.fixed import fixed_sum
+from ..rows import add
+from .base import Metric, positive
 
 
-def score_dbp(inp: ScoreInputs, tau: float = 0.1, l: int = 20) -> MetricOutput:
-    """Pipeline adapter: each sample scores its cluster's complexity ``C_a(i)`` (NaN when unassigned)."""
-    cluster = np.asarray(inp.cluster, dtype=np.int64)
-    C, intra, inter = cluster_complexity(inp.cos_dist, cluster, inp.centroids, l)
-    scores = np.where(cluster >= 0, C[np.maximum(cluster, 0)], np.nan)
-    info = {"tau": float(tau), "l": int(l), "complexity": C.tolist(), "d_intra": intra.tolist(),
-            "d_inter": inter.tolist(), "shares": dbp_shares(C, tau).tolist()}
-    return MetricOutput(scores, info)
+@dataclass(frozen=True)
+class DBPParams:
+    tau: float = 0.1  # softmax temperature of the reported shares (the selector has its own select.params.tau)
+    l: int = 20  # nearest other centroids in d_inter
+
+    def check(self):
+        positive("score.params.dbp.l", self.l)
+        if not self.tau > 0:
+            positive("score.params.dbp.tau", self.tau, 1e-12)
+
+
+def cluster_sums(k: int, block: dict) -> tuple:
+    """Per-cluster fixed-point sums of cos_dist and member counts over the rows in play (``eligible``)."""
+    rows = block["cluster"] >= 0
+    if "eligible" in block:
+        rows &= block["eligible"]
+    return (fixed_sum(block["cos_dist"][rows], block["cluster"][rows], k),
+            np.bincount(block["cluster"][rows], minlength=k))
+
+
+def cluster_complexity(rows, centroids: np.ndarray, l: int) -> tuple:
+    """``(C, d_intra, d_inter, sizes)`` per cluster, from one pass over ``rows``."""
+    k = len(centroids)
+    sums, sizes = rows.reduce(partial(cluster_sums, k), add)
+    intra, inter = d_intra_from_sums(sums, sizes), d_inter(centroids, l)
+    return complexity(intra, inter), intra, inter, sizes
+
+
+def prepare(ctx, params: DBPParams) -> dict:
+    C, intra, inter, _ = cluster_complexity(ctx.rows, ctx.centroids, params.l)
+    return {"complexity": C, "d_intra": intra, "d_inter": inter}
+
+
+def score(block: dict, state: dict, params: DBPParams) -> np.ndarray:
+    cluster = block["cluster"]
+    return np.where(cluster >= 0, state["complexity"][np.maximum(cluster, 0)], np.nan)
+
+
+def summarize(rows, params: DBPParams, state: dict) -> dict:
+    C = state["complexity"]
+    return {"tau": float(params.tau), "l": int(params.l), "complexity": C.tolist(),
+            "d_intra": state["d_intra"].tolist(), "d_inter": state["d_inter"].tolist(),
+            "shares": dbp_shares(C, params.tau).tolist()}
+
+
+DBP = Metric("dbp", DBPParams, score, prepare=prepare, summarize=summarize)

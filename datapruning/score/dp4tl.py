@@ -1,61 +1,95 @@
-"""DP4TL as pipeline metrics: target hits of each sample's source class (LM) or cluster (FM) (docs/methods.md#dp4tl)."""
+"""DP4TL as pipeline metrics (docs/methods.md#dp4tl-transfer-aware-pruning): every source sample scores the
+number of target samples that map to its source class (label mapping, LM) or source cluster (feature
+mapping, FM). The mapping runs once in ``prepare``; scoring a shard is a lookup. Label code c is class c of
+the classifier (integer labels keep their value as the code), so logits columns line up with labels."""
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..io.tables import read_embeddings
 from ..metrics.dp4tl import (feature_mapping_assign, feature_mapping_freq, label_mapping_freq,
                              lm_predictions_from_logits, train_linear_source_classifier, zero_shot_predictions)
-from ..io.tables import read_embeddings
-from .base import MetricOutput, ScoreInputs
+from .base import Metric, choice, positive
+from .sample import labelled_sample
 
 
-def _lm_predictions(inp: ScoreInputs, route: str, target, logits, class_text, seed, epochs, max_samples):
-    if route == "logits":
-        if logits is None:
-            raise ValueError("dp4tl_lm route=logits needs score.params.dp4tl_lm.logits (a .npy [n_target, C])")
-        arr = np.load(logits, allow_pickle=False, mmap_mode="r")
+@dataclass(frozen=True)
+class LMParams:
+    target: str | None = None  # target embeddings (.npy, or parquet file/folder with an embedding column)
+    route: str = "linear"  # linear (a classifier trained on the source) | logits | zeroshot
+    logits: str | None = None  # route logits: .npy [n_target, C] of a source classifier on the target
+    class_text: str | None = None  # route zeroshot: .npy [C, d] text embeddings of the class names
+    epochs: int = 10
+    max_samples: int | None = 200_000  # the linear route trains on at most this many source rows (stratified)
+    seed: int | None = None
+
+    def check(self):
+        choice("score.params.dp4tl_lm.route", self.route, ("linear", "logits", "zeroshot"))
+        positive("score.params.dp4tl_lm.epochs", self.epochs, 0)
+        need = {"logits": "logits", "zeroshot": "class_text"}.get(self.route)
+        if need and getattr(self, need) is None:
+            raise ValueError(f"dp4tl_lm route={self.route} needs score.params.dp4tl_lm.{need}")
+        if self.route != "logits" and self.target is None:
+            raise ValueError(f"dp4tl_lm route={self.route} needs score.params.dp4tl_lm.target (target embeddings)")
+
+
+@dataclass(frozen=True)
+class FMParams:
+    target: str | None = None  # target embeddings
+
+    def check(self):
+        if self.target is None:
+            raise ValueError("dp4tl_fm needs score.params.dp4tl_fm.target (target embeddings)")
+
+
+def lm_predictions(ctx, params: LMParams) -> tuple[np.ndarray, int]:
+    """Source-class prediction for every target sample, and the classifier's class count."""
+    if params.route == "logits":
+        arr = np.load(params.logits, allow_pickle=False, mmap_mode="r")
         return lm_predictions_from_logits(arr), arr.shape[1]
-    if target is None:
-        raise ValueError(f"dp4tl_lm route={route} needs score.params.dp4tl_lm.target (target embeddings)")
-    target_emb, _ = read_embeddings(target)
-    if route == "zeroshot":
-        if class_text is None:
-            raise ValueError("dp4tl_lm route=zeroshot needs score.params.dp4tl_lm.class_text (a .npy [C, d])")
-        text = np.load(class_text, allow_pickle=False)
+    target_emb, _ = read_embeddings(params.target)
+    if params.route == "zeroshot":
+        text = np.load(params.class_text, allow_pickle=False)
         return zero_shot_predictions(target_emb, text), len(text)
-    if route == "linear":
-        clf = train_linear_source_classifier(inp.embeddings, inp.labels, seed, epochs, max_samples=max_samples)
-        return clf.predict(target_emb), len(clf.bias)
-    raise ValueError(f"dp4tl_lm route must be 'linear', 'logits' or 'zeroshot', got {route!r}")
+    _, labels, emb = labelled_sample(ctx.embedding_rows, ctx.n_classes, params.max_samples)
+    clf = train_linear_source_classifier(emb, labels, params.seed, params.epochs, max_samples=None,
+                                         n_classes=ctx.n_classes)
+    return clf.predict(target_emb), len(clf.bias)
 
 
-def score_dp4tl_lm(inp: ScoreInputs, target: str | None = None, route: str = "linear", logits: str | None = None,
-                   class_text: str | None = None, epochs: int = 10, max_samples: int | None = 200_000,
-                   seed: int | None = None) -> MetricOutput:
-    """Pipeline adapter, label mapping: score = target hit count of the sample's source class (larger =
-    more target-relevant; unlabelled rows NaN). Classifier column / text row c is label code c."""
-    if inp.labels is None:
-        raise ValueError("dp4tl_lm needs source labels, but the input has none (use dp4tl_fm)")
-    labels = np.asarray(inp.labels, dtype=np.int64)
-    seed = inp.seed if seed is None else seed
-    pred, n_classes = _lm_predictions(inp, route, target, logits, class_text, seed, epochs, max_samples)
-    if labels.max(initial=-1) >= n_classes:
-        raise ValueError(f"dp4tl_lm: the {route} classifier has {n_classes} classes but labels go to {labels.max()}")
-    freq = label_mapping_freq(pred, n_classes)
-    scores = np.where(labels >= 0, freq[np.maximum(labels, 0)], np.nan).astype(np.float64)
-    info = {"route": route, "n_target": int(len(pred)), "freq": freq.tolist(),
-            "zero_hit_groups": int((freq == 0).sum())}
-    return MetricOutput(scores, info)
+def prepare_lm(ctx, params: LMParams) -> dict:
+    pred, n_classes = lm_predictions(ctx, params)
+    if ctx.n_classes > n_classes:
+        raise ValueError(f"dp4tl_lm: the {params.route} classifier has {n_classes} classes but source label codes "
+                         f"go up to {ctx.n_classes - 1}")
+    return {"freq": label_mapping_freq(pred, n_classes), "n_target": np.int64(len(pred))}
 
 
-def score_dp4tl_fm(inp: ScoreInputs, target: str) -> MetricOutput:
-    """Pipeline adapter, feature mapping: score = target hit count of the sample's source cluster
-    (``inp.centroids`` are the source k-means; unassigned rows NaN)."""
-    target_emb, _ = read_embeddings(target)
-    freq = feature_mapping_freq(feature_mapping_assign(target_emb, inp.centroids), len(inp.centroids))
-    cluster = np.asarray(inp.cluster, dtype=np.int64)
-    scores = np.where(cluster >= 0, freq[np.maximum(cluster, 0)], np.nan).astype(np.float64)
-    info = {"n_target": int(len(target_emb)), "freq": freq.tolist(), "zero_hit_groups": int((freq == 0).sum())}
-    return MetricOutput(scores, info)
+def prepare_fm(ctx, params: FMParams) -> dict:
+    target_emb, _ = read_embeddings(params.target)
+    freq = feature_mapping_freq(feature_mapping_assign(target_emb, ctx.centroids), len(ctx.centroids))
+    return {"freq": freq, "n_target": np.int64(len(target_emb))}
+
+
+def score_lm(block: dict, state: dict, params) -> np.ndarray:
+    labels = block["label"]
+    return np.where(labels >= 0, state["freq"][np.maximum(labels, 0)], np.nan).astype(np.float64)
+
+
+def score_fm(block: dict, state: dict, params) -> np.ndarray:
+    cluster = block["cluster"]
+    return np.where(cluster >= 0, state["freq"][np.maximum(cluster, 0)], np.nan).astype(np.float64)
+
+
+def summarize(rows, params, state: dict) -> dict:
+    freq = state["freq"]
+    info = {"n_target": int(state["n_target"]), "freq": freq.tolist(), "zero_hit_groups": int((freq == 0).sum())}
+    if isinstance(params, LMParams):
+        info["route"] = params.route
+    return info
+
+
+DP4TL_LM = Metric("dp4tl_lm", LMParams, score_lm, reads=frozenset({"label"}), prepare=prepare_lm, summarize=summarize)
+DP4TL_FM = Metric("dp4tl_fm", FMParams, score_fm, prepare=prepare_fm, summarize=summarize)

@@ -1,54 +1,118 @@
-"""EL2N as a pipeline metric: from the user's logits, or from proxy heads trained on the embeddings (docs/methods.md#el2n)."""
+"""EL2N as a pipeline metric (docs/methods.md#el2n-error-l2-norm-scores): from the user's own logits (rows
+matched by uid), or from proxy heads trained once on a bounded, seeded, label-stratified sample of the
+embeddings and then applied shard by shard. Unlabelled rows, and rows without logits, score NaN."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from ..metrics.el2n import el2n, el2n_proxy
-from .base import MetricOutput, ScoreInputs
+from ..metrics.el2n import el2n, proxy_el2n, train_proxy_heads
+from ..metrics.random import uid_hash
+from .base import Metric, positive
+from .sample import labelled_sample
+
+H1, H2 = 0x5EED1, 0x5EED2  # two independent 64-bit uid hashes: a 128-bit match key
 
 
-def _read_uids(path: str | Path) -> np.ndarray:
+@dataclass(frozen=True)
+class EL2NParams:
+    logits: str | None = None  # .npy [M, n, C] or [n, C] of your models' outputs
+    logits_uids: str | None = None  # .npy of strings or parquet with a uid column: row r of logits is uid r
+    from_logits: bool = True  # False: the file holds probabilities
+    n_models: int = 10
+    epochs: int = 5
+    hidden: int = 0
+    lr: float = 1e-2
+    max_train: int | None = 200_000  # proxy heads train on at most this many labelled rows (stratified)
+    seed: int | None = None
+
+    def check(self):
+        for key in ("n_models", "epochs"):
+            positive(f"score.params.el2n.{key}", getattr(self, key), 1 if key == "n_models" else 0)
+        positive("score.params.el2n.hidden", self.hidden, 0)
+        if self.max_train is not None:
+            positive("score.params.el2n.max_train", self.max_train)
+        if self.logits is not None and self.logits_uids is None:
+            raise ValueError("score.params.el2n.logits needs logits_uids: rows are matched by uid, never by order")
+
+
+def read_uids(path: str | Path) -> pa.Array:
     path = Path(path)
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False).astype(str)
+        return pa.array(np.load(path, allow_pickle=False).astype(str))
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["uid"]).column("uid").to_numpy(zero_copy_only=False).astype(str)
+    return pq.read_table(path, columns=["uid"]).column("uid").combine_chunks().cast(pa.string())
 
 
-def score_el2n(inp: ScoreInputs, logits: str | None = None, logits_uids: str | None = None,
-               from_logits: bool = True, n_models: int = 10, epochs: int = 5, hidden: int = 0,
-               lr: float = 1e-2, seed: int | None = None) -> MetricOutput:
-    """Pipeline adapter. With ``logits`` (a .npy [M, n, C] or [n, C], row r = uid ``logits_uids[r]``
-    from a .npy of strings or a parquet ``uid`` column) score from the user's models; otherwise train
-    proxy heads on the embeddings. Needs labels; unlabelled rows and rows without logits get NaN."""
-    if inp.labels is None:
-        raise ValueError("el2n needs labels, but the input has none")
-    labels = np.asarray(inp.labels, dtype=np.int64)
-    seed = inp.seed if seed is None else seed
-    scores = np.full(len(labels), np.nan)
-    if logits is not None:
-        if logits_uids is None:
-            raise ValueError("score.params.el2n.logits needs logits_uids: rows are matched by uid, never by order")
-        arr = np.load(logits, allow_pickle=False, mmap_mode="r")
-        pos = {u: r for r, u in enumerate(_read_uids(logits_uids))}
-        if len(pos) != arr.shape[-2]:
-            raise ValueError(f"el2n: {len(pos)} unique logits uids for {arr.shape[-2]} logits rows")
-        src = np.array([pos.get(str(u), -1) for u in inp.uid], dtype=np.int64)
-        rows = np.flatnonzero((src >= 0) & (labels >= 0))
-        order = np.argsort(src[rows], kind="stable")  # read the memmap in ascending row order
-        rows, src_rows = rows[order], src[rows][order]
-        arr3 = arr if arr.ndim == 3 else arr[None]
-        for b0 in range(0, len(rows), 65536):
-            sl = slice(b0, b0 + 65536)
-            scores[rows[sl]] = el2n(arr3[:, src_rows[sl]], labels[rows[sl]], from_logits)
-        info = {"route": "logits", "n_models": int(arr3.shape[0]), "scored": int(len(rows))}
-    else:
+def logits_index(path: str) -> dict:
+    """Sorted 128-bit uid hashes of the logits rows and their row numbers (a searchsorted lookup table)."""
+    uids = read_uids(path)
+    h1, h2 = uid_hash(uids, H1), uid_hash(uids, H2)
+    order = np.lexsort((h2, h1))
+    if len(order) > 1 and np.any((np.diff(h1[order]) == 0) & (np.diff(h2[order]) == 0)):
+        raise ValueError(f"el2n: {path} holds a repeated uid; each logits row needs its own uid")
+    return {"h1": h1[order], "h2": h2[order], "row": order.astype(np.int64)}
+
+
+def prepare(ctx, params: EL2NParams) -> dict:
+    if params.logits is not None:
+        arr = np.load(params.logits, allow_pickle=False, mmap_mode="r")
+        index = logits_index(params.logits_uids)
+        if len(index["row"]) != arr.shape[-2]:
+            raise ValueError(f"el2n: {len(index['row'])} logits uids for {arr.shape[-2]} logits rows")
+        return index
+    _, labels, emb = labelled_sample(ctx.embedding_rows, ctx.n_classes, params.max_train)
+    heads = train_proxy_heads(emb, labels, ctx.n_classes, params.n_models, params.epochs, params.hidden,
+                              params.seed, params.lr)
+    return {f"head{i}": h for i, h in enumerate(heads)} | {"trained_on": np.int64(len(labels))}
+
+
+def score(block: dict, state: dict, params: EL2NParams) -> np.ndarray:
+    labels = block["label"]
+    out = np.full(len(labels), np.nan)
+    if params.logits is None:
+        heads = [state[f"head{i}"] for i in range(sum(k.startswith("head") for k in state))]
         rows = np.flatnonzero(labels >= 0)
-        emb = inp.embeddings if len(rows) == len(labels) else inp.embeddings[rows]  # no copy when all labelled
-        scores[rows] = el2n_proxy(emb, labels[rows], n_models, epochs, hidden, seed, lr)
-        info = {"route": "proxy", "n_models": int(n_models), "epochs": int(epochs), "hidden": int(hidden),
-                "scored": int(len(rows))}
-    return MetricOutput(scores, info)
+        out[rows] = proxy_el2n(heads, block["embedding"][rows], labels[rows])
+        return out
+    h1, h2 = uid_hash(block["uid"], H1), uid_hash(block["uid"], H2)
+    found = np.zeros(len(labels), dtype=bool)
+    at = np.zeros(len(labels), dtype=np.int64)
+    if len(state["h1"]):  # two uids sharing h1 (about n**2 / 2**64 pairs) would be missed, never mixed up
+        at = np.minimum(np.searchsorted(state["h1"], h1), len(state["h1"]) - 1)
+        found = (state["h1"][at] == h1) & (state["h2"][at] == h2)
+    rows = np.flatnonzero(found & (labels >= 0))
+    src = state["row"][at[rows]]
+    order = np.argsort(src, kind="stable")  # read the memmap in ascending row order
+    rows, src = rows[order], src[order]
+    arr = np.load(params.logits, allow_pickle=False, mmap_mode="r")
+    arr3 = arr if arr.ndim == 3 else arr[None]
+    for b0 in range(0, len(rows), 65536):
+        sl = slice(b0, b0 + 65536)
+        out[rows[sl]] = el2n(arr3[:, src[sl]], labels[rows[sl]], params.from_logits)
+    return out
+
+
+def _scored(block: dict) -> int:
+    return int(np.count_nonzero(~np.isnan(block["score_el2n"])))
+
+
+def summarize(rows, params: EL2NParams, state: dict) -> dict:
+    scored = int(rows.reduce(_scored, sum))
+    if params.logits is not None:
+        arr = np.load(params.logits, allow_pickle=False, mmap_mode="r")
+        return {"route": "logits", "n_models": int(arr.shape[0]) if arr.ndim == 3 else 1,
+                "logits_rows": int(len(state["row"])), "scored": scored}
+    return {"route": "proxy", "n_models": int(params.n_models), "epochs": int(params.epochs),
+            "hidden": int(params.hidden), "trained_on": int(state["trained_on"]), "scored": scored}
+
+
+def reads(params: EL2NParams) -> frozenset:
+    return frozenset({"label"}) if params.logits is not None else frozenset({"label", "embedding"})
+
+
+EL2N = Metric("el2n", EL2NParams, score, reads=reads, prepare=prepare, summarize=summarize)

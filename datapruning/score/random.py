@@ -1,11 +1,25 @@
-"""Random as a pipeline metric: seeded uniform scores keyed by uid (docs/methods.md#random)."""
+"""Random as a pipeline metric (docs/methods.md#random-seeded-baseline): seeded uniform scores keyed by uid."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
 from ..metrics.random import random_scores
-from .base import MetricOutput, ScoreInputs
+from .base import Metric
 
 
-def score_random(inp: ScoreInputs, seed: int | None = None) -> MetricOutput:
-    """Pipeline adapter: ``seed`` defaults to the run seed."""
-    seed = inp.seed if seed is None else seed
-    return MetricOutput(random_scores(inp.uid, seed), {"seed": int(seed)})
+@dataclass(frozen=True)
+class RandomParams:
+    seed: int | None = None  # default: the run seed
+
+
+def score(block: dict, state: dict, params: RandomParams) -> np.ndarray:
+    return random_scores(block["uid"], params.seed)
+
+
+def summarize(rows, params: RandomParams, state: dict) -> dict:
+    return {"seed": int(params.seed)}
+
+
+RANDOM = Metric("random", RandomParams, score, summarize=summarize)

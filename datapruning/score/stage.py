@@ -1,59 +1,158 @@
-"""Score stage: run every configured metric over the whole run, write scores/{shard}.parquet."""
+"""Score stage: every configured metric, in resumable units (per-cluster groups, then shards), on the run's
+executor. Writes scores/<shard>.parquet (uid, label code, score_<metric>...) and scores/_info.json."""
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ..io.files import is_done, mark_done, write_json, write_parquet
-from . import METRICS, ScoreInputs
-from ..run import Run, StageError, log, prepare_stage, progress, timed
-from ..run import load_run_arrays
+from ..errors import StageError
+from ..exec import map_unordered
+from ..io.files import atomic_path, is_done, mark_done, read_json, write_json, write_parquet
+from ..run import Run, label_index, log, prepare_stage, progress, read_block, read_group, run_rows, shard_offsets, timed
+from . import METRICS
+from .base import Context
+from .memory import score_block
 
 
-def compute_scores(run: Run) -> tuple[dict, dict, dict]:
-    """All metrics on the loaded run: (arrays, {metric: scores}, {metric: info})."""
+def configured(run: Run) -> list[tuple]:
+    """(name, Metric, typed params) for ``score.metrics``, checked before any work."""
     unknown = [m for m in run.cfg.score.metrics if m not in METRICS]
     if unknown:
         raise StageError(f"score.metrics: unknown metric {unknown[0]!r}; known: {sorted(METRICS)}")
-    arrays = load_run_arrays(run, with_embeddings=True)
+    extra = sorted(set(run.cfg.score.params) - set(run.cfg.score.metrics))
+    if extra:
+        raise StageError(f"score.params.{extra[0]}: {extra[0]!r} is not in score.metrics {list(run.cfg.score.metrics)}")
+    return [(m, METRICS[m], METRICS[m].parse(run.cfg.score.params.get(m), run.cfg.seed)) for m in run.cfg.score.metrics]
+
+
+def context(run: Run, labels: dict | None) -> Context:
     centroids = np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False)
-    inp = ScoreInputs(uid=arrays["uid"], embeddings=arrays["embeddings"], cluster=arrays["cluster"],
-                      cos_dist=arrays["cos_dist"], centroids=centroids, labels=arrays["labels"],
-                      label_names=arrays["label_names"], seed=run.cfg.seed)
-    scores, infos = {}, {}
-    for name in run.cfg.score.metrics:
-        params = dict(run.cfg.score.params.get(name, {}))
+    n_classes = 0
+    if labels is not None:
+        n_classes = (max(int(v) for v in labels["names"]) + 1) if labels["integer"] else len(labels["names"])
+    return Context(rows=run_rows(run, labels=labels), embedding_rows=run_rows(run, labels=labels, embeddings=True),
+                   centroids=centroids, n_classes=n_classes, seed=run.cfg.seed, state_dir=run.dir("score") / "_state")
+
+
+def save_state(path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) for k, v in state.items()})
+
+
+def load_state(path) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def prepared(run: Run, ctx: Context, name: str, metric, params) -> dict:
+    """The metric's global state, computed once and kept in scores/_state/<name>.npz (a rerun reuses it)."""
+    if metric.prepare is None:
+        return {}
+    path = run.dir("score") / "_state" / f"{name}.npz"
+    if not path.exists():
         start = time.perf_counter()
-        fn = METRICS[name]
-        try:
-            out = fn(inp, **params)
-        except TypeError as exc:
-            raise StageError(f"score.params.{name}: {exc}") from None
-        if len(out.scores) != len(inp.uid):
-            raise StageError(f"metric {name} returned {len(out.scores)} scores for {len(inp.uid)} samples")
-        scores[name] = np.asarray(out.scores, dtype=np.float64)
-        infos[name] = {**out.info, "seconds": round(time.perf_counter() - start, 3)}
-        log.info("score: %s done in %.1fs", name, infos[name]["seconds"])
-    return arrays, scores, infos
+        save_state(path, metric.prepare(ctx, params))
+        log.info("score: %s prepared in %.1fs", name, time.perf_counter() - start)
+    return load_state(path)
+
+
+def parts_dir(run: Run, name: str):
+    return run.dir("score") / "parts" / name
+
+
+def score_group(run: Run, name: str, params, state: dict, offsets: np.ndarray, group: int) -> dict:
+    """One cluster-unit metric on one group of clusters; its scores go back per shard (parts/<metric>/<shard>/)."""
+    metric = METRICS[name]
+    block = read_group(run, offsets, group)
+    out_dir = parts_dir(run, name)
+    if len(block["pos"]):
+        scores = np.asarray(metric.score(block, state, params), dtype=np.float64)
+        shard = block["shard"]
+        order = np.argsort(shard, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard[order])) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
+            rows = order[lo:hi]
+            write_parquet(out_dir / f"{int(shard[rows[0]]):06d}" / f"g{group:05d}.parquet",
+                          pa.table({"row": pa.array(block["row"][rows].astype(np.int32)),
+                                    "score": pa.array(scores[rows])}))
+    mark_done(out_dir, f"g{group:05d}", {"rows": int(len(block["pos"]))})
+    return {"rows": int(len(block["pos"]))}
+
+
+def gather_parts(run: Run, name: str, shard_index: int, n: int) -> np.ndarray:
+    """A cluster-unit metric's scores for one shard, from the group outputs (NaN where no group wrote)."""
+    out = np.full(n, np.nan)
+    folder = parts_dir(run, name) / f"{shard_index:06d}"
+    for path in sorted(folder.glob("g*.parquet")):
+        part = pq.read_table(path)
+        out[part["row"].to_numpy()] = part["score"].to_numpy()
+    return out
+
+
+def score_shard(run: Run, plan: list[tuple], labels: dict | None, item: tuple) -> dict:
+    """Every metric's scores for one shard: shard-unit metrics computed here, cluster-unit ones gathered."""
+    shard = item[0]
+    wants_emb = any(m.unit == "shard" and "embedding" in m.wants(p) for _, m, p, _ in plan)
+    block = read_block(run, item, labels=labels, embeddings=wants_emb, uid=True)
+    cols = {"uid": block["uid"]}
+    if labels is not None:
+        cols["label"] = pa.array(block["label"].astype(np.int32))
+    for name, metric, params, state in plan:
+        if metric.unit == "shard":
+            scores = score_block(metric, block, state, params)
+        else:
+            scores = gather_parts(run, name, shard["index"], len(block["pos"]))
+        if len(scores) != len(block["pos"]):
+            raise StageError(f"metric {name} returned {len(scores)} scores for {len(block['pos'])} rows of {shard['name']}")
+        cols[f"score_{name}"] = pa.array(scores, pa.float64())
+    out_dir = run.dir("score")
+    write_parquet(out_dir / f"{shard['name']}.parquet", pa.table(cols))
+    mark_done(out_dir, shard["name"], {"rows": len(block["pos"])})
+    return {"rows": len(block["pos"])}
 
 
 def run_score(run: Run) -> None:
+    metrics = configured(run)
     out_dir = prepare_stage(run, "score")
-    names = [s["name"] for s in run.shards]
-    todo = [n for n in names if not is_done(out_dir, n)]
-    if not todo:
+    if (out_dir / "_info.json").exists():
         return
+    labels = label_index(run)
+    for name, metric, params in metrics:
+        if "label" in metric.wants(params) and labels is None:
+            raise StageError(f"score.metrics: {name} needs labels, but the input has none")
+        if metric.unit == "cluster" and not run.cfg.cluster.partition:
+            raise StageError(f"score.metrics: {name} works cluster by cluster and needs cluster.partition=true; "
+                             "rerun 'datapruning cluster' with it")
+    ctx = context(run, labels)
+    items = shard_offsets(run)
+    offsets = np.array([offset for _, offset, _ in items], dtype=np.int64)
+    n_groups = int(read_json(run.dir("cluster") / "fit.json").get("groups", 0))
+    timings = {}
     with timed(run, "score"):
-        arrays, scores, infos = compute_scores(run)
-        write_json(out_dir / "_info.json", infos)  # before the markers: a finished stage always has it
+        plan = []
+        for name, metric, params in metrics:
+            start = time.perf_counter()
+            state = prepared(run, ctx, name, metric, params)
+            if metric.unit == "cluster":
+                todo = [g for g in range(n_groups) if not is_done(parts_dir(run, name), f"g{g:05d}")]
+                with progress(len(todo), f"score {name} (cluster groups)") as bar:
+                    for _ in map_unordered(partial(score_group, run, name, params, state, offsets), todo, run.cfg):
+                        bar.update(1)
+            plan.append((name, metric, params, state))
+            timings[name] = time.perf_counter() - start
+        todo = [it for it in items if not is_done(out_dir, it[0]["name"])]
+        start = time.perf_counter()
         with progress(len(todo), "score") as bar:
-            for name, lo, hi in arrays["bounds"]:
-                if name not in todo:
-                    continue
-                cols = {"uid": pa.array(arrays["uid"][lo:hi], pa.string())}
-                cols.update({f"score_{m}": pa.array(s[lo:hi], pa.float64()) for m, s in scores.items()})
-                write_parquet(out_dir / f"{name}.parquet", pa.table(cols))
-                mark_done(out_dir, name, {"rows": hi - lo})
+            for _ in map_unordered(partial(score_shard, run, plan, labels), todo, run.cfg):
                 bar.update(1)
+        rows = run_rows(run, scores=True)
+        infos = {}
+        for name, metric, params, state in plan:
+            info = metric.summarize(rows, params, state) if metric.summarize else {}
+            infos[name] = {**info, "seconds": round(timings[name] + time.perf_counter() - start, 3)}
+        write_json(out_dir / "_info.json", infos)  # written last: the stage's done marker

@@ -1,0 +1,88 @@
+"""Per-row numeric columns, seen one block at a time: the whole run shard by shard (``RunRows``) or arrays
+in memory (``ArrayRows``). Stages never hold every row: they map a small function over the blocks and
+combine the small results (counts, histograms, a bounded set of candidate rows).
+
+A block is a dict of equal-length numpy arrays: ``pos`` (int64 global row), ``cluster`` (int64, -1 when
+unassigned), ``cos_dist`` (float64), ``tie`` (uint64 seeded uid hash), ``label`` (int64 code, -1 unknown;
+absent without labels), ``score_<metric>`` (float64) and whatever a stage derives from those.
+"""
+from __future__ import annotations
+
+from functools import partial, reduce
+from typing import Any, Callable
+
+import numpy as np
+
+from .exec import map_unordered
+from .metrics.random import row_hash
+
+
+def _add2(a, b):
+    if isinstance(a, tuple):
+        return tuple(_add2(x, y) for x, y in zip(a, b))
+    return a + b
+
+
+def add(parts: list):
+    """Combine partial results by adding them: arrays and numbers, or tuples of them element-wise."""
+    return reduce(_add2, parts)
+
+
+def concat(parts: list) -> tuple:
+    """Combine partial results that are tuples of arrays by concatenating each (callers sort afterwards)."""
+    return tuple(np.concatenate(cols) for cols in zip(*parts))
+
+
+class ArrayRows:
+    """In-memory rows: one block holding every column (the importable functions and the tests)."""
+
+    def __init__(self, columns: dict[str, np.ndarray], seed: int = 0):
+        n = len(next(iter(columns.values()))) if columns else 0
+        block = {k: np.asarray(v) for k, v in columns.items()}
+        block.setdefault("pos", np.arange(n, dtype=np.int64))
+        block.setdefault("tie", row_hash(n, seed))
+        self.block, self.n = block, n
+
+    def reduce(self, fn: Callable[[dict], Any], combine: Callable = add) -> Any:
+        """``combine([fn(block) for every block])``: here there is one block."""
+        return combine([fn(self.block)])
+
+    def map(self, fn: Callable[[dict], Any]) -> list:
+        return [fn(self.block)]
+
+
+def _apply(read: Callable[[Any], dict], derive: tuple, fn: Callable, item) -> Any:
+    block = read(item)
+    for d in derive:
+        block = d(block)
+    return fn(block)
+
+
+class BlockRows:
+    """Rows read block by block with ``read(item)`` for each of ``items`` (the run's shards), each block
+    passed through ``derive`` functions (added columns such as an eligibility mask) before ``fn``.
+    The work runs on ``cfg``'s executor: in this process, a process pool, or Ray tasks."""
+
+    def __init__(self, read: Callable[[Any], dict], items: list, n: int, cfg, derive: tuple = ()):
+        self.read, self.items, self.n, self.cfg, self.derive = read, list(items), int(n), cfg, tuple(derive)
+
+    def with_columns(self, fn: Callable[[dict], dict]) -> "BlockRows":
+        """The same rows with ``fn(block)`` applied to every block first (it returns the block, extended)."""
+        return BlockRows(self.read, self.items, self.n, self.cfg, self.derive + (fn,))
+
+    def reduce(self, fn: Callable[[dict], Any], combine: Callable = add) -> Any:
+        parts = list(map_unordered(partial(_apply, self.read, self.derive, fn), self.items, self.cfg))
+        return combine(parts) if parts else None
+
+    def map(self, fn: Callable[[dict], Any]) -> list:
+        """``fn(block)`` for every block, in no particular order (for work with side effects, e.g. writers)."""
+        return list(map_unordered(partial(_apply, self.read, self.derive, fn), self.items, self.cfg))
+
+
+def with_columns(rows, fn: Callable[[dict], dict]):
+    """``rows`` with ``fn`` applied to each block (works for both kinds)."""
+    if isinstance(rows, ArrayRows):
+        out = ArrayRows.__new__(ArrayRows)
+        out.block, out.n = fn(dict(rows.block)), rows.n
+        return out
+    return rows.with_columns(fn)
