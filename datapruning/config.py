@@ -62,8 +62,8 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class SelectConfig:
-    method: str = "rank"  # a key of datapruning.metrics.SELECTORS
-    metric: str = "ssp"
+    method: str = "rank"  # a key of datapruning.select.SELECTORS
+    metric: str | None = None  # the score a selector ranks by (each selector has its default)
     mode: str = "hard"  # hard | easy | random
     keep_fraction: float | None = 0.5
     keep_count: int | None = None

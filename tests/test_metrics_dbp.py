@@ -150,24 +150,35 @@ def test_select_dbp_keeps_quota_hardest_per_cluster():
             assert inp.cos_dist[rows][keep[rows]].min() >= inp.cos_dist[rows][~keep[rows]].max()
 
 
-def test_select_dbp_uses_only_eligible_rows_and_metric():
+def test_select_dbp_uses_only_eligible_rows_and_orders_by_cos_dist():
     inp = _select_data(1)
     eligible = np.random.default_rng(2).random(300) < 0.7
     inp = SelectInputs(**{**inp.__dict__, "eligible": eligible})
-    keep, info = select_dbp(inp, 100, mode="easy", metric="other")
-    assert keep.sum() == 100 and not (keep & ~eligible).any()
+    keep, info = select_dbp(inp, 100, mode="easy")
+    assert keep.sum() == 100 and not (keep & ~eligible).any() and info["order"] == "cos_dist"
     np.testing.assert_allclose(info["d_intra"], d_intra(inp.cos_dist, inp.cluster, 5, eligible))
-    for j in range(5):
+    for j in range(5):  # easy: within each cluster the kept rows are the closest to the centroid
         rows = np.flatnonzero((inp.cluster == j) & eligible)
-        s = inp.scores["other"][rows]
+        s = inp.cos_dist[rows]
         if 0 < keep[rows].sum() < len(rows):
             assert s[keep[rows]].max() <= s[~keep[rows]].min()
     keep_all, info_all = select_dbp(inp, 10_000)  # more than eligible: capped
     assert (keep_all == eligible).all() and info_all["n_requested"] == 10_000
-    with pytest.raises(ValueError):
-        select_dbp(inp, 10, min_per_cluster=5)
-    with pytest.raises(ValueError):
-        select_dbp(inp, 10, metric="missing")
+    with pytest.raises(ValueError, match="min_per_cluster"):
+        select_dbp(inp, 10, min_per_cluster=5)  # a share of the budget, in [0, 1]
+    with pytest.raises(ValueError, match="select.metric"):  # DBP orders by cos_dist: a metric means nothing
+        select_dbp(inp, 10, metric="other")
+
+
+def test_select_dbp_min_per_cluster_is_a_share_of_the_budget():
+    """A share s gives every cluster at least floor(s * N / k) rows (it used to be int(s), so 0 for s < 1)."""
+    inp = _select_data(4)
+    sizes = np.bincount(inp.cluster, minlength=5)
+    keep0, info0 = select_dbp(inp, 100, tau=0.01)
+    keep5, info5 = select_dbp(inp, 100, tau=0.01, min_per_cluster=0.5)
+    assert info5["floor_per_cluster"] == 10 and info0["floor_per_cluster"] == 0
+    assert min(info5["quotas"]) >= min(10, sizes.min()) and keep5.sum() == 100
+    assert min(info0["quotas"]) < min(info5["quotas"])
 
 
 def test_select_dbp_random_mode_removes_rows_and_is_seeded():

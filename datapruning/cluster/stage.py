@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -14,11 +14,13 @@ import numpy as np
 import pyarrow as pa
 
 from .kmeans import assign, fit_kmeans, resolve_backend, sample_indices
+from ..errors import StageError
 from ..io.files import is_done, mark_done, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from ..exec import call, map_unordered
 from ..metrics.random import uid_hash
-from ..run import Rate, Run, log, prepare_stage, progress, shard_rows, timed
+from ..rows import add, concat
+from ..run import Rate, Run, log, prepare_stage, progress, run_rows, shard_rows, timed
 
 READ_THREADS = min(8, os.cpu_count() or 1)  # parquet shards decoded at once (decoding releases the GIL)
 PREFETCH_BYTES = 512 << 20  # decoded shards held ahead of the assignment
@@ -167,6 +169,48 @@ def assign_prefetching(run: Run, todo: list[tuple[dict, int]], out_dir: Path) ->
             yield assign_shard(run, shard, centroids, groups, table, matrix, start)
 
 
+TIE_BITS = 20  # bucket the tie hashes by their top bits; one pass collects buckets of at most UNIQUE_BATCH rows
+UNIQUE_BATCH = 16_000_000
+
+
+def _tie_hist(block: dict) -> np.ndarray:
+    return np.bincount((block["tie"] >> np.uint64(64 - TIE_BITS)).astype(np.int64), minlength=1 << TIE_BITS)
+
+
+def _ties_in(lo: int, hi: int, block: dict) -> tuple:
+    bucket = (block["tie"] >> np.uint64(64 - TIE_BITS)).astype(np.int64)
+    return (block["tie"][(bucket >= lo) & (bucket < hi)],)
+
+
+def _uids_with(ties: np.ndarray, block: dict) -> list:
+    return block["uid"].filter(pa.array(np.isin(block["tie"], ties))).to_pylist()
+
+
+def check_unique_uids(run: Run) -> None:
+    """Stop when a uid repeats across shards (each shard's own repeats were dropped by the embed stage).
+    Equal uids have equal tie hashes: bucket the hashes, collect at most ``UNIQUE_BATCH`` at a time, and
+    confirm any repeated hash on the uid strings themselves (a hash collision is not a duplicate)."""
+    rows = run_rows(run)
+    hist = rows.reduce(_tie_hist, add)
+    if hist is None:
+        return
+    repeated, lo, cum = [], 0, np.cumsum(hist)
+    while lo < len(hist):
+        base = cum[lo - 1] if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(cum, base + UNIQUE_BATCH, side="right")))
+        if cum[min(hi, len(hist)) - 1] - base > 1:
+            ties = np.sort(rows.reduce(partial(_ties_in, lo, hi), concat)[0])
+            repeated.append(np.unique(ties[1:][ties[1:] == ties[:-1]]))
+        lo = hi
+    repeated = np.concatenate(repeated) if repeated else np.zeros(0, np.uint64)
+    if len(repeated):
+        uids = run_rows(run, uid=True).reduce(partial(_uids_with, repeated), lambda parts: sum(parts, []))
+        dup = sorted(u for u, c in Counter(uids).items() if c > 1)
+        if dup:
+            raise StageError(f"duplicate uid across shards: {dup[0]} (and {len(dup) - 1} more); "
+                             "uids must be unique; fix the id column")
+
+
 def run_cluster(run: Run) -> None:
     ccfg = run.cfg.cluster
     counts = shard_rows(run)
@@ -194,3 +238,6 @@ def run_cluster(run: Run) -> None:
                 infos = map_unordered(partial(assign_one, run), [s for s, _ in todo], run.cfg)
             for info in infos:
                 rate.add(bar, info["rows"])
+        if not (out_dir / "_unique.json").exists():  # checked once, after every shard is assigned
+            check_unique_uids(run)
+            write_json(out_dir / "_unique.json", {"unique_uids": True})

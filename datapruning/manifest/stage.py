@@ -1,8 +1,10 @@
-"""Manifest stage: join every stage per shard into manifest/{shard}.parquet, then kept.parquet and stats.json."""
+"""Manifest stage: join every stage per shard into manifest/<shard>.parquet (as tasks on the run's executor),
+then stream kept.parquet and add up stats.json from per-shard counts."""
 from __future__ import annotations
 
 import platform
 from collections import Counter
+from functools import partial
 from importlib import metadata
 
 import numpy as np
@@ -11,21 +13,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import to_dict
-from ..io.files import done_path, is_done, mark_done, read_json, write_json, write_parquet
-from ..run import Run, StageError, prepare_stage, progress, timed
-from ..run import is_int_text, load_columns
+from ..errors import StageError
+from ..exec import map_unordered
+from ..io.files import atomic_path, done_path, is_done, mark_done, read_json, write_json, write_parquet
+from ..run import LABEL_INDEX, Run, load_columns, prepare_stage, progress, timed
 
 PACKAGES = ("datapruning", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "torch", "open_clip_torch", "webdataset")
 
 
-def _labels_are_ints(run: Run) -> bool:
-    for shard in run.shards:
-        path = run.dir("embed") / f"{shard['name']}.parquet"
-        if "label" in pq.read_schema(path).names:
-            labels = pq.read_table(path, columns=["label"])["label"].drop_null().to_pylist()
-            if not all(is_int_text(v) for v in labels):
-                return False
-    return True
+def integer_labels(run: Run) -> bool:
+    path = run.dir("score") / LABEL_INDEX
+    return path.exists() and read_json(path)["integer"]
 
 
 def manifest_table(run: Run, name: str, int_labels: bool) -> pa.Table:
@@ -35,12 +33,50 @@ def manifest_table(run: Run, name: str, int_labels: bool) -> pa.Table:
     uid = table["uid"].combine_chunks()
     if "label" in table.column_names and int_labels:
         table = table.set_column(table.column_names.index("label"), "label", pc.cast(table["label"], pa.int64()))
-    for stage in ("cluster", "score", "select"):
+    for stage, skip in (("cluster", {"uid", "tie"}), ("score", {"uid", "label"}), ("select", {"uid"})):
         part = load_columns(run, stage, name, uid)
         for col in part.column_names:
-            if col != "uid":
+            if col not in skip:
                 table = table.append_column(col, part[col])
     return table
+
+
+def shard_counts(table: pa.Table, k: int) -> dict:
+    """What stats.json adds up over shards: per-cluster sizes and kept counts, per-label totals and kept."""
+    keep = table["keep"].to_numpy(zero_copy_only=False).astype(bool)
+    cluster = table["cluster"].to_numpy().astype(np.int64)
+    out = {"rows": len(keep), "kept": int(keep.sum()),
+           "sizes": np.bincount(cluster[cluster >= 0], minlength=k)[:k],
+           "kept_per_cluster": np.bincount(cluster[keep & (cluster >= 0)], minlength=k)[:k]}
+    if "label" in table.column_names:
+        labels = table["label"].cast(pa.string())
+        total = pc.value_counts(labels)
+        kept = pc.value_counts(labels.filter(pa.array(keep)))
+        out["labels"] = {"total": dict(zip(total.field("values").to_pylist(), total.field("counts").to_pylist())),
+                         "kept": dict(zip(kept.field("values").to_pylist(), kept.field("counts").to_pylist()))}
+    return out
+
+
+def manifest_shard(run: Run, int_labels: bool, name: str) -> dict:
+    """Write one shard's manifest (unless done) and return its counts."""
+    path = run.dir("manifest") / f"{name}.parquet"
+    if not is_done(run.dir("manifest"), name):
+        write_parquet(path, manifest_table(run, name, int_labels))
+        mark_done(run.dir("manifest"), name, {"rows": pq.read_metadata(path).num_rows})
+    table = pq.read_table(path, columns=[c for c in ("cluster", "keep", "label") if c in pq.read_schema(path).names])
+    return {"name": name, **shard_counts(table, run.cfg.cluster.k)}
+
+
+def write_kept(run: Run, names: list[str]) -> None:
+    """kept.parquet (uid, shard, key of the kept rows), appended shard by shard in shard order."""
+    schema = pa.schema([("uid", pa.string()), ("shard", pa.string()), ("key", pa.string())])
+    with atomic_path(run.kept_path) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="snappy") as writer:
+            for name in names:
+                t = pq.read_table(run.dir("manifest") / f"{name}.parquet", columns=["uid", "shard", "key", "keep"])
+                kept = t.filter(t["keep"]).select(["uid", "shard", "key"]).cast(schema)
+                if kept.num_rows:
+                    writer.write_table(kept)
 
 
 def versions() -> dict:
@@ -53,33 +89,35 @@ def versions() -> dict:
     return out
 
 
-def build_stats(run: Run, tables: list[pa.Table]) -> dict:
+def build_stats(run: Run, counts: list[dict]) -> dict:
     skipped, encoders = Counter(), set()
     for shard in run.shards:
         info = read_json(done_path(run.dir("embed"), shard["name"]))
         skipped.update(info.get("skipped", {}))
         encoders.add(info.get("encoder"))
-    keep = np.concatenate([t["keep"].to_numpy(zero_copy_only=False) for t in tables]) if tables else np.zeros(0, bool)
-    cluster = np.concatenate([t["cluster"].to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
     k = run.cfg.cluster.k
-    sizes, kept = np.bincount(cluster, minlength=k), np.bincount(cluster[keep], minlength=k)
-    n = len(keep)
+    n = sum(c["rows"] for c in counts)
+    kept = sum(c["kept"] for c in counts)
+    sizes = sum((c["sizes"] for c in counts), np.zeros(k, np.int64))
+    kept_c = sum((c["kept_per_cluster"] for c in counts), np.zeros(k, np.int64))
     stats = {
         "samples_in": n, "samples_skipped": int(sum(skipped.values())), "skipped": dict(sorted(skipped.items())),
-        "kept": int(keep.sum()), "kept_fraction": float(keep.mean()) if n else 0.0,
+        "kept": kept, "kept_fraction": kept / n if n else 0.0,
         "encoder": sorted(e for e in encoders if e)[0] if encoders - {None} else None,
-        "clusters": {"k": k, "sizes": sizes.tolist(), "kept": kept.tolist()},
+        "clusters": {"k": k, "sizes": sizes.tolist(), "kept": kept_c.tolist()},
         "select": read_json(run.dir("select") / "_info.json"),
         "scores": read_json(run.dir("score") / "_info.json"),
         "wall_time_s": read_json(run.output / "timings.json") if (run.output / "timings.json").exists() else {},
         "config": to_dict(run.cfg), "versions": versions(),
-        "manifest": str(run.dir("manifest")), "kept_list": str(run.output / "kept.parquet"),
+        "manifest": str(run.dir("manifest")), "kept_list": str(run.kept_path),
     }
     if len(encoders - {None}) > 1:
         stats["encoders"] = sorted(encoders - {None})
-    if tables and "label" in tables[0].column_names:
-        labels = pa.concat_arrays([t["label"].combine_chunks().cast(pa.string()) for t in tables]).to_pylist()
-        total, kept_l = Counter(labels), Counter(v for v, kk in zip(labels, keep) if kk)
+    if any("labels" in c for c in counts):
+        total, kept_l = Counter(), Counter()
+        for c in counts:
+            total.update(c.get("labels", {}).get("total", {}))
+            kept_l.update(c.get("labels", {}).get("kept", {}))
         stats["labels"] = {str(lab): {"total": total[lab], "kept": kept_l[lab]}
                            for lab in sorted(total, key=lambda v: (v is None, str(v)))}
     return stats
@@ -88,20 +126,15 @@ def build_stats(run: Run, tables: list[pa.Table]) -> dict:
 def run_manifest(run: Run) -> dict:
     out_dir = prepare_stage(run, "manifest")
     names = [s["name"] for s in run.shards]
-    int_labels = _labels_are_ints(run)
-    tables = []
+    if not names:
+        raise StageError("manifest: the run has no shards")
     with timed(run, "manifest"), progress(len(names), "manifest") as bar:
-        for name in names:
-            path = out_dir / f"{name}.parquet"
-            if not is_done(out_dir, name):
-                write_parquet(path, manifest_table(run, name, int_labels))
-                mark_done(out_dir, name, {"rows": pq.read_metadata(path).num_rows})
-            tables.append(pq.read_table(path))
+        counts = []
+        for c in map_unordered(partial(manifest_shard, run, integer_labels(run)), names, run.cfg):
+            counts.append(c)
             bar.update(1)
-        if not tables:
-            raise StageError("manifest: the run has no shards")
-        kept = [t.filter(t["keep"]).select(["uid", "shard", "key"]) for t in tables]
-        write_parquet(run.output / "kept.parquet", pa.concat_tables(kept))
-    stats = build_stats(run, tables)
-    write_json(run.output / "stats.json", stats)
+        write_kept(run, names)
+    out_dir.mkdir(exist_ok=True)
+    stats = build_stats(run, counts)
+    write_json(run.stats_path, stats)
     return stats

@@ -121,7 +121,12 @@ def class_balanced_quotas(groups: np.ndarray, n: int, eligible: np.ndarray | Non
     leftover from small groups flows to larger ones. Returns quotas indexed by group id."""
     groups = np.asarray(groups, dtype=np.int64)
     eligible = np.ones(len(groups), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
-    sizes = np.bincount(groups[eligible & (groups >= 0)], minlength=int(groups.max(initial=-1)) + 1)
+    return balanced_quotas(np.bincount(groups[eligible & (groups >= 0)], minlength=int(groups.max(initial=-1)) + 1), n)
+
+
+def balanced_quotas(sizes: np.ndarray, n: int) -> np.ndarray:
+    """``class_balanced_quotas`` from the group sizes alone."""
+    sizes = np.asarray(sizes, dtype=np.int64)
     n = min(int(n), int(sizes.sum()))
     quotas = np.zeros_like(sizes)
     left, open_ = n, sizes > 0

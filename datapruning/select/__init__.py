@@ -1,23 +1,17 @@
 """Selection: scores -> keep flags. The pure rules (``select_top``, ``select_with_minimums``, ...) work on
-numpy arrays; ``SELECTORS`` holds the rules the select stage runs from a config."""
+numpy arrays; ``SELECTORS`` holds the typed rules the select stage runs, shard by shard, from a config."""
 from __future__ import annotations
 
-from ..metrics.ranking import (MODES, class_balanced_quotas, group_minimums, keep_by_quota, keep_count, rank_order,
-                               select_class_balanced, select_top, select_with_minimums)
-from .selectors import (SelectInputs, Selector, metric_scores, select_balanced, select_ccs, select_dbp,
-                        select_groups, select_rank)
+from ..metrics.ranking import (MODES, balanced_quotas, class_balanced_quotas, group_minimums, keep_by_quota,
+                               keep_count, order_key, rank_order, select_class_balanced, select_top,
+                               select_with_minimums)
+from .selectors import SELECTORS, SelectInputs, Selector
 
-# name -> (SelectInputs, n_keep, **params from config select.params) -> (keep, info)
-SELECTORS: dict[str, Selector] = {
-    "rank": select_rank,
-    "balanced": select_balanced,
-    "dbp": select_dbp,
-    "ccs": select_ccs,
-    "groups": select_groups,
-}
+select_rank, select_balanced, select_dbp, select_ccs, select_groups = (
+    SELECTORS[k] for k in ("rank", "balanced", "dbp", "ccs", "groups"))
 
 __all__ = [
-    "SELECTORS", "SelectInputs", "Selector", "MODES", "metric_scores", "keep_count", "rank_order", "select_top",
-    "group_minimums", "keep_by_quota", "select_with_minimums", "class_balanced_quotas", "select_class_balanced",
-    "select_rank", "select_balanced", "select_dbp", "select_ccs", "select_groups",
+    "SELECTORS", "SelectInputs", "Selector", "MODES", "keep_count", "order_key", "rank_order", "select_top",
+    "group_minimums", "keep_by_quota", "select_with_minimums", "class_balanced_quotas", "balanced_quotas",
+    "select_class_balanced", "select_rank", "select_balanced", "select_dbp", "select_ccs", "select_groups",
 ]

@@ -1,74 +1,109 @@
-"""Select stage: scores -> keep flags via a registered selector, optionally after a SemDeDup filter."""
+"""Select stage: scores -> keep flags via a registered selector, optionally after a SemDeDup filter, decided
+from a few passes over the run's numeric columns and written shard by shard (select/<shard>.parquet)."""
 from __future__ import annotations
 
-import inspect
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 
+from ..errors import ConfigError, StageError
 from ..io.files import is_done, mark_done, write_json, write_parquet
 from ..metrics.ranking import keep_count
-from . import SELECTORS, SelectInputs
-from ..run import Run, StageError, prepare_stage, progress, timed
-from ..run import load_run_arrays, load_scores
+from ..rows import add
+from ..run import Run, prepare_stage, progress, run_rows, timed
+from ..score.semdedup import eps_for_keep_fraction_rows
+from . import SELECTORS
 
 COMMON = ("metric", "mode", "min_per_cluster", "min_per_label")
 
 
-def dedup_filter(cfg, scores: dict) -> tuple[np.ndarray | None, dict]:
-    """Rows left after SemDeDup at ``select.dedup_eps`` (or the eps reaching ``dedup_keep_fraction``)."""
+def selector_params(cfg) -> tuple:
+    """(Selector, typed params) for ``select.method``; unknown or meaningless keys fail here."""
+    scfg = cfg.select
+    if scfg.method not in SELECTORS:
+        raise ConfigError(f"select.method: unknown selector {scfg.method!r}; known: {sorted(SELECTORS)}")
+    selector = SELECTORS[scfg.method]
+    return selector, selector.parse(dict(scfg.params), {k: getattr(scfg, k) for k in COMMON})
+
+
+def not_duplicate(eps: float, block: dict) -> dict:
+    """The block with ``eligible``: rows SemDeDup keeps at ``eps`` (score <= 1 - eps; unscored rows stay)."""
+    with np.errstate(invalid="ignore"):
+        return {**block, "eligible": ~(block["score_semdedup"] > 1.0 - eps)}
+
+
+def _eligible(block: dict) -> int:
+    return int(np.count_nonzero(block["eligible"]))
+
+
+def _has_semdedup(block: dict) -> bool:
+    return "score_semdedup" in block
+
+
+def dedup_filter(rows, cfg) -> tuple:
+    """The eligibility step for ``select.dedup_eps`` / ``dedup_keep_fraction`` (None without one) and its info."""
     if cfg.dedup_eps is None and cfg.dedup_keep_fraction is None:
         return None, {}
-    if "semdedup" not in scores:
+    if cfg.dedup_eps is not None and cfg.dedup_keep_fraction is not None:
+        raise ConfigError("select: give one of select.dedup_eps and select.dedup_keep_fraction, not both")
+    if rows.n and not rows.reduce(_has_semdedup, all):
         raise StageError("select.dedup_eps / dedup_keep_fraction need the semdedup metric in score.metrics")
-    from ..metrics.semdedup import semdedup_filter
+    eps = cfg.dedup_eps
+    if eps is None:
+        eps = eps_for_keep_fraction_rows(rows, "score_semdedup", cfg.dedup_keep_fraction)
+    step = partial(not_duplicate, float(eps))
+    kept = int(rows.with_columns(step).reduce(_eligible, add) or 0)
+    info = {"eps": float(eps), "kept": kept, "removed": rows.n - kept,
+            "kept_fraction": kept / rows.n if rows.n else 0.0}
+    if cfg.dedup_keep_fraction is not None:
+        info["target_keep_fraction"] = float(cfg.dedup_keep_fraction)
+    return step, info
 
-    return semdedup_filter(scores["semdedup"], eps=cfg.dedup_eps, keep_fraction=cfg.dedup_keep_fraction)
 
-
-def compute_keep(run: Run) -> tuple[dict, np.ndarray, dict]:
-    scfg = run.cfg.select
-    if scfg.method not in SELECTORS:
-        raise StageError(f"select.method: unknown selector {scfg.method!r}; known: {sorted(SELECTORS)}")
-    arrays = load_run_arrays(run, with_embeddings=False)
-    scores = load_scores(run, arrays)
-    eligible, dedup_info = dedup_filter(scfg, scores)
-    n_total = len(arrays["uid"])
-    n_keep = keep_count(n_total, None if scfg.keep_count is not None else scfg.keep_fraction, scfg.keep_count)
-    if eligible is not None:
-        n_keep = min(n_keep, int(eligible.sum()))
-    centroids = np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False)
-    inp = SelectInputs(uid=arrays["uid"], cluster=arrays["cluster"], cos_dist=arrays["cos_dist"],
-                       centroids=centroids, scores=scores, labels=arrays["labels"], eligible=eligible,
-                       seed=run.cfg.seed)
-    fn = SELECTORS[scfg.method]
-    accepted = inspect.signature(fn).parameters
-    params = {k: getattr(scfg, k) for k in COMMON if k in accepted}
-    params.update(scfg.params)
-    try:
-        keep, info = fn(inp, n_keep, **params)
-    except TypeError as exc:
-        raise StageError(f"select.params for {scfg.method}: {exc}") from None
-    keep = np.asarray(keep, dtype=bool)
-    if eligible is not None and (keep & ~eligible).any():
-        raise StageError(f"selector {scfg.method} kept rows that the dedup filter removed")
-    info = {"method": scfg.method, "n_total": n_total, "n_keep_target": n_keep, "kept": int(keep.sum()),
-            **({"dedup": dedup_info} if dedup_info else {}), **info}
-    return arrays, keep, info
+def write_keep(run: Run, rule, names: list[str], block: dict) -> dict:
+    """One shard's keep flags (select/<shard>.parquet: uid, keep) and its done marker."""
+    name = names[int(block["shard"][0])] if len(block["shard"]) else None
+    keep = np.asarray(rule(block), dtype=bool)
+    if "eligible" in block and (keep & ~block["eligible"]).any():
+        raise StageError(f"selector {run.cfg.select.method} kept rows that the dedup filter removed")
+    if name is not None:
+        write_parquet(run.dir("select") / f"{name}.parquet", pa.table({"uid": block["uid"], "keep": pa.array(keep)}))
+        mark_done(run.dir("select"), name, {"rows": len(keep), "kept": int(keep.sum())})
+    return {"rows": len(keep), "kept": int(keep.sum())}
 
 
 def run_select(run: Run) -> None:
+    selector, params = selector_params(run.cfg)
     out_dir = prepare_stage(run, "select")
-    todo = [s["name"] for s in run.shards if not is_done(out_dir, s["name"])]
-    if not todo:
+    if (out_dir / "_info.json").exists():
         return
+    scfg = run.cfg.select
     with timed(run, "select"):
-        arrays, keep, info = compute_keep(run)
-        write_json(out_dir / "_info.json", info)
-        with progress(len(todo), "select") as bar:
-            for name, lo, hi in arrays["bounds"]:
-                if name in todo:
-                    write_parquet(out_dir / f"{name}.parquet", pa.table(
-                        {"uid": pa.array(arrays["uid"][lo:hi], pa.string()), "keep": pa.array(keep[lo:hi])}))
-                    mark_done(out_dir, name, {"rows": hi - lo, "kept": int(keep[lo:hi].sum())})
-                    bar.update(1)
+        rows = run_rows(run, scores=True)
+        step, dedup_info = dedup_filter(rows, scfg)
+        if step is not None:
+            rows = rows.with_columns(step)
+        n_total = rows.n
+        n_keep = keep_count(n_total, None if scfg.keep_count is not None else scfg.keep_fraction, scfg.keep_count)
+        if step is not None:
+            n_keep = min(n_keep, dedup_info["kept"])
+        centroids = np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False)
+        rule, info = selector.decide(rows, n_keep, params, centroids)
+        names = [s["name"] for s in run.shards]
+        writer = run_rows(run, scores=True, uid=True)
+        if step is not None:
+            writer = writer.with_columns(step)
+        with progress(len(names), "select") as bar:
+            kept = 0
+            for shard_info in writer.map(partial(write_keep, run, rule, names)):
+                kept += shard_info["kept"]
+                bar.update(1)
+        for name in names:  # a shard with no rows has no shard index in its block: write its empty file here
+            if not is_done(out_dir, name):
+                write_parquet(out_dir / f"{name}.parquet", pa.table({"uid": pa.array([], pa.string()),
+                                                                       "keep": pa.array([], pa.bool_())}))
+                mark_done(out_dir, name, {"rows": 0, "kept": 0})
+        info = {"method": scfg.method, "n_total": n_total, "n_keep_target": n_keep, "kept": kept,
+                **({"dedup": dedup_info} if dedup_info else {}), **info}
+        write_json(out_dir / "_info.json", info)  # written last: the stage's done marker
