@@ -1,4 +1,4 @@
-"""Random baseline (METHODS.md section 7): seeded uniform scores, a first-class metric."""
+"""Random baseline (docs/methods.md#random-seeded-baseline): seeded uniform scores, a first-class metric."""
 from __future__ import annotations
 
 import hashlib
