@@ -14,7 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from datapruning import loaders as ld
+from datapruning.consumers import loaders as ld
 from datapruning.config import load_config
 from datapruning.runner import run_pipeline
 from conftest import add_member, make_parquet_shards, png_bytes, tiny_clip_overrides
