@@ -1,4 +1,7 @@
-"""Hinton KD from cached top-k teacher logits (docs/methods.md#kd-knowledge-distillation-on-pruned-data)."""
+"""Knowledge distillation on pruned data: Hinton KD from cached top-k teacher logits.
+
+See docs/methods.md#kd-knowledge-distillation-on-pruned-data.
+"""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,7 @@
-"""Feed a run's manifest to trainers: a webdataset filter, a PyTorch IterableDataset, HF/pandas/pyarrow tables,
-stored embeddings, cached teacher outputs, and DataComp's sorted u8,u8 uid subset file."""
+"""Feed a run's manifest to trainers: webdataset filter, PyTorch dataset, tables, DataComp uid subset.
+
+Also HF/pandas/pyarrow tables, stored embeddings and cached teacher outputs; DataComp's subset file is the
+sorted u8,u8 uid array."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,7 @@
-"""Coverage-centric coreset selection (Zheng et al., ICLR 2023) (docs/methods.md#ccs-coverage-centric-selection)."""
+"""Coverage-centric coreset selection (Zheng et al., ICLR 2023) for high pruning rates.
+
+See docs/methods.md#ccs-coverage-centric-selection.
+"""
 from __future__ import annotations
 
 import numpy as np

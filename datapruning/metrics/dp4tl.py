@@ -1,4 +1,7 @@
-"""DP4TL (Zhang et al., NeurIPS 2023): label and feature mapping (docs/methods.md#dp4tl-transfer-aware-pruning)."""
+"""Transfer-aware pruning DP4TL (Zhang et al., NeurIPS 2023): label and feature mapping.
+
+See docs/methods.md#dp4tl-transfer-aware-pruning.
+"""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,7 @@
-"""Random baseline (docs/methods.md#random-seeded-baseline): seeded uniform scores, a first-class metric."""
+"""Random baseline: seeded uniform scores, a first-class metric.
+
+See docs/methods.md#random-seeded-baseline.
+"""
 from __future__ import annotations
 
 import hashlib
