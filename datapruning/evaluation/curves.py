@@ -113,7 +113,7 @@ def evaluate_curves(data: EvalData, variants, fractions=DEFAULT_FRACTIONS, max_i
 
     def accuracy(keep: np.ndarray) -> float:
         rows = train_idx[keep]
-        key = hashlib.sha1(rows.tobytes()).hexdigest()
+        key = hashlib.blake2b(rows.tobytes(), digest_size=20).hexdigest()
         if key not in cache:
             cache[key] = probe_accuracy(data.embeddings[rows], data.labels[rows], x_test, y_test, max_iter, C)
         return cache[key]
