@@ -1,5 +1,6 @@
-"""The offline demo: scikit-learn's real digits as PNG webdataset shards, a self-supervised encoder
-trained on them (SimCLR), then the full pipeline. Runs in about a minute on 2 CPU cores."""
+"""The offline demo: the full pipeline on scikit-learn's digits, with a SimCLR encoder trained on them.
+
+The digits are written as PNG webdataset shards. Runs in about a minute on 2 CPU cores."""
 from __future__ import annotations
 
 import io

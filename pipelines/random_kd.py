@@ -1,5 +1,6 @@
-"""Random recipe (METHODS.md section 7): a seeded uniform subset, the baseline everything is judged by.
+"""Random recipe: a seeded uniform subset, the baseline everything is judged by.
 
+Method: docs/methods.md#random-seeded-baseline.
 When: always, as the control; and with knowledge distillation from a teacher trained on the full data,
 where random pruning matched or beat sophisticated scores at every rate and a random 50% of ImageNet with
 KD beat full-data training (Ben-Baruch et al., ICML 2025). Stages: embed -> cluster -> score (random)

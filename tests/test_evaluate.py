@@ -13,7 +13,9 @@ import pytest
 from datapruning import cli
 from datapruning.config import load_config
 from datapruning.evaluation.curves import (DEFAULT_FRACTIONS, Variant, default_variants, evaluate_curves, format_table,
-                                  load_eval_data, probe_accuracy, recommend, run_eval, stratified_split)
+                                          recommend, run_eval)
+from datapruning.evaluation.data import load_eval_data
+from datapruning.evaluation.probe import probe_accuracy, stratified_split
 from datapruning.runner import run_pipeline
 from datapruning.select import keep_count
 
@@ -222,7 +224,7 @@ def test_el2n_curves_never_see_held_out_labels():
     from types import SimpleNamespace
 
     from datapruning.config import load_config
-    from datapruning.evaluation.curves import _el2n_without_heldout
+    from datapruning.evaluation.data import _el2n_without_heldout
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 8)).astype(np.float32)

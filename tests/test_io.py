@@ -53,3 +53,20 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert not is_done(tmp_path, "s")
     mark_done(tmp_path, "s", {"rows": 1})
     assert is_done(tmp_path, "s")
+
+
+def test_parquet_with_a_non_utf8_column_name_is_an_input_error(tmp_path):
+    """pyarrow decodes column names lazily; a name that is not UTF-8 must fail as InputError at read time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datapruning.errors import InputError
+    from datapruning.io.tables import read_parquet
+
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"zzzzzz": [1, 2]}), path, store_schema=False)
+    data = path.read_bytes()
+    assert b"zzzzzz" in data  # the schema and the column chunk name it
+    path.write_bytes(data.replace(b"zzzzzz", b"\x80zzzzz"))
+    with pytest.raises(InputError, match="bad.parquet: not a readable parquet file"):
+        read_parquet(str(path))

@@ -1,4 +1,4 @@
-"""kd_loss against a float64 numpy reference of METHODS.md 6, its edge cases, and the alpha schedule."""
+"""kd_loss against a float64 reference of docs/methods.md#kd-knowledge-distillation-on-pruned-data, edge cases, alpha schedule."""
 from __future__ import annotations
 
 import numpy as np

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from datapruning import reshard as rs
+from datapruning.consumers import reshard as rs
+from datapruning.errors import UnsafeMember
 from datapruning.config import load_config
 from datapruning.runner import run_pipeline
 from conftest import add_member, make_png_shards, tiny_clip_overrides
@@ -185,7 +186,7 @@ def test_unsafe_members_are_rejected(tmp_path, bad):
     else:
         members.append(file_info("../b.png" if bad == "dotdot" else "/etc/b.png", b"z"))
     path = write_tar(tmp_path / "bad.tar", members)
-    with pytest.raises(rs.UnsafeMember, match="shard bad: tar member"):
+    with pytest.raises(UnsafeMember, match="shard bad: tar member"):
         list(rs.raw_samples(str(path), "bad"))
 
 

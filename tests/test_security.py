@@ -1,7 +1,7 @@
 """Hostile inputs: no pickle is ever loaded, YAML is safe, nothing reaches a shell."""
 from __future__ import annotations
 
-import re
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +11,35 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
-UNSAFE = re.compile(r"allow_pickle\s*=\s*True|pickle\.loads?\(|yaml\.load\(|shell\s*=\s*True|os\.system\(|"
-                    r"weights_only\s*=\s*False|(?<![\w.])eval\(|(?<![\w.])exec\(")
+CODE = ("datapruning", "pipelines", "scripts")
 
 
-def test_no_unsafe_calls_in_the_code():
+def test_ruff_security_rules_find_nothing():
+    """ruff's bandit rules (S: pickle, eval/exec, shell=True, yaml.load, unsafe tar extraction, ...) over the
+    code a user runs, with the per-file ignores of pyproject.toml. ruff comes with the dev extra."""
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "S", "--output-format", "concise",
+                           *CODE], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_pickle_through_numpy_or_torch():
+    """What ruff's S rules do not know: ``np.load(allow_pickle=True)`` and ``torch.load`` without
+    ``weights_only=True`` both unpickle their input."""
     hits = []
-    for folder in ("datapruning", "pipelines", "scripts"):
-        for path in (ROOT / folder).rglob("*.py"):
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                if UNSAFE.search(line.split("#", 1)[0]) and "re.compile" not in line:
-                    hits.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    for folder in CODE:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not isinstance(node, ast.Call):
+                    continue
+                kw = {k.arg: k.value for k in node.keywords}
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                owner = getattr(getattr(node.func, "value", None), "id", "")
+                pickles = isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is True
+                if name == "load" and owner == "torch":
+                    weights_only = kw.get("weights_only")
+                    pickles = not (isinstance(weights_only, ast.Constant) and weights_only.value is True)
+                if pickles:
+                    hits.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)[:100]}")
     assert not hits, hits
 
 

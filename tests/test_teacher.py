@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from datapruning import loaders as ld
-from datapruning import teacher as tm
+from datapruning.consumers import loaders as ld
+from datapruning.consumers import teacher as tm
 from datapruning.config import ConfigError
 from conftest import make_tiny_run
 

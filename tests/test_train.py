@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from datapruning import teacher as tm
+from datapruning.consumers import teacher as tm
 from datapruning.consumers.kd import alpha_schedule
 from conftest import make_tiny_run
 

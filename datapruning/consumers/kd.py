@@ -1,4 +1,7 @@
-"""Knowledge distillation on pruned data (METHODS.md section 6): Hinton KD from cached top-k teacher logits."""
+"""Knowledge distillation on pruned data: Hinton KD from cached top-k teacher logits.
+
+See docs/methods.md#kd-knowledge-distillation-on-pruned-data.
+"""
 from __future__ import annotations
 
 import torch
@@ -32,7 +35,9 @@ def teacher_log_probs(topk_values: torch.Tensor, T: float) -> torch.Tensor:
 def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor | None, teacher_topk_values: torch.Tensor | None,
             teacher_topk_indices: torch.Tensor | None, alpha: float, T: float = 1.0,
             reduction: str = "mean") -> torch.Tensor:
-    """``(1 - alpha) * CE(y, s) + alpha * T^2 * KL(p_t || softmax(s / T))`` (Hinton et al. 2015, METHODS.md 6).
+    """``(1 - alpha) * CE(y, s) + alpha * T^2 * KL(p_t || softmax(s / T))`` (Hinton et al. 2015).
+
+    See docs/methods.md#kd-knowledge-distillation-on-pruned-data.
 
     ``p_t`` is the teacher's softmax at temperature T over its top-k logits ``teacher_topk_values`` [n, k] placed
     at classes ``teacher_topk_indices`` [n, k] (zero elsewhere); the student's softmax is over all C classes, so

@@ -1,5 +1,7 @@
-"""Feed a run's manifest to trainers: a webdataset filter, a PyTorch IterableDataset, HF/pandas/pyarrow tables,
-stored embeddings, cached teacher outputs, and DataComp's sorted u8,u8 uid subset file."""
+"""Feed a run's manifest to trainers: webdataset filter, PyTorch dataset, tables, DataComp uid subset.
+
+Also HF/pandas/pyarrow tables, stored embeddings and cached teacher outputs; DataComp's subset file is the
+sorted u8,u8 uid array."""
 from __future__ import annotations
 
 import json
@@ -234,6 +236,8 @@ class ManifestDataset(IterableDataset):
             if tv is not None:
                 sample["teacher_values"], sample["teacher_indices"] = tv[i], ti[i]
             yield self.transform(sample) if self.transform is not None else sample
+            if not index:
+                break  # every selected sample found: the rest of the tar is not read
         if index:
             raise ValueError(f"shard {shard['name']} ({shard['path']}): {len(index)} selected samples are not in the "
                              f"tar (first key {next(iter(index))!r}); did the shard change since the run?")
@@ -337,6 +341,8 @@ def _json_uids(run_dir: str | Path) -> list[str]:
                 except (KeyError, ValueError, TypeError):
                     raise ValueError(f"shard {shard['name']}, key {sample['__key__']}: no .json with a 'uid' "
                                      "field") from None
+                if not wanted:
+                    break
         if wanted:
             raise ValueError(f"shard {shard['name']}: {len(wanted)} kept samples are not in the tar")
     return out

@@ -9,14 +9,14 @@ import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator
 
-import fsspec
 import pyarrow.parquet as pq
 
 from ..io.files import atomic_path, done_path, is_done, mark_done, read_json, write_json
-from ..errors import RunNotReady, TruncatedShard, UnsafeMember
+from ..errors import RunNotReady, TruncatedShard
+from ..io.webdataset import SHARD_DAMAGE, Member, iter_tar_groups
 
 log = logging.getLogger(__name__)
 
@@ -56,43 +56,15 @@ def kept_keys(run_dir: str | Path, shard: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- reading tar samples with their raw members
-def check_member(member: tarfile.TarInfo, shard: str) -> None:
-    name = member.name
-    if member.issym() or member.islnk():
-        raise UnsafeMember(f"shard {shard}: tar member {name!r} is a link; refusing to copy it")
-    if not (member.isfile() or member.isdir()):
-        raise UnsafeMember(f"shard {shard}: tar member {name!r} is not a regular file")
-    if name.startswith("/") or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
-        raise UnsafeMember(f"shard {shard}: tar member {name!r} has an absolute or '..' path")
+def raw_samples(path: str, shard: str) -> Iterator[tuple[str, list[Member]]]:
+    """Yield (key, [(suffix, tarinfo, bytes)...]) per sample, suffix case kept, grouped by the embed stage's
+    reader. Unsafe members raise UnsafeMember, a damaged tar TruncatedShard; repeats were counted by the embed
+    stage already, so the first copy is kept quietly."""
+    def on_skip(reason: str, key: str | None, detail: str) -> None:
+        if reason in SHARD_DAMAGE:
+            raise TruncatedShard(f"shard {shard} ({path}): unreadable tar ({detail})")
 
-
-def raw_samples(path: str, shard: str) -> Iterator[tuple[str, list[tuple[str, tarfile.TarInfo, bytes]]]]:
-    """Yield (key, [(suffix, tarinfo, bytes)...]) per sample, suffix case kept, as the embed stage groups them:
-    consecutive members by key, first copy of a repeated extension, first group of a repeated key."""
-    from ..io.webdataset import split_member
-
-    key, members, seen_keys = None, [], set()
-    try:
-        with fsspec.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:
-                check_member(member, shard)
-                if not member.isfile():
-                    continue
-                k, ext = split_member(member.name)
-                if k.startswith("__") or not ext:
-                    continue
-                data = tar.extractfile(member).read()
-                if k != key:
-                    if members and key not in seen_keys:
-                        seen_keys.add(key)
-                        yield key, members
-                    key, members = k, []
-                if all(e.lower() != ext for e, _, _ in members):
-                    members.append((member.name[len(k) + 1:], member, data))
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise TruncatedShard(f"shard {shard} ({path}): unreadable tar ({type(exc).__name__}: {exc})") from None
-    if members and key not in seen_keys:
-        yield key, members
+    return iter_tar_groups(path, shard, on_skip, safe=True)
 
 
 # ---------------------------------------------------------------- writing

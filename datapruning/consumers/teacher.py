@@ -254,6 +254,8 @@ def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch
         where.append(i)
         if len(items) >= batch:
             flush()
+        if not wanted:
+            break  # every needed sample found: the rest of the tar is not read
     if items:
         flush()
     if wanted:

@@ -55,7 +55,6 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
     icfg, ecfg, skipped = cfg.input, cfg.embed, Counter()
     rows = {"uid": [], "shard": [], "key": [], "label": [], "text": []}
     chunks: list[np.ndarray] = []
-    seen: set[str] = set()
     batch_items, batch_meta = [], []
     pool = ThreadPoolExecutor(max(1, ecfg.decode_workers))
 
@@ -83,11 +82,7 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
 
     try:
         for sample in iter_tar_samples(path, shard, skipped, cfg.strict):
-            key = sample["__key__"]
-            if key in seen:
-                skip(skipped, "duplicate_key", shard, key, "key repeats within the shard", cfg.strict)
-                continue
-            seen.add(key)
+            key = sample["__key__"]  # unique: the reader counts and drops repeated keys
             label = text_field(sample.get(icfg.label_key))
             text = caption(sample, icfg.text_keys) if ecfg.modality == "image" else None
             batch_items.append(sample)

@@ -4,24 +4,24 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import StageError
-from ..io.files import is_done, write_json, write_parquet
-from ..run import Run, label_codes, load_columns, load_run_arrays, load_run_config, load_scores
+from ..io.files import write_json, write_parquet
+from ..run import load_run_config
 from ..select import SelectInputs, keep_count
+from .data import EvalData, load_eval_data
+from .plots import plot_curves
+from .probe import probe_accuracy, stratified_split
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
-TEST_SPLITS = ("test", "val", "valid", "validation", "heldout", "held_out", "holdout", "eval")
 
 
 @dataclass(frozen=True)
@@ -34,60 +34,6 @@ class Variant:
     selector: str
     params: dict = field(default_factory=dict)
     seeds: int = 1
-
-
-@dataclass(frozen=True)
-class EvalData:
-    """Labelled rows of a run, aligned by row. ``labels`` are the probe's target codes; ``select_labels``
-    are the run's own label codes that selectors see (None without labels); ``test`` is never pruned."""
-
-    uid: np.ndarray
-    embeddings: np.ndarray
-    labels: np.ndarray
-    test: np.ndarray
-    cluster: np.ndarray
-    cos_dist: np.ndarray
-    centroids: np.ndarray
-    scores: dict
-    select_labels: np.ndarray | None = None
-    seed: int = 0
-    split_source: str = ""
-
-
-# ---------------------------------------------------------------- pure numeric parts
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """Seeded stratified hold-out: ``round(test_fraction * n_c)`` rows of every class c with at least
-    two rows go to the test side (so every such class keeps a training row). Returns the test mask."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"eval: test fraction must be in (0, 1), got {test_fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        n_test = min(int(round(test_fraction * len(rows))), len(rows) - 1)
-        test[rows[:max(n_test, 0)]] = True
-    return test
-
-
-def probe_accuracy(x_train, y_train, x_test, y_test, max_iter: int = 200, C: float = 1.0) -> float:
-    """Multinomial logistic regression (lbfgs, fixed ``max_iter``: deterministic) on standardised
-    features; accuracy on the test rows. One training class predicts that class; none scores 0."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    y_test = np.asarray(y_test)
-    classes = np.unique(y_train)
-    if len(classes) == 0 or len(y_test) == 0:
-        return 0.0
-    if len(classes) == 1:
-        return float(np.mean(y_test == classes[0]))
-    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
-    clf = LogisticRegression(C=C, max_iter=max_iter)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # fixed budget on purpose: same fit every time
-        clf.fit((x_train - mean) / std, y_train)
-    return float(np.mean(clf.predict((x_test - mean) / std) == y_test))
 
 
 def default_variants(metrics, select_cfg=None, seeds: int = 5) -> list[Variant]:
@@ -167,7 +113,7 @@ def evaluate_curves(data: EvalData, variants, fractions=DEFAULT_FRACTIONS, max_i
 
     def accuracy(keep: np.ndarray) -> float:
         rows = train_idx[keep]
-        key = hashlib.sha1(rows.tobytes()).hexdigest()
+        key = hashlib.blake2b(rows.tobytes(), digest_size=20).hexdigest()
         if key not in cache:
             cache[key] = probe_accuracy(data.embeddings[rows], data.labels[rows], x_test, y_test, max_iter, C)
         return cache[key]
@@ -233,129 +179,6 @@ def format_table(table: pd.DataFrame) -> str:
     return accuracy_grid(table).to_string()
 
 
-def plot_curves(table: pd.DataFrame, rec: dict, path: Path, title: str = "") -> None:
-    """Accuracy vs keep fraction, one line per curve; random as mean ± std band; full data dashed.
-    Left: every curve; right: zoomed on the band near the full-data accuracy."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
-    axes = fig.subplots(1, 2)
-    full, tol = rec["full_accuracy"], rec["tolerance"]
-    for ax in axes:
-        _draw_curves(ax, table, rec)
-        ax.set(xlabel="keep fraction of the training rows", xlim=(0, 1.02))
-        ax.grid(alpha=0.3)
-    axes[0].set(ylabel="linear-probe accuracy (held-out)", title="all curves")
-    span = max(5 * tol, 0.05)
-    axes[1].set(ylim=(full - span, min(1.0, full + span / 5) + 0.002), title=f"zoom: within {span:.2f} of full data")
-    axes[0].legend(fontsize=7, loc="lower right", ncol=2)
-    fig.suptitle(title or "pruning curves")
-    fig.savefig(path)
-
-
-def _draw_curves(ax, table: pd.DataFrame, rec: dict) -> None:
-    colours: dict[str, str] = {}
-    for name, part in table.groupby("variant", sort=False):
-        part = part.sort_values("fraction")
-        x, y = part["fraction"].to_numpy(), part["accuracy"].to_numpy()
-        metric, mode = part["metric"].iloc[0], str(part["mode"].iloc[0])
-        if name == "random":
-            sd = part["accuracy_std"].to_numpy()
-            ax.fill_between(x, y - sd, y + sd, color="0.6", alpha=0.3, lw=0)
-            ax.plot(x, y, color="0.35", lw=2, marker="o", ms=3, label=f"random (mean ± std, {part['seeds'].iloc[0]} seeds)")
-        elif mode.startswith("config"):  # wide and faint underneath, so a curve it equals stays visible
-            ax.plot(x, y, "-", color="k", lw=6, alpha=0.18, zorder=1, label=name)
-        else:
-            style = "--" if mode.endswith("easy") else ":" if mode in ("ccs", "groups") else "-"
-            ax.plot(x, y, style, color=colours.setdefault(metric, f"C{len(colours)}"), marker="o", ms=3, label=name,
-                    zorder=3)
-    full, tol = rec["full_accuracy"], rec["tolerance"]
-    ax.axhline(full, color="k", lw=0.8, ls="--")
-    ax.axhspan(full - tol, full, color="green", alpha=0.08, label=f"within {tol:.3f} of full data")
-    if rec.get("variant"):
-        ax.plot([rec["fraction"]], [rec["accuracy"]], marker="*", ms=16, color="gold", mec="k", zorder=5,
-                label=f"recommended: {rec['variant']} @ {rec['fraction']:.0%}", ls="none")
-
-
-# ---------------------------------------------------------------- run folder I/O
-def _require_stages(run: Run, stages=("embed", "cluster", "score")) -> None:
-    for stage in stages:
-        for shard in run.shards:
-            if not is_done(run.dir(stage), shard["name"]):
-                raise StageError(f"eval: {run.dir(stage)} has no finished output for shard {shard['name']}; "
-                                 f"run 'datapruning {stage} --output {run.output}' (or 'run') first")
-
-
-def _shard_column(run: Run, name: str, uid: pa.Array, column: str) -> pa.Array | None:
-    """``column`` for one shard from its embeddings parquet, else its manifest; None when neither has it."""
-    for stage in ("embed", "manifest"):
-        path = run.dir(stage) / f"{name}.parquet"
-        if path.exists() and column in pq.read_schema(path).names:
-            return load_columns(run, stage, name, uid, [column])[column].combine_chunks()
-    return None
-
-
-def load_eval_data(run_dir, label_column: str = "label", test_split: str | None = None,
-                   test_fraction: float = 0.2) -> EvalData:
-    """Embeddings, clusters, scores and labels of a run; rows without a label are left out."""
-    run = Run(load_run_config(Path(run_dir)), Path(run_dir))
-    _require_stages(run)
-    arrays = load_run_arrays(run, with_embeddings=True)
-    labels_raw, splits = [], []
-    for name, lo, hi in arrays["bounds"]:
-        uid = pa.array(arrays["uid"][lo:hi], pa.string())
-        col = _shard_column(run, name, uid, label_column)
-        if col is None:
-            raise StageError(f"eval needs labels: no column {label_column!r} in {run.dir('embed') / name}.parquet "
-                             "or its manifest; pass --label-column NAME")
-        labels_raw.append(col)
-        splits.append(_shard_column(run, name, uid, "split"))
-    labels, _ = label_codes(labels_raw)
-    if labels is None or (labels >= 0).sum() < 4:
-        raise StageError(f"eval needs labels: column {label_column!r} of {run.output} has fewer than 4 labelled rows")
-    rows = labels >= 0
-    test, source = _heldout(splits, labels, rows, test_split, test_fraction, run.cfg.seed)
-    scores = {m: s[rows] for m, s in load_scores(run, arrays).items()}
-    if "el2n" in scores:
-        scores["el2n"] = _el2n_without_heldout(run, arrays["embeddings"][rows], labels[rows], test, scores["el2n"])
-    sel = arrays["labels"]
-    return EvalData(uid=arrays["uid"][rows], embeddings=arrays["embeddings"][rows], labels=labels[rows], test=test,
-                    cluster=arrays["cluster"][rows], cos_dist=arrays["cos_dist"][rows],
-                    centroids=np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False), scores=scores,
-                    select_labels=None if sel is None else sel[rows], seed=run.cfg.seed, split_source=source)
-
-
-def _el2n_without_heldout(run: Run, x: np.ndarray, labels: np.ndarray, test: np.ndarray, stored: np.ndarray):
-    """The run's EL2N proxy heads saw every labelled row, held-out ones included; for the curves, retrain them
-    on the training rows only (same parameters), so no held-out label shapes which rows count as hard.
-    Scores from the user's own logits are kept as they are."""
-    from ..metrics.el2n import el2n_proxy
-
-    params = dict(run.cfg.score.params.get("el2n", {}))
-    if params.get("logits"):
-        return stored
-    keys = ("n_models", "epochs", "hidden", "lr")
-    out = np.full(len(labels), np.nan)
-    out[~test] = el2n_proxy(x[~test], labels[~test], seed=params.get("seed", run.cfg.seed),
-                            **{k: params[k] for k in keys if k in params})
-    return out
-
-
-def _heldout(splits, labels, rows, test_split, test_fraction, seed) -> tuple[np.ndarray, str]:
-    """Test mask over the labelled rows: the split column when it names a test side, else stratified."""
-    if all(s is not None for s in splits) and splits:
-        values = np.asarray(pa.concat_arrays([s.cast(pa.string()) for s in splits]).to_pylist(), dtype=object)[rows]
-        values = np.array([str(v).lower() for v in values])
-        test = values == test_split.lower() if test_split else np.isin(values, TEST_SPLITS)
-        if test.any() and (~test).any():
-            return test, f"split column, held out: {', '.join(sorted(set(values[test])))}"
-        if test_split:
-            raise StageError(f"eval: --test-split {test_split!r} matches {int(test.sum())} of {len(test)} rows of "
-                             f"the split column (values: {sorted(set(values))[:10]})")
-    test = stratified_split(labels[rows], test_fraction, seed)
-    return test, f"seeded stratified split, {test_fraction:.0%}, seed {seed}"
-
-
 def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, seeds: int = 5,
              tolerance: float = 0.01, test_split: str | None = None, test_fraction: float = 0.2,
              max_iter: int = 200) -> dict:
@@ -392,5 +215,5 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
 
 
 __all__ = ["DEFAULT_FRACTIONS", "Variant", "EvalData", "stratified_split", "probe_accuracy", "default_variants",
-           "select_train", "evaluate_curves", "recommend", "accuracy_grid", "format_table", "plot_curves", "load_eval_data",
-           "run_eval"]
+           "select_train", "evaluate_curves", "recommend", "accuracy_grid", "format_table", "plot_curves",
+           "load_eval_data", "run_eval"]

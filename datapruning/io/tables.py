@@ -60,9 +60,13 @@ def normalise_rows(matrix: np.ndarray, where: str, skipped: Counter, keys, stric
 def read_parquet(path: str, columns=None) -> pa.Table:
     try:
         with fsspec.open(path, "rb") as fh:
-            return pq.read_table(fh, columns=columns)
+            table = pq.read_table(fh, columns=columns)
+        _names = table.column_names  # pyarrow decodes names lazily: a non-UTF-8 name fails here, not later
+        return table
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a readable parquet file (a column name is not UTF-8: {exc.reason})") from None
     except KeyError as exc:
         raise InputError(f"{path}: missing column {exc}") from None
 

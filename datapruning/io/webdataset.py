@@ -1,15 +1,20 @@
-"""Read webdataset tar shards as samples: {"__key__": key, ext: bytes}, with bad members counted, not fatal."""
+"""The one webdataset tar reader: members grouped into samples by key, bad members counted, not fatal."""
 from __future__ import annotations
 
 import logging
 import tarfile
 from collections import Counter
-from typing import Iterator
+from pathlib import PurePosixPath
+from typing import Callable, Iterator
 
 import fsspec
-from ..errors import BadSample
+from ..errors import BadSample, DataPruningError, UnsafeMember
 
 log = logging.getLogger(__name__)
+
+Member = tuple[str, "tarfile.TarInfo | None", bytes]  # (suffix as written, header or None on the fast path, bytes)
+OnSkip = Callable[[str, "str | None", str], None]  # (reason, key or None, detail): count it, log it, or raise
+SHARD_DAMAGE = ("unreadable_shard", "truncated_shard")  # the reasons that end a shard early
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -21,66 +26,19 @@ def split_member(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:].lower()
 
 
-def _tarfile_members(raw) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file, streamed by ``tarfile`` (any tar dialect, compressed too)."""
-    with tarfile.open(fileobj=raw, mode="r|*") as tar:
-        for member in tar:
-            if member.isfile():
-                yield member.name, tar.extractfile(member).read()
-
-
-def _group(members, shard: str, skipped: Counter, strict: bool, state: dict) -> Iterator[dict]:
-    """Group consecutive members by key into samples. The sample being built stays in ``state`` so the
-    caller decides what to do with it (yield it at the end, or drop it when the tar breaks)."""
-    for name, data in members:
-        key, ext = split_member(name)
-        if key.startswith("__") or not ext:  # webdataset ignores these too
-            continue
-        current = state["current"]
-        if current is not None and current["__key__"] != key:
-            state["current"] = None
-            state["emitted"] += 1
-            yield current
-            current = None
-        if current is None:
-            current = state["current"] = {"__key__": key}
-        if ext in current:
-            skip(skipped, "duplicate_member", shard, key, f"repeats .{ext}", strict)
-            continue
-        current[ext] = data
-
-
-def iter_tar_samples(path: str, shard: str, skipped: Counter, strict: bool = False,
-                     fast: bool = False) -> Iterator[dict]:
-    """Yield grouped samples from a (possibly remote) tar. A truncated or non-tar file ends the shard
-    with a counted skip (or raises BadSample in strict mode); files within a sample keep their bytes.
-    ``fast`` parses plain tars with ``io.tarstream`` and falls back to tarfile for anything else."""
-    from .tarstream import Unsupported, plain_tar_members
-
-    state, local = {"current": None, "emitted": 0}, Counter()
-    try:
-        with fsspec.open(path, "rb") as raw:
-            yield from _group(plain_tar_members(raw) if fast else _tarfile_members(raw), shard, local, strict, state)
-    except Unsupported as exc:
-        log.info("shard %s: %s; reading it with tarfile", shard, exc)
-        for i, sample in enumerate(iter_tar_samples(path, shard, skipped, strict)):
-            if i >= state["emitted"]:
-                yield sample
-        return
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        if isinstance(exc, BadSample):
-            raise
-        current = state["current"]
-        reason = "unreadable_shard" if current is None else "truncated_shard"
-        skip(local, reason, shard, current["__key__"] if current else None, f"{type(exc).__name__}: {exc}", strict)
-        skipped.update(local)
-        return  # the partial last sample is dropped: it may be missing members
-    skipped.update(local)
-    if state["current"] is not None:
-        yield state["current"]
+def check_member(member: tarfile.TarInfo, shard: str) -> None:
+    """Refuse a member that must not be copied: a link, a device or fifo, an absolute or '..' path."""
+    name = member.name
+    if member.issym() or member.islnk():
+        raise UnsafeMember(f"shard {shard}: tar member {name!r} is a link; refusing to copy it")
+    if not (member.isfile() or member.isdir()):
+        raise UnsafeMember(f"shard {shard}: tar member {name!r} is not a regular file")
+    if name.startswith("/") or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+        raise UnsafeMember(f"shard {shard}: tar member {name!r} has an absolute or '..' path")
 
 
 def skip(skipped: Counter, reason: str, shard: str, key: str | None, detail: str, strict: bool) -> None:
+    """The counting error handler: count ``reason`` and log it, or raise BadSample in strict mode."""
     where = f"shard {shard}" + (f", key {key}" if key else "")
     if strict:
         raise BadSample(f"{where}: {reason} ({detail})")
@@ -88,3 +46,118 @@ def skip(skipped: Counter, reason: str, shard: str, key: str | None, detail: str
     log.warning("skipping %s: %s (%s)", where, reason, detail)
 
 
+def counting(skipped: Counter, shard: str, strict: bool = False) -> OnSkip:
+    """``skip`` as an ``OnSkip`` handler for one shard."""
+    return lambda reason, key, detail: skip(skipped, reason, shard, key, detail, strict)
+
+
+def _tarfile_members(raw, shard: str, safe: bool) -> Iterator[tuple[str, tarfile.TarInfo, bytes]]:
+    """(name, header, bytes) of each regular file, streamed by ``tarfile`` (any tar dialect, compressed too).
+    ``safe`` checks every member with ``check_member`` first; otherwise links, devices and folders are skipped."""
+    with tarfile.open(fileobj=raw, mode="r|*") as tar:
+        for member in tar:
+            if safe:
+                check_member(member, shard)
+            if member.isfile():
+                yield member.name, member, tar.extractfile(member).read()
+
+
+def _fast_members(raw) -> Iterator[tuple[str, None, bytes]]:
+    from .tarstream import plain_tar_members
+
+    for name, data in plain_tar_members(raw):
+        yield name, None, data
+
+
+def _group(members, on_skip: OnSkip, state: dict) -> Iterator[tuple[str, list[Member]]]:
+    """Group consecutive members by key. The group being built stays in ``state`` until the next key starts,
+    so a tar that breaks drops it (it may be missing members). First copy of an extension, first group of a
+    key win; the repeats are reported to ``on_skip``."""
+    seen: set[str] = set()
+    for name, info, data in members:
+        key, ext = split_member(name)
+        if key.startswith("__") or not ext:  # webdataset ignores these too
+            continue
+        if state["key"] != key:
+            if state["members"]:
+                yield state["key"], state["members"]
+            state["key"], state["members"] = key, []
+            if key in seen:
+                on_skip("duplicate_key", key, "key repeats within the shard")
+                state["members"] = None  # drop the members of this group
+                continue
+            seen.add(key)
+        if state["members"] is None:
+            continue
+        if any(suffix.lower() == ext for suffix, _, _ in state["members"]):
+            on_skip("duplicate_member", key, f"repeats .{ext}")
+            continue
+        state["members"].append((name[len(key) + 1:], info, data))
+
+
+def iter_tar_groups(path: str, shard: str, on_skip: OnSkip, fast: bool = False,
+                    safe: bool = False) -> Iterator[tuple[str, list[Member]]]:
+    """Yield ``(key, [(suffix as written, tarinfo or None, bytes), ...])`` per sample of a (possibly remote) tar.
+
+    Consecutive members with one key form a sample; names starting with '__' and names without an extension
+    are ignored; a repeated extension or a repeated key is reported to ``on_skip`` and the first one kept.
+    A truncated or non-tar file ends the shard through ``on_skip`` ('truncated_shard' when a sample was being
+    read, which is dropped; else 'unreadable_shard'). ``fast`` parses plain tars with ``io.tarstream`` (no
+    tarinfo) and falls back to tarfile for anything else. ``safe`` raises UnsafeMember on links, devices,
+    absolute and '..' names (for readers that copy members) instead of skipping them."""
+    from .tarstream import Unsupported
+
+    state, events = {"key": None, "members": None, "emitted": 0}, [0]
+
+    def report(reason, key, detail):
+        events[0] += 1
+        on_skip(reason, key, detail)
+
+    damage = None
+    try:
+        with fsspec.open(path, "rb") as raw:
+            members = _fast_members(raw) if fast and not safe else _tarfile_members(raw, shard, safe)
+            for group in _group(members, report, state):
+                state["emitted"] += 1
+                yield group
+    except Unsupported as exc:
+        log.info("shard %s: %s; reading it with tarfile", shard, exc)
+        yield from _reread(path, shard, on_skip, state["emitted"], events[0])
+        return
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        if isinstance(exc, DataPruningError):
+            raise
+        damage = f"{type(exc).__name__}: {exc}"
+    if damage is not None:
+        key = state["key"]
+        report("unreadable_shard" if key is None else "truncated_shard", key, damage)
+        return  # the partial last sample is dropped: it may be missing members
+    if state["members"]:
+        yield state["key"], state["members"]
+
+
+def _reread(path: str, shard: str, on_skip: OnSkip, emitted: int, reported: int):
+    """The tarfile pass after the fast parser gave up: it meets the same members in the same order, so the
+    first ``emitted`` samples and ``reported`` skips were already handed out."""
+    left = [reported]
+
+    def once(reason, key, detail):
+        if left[0] > 0:
+            left[0] -= 1
+            return
+        on_skip(reason, key, detail)
+
+    for i, group in enumerate(iter_tar_groups(path, shard, once)):
+        if i >= emitted:
+            yield group
+
+
+def iter_tar_samples(path: str, shard: str, skipped: Counter, strict: bool = False,
+                     fast: bool = False) -> Iterator[dict]:
+    """Yield samples ``{"__key__": key, ext: bytes}`` (extensions lower-case) from ``iter_tar_groups``, each
+    skip counted in ``skipped`` (or raised as BadSample in strict mode)."""
+    for key, members in iter_tar_groups(path, shard, counting(skipped, shard, strict), fast=fast):
+        sample = {"__key__": key}
+        for suffix, _, data in members:
+            sample[suffix.lower()] = data
+        yield sample

@@ -1,12 +1,15 @@
-"""Coverage-centric coreset selection (Zheng et al., ICLR 2023) for high pruning rates (METHODS.md §5)."""
+"""Coverage-centric coreset selection (Zheng et al., ICLR 2023) for high pruning rates.
+
+See docs/methods.md#ccs-coverage-centric-selection.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from .ranking import keep_by_quota, rank_order
 
-# (prune fraction, beta) anchors: METHODS.md gives 0.2 at 80% and 0.3 at 90% pruning; at <= 50% the
-# hardest examples are worth keeping (beta 0). Linear in between, held at 0.3 above 90%.
+# (prune fraction, beta) anchors: docs/methods.md#ccs-coverage-centric-selection gives 0.2 at 80% and 0.3 at
+# 90% pruning; at <= 50% the hardest examples are worth keeping (beta 0). Linear in between, held at 0.3 above 90%.
 BETA_ANCHORS = ((0.0, 0.0), (0.5, 0.0), (0.8, 0.2), (0.9, 0.3), (1.0, 0.3))
 
 

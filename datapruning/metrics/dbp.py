@@ -1,4 +1,7 @@
-"""Density-based pruning (Abbas et al., ICLR 2024): cluster complexity, softmax shares, exact quotas (METHODS.md §2)."""
+"""Density-based pruning (Abbas et al., ICLR 2024): cluster complexity, softmax shares, exact quotas.
+
+See docs/methods.md#dbp-density-based-pruning.
+"""
 from __future__ import annotations
 
 import logging

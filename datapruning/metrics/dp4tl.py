@@ -1,4 +1,7 @@
-"""Transfer-aware pruning DP4TL (Zhang et al., NeurIPS 2023): label and feature mapping (METHODS.md §4)."""
+"""Transfer-aware pruning DP4TL (Zhang et al., NeurIPS 2023): label and feature mapping.
+
+See docs/methods.md#dp4tl-transfer-aware-pruning.
+"""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,7 @@
-"""EL2N (Paul, Ganguli, Dziugaite, NeurIPS 2021): from user logits or from cheap proxy heads (METHODS.md §5)."""
+"""EL2N (Paul, Ganguli, Dziugaite, NeurIPS 2021): from user logits or from cheap proxy heads.
+
+See docs/methods.md#el2n-error-l2-norm-scores.
+"""
 from __future__ import annotations
 
 import logging

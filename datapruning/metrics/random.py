@@ -1,6 +1,8 @@
-"""Random baseline (docs/methods.md#random-seeded-baseline): seeded uniform scores keyed by uid, and the
-seeded per-row key every selection uses to break ties. Both hash the uid bytes, vectorised: no per-row
-Python, and a sample's value does not depend on its row, shard or the order shards were read in."""
+"""Random baseline and tie keys: seeded uniform scores keyed by uid, vectorised over the uid bytes.
+
+The same seeded uid hash breaks ties in every selection, so no value depends on a row's position, its
+shard or the order shards were read in. See docs/methods.md#random-seeded-baseline.
+"""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,7 @@
-"""SemDeDup (Abbas et al. 2023): blocked within-cluster duplicate scores, eps masks and eps tuning (METHODS.md §3)."""
+"""SemDeDup (Abbas et al. 2023): blocked within-cluster duplicate scores, eps masks and eps tuning.
+
+See docs/methods.md#semdedup-semantic-deduplication.
+"""
 from __future__ import annotations
 
 import logging

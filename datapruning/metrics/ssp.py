@@ -1,4 +1,7 @@
-"""Self-supervised prototypicality (Sorscher et al., NeurIPS 2022), METHODS.md section 1."""
+"""Self-supervised prototypicality (Sorscher et al., NeurIPS 2022).
+
+See docs/methods.md#ssp-self-supervised-prototypicality.
+"""
 from __future__ import annotations
 
 import numpy as np
