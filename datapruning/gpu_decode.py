@@ -84,6 +84,49 @@ def crop_box(h: int, w: int, crop: tuple[int, int]) -> tuple[int, int, int, int]
     return int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0)), pad_h, pad_w
 
 
+def resize_matrix(n_in: int, n_out: int, start: int, take: int, interpolation: str, device: str):
+    """float32 [take, n_in]: output pixels ``start .. start+take`` of an antialiased 1-D resize from
+    ``n_in`` to ``n_out`` as a matrix (torch's own weights: the resize applied to the identity)."""
+    import torch
+    import torch.nn.functional as F
+
+    key = (n_in, n_out, start, take, interpolation, str(device))
+    cached = _MATRICES.get(key)
+    if cached is None:
+        eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, 1, n_in)
+        w = F.interpolate(eye, size=(1, n_out), mode=interpolation, align_corners=False, antialias=True)
+        cached = w.view(n_in, n_out)[:, start:start + take].T.contiguous().to(device, torch.float32)
+        if len(_MATRICES) > 256:  # many distinct sizes: keep the cache bounded
+            _MATRICES.clear()
+        _MATRICES[key] = cached
+    return cached
+
+
+_MATRICES: dict = {}
+
+
+def _resize_crop(batch, spec: PreprocessSpec):
+    """uint8 [B, 3, h, w] of one size -> float [B, 3, crop] with values 0..255, or None when a pad is needed.
+    Two batched GEMMs (width, then height, only the cropped outputs), each rounded to uint8 values as PIL's
+    two passes are (PIL resizes horizontally into an 8-bit image, then vertically)."""
+    h, w = batch.shape[-2:]
+    size = resized_size(h, w, spec.resize)
+    crop = spec.crop or size
+    top, left, pad_h, pad_w = crop_box(size[0], size[1], crop)
+    if pad_h or pad_w:
+        return None
+    x = batch.float()
+    if size[1] != w:
+        x = (x @ resize_matrix(w, size[1], left, crop[1], spec.interpolation, x.device).T).round_().clamp_(0, 255)
+    else:
+        x = x[..., left:left + crop[1]]
+    if size[0] != h:
+        x = (resize_matrix(h, size[0], top, crop[0], spec.interpolation, x.device) @ x).round_().clamp_(0, 255)
+    else:
+        x = x[..., top:top + crop[0], :]
+    return x
+
+
 def preprocess_images(images: list, spec: PreprocessSpec):
     """uint8 [3, H, W] tensors (any mix of sizes, one device) -> float32 [B, 3, h, w] model input.
     Images of equal size are resized together."""
@@ -95,24 +138,26 @@ def preprocess_images(images: list, spec: PreprocessSpec):
     for i, img in enumerate(images):
         groups.setdefault(tuple(img.shape[-2:]), []).append(i)
     for (h, w), rows in groups.items():
-        batch = torch.stack([images[i] for i in rows])
-        size = resized_size(h, w, spec.resize)
-        if size != (h, w):
-            x = F.interpolate(batch.float(), size=size, mode=spec.interpolation, align_corners=False, antialias=True)
-            batch = x.round_().clamp_(0, 255)  # PIL works in uint8: round like it does
-        else:
-            batch = batch.float()
-        if spec.crop is not None:
+        batch = torch.stack([images[i] for i in rows]) if len(rows) > 1 else images[rows[0]][None]
+        x = _resize_crop(batch, spec)
+        if x is None:  # smaller than the crop: torchvision's padding path
+            size = resized_size(h, w, spec.resize)
+            x = batch.float()
+            if size != (h, w):
+                x = F.interpolate(x, size=size, mode=spec.interpolation, align_corners=False,
+                                  antialias=True).round_().clamp_(0, 255)
             top, left, pad_h, pad_w = crop_box(size[0], size[1], spec.crop)
-            if pad_h or pad_w:
-                batch = F.pad(batch, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
-            batch = batch[:, :, top:top + spec.crop[0], left:left + spec.crop[1]]
+            x = F.pad(x, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+            x = x[:, :, top:top + spec.crop[0], left:left + spec.crop[1]]
+        if len(groups) == 1:
+            out = x
+            break
         for j, i in enumerate(rows):
-            out[i] = batch[j]
-    x = torch.stack(out).div_(255.0)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+            out[i] = x[j]
+    x = out if isinstance(out, torch.Tensor) else torch.stack(out)
+    scale = torch.tensor([1 / (255.0 * v) for v in spec.std], device=x.device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / v for m, v in zip(spec.mean, spec.std)], device=x.device).view(1, 3, 1, 1)
+    return torch.addcmul(shift, x, scale)
 
 
 def _pil_to_tensor(data: bytes):
