@@ -263,3 +263,21 @@ def test_fast_tar_reader_on_non_tars(tmp_path):
         (tmp_path / name).write_bytes(data)
         ref, fast = both_readers(tmp_path / name)
         assert fast == ref and ref == ([], counts), name
+
+
+@pytest.mark.gpu
+def test_nvjpeg_path_within_one_level_of_pil_on_photos():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_embed import jpeg_bytes
+
+    rng = np.random.default_rng(9)
+    datas = [jpeg_bytes(rng, 375, 500) for _ in range(8)]
+    pre = open_clip_preprocess()
+    spec = spec_from_transform(pre)
+    ours = preprocess_images(decode_images(datas, "cuda"), spec).cpu()
+    ref = torch.stack([pre(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas])
+    levels = ((ours - ref) * torch.tensor(spec.std).view(1, 3, 1, 1) * 255).abs()
+    assert float(levels.max()) <= 1.01
