@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PREFETCH = 3  # batches decoded ahead of the model, per decode thread
-DECODE_THREADS = 2  # decode threads, each on its own CUDA stream (batches dealt round robin, order kept)
+DECODE_THREADS = 2  # decode threads, each on its own CUDA stream (batches dealt round robin, order kept);
+# 0 decodes on the model's thread (the GPU still overlaps: the model runs while the next batch decodes)
 CPU_DECODE_SHARE = 0.0  # share of each batch's JPEGs decoded by libjpeg on CPU threads beside nvjpeg
 CPU_DECODE_WORKERS = 8
 PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb", "convert_to_rgb")
@@ -215,7 +217,9 @@ def decode_images(datas: list[bytes], device: str, cpu_pool=None, cpu_share: flo
 
     out: list = [None] * len(datas)
     jpeg = [i for i, d in enumerate(datas) if d[:3] == JPEG_MAGIC]
-    raw = {i: torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpeg}
+    with warnings.catch_warnings():  # read-only bytes: nothing writes to these tensors
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        raw = {i: torch.frombuffer(datas[i], dtype=torch.uint8) for i in jpeg}
     n_cpu = int(len(jpeg) * cpu_share) if cpu_pool is not None and device.startswith("cuda") else 0
     on_cpu = jpeg[len(jpeg) - n_cpu:] if n_cpu else []
     futures = [(i, cpu_pool.submit(_cpu_jpeg, raw[i])) for i in on_cpu]
@@ -294,6 +298,23 @@ def _read_batches(cfg, path: str, shard: str, skipped: Counter, outs: list, stop
             _put(outs[(n + j) % len(outs)], _Stop(exc), stop)
 
 
+def _decode_one(spec, device: str, batch: list, stream, cpu_pool=None):
+    """One byte batch -> (metas, reasons, model input, ready event), the GPU work queued on ``stream``."""
+    import torch
+
+    with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        datas = [d for _, d in batch if isinstance(d, bytes)]
+        decoded = iter(decode_images(datas, device, cpu_pool, CPU_DECODE_SHARE))
+        items = [next(decoded) if isinstance(d, bytes) else d for _, d in batch]
+        good = [t for t in items if not isinstance(t, str)]
+        x = preprocess_images(good, spec) if good else None
+        ready = torch.cuda.Event() if stream is not None else None
+        if ready is not None:
+            ready.record(stream)
+    reasons = [t if isinstance(t, str) else None for t in items]
+    return [m for m, _ in batch], reasons, x, ready
+
+
 def _decode_batches(spec, device: str, inp: queue.Queue, out: queue.Queue, stop: threading.Event, cpu_pool=None):
     """Decode thread: byte batches -> (metas, reasons, model input, ready event) on its own CUDA stream.
     The model's stream waits on the event instead of this thread blocking until the batch is done."""
@@ -306,17 +327,7 @@ def _decode_batches(spec, device: str, inp: queue.Queue, out: queue.Queue, stop:
             if isinstance(batch, _Stop):
                 _put(out, batch, stop)
                 return
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                datas = [d for _, d in batch if isinstance(d, bytes)]
-                decoded = iter(decode_images(datas, device, cpu_pool, CPU_DECODE_SHARE))
-                items = [next(decoded) if isinstance(d, bytes) else d for _, d in batch]
-                good = [t for t in items if not isinstance(t, str)]
-                x = preprocess_images(good, spec) if good else None
-                ready = torch.cuda.Event() if stream is not None else None
-                if ready is not None:
-                    ready.record(stream)
-            reasons = [t if isinstance(t, str) else None for t in items]
-            if not _put(out, ([m for m, _ in batch], reasons, x, ready), stop):
+            if not _put(out, _decode_one(spec, device, batch, stream, cpu_pool), stop):
                 return
     except BaseException as exc:  # noqa: BLE001
         _put(out, _Stop(exc), stop)
@@ -361,14 +372,16 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
     rows = {"uid": [], "shard": [], "key": [], "label": [], "text": []}
     chunks: list = []
     n_dec = max(1, DECODE_THREADS)
+    inline = DECODE_THREADS <= 0
     raw_qs = [queue.Queue(maxsize=PREFETCH) for _ in range(n_dec)]
-    ready_qs = [queue.Queue(maxsize=PREFETCH) for _ in range(n_dec)]
+    ready_qs = raw_qs if inline else [queue.Queue(maxsize=PREFETCH) for _ in range(n_dec)]
     stop = threading.Event()
     cpu_pool = (ThreadPoolExecutor(CPU_DECODE_WORKERS) if CPU_DECODE_SHARE > 0 and device.startswith("cuda")
                 else None)
     threads = [threading.Thread(target=_read_batches, args=(cfg, path, shard, read_skipped, raw_qs, stop), daemon=True)]
-    threads += [threading.Thread(target=_decode_batches, args=(spec, device, raw_qs[j], ready_qs[j], stop, cpu_pool),
-                                 daemon=True) for j in range(n_dec)]
+    threads += [] if inline else [threading.Thread(target=_decode_batches, daemon=True,
+                                                   args=(spec, device, raw_qs[j], ready_qs[j], stop, cpu_pool))
+                                  for j in range(n_dec)]
     for t in threads:
         t.start()
     waited = busy = 0.0
@@ -384,6 +397,8 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
                 if item.error is not None:
                     raise item.error
                 break
+            if inline:
+                item = _decode_one(spec, device, item, None, cpu_pool)
             metas, reasons, x, ready = item
             for meta, reason in zip(metas, reasons):
                 if reason is not None:
@@ -392,7 +407,7 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
                 for name, value in zip(("uid", "shard", "key", "label", "text"), meta):
                     rows[name].append(value)
             if x is not None:
-                if x.is_cuda:  # made on a decode stream, read on this one: wait for it, keep it from early reuse
+                if ready is not None:  # made on a decode stream, read on this one: wait for it, keep it from early reuse
                     torch.cuda.current_stream(x.device).wait_event(ready)
                     x.record_stream(torch.cuda.current_stream(x.device))
                 chunks.append(_forward(encoder, x))

@@ -75,6 +75,7 @@ def exact_agreement(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, de
 
     torch.backends.cuda.matmul.allow_tf32 = False
     xs = torch.from_numpy(np.ascontiguousarray(x[:rows])).to(device)
+    labels = labels[:rows]
     c = torch.from_numpy(centroids).to(device)
     best, gap = [], []
     for s in range(0, len(xs), 4096):

@@ -68,14 +68,15 @@ def parse(argv=None):
     return args
 
 
-def jpeg_bytes(rng: np.random.Generator, h: int, w: int) -> bytes:
+def jpeg_bytes(rng: np.random.Generator, h: int, w: int, subsampling: int = -1) -> bytes:
     """A photo-like JPEG: smooth colour fields plus grain (375x500 at quality 90 is about 90 KB)."""
     from PIL import Image
 
     base = Image.fromarray(rng.integers(0, 255, size=(h // 16 + 2, w // 16 + 2, 3)).astype(np.uint8))
     arr = np.asarray(base.resize((w, h), Image.BICUBIC)).astype(np.int16) + rng.integers(-24, 25, size=(h, w, 3))
     buf = io.BytesIO()
-    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90,
+                                                                subsampling=subsampling)  # -1: PIL's 4:2:0
     return buf.getvalue()
 
 
@@ -134,6 +135,11 @@ def decode_rates(encoder, spec, datas: list[bytes], count: int, batch_size: int,
             preprocess_images(decode_images(items[s:s + batch_size], encoder.device), spec)
         sync(encoder.device)
         out["decode_tensor_img_s"] = round(count / (time.perf_counter() - start), 1)
+        start = time.perf_counter()  # the naive loop: decode, resize, model, one after another on one thread
+        for s in range(0, count, batch_size):
+            encoder.forward(list(preprocess_images(decode_images(items[s:s + batch_size], encoder.device), spec)))
+        sync(encoder.device)
+        out["serial_loop_img_s"] = round(count / (time.perf_counter() - start), 1)
 
     def pil(data):
         return encoder.prepare(decode_input({"jpg": data}, "image", ("jpg",), ()))
@@ -163,8 +169,23 @@ def run_variants(spec_text: str, cfg, work: Path, bare: float) -> dict:
     from datapruning.io.files import read_json
     from datapruning.runner import run_stage
 
+    import logging
+    import re
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            m = re.search(r"busy ([0-9.]+)s, waited for decode ([0-9.]+)s", record.getMessage())
+            if m:
+                self.busy += float(m.group(1))
+                self.wait += float(m.group(2))
+
+    grab = Grab()
+    logger = logging.getLogger("datapruning.gpu_decode")
+    logger.addHandler(grab)
+    logger.setLevel(logging.INFO)
     out = {}
     for i, text in enumerate(filter(None, (t.strip() for t in spec_text.split(";")))):
+        grab.busy = grab.wait = 0.0
         knobs = parse_variant(text)
         saved = {k: getattr(gpu_decode, k) for k in knobs}
         try:
@@ -179,7 +200,8 @@ def run_variants(spec_text: str, cfg, work: Path, bare: float) -> dict:
         done = [read_json(p) for p in (work / f"run-v{i}" / "embeddings").glob("_*.done.json")]
         rows = sum(d["rows"] for d in done)
         out[text] = {"img_s": round(rows / seconds, 1), "ratio": round(rows / seconds / bare, 3),
-                     "model_wait_s": round(sum(d.get("model_wait_s", 0) for d in done), 2)}
+                     "stage_s": round(seconds, 2), "model_thread_busy_s": round(grab.busy, 2),
+                     "model_thread_wait_s": round(grab.wait, 2)}
         print(f"variant {text}: {rows / seconds:.0f} img/s", file=sys.stderr)
     return out
 
@@ -196,9 +218,10 @@ def check_decode(device: str, count: int = 64) -> dict:
     spec = spec_from_transform(pre)
     rng = np.random.default_rng(7)
     out = {}
-    for name, sizes in (("375x500", [(375, 500)] * count),
-                        ("mixed", [tuple(v) for v in rng.integers(120, 900, size=(count, 2))])):
-        datas = [jpeg_bytes(rng, int(h), int(w)) for h, w in sizes]
+    for name, sizes, sub in (("375x500", [(375, 500)] * count, -1),
+                             ("375x500 4:4:4 chroma", [(375, 500)] * count, 0),
+                             ("mixed", [tuple(v) for v in rng.integers(120, 900, size=(count, 2))], -1)):
+        datas = [jpeg_bytes(rng, int(h), int(w), sub) for h, w in sizes]
         ours = preprocess_images(decode_images(datas, device), spec).cpu()
         ref = torch.stack([pre(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas])
         levels = ((ours - ref) * torch.tensor(spec.std).view(1, 3, 1, 1) * 255).abs()

@@ -90,7 +90,7 @@ if [[ -n "${GPU_CHECK_QUICK:-}" ]]; then
     VARIANTS="threads=1;threads=2,cpu_share=0.5" DECODE="--image-decode tensor"
 else
     DEV=cuda EMB_N=30000 MIX_N=6000 PIL_N=6000 CL="--n 2000000 --k 16384" CHECK=
-    VARIANTS="threads=1;threads=2,cpu_share=0.25;threads=2,cpu_share=0.5,cpu_workers=12" DECODE=
+    VARIANTS="threads=0;threads=1;threads=0,prefetch=6;threads=2,cpu_share=0.15,cpu_workers=4" DECODE=
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; } >"$TMP/env.txt" 2>&1
 step tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --junitxml="$TMP/junit.xml" \

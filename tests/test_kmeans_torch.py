@@ -119,7 +119,7 @@ def test_pipeline_with_torch_backend_gives_faiss_clusters(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_cuda_matches_cpu_and_is_deterministic(precision):
-    x, truth = blobs(50000, 64, 8, seed=11, spread=0.05)
+    x, truth = blobs(50000, 64, 8, seed=12, spread=0.05)  # seed 11 has no covering init among 1000 seeds
     seed = covering_seed(truth, 8)
     c_gpu, stats = torch_kmeans(x, 8, 20, seed=seed, device="cuda", precision=precision)
     c_gpu2, _ = torch_kmeans(x, 8, 20, seed=seed, device="cuda", precision=precision)
