@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -97,18 +97,19 @@ def resize_matrix(n_in: int, n_out: int, start: int, take: int, interpolation: s
     import torch.nn.functional as F
 
     key = (n_in, n_out, start, take, interpolation, str(device))
-    cached = _MATRICES.get(key)
+    cached = _MATRICES.pop(key, None)
     if cached is None:
         eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, 1, n_in)
         w = F.interpolate(eye, size=(1, n_out), mode=interpolation, align_corners=False, antialias=True)
         cached = w.view(n_in, n_out)[:, start:start + take].T.contiguous().to(device, torch.float32)
-        if len(_MATRICES) > 256:  # many distinct sizes: keep the cache bounded
-            _MATRICES.clear()
-        _MATRICES[key] = cached
+    _MATRICES[key] = cached  # most recent last
+    if len(_MATRICES) > MATRIX_CACHE:  # least recently used out: a few hundred MiB at most
+        _MATRICES.popitem(last=False)
     return cached
 
 
-_MATRICES: dict = {}
+_MATRICES: OrderedDict = OrderedDict()
+MATRIX_CACHE = 1024  # resize matrices kept (one per input side length, output size and crop)
 
 
 def _resize_crop(batch, spec: PreprocessSpec):
