@@ -9,6 +9,12 @@ ours >= 0.85 x bare and >= 10,000 images/s for ViT-B-32 bf16.
     python scripts/bench_embed.py                          # ViT-B-32, 375x500 JPEGs (~90 KB), device auto
     python scripts/bench_embed.py --image-decode pil --decode-workers 15
     python scripts/bench_embed.py --quick                  # tiny random model, 64 images (CI)
+    python scripts/bench_embed.py --variants "threads=1;threads=2;threads=2,cpu_share=0.3"
+                                                           # the stage again per decode setting
+    python scripts/bench_embed.py --check                  # correctness on this device: decode vs PIL,
+                                                           # the whole pipeline here vs on the CPU
+
+The decode ceilings are measured alone: nvjpeg decode only, and decode + resize + crop + normalise.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import report, scratch  # noqa: E402
+from bench_common import REPO, report, scratch  # noqa: E402
 
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
                                              "patch_size": 8},
@@ -49,20 +55,28 @@ def parse(argv=None):
     p.add_argument("--workdir", help="folder for the shards and the run (default: a temporary folder)")
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--quick", action="store_true", help="tiny random model and 64 small images (CI)")
+    p.add_argument("--variants", default="",
+                   help="';'-separated decode settings to run the stage with again, e.g. 'threads=1;cpu_share=0.3' "
+                        "(gpu_decode.DECODE_THREADS, CPU_DECODE_SHARE, CPU_DECODE_WORKERS)")
+    p.add_argument("--check", action="store_true",
+                   help="correctness instead of speed: tensor-path decode vs open_clip's PIL preprocess, and the "
+                        "whole pipeline (ssp recipe) on --device against the CPU path")
+    p.add_argument("--check-images", type=int, default=1024, help="--check: distinct images in the pipeline run")
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.distinct, args.height, args.width, args.batch_size = args.images or 64, 8, 48, 64, 16
     return args
 
 
-def jpeg_bytes(rng: np.random.Generator, h: int, w: int) -> bytes:
+def jpeg_bytes(rng: np.random.Generator, h: int, w: int, subsampling: int = -1) -> bytes:
     """A photo-like JPEG: smooth colour fields plus grain (375x500 at quality 90 is about 90 KB)."""
     from PIL import Image
 
     base = Image.fromarray(rng.integers(0, 255, size=(h // 16 + 2, w // 16 + 2, 3)).astype(np.uint8))
     arr = np.asarray(base.resize((w, h), Image.BICUBIC)).astype(np.int16) + rng.integers(-24, 25, size=(h, w, 3))
     buf = io.BytesIO()
-    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90,
+                                                                subsampling=subsampling)  # -1: PIL's 4:2:0
     return buf.getvalue()
 
 
@@ -107,6 +121,13 @@ def decode_rates(encoder, spec, datas: list[bytes], count: int, batch_size: int,
     items = [datas[i % len(datas)] for i in range(count)]
     out = {}
     if spec is not None:
+        decode_images(items[:batch_size], encoder.device)  # warm-up
+        sync(encoder.device)
+        start = time.perf_counter()
+        for s in range(0, count, batch_size):
+            decode_images(items[s:s + batch_size], encoder.device)
+        sync(encoder.device)
+        out["decode_only_img_s"] = round(count / (time.perf_counter() - start), 1)
         preprocess_images(decode_images(items[:batch_size], encoder.device), spec)  # warm-up
         sync(encoder.device)
         start = time.perf_counter()
@@ -114,6 +135,11 @@ def decode_rates(encoder, spec, datas: list[bytes], count: int, batch_size: int,
             preprocess_images(decode_images(items[s:s + batch_size], encoder.device), spec)
         sync(encoder.device)
         out["decode_tensor_img_s"] = round(count / (time.perf_counter() - start), 1)
+        start = time.perf_counter()  # the naive loop: decode, resize, model, one after another on one thread
+        for s in range(0, count, batch_size):
+            encoder.forward(list(preprocess_images(decode_images(items[s:s + batch_size], encoder.device), spec)))
+        sync(encoder.device)
+        out["serial_loop_img_s"] = round(count / (time.perf_counter() - start), 1)
 
     def pil(data):
         return encoder.prepare(decode_input({"jpg": data}, "image", ("jpg",), ()))
@@ -123,6 +149,140 @@ def decode_rates(encoder, spec, datas: list[bytes], count: int, batch_size: int,
         list(pool.map(pil, items))
         out["decode_pil_img_s"] = round(count / (time.perf_counter() - start), 1)
     return out
+
+
+def parse_variant(text: str) -> dict:
+    """'threads=2,cpu_share=0.3' -> {'DECODE_THREADS': 2, 'CPU_DECODE_SHARE': 0.3}."""
+    names = {"threads": ("DECODE_THREADS", int), "cpu_share": ("CPU_DECODE_SHARE", float),
+             "cpu_workers": ("CPU_DECODE_WORKERS", int), "prefetch": ("PREFETCH", int)}
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        attr, kind = names[key.strip()]
+        out[attr] = kind(value)
+    return out
+
+
+def run_variants(spec_text: str, cfg, work: Path, bare: float) -> dict:
+    """The stage again, once per decode setting (module knobs of gpu_decode), on the same shards."""
+    from datapruning import gpu_decode
+    from datapruning.io.files import read_json
+    from datapruning.runner import run_stage
+
+    import logging
+    import re
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            m = re.search(r"busy ([0-9.]+)s, waited for decode ([0-9.]+)s", record.getMessage())
+            if m:
+                self.busy += float(m.group(1))
+                self.wait += float(m.group(2))
+
+    grab = Grab()
+    logger = logging.getLogger("datapruning.embed.gpu_decode")
+    logger.addHandler(grab)
+    logger.setLevel(logging.INFO)
+    out = {}
+    for i, text in enumerate(filter(None, (t.strip() for t in spec_text.split(";")))):
+        grab.busy = grab.wait = 0.0
+        knobs = parse_variant(text)
+        saved = {k: getattr(gpu_decode, k) for k in knobs}
+        try:
+            for k, v in knobs.items():
+                setattr(gpu_decode, k, v)
+            start = time.perf_counter()
+            run_stage("embed", cfg, work / f"run-v{i}", str(work / "shards"))
+            seconds = time.perf_counter() - start
+        finally:
+            for k, v in saved.items():
+                setattr(gpu_decode, k, v)
+        done = [read_json(p) for p in (work / f"run-v{i}" / "embeddings").glob("_*.done.json")]
+        rows = sum(d["rows"] for d in done)
+        out[text] = {"img_s": round(rows / seconds, 1), "ratio": round(rows / seconds / bare, 3),
+                     "stage_s": round(seconds, 2), "model_thread_busy_s": round(grab.busy, 2),
+                     "model_thread_wait_s": round(grab.wait, 2)}
+        print(f"variant {text}: {rows / seconds:.0f} img/s", file=sys.stderr)
+    return out
+
+
+def check_decode(device: str, count: int = 64) -> dict:
+    """The tensor path (nvjpeg on CUDA) against open_clip's PIL preprocess on photo-like JPEGs: uint8 levels."""
+    import torch
+    from PIL import Image
+    import open_clip
+
+    from datapruning.embed.gpu_decode import decode_images, preprocess_images, spec_from_transform
+
+    pre = open_clip.image_transform(224, is_train=False)
+    spec = spec_from_transform(pre)
+    rng = np.random.default_rng(7)
+    out = {}
+    for name, sizes, sub in (("375x500", [(375, 500)] * count, -1),
+                             ("375x500 4:4:4 chroma", [(375, 500)] * count, 0),
+                             ("mixed", [tuple(v) for v in rng.integers(120, 900, size=(count, 2))], -1)):
+        datas = [jpeg_bytes(rng, int(h), int(w), sub) for h, w in sizes]
+        ours = preprocess_images(decode_images(datas, device), spec).cpu()
+        ref = torch.stack([pre(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas])
+        levels = ((ours - ref) * torch.tensor(spec.std).view(1, 3, 1, 1) * 255).abs()
+        out[name] = {"images": count, "max_levels": round(float(levels.max()), 3),
+                     "mean_levels": round(float(levels.mean()), 4),
+                     "share_equal": round(float((levels < 0.5).float().mean()), 5),
+                     "share_within_1": round(float((levels < 1.5).float().mean()), 6)}
+    return out
+
+
+def check_pipeline(args, device: str, work: Path) -> dict:
+    """configs/ssp.yaml (random-init ViT-B-32, k=16, keep 50%) on ``device`` and on the CPU (PIL path, fp32,
+    faiss), same shards: embedding cosine, cluster agreement, kept-set overlap."""
+    import pyarrow.parquet as pq
+
+    from datapruning.config import load_config
+    from datapruning.runner import run_pipeline
+
+    rng = np.random.default_rng(3)
+    datas = [jpeg_bytes(rng, args.height, args.width) for _ in range(args.check_images)]
+    write_shards(work / "check-shards", datas, len(datas), 2)
+    tables = {}
+    for name, dev, extra in (("device", device, []), ("cpu", "cpu", ["embed.image_decode=pil",
+                                                                      "cluster.backend=faiss"])):
+        cfg = load_config(REPO / "configs" / "ssp.yaml",
+                          ["embed.pretrained=", "embed.allow_random_weights=true", f"embed.device={dev}",
+                           "embed.batch_size=128", "cluster.k=16", "select.keep_fraction=0.5",
+                           f"embed.model={args.model}", *extra])
+        start = time.perf_counter()
+        run_pipeline(cfg, str(work / "check-shards"), work / f"check-{name}")
+        seconds = time.perf_counter() - start
+        emb = pq.read_table(work / f"check-{name}" / "embeddings").sort_by("uid")
+        man = pq.read_table(work / f"check-{name}" / "manifest").sort_by("uid")
+        tables[name] = (emb, man, seconds)
+    (ea, ma, sa), (eb, mb, sb) = tables["device"], tables["cpu"]
+    a = np.stack(ea["embedding"].to_numpy(zero_copy_only=False))
+    b = np.stack(eb["embedding"].to_numpy(zero_copy_only=False))
+    cos = np.einsum("ij,ij->i", a, b)
+    keep_a, keep_b = ma["keep"].to_numpy(), mb["keep"].to_numpy()
+    ca, cb = ma["cluster"].to_numpy(), mb["cluster"].to_numpy()
+    pairs = {}
+    for x, y in zip(ca.tolist(), cb.tolist()):
+        pairs[x] = pairs.get(x, {})
+        pairs[x][y] = pairs[x].get(y, 0) + 1
+    matched = sum(max(v.values()) for v in pairs.values())  # rows whose cluster maps to the majority label
+    return {"images": len(datas), "same_uids": ma["uid"].equals(mb["uid"]),
+            "embedding_cos_min": round(float(cos.min()), 5), "embedding_cos_mean": round(float(cos.mean()), 6),
+            "cluster_agreement": round(matched / len(ca), 5),
+            "kept": [int(keep_a.sum()), int(keep_b.sum())],
+            "kept_overlap": round(float((keep_a & keep_b).sum() / max(1, keep_b.sum())), 5),
+            "keep_flags_equal": round(float((keep_a == keep_b).mean()), 5),
+            "seconds": {"device": round(sa, 1), "cpu": round(sb, 1)}}
+
+
+def check(args, device: str) -> dict:
+    with scratch(args.workdir, "bench_embed_check_") as work:
+        result = {"mode": "check", "device": device, "decode_vs_pil": check_decode(device),
+                  "decode_vs_pil_cpu_libjpeg": check_decode("cpu", 16)}
+        result["pipeline_vs_cpu"] = check_pipeline(args, device, work)
+    result["quick"] = args.quick
+    return result
 
 
 def main(argv=None) -> dict:
@@ -138,6 +298,11 @@ def main(argv=None) -> dict:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     images = args.images or (30000 if device == "cuda" else 384)
+    if args.check:
+        result = check(args, device)
+        print(json.dumps(result), file=sys.stderr)
+        report("bench_embed", result, args.json)
+        return result
     with scratch(args.workdir, "bench_embed_") as work:
         overrides = [f"embed.model={args.model}", "embed.pretrained=", "embed.allow_random_weights=true",
                      f"embed.device={device}", f"embed.batch_size={args.batch_size}",
@@ -162,15 +327,16 @@ def main(argv=None) -> dict:
         run_stage("embed", cfg, work / "run", str(work / "shards"))
         ours_s = time.perf_counter() - start
         rows = sum(read_json(p)["rows"] for p in (work / "run" / "embeddings").glob("_*.done.json"))
-        decode = decode_rates(encoder, spec, datas, min(images, 2048), args.batch_size, args.decode_workers)
+        decode = decode_rates(encoder, spec, datas, min(images, 4096), args.batch_size, args.decode_workers)
         ours = rows / ours_s
+        variants = run_variants(args.variants, cfg, work, bare) if spec is not None else {}
         result = {
             "model": Path(cfg.embed.model_config).stem if args.quick else args.model, "random_weights": True,
             "device": device, "bf16_autocast": device == "cuda", "image_decode": "tensor" if spec else "pil",
             "decode_workers": args.decode_workers, "batch_size": args.batch_size, "images": images,
             "rows_written": rows, "jpeg_kb": round(float(np.mean([len(d) for d in datas])) / 1024, 1),
             "jpeg_size": "mixed 200..640" if args.mixed_sizes else [args.height, args.width], "ours_img_s": round(ours, 1), "bare_img_s": round(bare, 1),
-            "ratio": round(ours / bare, 3), **decode, "quick": args.quick,
+            "ratio": round(ours / bare, 3), **decode, "variants": variants, "quick": args.quick,
             "targets": {"ratio": TARGET_RATIO, "img_s": TARGET_IMG_S, "apply": device == "cuda" and
                         args.model == "ViT-B-32" and not args.quick},
         }

@@ -119,7 +119,7 @@ def test_pipeline_with_torch_backend_gives_faiss_clusters(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_cuda_matches_cpu_and_is_deterministic(precision):
-    x, truth = blobs(50000, 64, 8, seed=11, spread=0.05)
+    x, truth = blobs(50000, 64, 8, seed=12, spread=0.05)  # seed 11 has no covering init among 1000 seeds
     seed = covering_seed(truth, 8)
     c_gpu, stats = torch_kmeans(x, 8, 20, seed=seed, device="cuda", precision=precision)
     c_gpu2, _ = torch_kmeans(x, 8, 20, seed=seed, device="cuda", precision=precision)
@@ -139,3 +139,19 @@ def test_auto_backend_uses_the_gpu():
     from datapruning.cluster import resolve_backend
 
     assert resolve_backend("auto") in ("faiss-gpu", "torch")
+
+
+def test_segment_sums_equal_index_add():
+    import torch
+
+    from datapruning.cluster.kmeans_torch import segment_sums
+
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.standard_normal((3000, 16), dtype=np.float32))
+    best = torch.from_numpy(rng.integers(0, 40, size=3000))
+    best[best == 7] = 8  # an empty cluster sums to zero
+    counts = torch.bincount(best, minlength=41)
+    expect = torch.zeros(41, 16).index_add_(0, best, x)
+    got = segment_sums(x, best, counts)
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
+    assert float(got[7].abs().max()) == 0.0 and float(got[40].abs().max()) == 0.0

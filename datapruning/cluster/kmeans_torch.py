@@ -4,7 +4,9 @@ Same init as ``faiss.Kmeans(spherical=True, seed=s)``: the first k entries of fa
 ``rand_perm(n, s + 1)``; same loop (assign by inner product, mean update, faiss's empty-cluster split,
 L2 renormalisation); same objective (sum of the best similarities before the last update). Assignment
 is a chunked GEMM (tf32 or bf16 allowed on CUDA) whose argmax is then re-scored in fp32; the centroid
-update is fp32 and deterministic (a one-hot GEMM on CUDA, where ``index_add_`` uses atomics).
+update is fp32 and deterministic: on CUDA, where ``index_add_`` uses atomics, the rows are sorted by cluster
+and summed segment by segment (``segment_reduce``: one sequential sum per output element, O(n d) instead of
+the O(n k d) of a one-hot GEMM, which cost more than the assignment itself at k = 16,384).
 """
 from __future__ import annotations
 
@@ -149,17 +151,21 @@ def _low_precision(centroids, precision: str):
     return centroids.to(_torch().bfloat16) if precision == "bf16" else None
 
 
-def _update(x, best, k: int, rows: int):
+def _update(x, best, k: int, rows: int | None = None):
     """fp32 per-cluster sums [k, d] and counts [k]; deterministic on every device."""
     torch = _torch()
-    counts = torch.bincount(best, minlength=k).to(torch.float32)
+    counts = torch.bincount(best, minlength=k)
     if x.device.type == "cpu":
-        return torch.zeros(k, x.shape[1], dtype=torch.float32).index_add_(0, best, x), counts
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device)
-    for s in range(0, len(x), rows):  # one-hot GEMM: no atomics, same bits every run
-        onehot = torch.nn.functional.one_hot(best[s:s + rows], k).to(torch.float32)
-        sums.addmm_(onehot.T, x[s:s + rows])
-    return sums, counts
+        return torch.zeros(k, x.shape[1], dtype=torch.float32).index_add_(0, best, x), counts.to(torch.float32)
+    return segment_sums(x, best, counts), counts.to(torch.float32)
+
+
+def segment_sums(x, best, counts):
+    """Per-cluster row sums without atomics: a stable sort by cluster, then one sequential fp32 sum per
+    (cluster, column) over that cluster's rows, in row order (same bits every run)."""
+    torch = _torch()
+    order = torch.sort(best, stable=True).indices
+    return torch.segment_reduce(x.index_select(0, order), "sum", lengths=counts, axis=0)
 
 
 def _renorm(c):
@@ -212,7 +218,9 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int, seed: int, device: str | Non
 
 def torch_assign(x: np.ndarray, centroids: np.ndarray, batch: int = 65536, device: str | None = None,
                  precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by inner product, streamed in ``batch`` rows: (cluster int64 [n], cos_dist float32 [n])."""
+    """Nearest centroid by inner product: (cluster int64 [n], cos_dist float32 [n]). ``batch`` rows are
+    copied to the device at a time and cut into similarity blocks there; results come back once per batch."""
+    torch = _torch()
     device = resolve_device(device)
     precision = _resolve_precision(precision, device)
     c = _as_tensor(centroids).to(device)
@@ -220,10 +228,14 @@ def torch_assign(x: np.ndarray, centroids: np.ndarray, batch: int = 65536, devic
     n = len(x)
     cluster = np.empty(n, dtype=np.int64)
     cos_dist = np.empty(n, dtype=np.float32)
-    rows = min(int(batch), block_rows(len(c)))
-    for s in range(0, n, rows):
-        block = _as_tensor(x[s:s + rows])
-        best, sim = assign_block(block.to(device, non_blocking=True), c, c_low, precision)
-        cluster[s:s + rows] = best.cpu().numpy()
-        cos_dist[s:s + rows] = (1.0 - sim).cpu().numpy()
+    rows = block_rows(len(c))
+    step = max(int(batch), rows)
+    for s in range(0, n, step):
+        chunk = _as_tensor(x[s:s + step]).to(device)
+        best = torch.empty(len(chunk), dtype=torch.int64, device=device)
+        sim = torch.empty(len(chunk), dtype=torch.float32, device=device)
+        for t in range(0, len(chunk), rows):
+            best[t:t + rows], sim[t:t + rows] = assign_block(chunk[t:t + rows], c, c_low, precision)
+        cluster[s:s + step] = best.cpu().numpy()
+        cos_dist[s:s + step] = (1.0 - sim).cpu().numpy()
     return cluster, cos_dist

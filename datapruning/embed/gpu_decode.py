@@ -12,7 +12,9 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+import warnings
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-PREFETCH = 3  # batches decoded ahead of the model
+PREFETCH = 3  # batches decoded ahead of the model, per decode thread
+DECODE_THREADS = 2  # decode threads, each on its own CUDA stream (batches dealt round robin, order kept);
+# 0 decodes on the model's thread (the GPU still overlaps: the model runs while the next batch decodes)
+CPU_DECODE_SHARE = 0.0  # share of each batch's JPEGs decoded by libjpeg on CPU threads beside nvjpeg
+CPU_DECODE_WORKERS = 8
 PASS_THROUGH = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb", "convert_to_rgb")
 
 
@@ -84,6 +90,50 @@ def crop_box(h: int, w: int, crop: tuple[int, int]) -> tuple[int, int, int, int]
     return int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0)), pad_h, pad_w
 
 
+def resize_matrix(n_in: int, n_out: int, start: int, take: int, interpolation: str, device: str):
+    """float32 [take, n_in]: output pixels ``start .. start+take`` of an antialiased 1-D resize from
+    ``n_in`` to ``n_out`` as a matrix (torch's own weights: the resize applied to the identity)."""
+    import torch
+    import torch.nn.functional as F
+
+    key = (n_in, n_out, start, take, interpolation, str(device))
+    cached = _MATRICES.pop(key, None)
+    if cached is None:
+        eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, 1, n_in)
+        w = F.interpolate(eye, size=(1, n_out), mode=interpolation, align_corners=False, antialias=True)
+        cached = w.view(n_in, n_out)[:, start:start + take].T.contiguous().to(device, torch.float32)
+    _MATRICES[key] = cached  # most recent last
+    if len(_MATRICES) > MATRIX_CACHE:  # least recently used out: a few hundred MiB at most
+        _MATRICES.popitem(last=False)
+    return cached
+
+
+_MATRICES: OrderedDict = OrderedDict()
+MATRIX_CACHE = 1024  # resize matrices kept (one per input side length, output size and crop)
+
+
+def _resize_crop(batch, spec: PreprocessSpec):
+    """uint8 [B, 3, h, w] of one size -> float [B, 3, crop] with values 0..255, or None when a pad is needed.
+    Two batched GEMMs (width, then height, only the cropped outputs), each rounded to uint8 values as PIL's
+    two passes are (PIL resizes horizontally into an 8-bit image, then vertically)."""
+    h, w = batch.shape[-2:]
+    size = resized_size(h, w, spec.resize)
+    crop = spec.crop or size
+    top, left, pad_h, pad_w = crop_box(size[0], size[1], crop)
+    if pad_h or pad_w:
+        return None
+    x = batch.float()
+    if size[1] != w:
+        x = (x @ resize_matrix(w, size[1], left, crop[1], spec.interpolation, x.device).T).round_().clamp_(0, 255)
+    else:
+        x = x[..., left:left + crop[1]]
+    if size[0] != h:
+        x = (resize_matrix(h, size[0], top, crop[0], spec.interpolation, x.device) @ x).round_().clamp_(0, 255)
+    else:
+        x = x[..., top:top + crop[0], :]
+    return x
+
+
 def preprocess_images(images: list, spec: PreprocessSpec):
     """uint8 [3, H, W] tensors (any mix of sizes, one device) -> float32 [B, 3, h, w] model input.
     Images of equal size are resized together."""
@@ -95,24 +145,26 @@ def preprocess_images(images: list, spec: PreprocessSpec):
     for i, img in enumerate(images):
         groups.setdefault(tuple(img.shape[-2:]), []).append(i)
     for (h, w), rows in groups.items():
-        batch = torch.stack([images[i] for i in rows])
-        size = resized_size(h, w, spec.resize)
-        if size != (h, w):
-            x = F.interpolate(batch.float(), size=size, mode=spec.interpolation, align_corners=False, antialias=True)
-            batch = x.round_().clamp_(0, 255)  # PIL works in uint8: round like it does
-        else:
-            batch = batch.float()
-        if spec.crop is not None:
+        batch = torch.stack([images[i] for i in rows]) if len(rows) > 1 else images[rows[0]][None]
+        x = _resize_crop(batch, spec)
+        if x is None:  # smaller than the crop: torchvision's padding path
+            size = resized_size(h, w, spec.resize)
+            x = batch.float()
+            if size != (h, w):
+                x = F.interpolate(x, size=size, mode=spec.interpolation, align_corners=False,
+                                  antialias=True).round_().clamp_(0, 255)
             top, left, pad_h, pad_w = crop_box(size[0], size[1], spec.crop)
-            if pad_h or pad_w:
-                batch = F.pad(batch, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
-            batch = batch[:, :, top:top + spec.crop[0], left:left + spec.crop[1]]
+            x = F.pad(x, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+            x = x[:, :, top:top + spec.crop[0], left:left + spec.crop[1]]
+        if len(groups) == 1:
+            out = x
+            break
         for j, i in enumerate(rows):
-            out[i] = batch[j]
-    x = torch.stack(out).div_(255.0)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+            out[i] = x[j]
+    x = out if isinstance(out, torch.Tensor) else torch.stack(out)
+    scale = torch.tensor([1 / (255.0 * v) for v in spec.std], device=x.device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / v for m, v in zip(spec.mean, spec.std)], device=x.device).view(1, 3, 1, 1)
+    return torch.addcmul(shift, x, scale)
 
 
 def _pil_to_tensor(data: bytes):
@@ -130,26 +182,55 @@ def _pil_to_tensor(data: bytes):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def decode_images(datas: list[bytes], device: str) -> list:
+def _decode_jpegs(raw: list, device: str) -> list:
+    """One batched ``decode_jpeg`` call; when it rejects the batch (one bad file fails it all), one by one.
+    Items are uint8 [3, H, W] tensors on ``device`` or None."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        out = []
+        for r in raw:
+            try:
+                out.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def _cpu_jpeg(r):
+    """libjpeg on a CPU thread (releases the GIL), into pinned memory for an asynchronous copy."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(r, mode=ImageReadMode.RGB).pin_memory()
+    except RuntimeError:
+        return None
+
+
+def decode_images(datas: list[bytes], device: str, cpu_pool=None, cpu_share: float = 0.0) -> list:
     """Decode a batch: JPEGs in one batched ``decode_jpeg`` call on ``device``, the rest (and any JPEG
-    the batch call rejects) one by one, falling back to PIL. Items are uint8 [3, H, W] tensors on
+    the batch call rejects) one by one, falling back to PIL. With ``cpu_pool``, the last ``cpu_share`` of
+    the JPEGs are decoded by libjpeg on its threads meanwhile. Items are uint8 [3, H, W] tensors on
     ``device``, or the reason string for a sample that cannot be decoded."""
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     out: list = [None] * len(datas)
     jpeg = [i for i, d in enumerate(datas) if d[:3] == JPEG_MAGIC]
-    if jpeg:
-        raw = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpeg]
-        try:
-            for i, img in zip(jpeg, decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)):
-                out[i] = img
-        except RuntimeError:  # one bad file fails the whole batch: retry one by one
-            for i, r in zip(jpeg, raw):
-                try:
-                    out[i] = decode_jpeg(r, mode=ImageReadMode.RGB, device=device)
-                except RuntimeError:
-                    out[i] = None
+    with warnings.catch_warnings():  # read-only bytes: nothing writes to these tensors
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        raw = {i: torch.frombuffer(datas[i], dtype=torch.uint8) for i in jpeg}
+    n_cpu = int(len(jpeg) * cpu_share) if cpu_pool is not None and device.startswith("cuda") else 0
+    on_cpu = jpeg[len(jpeg) - n_cpu:] if n_cpu else []
+    futures = [(i, cpu_pool.submit(_cpu_jpeg, raw[i])) for i in on_cpu]
+    on_dev = jpeg[:len(jpeg) - n_cpu]
+    if on_dev:
+        for i, img in zip(on_dev, _decode_jpegs([raw[i] for i in on_dev], device)):
+            out[i] = img
+    for i, fut in futures:  # copied on this thread's (the decode) stream, so ordered before the resize
+        img = fut.result()
+        out[i] = None if img is None else img.to(device, non_blocking=True)
     for i, img in enumerate(out):
         if img is None:
             try:
@@ -186,12 +267,13 @@ def _get(q: queue.Queue, stop: threading.Event):
     return _Stop()
 
 
-def _read_batches(cfg, path: str, shard: str, skipped: Counter, out: queue.Queue, stop: threading.Event):
-    """Reader thread: tar samples -> batches of (meta, image bytes or reason) in sample order."""
+def _read_batches(cfg, path: str, shard: str, skipped: Counter, outs: list, stop: threading.Event):
+    """Reader thread: tar samples -> batches of (meta, image bytes or reason) in sample order, dealt round
+    robin to the decode threads' queues ``outs``; then an end marker to each."""
     from ..io.webdataset import iter_tar_samples, skip
     from .samples import caption, text_field
 
-    icfg, batch, seen = cfg.input, [], set()
+    icfg, batch, seen, n = cfg.input, [], set(), 0
     try:
         for sample in iter_tar_samples(path, shard, skipped, cfg.strict, fast=True):
             key = sample["__key__"]
@@ -204,18 +286,39 @@ def _read_batches(cfg, path: str, shard: str, skipped: Counter, out: queue.Queue
             ext = next((k for k in icfg.image_keys if k in sample), None)
             batch.append((meta, sample[ext] if ext else "missing_image"))
             if len(batch) >= cfg.embed.batch_size:
-                if not _put(out, batch, stop):
+                if not _put(outs[n % len(outs)], batch, stop):
                     return
-                batch = []
+                batch, n = [], n + 1
         if batch:
-            _put(out, batch, stop)
-        _put(out, _Stop(), stop)
+            _put(outs[n % len(outs)], batch, stop)
+            n += 1
+        for j in range(len(outs)):
+            _put(outs[(n + j) % len(outs)], _Stop(), stop)
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-        _put(out, _Stop(exc), stop)
+        for j in range(len(outs)):
+            _put(outs[(n + j) % len(outs)], _Stop(exc), stop)
 
 
-def _decode_batches(spec, device: str, inp: queue.Queue, out: queue.Queue, stop: threading.Event):
-    """Decode thread: byte batches -> (metas, reasons, model input on ``device``), on its own CUDA stream."""
+def _decode_one(spec, device: str, batch: list, stream, cpu_pool=None):
+    """One byte batch -> (metas, reasons, model input, ready event), the GPU work queued on ``stream``."""
+    import torch
+
+    with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        datas = [d for _, d in batch if isinstance(d, bytes)]
+        decoded = iter(decode_images(datas, device, cpu_pool, CPU_DECODE_SHARE))
+        items = [next(decoded) if isinstance(d, bytes) else d for _, d in batch]
+        good = [t for t in items if not isinstance(t, str)]
+        x = preprocess_images(good, spec) if good else None
+        ready = torch.cuda.Event() if stream is not None else None
+        if ready is not None:
+            ready.record(stream)
+    reasons = [t if isinstance(t, str) else None for t in items]
+    return [m for m, _ in batch], reasons, x, ready
+
+
+def _decode_batches(spec, device: str, inp: queue.Queue, out: queue.Queue, stop: threading.Event, cpu_pool=None):
+    """Decode thread: byte batches -> (metas, reasons, model input, ready event) on its own CUDA stream.
+    The model's stream waits on the event instead of this thread blocking until the batch is done."""
     import torch
 
     stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
@@ -225,19 +328,20 @@ def _decode_batches(spec, device: str, inp: queue.Queue, out: queue.Queue, stop:
             if isinstance(batch, _Stop):
                 _put(out, batch, stop)
                 return
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                datas = [d for _, d in batch if isinstance(d, bytes)]
-                decoded = iter(decode_images(datas, device))
-                items = [next(decoded) if isinstance(d, bytes) else d for _, d in batch]
-                good = [t for t in items if not isinstance(t, str)]
-                x = preprocess_images(good, spec) if good else None
-            if stream is not None:
-                stream.synchronize()  # the tensors are complete before the model thread sees them
-            reasons = [t if isinstance(t, str) else None for t in items]
-            if not _put(out, ([m for m, _ in batch], reasons, x), stop):
+            if not _put(out, _decode_one(spec, device, batch, stream, cpu_pool), stop):
                 return
     except BaseException as exc:  # noqa: BLE001
         _put(out, _Stop(exc), stop)
+
+
+def _forward(encoder, x):
+    """``Encoder.forward`` without its copy to the host: L2-normalised float32 rows left on the device, so
+    the next batch is queued before this one finishes."""
+    import torch
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+        out = encoder.forward_fn(list(x)).float()
+    return out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def tensor_decode_spec(cfg, encoder) -> PreprocessSpec | None:
@@ -267,26 +371,36 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
     device = str(encoder.device)
     skipped, read_skipped = Counter(), Counter()  # one counter per thread, merged at the end
     rows = {"uid": [], "shard": [], "key": [], "label": [], "text": []}
-    chunks: list[np.ndarray] = []
-    raw_q: queue.Queue = queue.Queue(maxsize=PREFETCH)
-    ready_q: queue.Queue = queue.Queue(maxsize=PREFETCH)
+    chunks: list = []
+    n_dec = max(1, DECODE_THREADS)
+    inline = DECODE_THREADS <= 0
+    raw_qs = [queue.Queue(maxsize=PREFETCH) for _ in range(n_dec)]
+    ready_qs = raw_qs if inline else [queue.Queue(maxsize=PREFETCH) for _ in range(n_dec)]
     stop = threading.Event()
-    threads = [threading.Thread(target=_read_batches, args=(cfg, path, shard, read_skipped, raw_q, stop), daemon=True),
-               threading.Thread(target=_decode_batches, args=(spec, device, raw_q, ready_q, stop), daemon=True)]
+    cpu_pool = (ThreadPoolExecutor(CPU_DECODE_WORKERS) if CPU_DECODE_SHARE > 0 and device.startswith("cuda")
+                else None)
+    threads = [threading.Thread(target=_read_batches, args=(cfg, path, shard, read_skipped, raw_qs, stop), daemon=True)]
+    threads += [] if inline else [threading.Thread(target=_decode_batches, daemon=True,
+                                                   args=(spec, device, raw_qs[j], ready_qs[j], stop, cpu_pool))
+                                  for j in range(n_dec)]
     for t in threads:
         t.start()
     waited = busy = 0.0
+    n = 0
     try:
         while True:
             t0 = time.perf_counter()
-            item = ready_q.get()
+            item = ready_qs[n % n_dec].get()
+            n += 1
             t1 = time.perf_counter()
             waited += t1 - t0
             if isinstance(item, _Stop):
                 if item.error is not None:
                     raise item.error
                 break
-            metas, reasons, x = item
+            if inline:
+                item = _decode_one(spec, device, item, None, cpu_pool)
+            metas, reasons, x, ready = item
             for meta, reason in zip(metas, reasons):
                 if reason is not None:
                     skip(skipped, reason, shard, meta[2], reason.replace("_", " "), cfg.strict)
@@ -294,14 +408,19 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
                 for name, value in zip(("uid", "shard", "key", "label", "text"), meta):
                     rows[name].append(value)
             if x is not None:
-                if x.is_cuda:  # made on the decode stream, read on this one: keep it from early reuse
+                if ready is not None:  # made on a decode stream, read on this one: wait for it, keep it from early reuse
+                    torch.cuda.current_stream(x.device).wait_event(ready)
                     x.record_stream(torch.cuda.current_stream(x.device))
-                chunks.append(encoder.forward(list(x)))
+                chunks.append(_forward(encoder, x))
             busy += time.perf_counter() - t1
+        if chunks:
+            chunks = [torch.cat(chunks).cpu().numpy().astype(np.float32)]
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=5)
+        if cpu_pool is not None:
+            cpu_pool.shutdown()
     skipped.update(read_skipped)
     matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
     if not any(v is not None for v in rows["text"]):
