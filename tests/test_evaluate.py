@@ -203,7 +203,7 @@ def test_variants_follow_the_run_metrics():
     cfg = load_config(None, ["select.method=dbp", "select.params={tau: 0.2}"])
     variants = {v.name: v for v in default_variants(["ssp", "random"], cfg.select, seeds=4)}
     assert variants["dbp/easy"].params == {"tau": 0.2, "mode": "easy"} and variants["random"].seeds == 4
-    assert variants["config: dbp ssp hard"].selector == "dbp"
+    assert variants["config: dbp cos_dist hard"].selector == "dbp"  # DBP orders by cos_dist
 
 
 def test_a_fraction_the_selector_refuses_is_an_empty_cell(planted_run):

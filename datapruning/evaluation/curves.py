@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,10 +76,12 @@ def run_config_variant(select_cfg) -> Variant:
 
     if select_cfg.method not in SELECTORS:
         raise StageError(f"select.method: unknown selector {select_cfg.method!r}; known: {sorted(SELECTORS)}")
-    accepted = inspect.signature(SELECTORS[select_cfg.method]).parameters
-    params = {k: getattr(select_cfg, k) for k in COMMON if k in accepted}
+    selector = SELECTORS[select_cfg.method]
+    params = {k: getattr(select_cfg, k) for k in COMMON if k in selector.common and getattr(select_cfg, k) is not None}
     params.update({k: v for k, v in select_cfg.params.items() if k != "keep_fraction_groups"})
-    metric, mode = params.get("metric", select_cfg.metric), params.get("mode", "-")
+    typed = selector.parse({k: v for k, v in params.items() if k not in COMMON},
+                           {k: v for k, v in params.items() if k in COMMON})
+    metric, mode = getattr(typed, "metric", "cos_dist"), getattr(typed, "mode", "-")
     return Variant(f"config: {select_cfg.method} {metric} {mode}", str(metric), f"config:{mode}",
                    select_cfg.method, params)
 
