@@ -42,6 +42,13 @@ def test_bench_pipeline_quick(tmp_path):
     assert r["dedup"]["removed"] > 0
 
 
+def test_bench_pipeline_flatness_quick(tmp_path):
+    r = run_bench("bench_pipeline", tmp_path, "--sizes", "x")  # --quick picks two tiny sizes
+    assert r["sizes"] == [2000, 4000] and set(r["peak_rss_mib"]) == {"embed", "cluster", "score", "select", "manifest"}
+    assert all(len(v) == 2 and min(v) > 10 for v in r["peak_rss_mib"].values())
+    assert all(r["same_kept_as_bare"]) and r["time_per_row_largest_over_smallest"] > 0
+
+
 def test_bench_embed_quick(tmp_path):
     r = run_bench("bench_embed", tmp_path)
     assert r["images"] > 0 and r["ours_img_s"] > 0 and r["bare_img_s"] > 0
