@@ -64,24 +64,31 @@ def _drain(ray, pending: dict) -> Iterator[tuple]:
 
 
 def _apply(fn: Callable, item):
-    return fn(item)
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), fn(item)
 
 
 def map_tasks(fn: Callable, items: list, cfg, resources: dict) -> Iterator:
-    """One Ray task per item, at most twice the cluster's CPUs in flight; results as they finish."""
+    """One Ray task per item, at most twice the cluster's CPUs in flight; results as they finish. Logs how
+    many nodes ran them."""
     ray = ensure_ray(cfg)
     task = ray.remote(max_retries=0, **resources)(_apply)
     fn_ref = ray.put(fn)
     window = max(2, 2 * cluster_cpus(cfg))
     pending: dict = {}
+    nodes: set = set()
     for item in items:
         pending[task.remote(fn_ref, item)] = None
         while len(pending) >= window:
-            for _, result in _drain(ray, pending):
+            for _, (node, result) in _drain(ray, pending):
+                nodes.add(node)
                 yield result
     while pending:
-        for _, result in _drain(ray, pending):
+        for _, (node, result) in _drain(ray, pending):
+            nodes.add(node)
             yield result
+    log.info("ray: %d tasks of %s ran on %d nodes", len(items), getattr(fn, "func", fn).__name__, len(nodes))
 
 
 class _Worker:
