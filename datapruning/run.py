@@ -192,7 +192,7 @@ def load_run_arrays(run: Run, with_embeddings: bool) -> dict:
     uids, clusters, dists, labels, bounds = [], [], [], [], []
     matrix = None
     offset = 0
-    for shard, rows in counts:
+    for shard, _ in counts:
         name = shard["name"]
         path = run.dir("embed") / f"{name}.parquet"
         wanted = ["uid", "label", "embedding"] if with_embeddings else ["uid", "label"]
