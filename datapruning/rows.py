@@ -1,6 +1,8 @@
-"""Per-row numeric columns, seen one block at a time: the whole run shard by shard (``RunRows``) or arrays
-in memory (``ArrayRows``). Stages never hold every row: they map a small function over the blocks and
-combine the small results (counts, histograms, a bounded set of candidate rows).
+"""Per-row numeric columns seen one block at a time, and map-reduce over the blocks.
+
+``RunRows`` (``BlockRows`` over a run's shards) and ``ArrayRows`` (arrays in memory) look the same to a stage:
+it maps a small function over the blocks and combines the small results (counts, histograms, a bounded
+set of candidate rows), never holding every row.
 
 A block is a dict of equal-length numpy arrays: ``pos`` (int64 global row), ``cluster`` (int64, -1 when
 unassigned), ``cos_dist`` (float64), ``tie`` (uint64 seeded uid hash), ``label`` (int64 code, -1 unknown;

@@ -1,5 +1,4 @@
-"""The run folder: the only owner of its layout (stage folders, config, shard list, top-level outputs),
-stage fingerprints, progress, and typed readers of the stages' per-shard outputs."""
+"""The run folder: the only owner of its layout, stage fingerprints, progress and typed stage readers."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +6,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,9 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import RunConfig, config_from_dict, to_dict
+from .errors import StageError
+from .exec import map_unordered
 from .io.files import clean_stage, clean_temp, done_path, read_json, write_json
 from .io.tables import column_to_matrix, read_stage
-from .errors import StageError
+from .rows import BlockRows
 
 log = logging.getLogger("datapruning")
 
@@ -263,16 +265,22 @@ def label_index(run: Run) -> dict | None:
         index = read_json(path)
         return index if index["names"] else None
     seen: set = set()
-    for shard, _ in shard_rows(run):
-        emb = run.dir("embed") / f"{shard['name']}.parquet"
-        if "label" in pq.read_schema(emb).names:
-            seen.update(pc.unique(pq.read_table(emb, columns=["label"])["label"].drop_null()).to_pylist())
+    for distinct in map_unordered(partial(shard_labels, run), [s for s, _ in shard_rows(run)], run.cfg):
+        seen.update(distinct)
     names = sorted(seen, key=lambda v: (0, int(v), "") if is_int_text(v) else (1, 0, v))
     integer = bool(names) and all(is_int_text(v) and int(v) >= 0 for v in names)
     index = {"integer": integer, "names": names}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, index)
     return index if names else None
+
+
+def shard_labels(run: Run, shard: dict) -> list:
+    """The distinct labels of one shard's embeddings (a task: the driver only merges these small lists)."""
+    emb = run.dir("embed") / f"{shard['name']}.parquet"
+    if "label" not in pq.read_schema(emb).names:
+        return []
+    return pc.unique(pq.read_table(emb, columns=["label"])["label"].drop_null()).to_pylist()
 
 
 def encode_labels(labels: pa.Array | pa.ChunkedArray, index: dict | None) -> np.ndarray | None:
@@ -328,10 +336,6 @@ def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None 
 def run_rows(run: Run, **columns):
     """Every row of the run as blocks, one per shard (see ``rows.BlockRows``), on the run's executor;
     ``columns`` are ``read_block``'s options."""
-    from functools import partial
-
-    from .rows import BlockRows
-
     items = shard_offsets(run)
     return BlockRows(partial(read_block, run, **columns), items, sum(n for _, _, n in items), run.cfg)
 

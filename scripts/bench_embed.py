@@ -116,7 +116,8 @@ def bare_rate(encoder, batch, images: int, batch_size: int) -> float:
 def decode_rates(encoder, spec, datas: list[bytes], count: int, batch_size: int, workers: int) -> dict:
     """Decode + resize + normalise alone: the tensor path (on the encoder's device) and the PIL path."""
     from datapruning.embed import decode_input
-    from datapruning.embed.gpu_decode import decode_images, preprocess_images
+    from datapruning.embed.gpu_decode import decode_images
+    from datapruning.embed.preprocess import preprocess_images
 
     items = [datas[i % len(datas)] for i in range(count)]
     out = {}
@@ -165,7 +166,7 @@ def parse_variant(text: str) -> dict:
 
 def run_variants(spec_text: str, cfg, work: Path, bare: float) -> dict:
     """The stage again, once per decode setting (module knobs of gpu_decode), on the same shards."""
-    from datapruning import gpu_decode
+    from datapruning.embed import gpu_decode
     from datapruning.io.files import read_json
     from datapruning.runner import run_stage
 
@@ -212,7 +213,8 @@ def check_decode(device: str, count: int = 64) -> dict:
     from PIL import Image
     import open_clip
 
-    from datapruning.embed.gpu_decode import decode_images, preprocess_images, spec_from_transform
+    from datapruning.embed.gpu_decode import decode_images
+    from datapruning.embed.preprocess import preprocess_images, spec_from_transform
 
     pre = open_clip.image_transform(224, is_train=False)
     spec = spec_from_transform(pre)

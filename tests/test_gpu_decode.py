@@ -17,8 +17,8 @@ from PIL import Image
 from conftest import add_member, tiny_clip_overrides
 from datapruning.config import load_config
 from datapruning.errors import EncoderError
-from datapruning.embed.gpu_decode import (crop_box, decode_images, preprocess_images, resized_size, spec_from_transform,
-                                    tensor_decode_spec)
+from datapruning.embed.gpu_decode import decode_images, tensor_decode_spec
+from datapruning.embed.preprocess import crop_box, preprocess_images, resized_size, spec_from_transform
 from datapruning.runner import run_stage
 
 

@@ -1,4 +1,4 @@
-"""Spherical k-means (METHODS.md section 0): fit on a uniform sample, assign in streaming blocks."""
+"""Spherical k-means (docs/methods.md#clustering-spherical-k-means): fit on a sample, assign in blocks."""
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,8 @@
-"""Cluster stage: fit spherical k-means on a uniform sample, then assign every shard (cluster, cos_dist, the
-seeded tie key) and write its rows again grouped by cluster, so per-cluster work reads only its clusters."""
+"""Cluster stage: fit spherical k-means on a sample, assign every shard, write rows grouped by cluster.
+
+Each shard gets cluster, cos_dist and the seeded tie key, and its rows are written again grouped by cluster
+(clusters/parts/), so per-cluster work reads only its clusters. See docs/methods.md#clustering-spherical-k-means.
+"""
 from __future__ import annotations
 
 import os

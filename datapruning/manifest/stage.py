@@ -1,5 +1,8 @@
-"""Manifest stage: join every stage per shard into manifest/<shard>.parquet (as tasks on the run's executor),
-then stream kept.parquet and add up stats.json from per-shard counts."""
+"""Manifest stage: one parquet per input shard joining every stage, then kept.parquet and stats.json.
+
+Shards are joined as tasks on the run's executor; kept.parquet is appended shard by shard and stats.json is
+added up from per-shard counts, so nothing holds the whole run.
+"""
 from __future__ import annotations
 
 import platform

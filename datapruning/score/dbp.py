@@ -1,5 +1,8 @@
-"""DBP as a pipeline metric (docs/methods.md#dbp-density-based-pruning): each sample scores its cluster's
-complexity ``C_a(i) = d_intra * d_inter``, from exact per-cluster sums over every row (one pass)."""
+"""DBP as a pipeline metric: each sample scores its cluster's complexity C = d_intra * d_inter.
+
+The complexity comes from exact per-cluster sums over every row (one pass); see
+docs/methods.md#dbp-density-based-pruning.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,7 +1,9 @@
-"""DP4TL as pipeline metrics (docs/methods.md#dp4tl-transfer-aware-pruning): every source sample scores the
-number of target samples that map to its source class (label mapping, LM) or source cluster (feature
-mapping, FM). The mapping runs once in ``prepare``; scoring a shard is a lookup. Label code c is class c of
-the classifier (integer labels keep their value as the code), so logits columns line up with labels."""
+"""DP4TL as pipeline metrics: each source sample scores the target hits of its class (LM) or cluster (FM).
+
+The mapping runs once in ``prepare``; scoring a shard is a lookup. Label code c is class c of the classifier
+(integer labels keep their value as the code), so logits columns line up with labels. See
+docs/methods.md#dp4tl-transfer-aware-pruning.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

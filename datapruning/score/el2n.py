@@ -1,6 +1,8 @@
-"""EL2N as a pipeline metric (docs/methods.md#el2n-error-l2-norm-scores): from the user's own logits (rows
-matched by uid), or from proxy heads trained once on a bounded, seeded, label-stratified sample of the
-embeddings and then applied shard by shard. Unlabelled rows, and rows without logits, score NaN."""
+"""EL2N as a pipeline metric: from your own logits (matched by uid) or from proxy heads on the embeddings.
+
+Proxy heads train once on a bounded, seeded, label-stratified sample and then score shard by shard.
+Unlabelled rows, and rows without logits, score NaN. See docs/methods.md#el2n-error-l2-norm-scores.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

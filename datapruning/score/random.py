@@ -1,4 +1,4 @@
-"""Random as a pipeline metric (docs/methods.md#random-seeded-baseline): seeded uniform scores keyed by uid."""
+"""Random as a pipeline metric: seeded uniform scores keyed by uid (docs/methods.md#random-seeded-baseline)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,8 @@
-"""A bounded, seeded, label-stratified sample of a run's rows with their embeddings, for the metrics that
-fit a model (EL2N proxy heads, the DP4TL source classifier). Rows are picked by their seeded tie hash
-within each label, so the sample does not depend on shard order; it comes back in row order."""
+"""A bounded, seeded, label-stratified sample of a run's rows with their embeddings, in row order.
+
+For the metrics that fit a model (EL2N proxy heads, the DP4TL source classifier). Rows are picked by their
+seeded tie hash within each label, so the sample does not depend on shard order.
+"""
 from __future__ import annotations
 
 from functools import partial

@@ -1,6 +1,8 @@
-"""SemDeDup as a pipeline metric (docs/methods.md#semdedup-semantic-deduplication): each sample's duplicate
-score, computed one group of whole clusters at a time from the cluster stage's partitions; stats.json
-gets the removed count per eps and the eps that reaches common keep fractions."""
+"""SemDeDup as a pipeline metric: duplicate scores computed one group of whole clusters at a time.
+
+stats.json gets the removed count per eps and the eps that reaches common keep fractions. See
+docs/methods.md#semdedup-semantic-deduplication.
+"""
 from __future__ import annotations
 
 import logging

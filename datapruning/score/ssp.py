@@ -1,6 +1,8 @@
-"""SSP as a pipeline metric (docs/methods.md#ssp-self-supervised-prototypicality): the cosine distance to the
-sample's cluster centroid, or, with ``prototypes: labels``, to its class prototype (the normalised mean
-embedding of its class; unlabelled rows keep the cluster distance)."""
+"""SSP as a pipeline metric: distance to the cluster centroid, or to the class prototype.
+
+With ``prototypes: labels`` the prototype is the normalised mean embedding of the sample's class (exact
+fixed-point sums); unlabelled rows keep the cluster distance. See docs/methods.md#ssp-self-supervised-prototypicality.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,7 @@
-"""Score stage: every configured metric, in resumable units (per-cluster groups, then shards), on the run's
-executor. Writes scores/<shard>.parquet (uid, label code, score_<metric>...) and scores/_info.json."""
+"""Score stage: every configured metric in resumable units (cluster groups, then shards) on the executor.
+
+Writes scores/<shard>.parquet (uid, label code, score_<metric>...) and scores/_info.json (last).
+"""
 from __future__ import annotations
 
 import time
@@ -14,8 +16,7 @@ from ..exec import map_unordered
 from ..io.files import atomic_path, is_done, mark_done, read_json, write_json, write_parquet
 from ..run import Run, label_index, log, prepare_stage, progress, read_block, read_group, run_rows, shard_offsets, timed
 from . import METRICS
-from .base import Context
-from .memory import score_block
+from .base import Context, score_block
 
 
 def configured(run: Run) -> list[tuple]:

@@ -1,5 +1,8 @@
-"""Selection: scores -> keep flags. The pure rules (``select_top``, ``select_with_minimums``, ...) work on
-numpy arrays; ``SELECTORS`` holds the typed rules the select stage runs, shard by shard, from a config."""
+"""Selection: scores -> keep flags, as pure rules on arrays and as typed selectors for the select stage.
+
+The pure rules (``select_top``, ``select_with_minimums``, ...) work on numpy arrays; ``SELECTORS`` holds the
+typed rules the select stage runs, shard by shard, from a config.
+"""
 from __future__ import annotations
 
 from ..metrics.ranking import (MODES, balanced_quotas, class_balanced_quotas, group_minimums, keep_by_quota,

@@ -1,5 +1,8 @@
-"""Select stage: scores -> keep flags via a registered selector, optionally after a SemDeDup filter, decided
-from a few passes over the run's numeric columns and written shard by shard (select/<shard>.parquet)."""
+"""Select stage: scores -> keep flags via a registered selector, after an optional SemDeDup filter.
+
+The decision comes from a few passes over the run's numeric columns; the flags are written shard by shard
+(select/<shard>.parquet).
+"""
 from __future__ import annotations
 
 from functools import partial
