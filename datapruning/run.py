@@ -304,7 +304,9 @@ def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None 
     ``item`` is (shard, offset, rows) from ``shard_offsets``."""
     shard, offset, _ = item
     name = shard["name"]
-    cl = read_stage(run.dir("cluster") / f"{name}.parquet", columns=["uid", "cluster", "cos_dist", "tie"])
+    need_uid = uid or labels is not None or embeddings  # strings are read only when asked for or checked
+    cl = read_stage(run.dir("cluster") / f"{name}.parquet",
+                    columns=["uid", "cluster", "cos_dist", "tie"] if need_uid else ["cluster", "cos_dist", "tie"])
     n = cl.num_rows
     block = {"pos": np.arange(offset, offset + n, dtype=np.int64), "shard": np.full(n, shard["index"], np.int32),
              "cluster": cl["cluster"].to_numpy().astype(np.int64),
