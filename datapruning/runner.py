@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from .config import RunConfig
+from .errors import ConfigError
 from .cluster.stage import run_cluster
 from .embed.stage import run_embed
 from .manifest.stage import run_manifest
@@ -15,8 +16,26 @@ from .select.stage import run_select
 log = logging.getLogger("datapruning")
 
 
+def check_config(cfg: RunConfig) -> None:
+    """Every metric's and the selector's typed parameters, checked before any stage runs: an unknown or
+    meaningless key fails here with the key and the accepted values named."""
+    from .score import METRICS
+    from .select.stage import selector_params
+
+    unknown = [m for m in cfg.score.metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"score.metrics: unknown metric {unknown[0]!r}; known: {sorted(METRICS)}")
+    extra = sorted(set(cfg.score.params) - set(cfg.score.metrics))
+    if extra:
+        raise ConfigError(f"score.params.{extra[0]}: {extra[0]!r} is not in score.metrics {list(cfg.score.metrics)}")
+    for name in cfg.score.metrics:
+        METRICS[name].parse(cfg.score.params.get(name), cfg.seed)
+    selector_params(cfg)
+
+
 def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):
     """Run one stage (``embed`` takes ``input_spec``; the others read the run folder)."""
+    check_config(cfg)
     run = Run(cfg, Path(output))
     if stage == "embed":
         return run_embed(run, input_spec)

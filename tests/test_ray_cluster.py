@@ -51,7 +51,9 @@ def two_nodes(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # its own temp dir: the nodes do not become "the" cluster that a bare ray.init() elsewhere would join
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray"))}
     old = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
     head = _start(["--head", f"--port={port}", "--include-dashboard=false", '--resources={"head_node": 1}'], env)

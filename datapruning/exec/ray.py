@@ -23,7 +23,8 @@ def ensure_ray(cfg):
     """Connect to ``ray.address`` (or start a local instance) unless Ray is already initialised."""
     ray = ray_module()
     if not ray.is_initialized():
-        kwargs = {"address": cfg.ray.address, "log_to_driver": True}
+        # no address: a new local instance ("local"), never a cluster some other job started on this machine
+        kwargs = {"address": cfg.ray.address or "local", "log_to_driver": True}
         if cfg.ray.address is None and cfg.ray.num_cpus is not None:
             kwargs["num_cpus"] = cfg.ray.num_cpus  # only for a new local instance: Ray refuses it when connecting
         log.info("ray: %s", f"connecting to {cfg.ray.address}" if cfg.ray.address else "starting a local instance")
@@ -73,7 +74,8 @@ def map_tasks(fn: Callable, items: list, cfg, resources: dict) -> Iterator:
     """One Ray task per item, at most twice the cluster's CPUs in flight; results as they finish. Logs how
     many nodes ran them."""
     ray = ensure_ray(cfg)
-    task = ray.remote(max_retries=0, **resources)(_apply)
+    # SPREAD: shard work goes to every node rather than filling the driver's node first
+    task = ray.remote(max_retries=0, scheduling_strategy="SPREAD", **resources)(_apply)
     fn_ref = ray.put(fn)
     window = max(2, 2 * cluster_cpus(cfg))
     pending: dict = {}

@@ -20,13 +20,7 @@ from .base import Context, score_block
 
 
 def configured(run: Run) -> list[tuple]:
-    """(name, Metric, typed params) for ``score.metrics``, checked before any work."""
-    unknown = [m for m in run.cfg.score.metrics if m not in METRICS]
-    if unknown:
-        raise StageError(f"score.metrics: unknown metric {unknown[0]!r}; known: {sorted(METRICS)}")
-    extra = sorted(set(run.cfg.score.params) - set(run.cfg.score.metrics))
-    if extra:
-        raise StageError(f"score.params.{extra[0]}: {extra[0]!r} is not in score.metrics {list(run.cfg.score.metrics)}")
+    """(name, Metric, typed params) for ``score.metrics`` (``runner.check_config`` checked them)."""
     return [(m, METRICS[m], METRICS[m].parse(run.cfg.score.params.get(m), run.cfg.seed)) for m in run.cfg.score.metrics]
 
 
