@@ -100,6 +100,35 @@ def read_matrix(paths: list[Path]) -> np.ndarray:
     return out
 
 
+def real_texts(n: int, seed: int = 0) -> list[str]:
+    """``n`` real English texts, offline: WordNet glosses of the ImageNet-21k synsets (21,844, 4 to 117 MiniLM
+    tokens, median 15), as timm ships them (timm comes with open_clip_torch); a seeded sample, file order mixed."""
+    import timm
+
+    lines = (Path(timm.__file__).parent / "data" / "_info" / "imagenet_synset_to_definition.txt").read_text("utf-8")
+    texts = [line.split("\t", 1)[1].strip() for line in lines.splitlines() if "\t" in line]
+    if n > len(texts):
+        raise ValueError(f"{n} texts asked for, {len(texts)} available")
+    return [texts[i] for i in np.random.default_rng(seed).choice(len(texts), size=n, replace=False)]
+
+
+def write_tar_shards(folder: Path, count: int, shards: int, members) -> None:
+    """``shards`` webdataset tars of samples ``0..count-1`` split evenly in order; ``members(i)`` gives sample
+    i's ``(ext, bytes)`` pairs, stored as ``{i:08d}.{ext}``."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-count // shards)
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(s * per, min(count, (s + 1) * per)):
+                for ext, data in members(i):
+                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
 def run_child(argv: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
     """Run ``python argv...`` in a fresh process; its last stdout line is a JSON dict, returned with
     the child's wall time and peak RSS (wait4's ru_maxrss, beside the child's own VmHWM)."""

@@ -56,6 +56,13 @@ def test_bench_embed_quick(tmp_path):
     assert r["model"].startswith("tiny") and r["random_weights"] is True
 
 
+def test_bench_embed_text_quick(tmp_path):
+    r = run_bench("bench_embed", tmp_path, "--modality", "text")
+    assert r["modality"] == "text" and r["texts"] == r["rows_written"] > 0
+    assert r["ours_text_s"] > 0 and r["bare_text_s"] > 0 and r["ratio"] > 0
+    assert r["same_keys"] and r["max_abs_diff_vs_bare"] < 1e-5  # real MiniLM rows in file order, same as bare
+
+
 @pytest.mark.gpu
 def test_bench_embed_quick_on_cuda(tmp_path):
     r = run_bench("bench_embed", tmp_path, "--device", "cuda")

@@ -28,13 +28,15 @@ def pick_device(device: str) -> str:
 @dataclass
 class Encoder:
     """A built encoder. ``prepare`` turns one decoded input (PIL image or str) into a model input on CPU;
-    ``forward`` maps a list of prepared inputs to float32 [n, d] L2-normalised embeddings."""
+    ``forward`` maps a list of prepared inputs to float32 [n, d] L2-normalised embeddings. ``length``, where
+    set, is a prepared input's padded length: the stage then batches inputs of similar length together."""
 
     name: str
     modality: str
     prepare: Callable[[Any], Any]
     forward_fn: Callable[[list], Any]
     device: str = "cpu"
+    length: Callable[[Any], int] | None = None
 
     def forward(self, batch: list) -> np.ndarray:
         import torch
@@ -84,7 +86,7 @@ def build_open_clip(cfg) -> Encoder:
     label = f"open_clip:{model_name}:" + (Path(pretrained).name if pretrained else "RANDOM-INIT")
     if cfg.modality == "image":
         return Encoder(label, "image", preprocess, lambda b: model.encode_image(_stack(b, device)), device)
-    tokenizer = open_clip.get_tokenizer(model_name)
+    tokenizer = open_clip.get_tokenizer(model_name)  # pads every text to the context length: no sort helps
     return Encoder(label, "text", lambda s: s, lambda b: model.encode_text(tokenizer(b).to(device)), device)
 
 
@@ -113,7 +115,8 @@ def build_sentence_transformers(cfg) -> Encoder:
     def forward(batch):
         return torch.as_tensor(model.encode(batch, batch_size=len(batch), convert_to_numpy=True))
 
-    return Encoder(f"sentence_transformers:{Path(path).name}", "text", lambda s: s, forward, device)
+    # length: characters, the key sentence-transformers itself sorts by (the tokenizer pads to the batch's longest)
+    return Encoder(f"sentence_transformers:{Path(path).name}", "text", lambda s: s, forward, device, length=len)
 
 
 def load_object(spec: str, key: str = "embed.module") -> Any:

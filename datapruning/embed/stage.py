@@ -34,6 +34,19 @@ def discover(run: Run, input_spec) -> list[dict]:
     return shards
 
 
+SORT_WINDOW_BATCHES = 64  # length-sorted encoders: sort up to this many batches at once (a usual shard whole)
+
+
+def encode_sorted(encoder: Encoder, items: list, batch_size: int) -> np.ndarray:
+    """Embed ``items`` in batches of similar ``encoder.length`` (longest first, as sentence-transformers does),
+    less padding than file order; the rows come back in the order of ``items``."""
+    order = np.argsort([-encoder.length(x) for x in items], kind="stable")
+    parts = [encoder.forward([items[i] for i in order[s:s + batch_size]]) for s in range(0, len(items), batch_size)]
+    out = np.empty((len(items), parts[0].shape[1]), np.float32)
+    out[order] = np.concatenate(parts)
+    return out
+
+
 _ENCODER_CACHE: dict[str, Encoder] = {}
 
 
@@ -46,7 +59,8 @@ def get_encoder(cfg) -> Encoder:
 
 
 def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder) -> dict:
-    """Read one webdataset tar, embed its samples in batches, write parquet + done marker."""
+    """Read one webdataset tar, embed its samples in batches (text: length-sorted within a window of the shard,
+    rows back in file order), write parquet + done marker."""
     from .gpu_decode import embed_tar_shard_tensors, tensor_decode_spec
 
     spec = tensor_decode_spec(cfg, encoder)  # embed.image_decode: JPEG decode + resize as tensors (CUDA)
@@ -55,7 +69,8 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
     icfg, ecfg, skipped = cfg.input, cfg.embed, Counter()
     rows = {"uid": [], "shard": [], "key": [], "label": [], "text": []}
     chunks: list[np.ndarray] = []
-    batch_items, batch_meta = [], []
+    batch_items, batch_meta, pending = [], [], []  # pending: prepared inputs not yet embedded, in file order
+    window = ecfg.batch_size * SORT_WINDOW_BATCHES if encoder.length else 0
     pool = ThreadPoolExecutor(max(1, ecfg.decode_workers))
 
     def prepare(sample):
@@ -65,18 +80,22 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
         except ValueError as exc:
             return None, str(exc)
 
+    def encode():
+        if pending:
+            chunks.append(encode_sorted(encoder, pending, ecfg.batch_size) if window else encoder.forward(pending))
+            pending.clear()
+
     def flush():
         prepared = list(pool.map(prepare, batch_items))
-        good = []
         for (sample_meta, (item, err)) in zip(batch_meta, prepared):
             if err is not None:
                 skip(skipped, err, shard, sample_meta[2], err.replace("_", " "), cfg.strict)
                 continue
-            good.append(item)
+            pending.append(item)
             for name, value in zip(("uid", "shard", "key", "label", "text"), sample_meta):
                 rows[name].append(value)
-        if good:
-            chunks.append(encoder.forward(good))
+        if len(pending) >= window:
+            encode()
         batch_items.clear()
         batch_meta.clear()
 
@@ -91,6 +110,7 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
                 flush()
         if batch_items:
             flush()
+        encode()
     finally:
         pool.shutdown()
     matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
