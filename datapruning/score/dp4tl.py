@@ -1,8 +1,11 @@
-"""DP4TL as pipeline metrics (docs/methods.md#dp4tl-transfer-aware-pruning): every source sample scores the
-number of target samples that map to its source class (label mapping, LM) or source cluster (feature
-mapping, FM). The mapping runs once in ``prepare``; scoring a shard is a lookup. Integer labels keep their value
-as the code, so label 999 is column 999 of a supplied classifier; string labels are matched to the classifier's
-columns (or text rows) by name through ``classes``, never by their sorted rank."""
+"""DP4TL as pipeline metrics: target hits per source class (LM) or source cluster (FM).
+
+See docs/methods.md#dp4tl-transfer-aware-pruning. Every source sample scores the number of target samples that
+map to its source class (label mapping, LM) or source cluster (feature mapping, FM). The mapping runs once in
+``prepare``; scoring a shard is a lookup. Integer labels keep their value as the code, so label 999 is column
+999 of a supplied classifier; string labels are matched to the classifier's columns (or text rows) by name
+through ``classes``, never by their sorted rank.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

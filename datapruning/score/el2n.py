@@ -1,7 +1,10 @@
-"""EL2N as a pipeline metric (docs/methods.md#el2n-error-l2-norm-scores): from the user's own logits (rows
-matched by uid), or from proxy heads trained once on a bounded, seeded, label-stratified sample of the
-embeddings and then applied shard by shard. Unlabelled rows, and rows without logits, score NaN. Logits column
-c is integer label c; string labels are matched to the columns by name through ``classes``."""
+"""EL2N as a pipeline metric, from the user's own logits or from proxy heads.
+
+See docs/methods.md#el2n-error-l2-norm-scores. User logits are matched to rows by uid; proxy heads are trained
+once on a bounded, seeded, label-stratified sample of the embeddings and then applied shard by shard.
+Unlabelled rows, and rows without logits, score NaN. Logits column c is integer label c; string labels are
+matched to the columns by name through ``classes``.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
