@@ -200,7 +200,7 @@ def _run_lm(tmp_path, extra):
     from datapruning.runner import run_pipeline
 
     cfg = load_config(None, ["embed.encoder=precomputed", "cluster.k=3", "score.metrics=[dp4tl_lm]",
-                             "score.params.dp4tl_lm.route=logits", "select.method=random", "select.keep_fraction=0.5",
+                             "score.params.dp4tl_lm.route=logits",
                              f"score.params.dp4tl_lm.logits={tmp_path / 'logits.npy'}", *extra])
     run_pipeline(cfg, str(tmp_path / "in"), tmp_path / "run", stages=("embed", "cluster", "score"))
     table = pq.read_table(tmp_path / "run" / "scores")
