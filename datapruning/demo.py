@@ -54,9 +54,15 @@ class DigitEncoder(_torch().nn.Module):
         return _torch().from_numpy(arr)[None]
 
 
+def stored_image(digit: np.ndarray):
+    """An 8x8 digit scan (0..16) as the 32x32 PNG image the demo shards hold (nearest upscaling)."""
+    from PIL import Image
+
+    return Image.fromarray((digit * 255 / 16).astype(np.uint8)).resize((32, 32), Image.NEAREST)
+
+
 def write_digit_shards(folder: Path) -> list[Path]:
     """scikit-learn's digits (1,797 real 8x8 scans) as PNG webdataset shards with a ``cls`` label."""
-    from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -69,7 +75,7 @@ def write_digit_shards(folder: Path) -> list[Path]:
             continue
         with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
             for i in rows:
-                img = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32), Image.NEAREST)
+                img = stored_image(digits.images[i])
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
                 for ext, data in (("png", buf.getvalue()), ("cls", str(digits.target[i]).encode())):
@@ -138,9 +144,8 @@ def run_demo(output: str | Path, overrides=()) -> dict:
     shards = write_digit_shards(output / "data")
     weights = output / "encoder" / "digits_simclr.safetensors"
     if not weights.exists():
-        images = np.stack([np.asarray(
-            __import__("PIL.Image", fromlist=["Image"]).fromarray((im * 255 / 16).astype(np.uint8)).resize(
-                (16, 16)), dtype=np.float32) / 127.5 - 1.0 for im in load_digits().images])
+        # the encoder trains on exactly what it embeds: the stored images through DigitEncoder.transform
+        images = np.stack([DigitEncoder.transform(stored_image(im))[0].numpy() for im in load_digits().images])
         log.info("demo: training the self-supervised digit encoder (SimCLR, no labels)")
         info = train_encoder(images, weights)
         log.info("demo: encoder trained: %s", info)

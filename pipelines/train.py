@@ -1,7 +1,7 @@
 """Reference trainer: a classifier on a run's kept data, with or without KD from cached teacher outputs.
 
 Copy it into your own trainer. The data comes from datapruning.consumers.loaders, the loss from datapruning.consumers.kd, and the
-teacher's top-k logits were computed once by `datapruning teacher`: this script never runs a teacher.
+teacher's logits were computed once by `datapruning teacher`: this script never runs a teacher.
 
     python pipelines/train.py runs/demo/run --model head              # MLP head on the stored embeddings (CPU, seconds)
     python pipelines/train.py runs/demo/run --model head --kd         # + KD, alpha from the kept fraction
@@ -28,7 +28,7 @@ from torch import nn
 
 from datapruning.embed import decode_input
 from datapruning.io.files import write_json, write_parquet
-from datapruning.consumers.kd import alpha_schedule, kd_loss
+from datapruning.consumers.kd import alpha_schedule, kd_loss, teacher_batch
 from datapruning.consumers.loaders import ManifestDataset, load_embeddings, load_teacher, read_manifest, teacher_info
 
 HOLDOUT_SPLITS = ("val", "validation", "test")
@@ -90,17 +90,17 @@ def small_cnn(num_classes: int) -> nn.Module:
 def embedding_batches(run_dir, uids, names, kd, batch_size, seed, shuffle):
     data = load_embeddings(run_dir, select=uids)
     x, y = torch.from_numpy(data["embedding"]), torch.from_numpy(encode(data["label"], names))
-    if kd:
-        tv, ti = (torch.from_numpy(a) for a in load_teacher(run_dir, data["uid"].tolist()))
+    if kd:  # full logits, or top-k values, indices and tail
+        teacher = [torch.from_numpy(a) for a in load_teacher(run_dir, data["uid"].tolist()).values()]
     else:
-        tv = ti = torch.zeros(len(y), 1)
+        teacher = [torch.zeros(len(y), 1)]
     gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, tv, ti), batch_size, shuffle=shuffle,
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, *teacher), batch_size, shuffle=shuffle,
                                        generator=gen)
 
 
 class ImageSample:
-    """webdataset sample -> (image tensor [3, s, s] in [-0.5, 0.5], class, teacher values, teacher indices)."""
+    """webdataset sample -> (image tensor [3, s, s] in [-0.5, 0.5], class, *teacher tensors)."""
 
     def __init__(self, names, size):
         self.names, self.size = names, size
@@ -109,10 +109,8 @@ class ImageSample:
         image = decode_input(sample, "image", IMAGE_KEYS, ()).resize((self.size, self.size))
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0 - 0.5).permute(2, 0, 1)
         y = int(encode([sample["label"]], self.names)[0])
-        if "teacher_values" not in sample:
-            return x, y, torch.zeros(1), torch.zeros(1)
-        return x, y, torch.from_numpy(sample["teacher_values"].astype(np.float32)), \
-            torch.from_numpy(sample["teacher_indices"].astype(np.int64))
+        teacher = [torch.from_numpy(np.asarray(v)) for k, v in sample.items() if k.startswith("teacher_")]
+        return (x, y, *(teacher or [torch.zeros(1)]))
 
 
 def image_batches(run_dir, uids, names, kd, batch_size, seed, workers, size):
@@ -126,7 +124,7 @@ def accuracy(model, batches) -> float | None:
     model.eval()
     right = total = 0
     with torch.no_grad():
-        for x, y, _, _ in batches:
+        for x, y, *_ in batches:
             right += int((model(x).argmax(1) == y).sum())
             total += len(y)
     return right / total if total else None
@@ -140,8 +138,8 @@ def fit(model, train, held, epochs, lr, alpha, T, kd) -> list[dict]:
             train.dataset.set_epoch(epoch)
         model.train()
         total = n = 0.0
-        for x, y, tv, ti in train:
-            loss = kd_loss(model(x), y, tv, ti, alpha if kd else 0.0, T)  # alpha=0 is plain cross entropy
+        for x, y, *teacher in train:  # alpha=0 is plain cross entropy
+            loss = kd_loss(model(x), y, teacher_batch(*teacher) if kd else None, alpha if kd else 0.0, T)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -182,3 +182,54 @@ def test_select_groups_properties(seed, n, by):
         rows = (groups == gid) & eligible
         assert keep[rows].all() or not keep[rows].any()
     assert (keep == select_groups(inp, n, by=by)[0]).all()
+
+
+def _labelled_run(tmp_path, labels, n=60, d=8):
+    """A precomputed-embedding parquet input whose label column holds ``labels`` (cycled)."""
+    rng = np.random.default_rng(3)
+    x = _unit(rng.normal(size=(n, d))).astype(np.float32)
+    lab = [labels[i % len(labels)] for i in range(n)]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"uid": [f"u{i:03d}" for i in range(n)], "embedding": pa.array(list(x), pa.list_(pa.float32())),
+                             "label": lab}), tmp_path / "in" / "part-000.parquet")
+    return lab
+
+
+def _run_lm(tmp_path, extra):
+    from datapruning.config import load_config
+    from datapruning.runner import run_pipeline
+
+    cfg = load_config(None, ["embed.encoder=precomputed", "cluster.k=3", "score.metrics=[dp4tl_lm]",
+                             "score.params.dp4tl_lm.route=logits",
+                             f"score.params.dp4tl_lm.logits={tmp_path / 'logits.npy'}", *extra])
+    run_pipeline(cfg, str(tmp_path / "in"), tmp_path / "run", stages=("embed", "cluster", "score"))
+    table = pq.read_table(tmp_path / "run" / "scores")
+    emb = pq.read_table(tmp_path / "in", columns=["uid", "label"])
+    by_uid = dict(zip(table["uid"].to_pylist(), table["score_dp4tl_lm"].to_pylist()))
+    return {str(lab): by_uid[u] for u, lab in zip(emb["uid"].to_pylist(), emb["label"].to_pylist())}
+
+
+def test_lm_integer_labels_are_classifier_columns_through_the_pipeline(tmp_path):
+    """Source labels {3, 17, 999}, a 1000-column classifier: label c is column c (issue 12 item 1)."""
+    _labelled_run(tmp_path, [3, 17, 999])
+    logits = np.zeros((30, 1000), np.float32)
+    logits[np.arange(30), np.r_[np.full(20, 17), np.full(10, 999)]] = 5.0  # 20 targets -> 17, 10 -> 999, 0 -> 3
+    np.save(tmp_path / "logits.npy", logits)
+    assert _run_lm(tmp_path, []) == {"3": 0.0, "17": 20.0, "999": 10.0}
+
+
+def test_lm_string_labels_are_matched_to_columns_by_name(tmp_path):
+    """String labels whose sorted order is not the classifier's column order: matched by name, or refused."""
+    _labelled_run(tmp_path, ["zebra", "ant", "moth"])
+    columns = ["zebra", "cat", "moth", "ant"]  # column order of the user's classifier
+    logits = np.zeros((7, 4), np.float32)
+    logits[np.arange(7), [0, 0, 0, 0, 2, 2, 1]] = 3.0  # 4 -> zebra, 2 -> moth, 1 -> cat, 0 -> ant
+    np.save(tmp_path / "logits.npy", logits)
+    with pytest.raises(ValueError, match="classes"):
+        _run_lm(tmp_path, [])
+    (tmp_path / "classes.txt").write_text("\n".join(columns) + "\n")
+    import shutil
+
+    shutil.rmtree(tmp_path / "run")
+    got = _run_lm(tmp_path, [f"score.params.dp4tl_lm.classes={tmp_path / 'classes.txt'}"])
+    assert got == {"zebra": 4.0, "ant": 0.0, "moth": 2.0}

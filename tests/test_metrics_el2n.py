@@ -108,3 +108,48 @@ def test_adapter_proxy_needs_labels():
     assert np.isfinite(out.scores).all() and out.info["route"] == "proxy"
     with pytest.raises(ValueError, match="labels"):
         METRICS["el2n"](_inputs(x, None))
+
+
+def _el2n_run(tmp_path, labels, logits, extra=()):
+    """EL2N from supplied logits through the pipeline; {uid: score}."""
+    from datapruning.config import load_config
+    from datapruning.runner import run_pipeline
+
+    n = len(labels)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    uids = [f"u{i:03d}" for i in range(n)]
+    (tmp_path / "in").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"uid": uids, "embedding": pa.array(list(x), pa.list_(pa.float32())), "label": labels}),
+                   tmp_path / "in" / "part-000.parquet")
+    np.save(tmp_path / "logits.npy", logits)
+    np.save(tmp_path / "uids.npy", np.array(uids))
+    cfg = load_config(None, ["embed.encoder=precomputed", "cluster.k=2", "score.metrics=[el2n]",
+                             f"score.params.el2n.logits={tmp_path / 'logits.npy'}",
+                             f"score.params.el2n.logits_uids={tmp_path / 'uids.npy'}", *extra])
+    run_pipeline(cfg, str(tmp_path / "in"), tmp_path / "run", stages=("embed", "cluster", "score"))
+    table = pq.read_table(tmp_path / "run" / "scores")
+    return dict(zip(table["uid"].to_pylist(), table["score_el2n"].to_pylist()))
+
+
+def test_el2n_logits_column_is_the_label(tmp_path):
+    """Integer labels {3, 17, 999} are logits columns 3, 17, 999; string labels are matched by name."""
+    labels = [3, 17, 999] * 4
+    logits = np.full((12, 1000), -20.0, np.float32)
+    logits[np.arange(12), labels] = 20.0  # every model is right: EL2N ~ 0
+    logits[0, :] = -20.0
+    logits[0, 17] = 20.0  # sample 0 (label 3) predicted as 17: EL2N ~ sqrt(2)
+    got = _el2n_run(tmp_path, labels, logits)
+    assert got["u000"] == pytest.approx(np.sqrt(2), abs=1e-6)
+    assert max(v for u, v in got.items() if u != "u000") < 1e-6
+
+    names = ["zebra", "ant", "moth"] * 4
+    columns = ["moth", "zebra", "ant"]  # the model's column order, not the sorted one
+    logits = np.full((12, 3), -20.0, np.float32)
+    logits[np.arange(12), [columns.index(v) for v in names]] = 20.0
+    with pytest.raises(ValueError, match="classes"):
+        _el2n_run(tmp_path / "s1", names, logits)
+    (tmp_path / "classes.txt").write_text("\n".join(columns))
+    got = _el2n_run(tmp_path / "s2", names, logits, [f"score.params.el2n.classes={tmp_path / 'classes.txt'}"])
+    assert max(got.values()) < 1e-6

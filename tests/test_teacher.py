@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from datapruning.consumers import loaders as ld
 from datapruning.consumers import teacher as tm
 from datapruning.config import ConfigError
+from datapruning.consumers.kd import TAIL_TEMPERATURES
 from conftest import make_tiny_run
 
 CLASSES = ("red", "green", "blue")
@@ -70,9 +72,9 @@ def kept_uids(run_dir) -> list[str]:
 
 
 def check_topk(uids, values, indices, reference: dict[str, np.ndarray], atol: float) -> None:
-    """Stored top-k = the reference's k largest logits (values within float16 rounding; ties may swap)."""
+    """Stored top-k = the reference's k largest logits minus the row max (float16 rounding; ties may swap)."""
     for u, v, i in zip(uids, values, indices):
-        ref = reference[u]
+        ref = reference[u] - reference[u].max()
         np.testing.assert_allclose(v, np.sort(ref)[::-1][:len(v)], atol=atol, rtol=1e-3)
         np.testing.assert_allclose(ref[i], v, atol=atol, rtol=1e-3)
         assert len(set(i.tolist())) == len(i) and np.all(np.diff(v) <= 0)
@@ -152,14 +154,23 @@ def test_supplied_logits_parquet_and_npy(fresh, tmp_path):
     ref = dict(zip(all_uids, logits))
     assert sorted(uids) == sorted(kept_uids(fresh))
     np.testing.assert_array_equal(i, np.argsort(-np.stack([ref[u] for u in uids]), axis=1, kind="stable")[:, :4])
-    np.testing.assert_array_equal(v, np.stack([np.sort(ref[u])[::-1][:4] for u in uids]).astype(np.float16))
+    np.testing.assert_array_equal(v, np.stack([(np.sort(ref[u])[::-1] - ref[u].max())[:4] for u in uids])
+                                  .astype(np.float16))
     np.save(tmp_path / "m.npy", logits)
     pq.write_table(pa.table({"uid": all_uids}), tmp_path / "m.parquet")
     tm.run_teacher(fresh, tm.TeacherConfig(source="logits", logits=str(tmp_path / "m.npy"), top_k=4))
     assert stored(fresh)[0] == uids and np.array_equal(stored(fresh)[2], i)
-    values, indices = ld.load_teacher(fresh, uids[::-1])
-    np.testing.assert_array_equal(indices, i[::-1])
-    assert values.dtype == np.float16 and indices.dtype == np.int32
+    got = ld.load_teacher(fresh, uids[::-1])
+    np.testing.assert_array_equal(got["topk_indices"], i[::-1])
+    assert got["topk_values"].dtype == np.float16 and got["topk_indices"].dtype == np.int32
+    assert got["tail_lse"].shape == (len(uids), len(TAIL_TEMPERATURES))
+    tm.run_teacher(fresh, tm.TeacherConfig(source="logits", logits=str(tmp_path / "m.npy")))  # default: full
+    info = ld.teacher_info(fresh)
+    assert info["format"] == "full" and info["top_k"] is None and info["num_classes"] == 6
+    full = ld.load_teacher(fresh, uids)["logits"]
+    want = np.stack([ref[u] - ref[u].max() for u in uids])
+    assert full.dtype == np.float16 and full.shape == (len(uids), 6)
+    np.testing.assert_allclose(full.astype(np.float32), want, atol=2e-2)
     not_kept = sorted(set(all_uids) - set(uids))[0]
     with pytest.raises(KeyError, match="no teacher output for uid"):
         ld.load_teacher(fresh, [not_kept])
@@ -196,9 +207,50 @@ def test_errors_name_the_problem(fresh, tmp_path):
 
 
 def test_topk_is_pure_and_stable():
-    v, i = tm.topk(np.array([[1.0, 3.0, 3.0, -1.0], [0.0, 0.0, 0.0, 0.0]]), 3)
+    v, i, tail = tm.topk(np.array([[1.0, 3.0, 3.0, -1.0], [0.0, 0.0, 0.0, 0.0]]), 3)
     assert i.tolist() == [[1, 2, 0], [0, 1, 2]] and v.dtype == np.float16 and i.dtype == np.int32
-    assert tm.topk(np.ones((2, 2)), 5)[0].shape == (2, 2)
+    assert v[0].tolist() == [0.0, 0.0, -2.0] and tail[0, 0] == pytest.approx(-4.0) and tail[1, 1] == 0.0
+    assert tm.topk(np.ones((2, 2)), 5)[0].shape == (2, 2) and np.isneginf(tm.topk(np.ones((2, 2)), 5)[2]).all()
+
+
+def test_many_classes_need_top_k(fresh, tmp_path, monkeypatch):
+    uids = pq.read_table(fresh / "manifest")["uid"].to_pylist()
+    monkeypatch.setattr(tm, "MAX_FULL_CLASSES", 5)
+    write_logits(tmp_path / "six.parquet", uids, np.zeros((len(uids), 6)))
+    with pytest.raises(ConfigError, match="--top-k"):
+        tm.run_teacher(fresh, tm.TeacherConfig(source="logits", logits=str(tmp_path / "six.parquet")))
+
+
+def test_integer_labels_are_teacher_columns(tmp_path):
+    """Labels {3, 17, 999} with a 1000-class teacher: label c is teacher column c, as in DP4TL (issue 12)."""
+    from datapruning.config import load_config
+    from datapruning.runner import run_pipeline
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("reference_train", Path(__file__).parent.parent / "pipelines/train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+
+    n = 30
+    labels = np.array([3, 17, 999] * 10)
+    x = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    uids = [f"u{i:02d}" for i in range(n)]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"uid": uids, "embedding": pa.array(list(x), pa.list_(pa.float32())), "label": labels}),
+                   tmp_path / "in" / "part-000.parquet")
+    run_pipeline(load_config(None, ["embed.encoder=precomputed", "cluster.k=2", "select.metric=random",
+                                    "score.metrics=[random]"]), str(tmp_path / "in"), tmp_path / "run")
+    logits = np.zeros((n, 1000), np.float32)
+    logits[np.arange(n), labels] = 10.0  # the teacher predicts each sample's own label
+    write_logits(tmp_path / "t.parquet", uids, logits)
+    tm.run_teacher(tmp_path / "run", tm.TeacherConfig(source="logits", logits=str(tmp_path / "t.parquet")))
+    man = pq.read_table(tmp_path / "run" / "manifest").filter(pc.field("keep"))
+    kept, kept_labels = man["uid"].to_pylist(), man["label"].to_pylist()
+    names, c = train.label_space(kept_labels, ld.teacher_info(tmp_path / "run")["classes"])
+    assert c <= ld.teacher_info(tmp_path / "run")["num_classes"] == 1000
+    argmax = ld.load_teacher(tmp_path / "run", kept)["logits"].astype(np.float32).argmax(1)
+    np.testing.assert_array_equal(argmax, train.encode(kept_labels, names))
 
 
 def test_cli_teacher(fresh, tmp_path, capsys):

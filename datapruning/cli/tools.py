@@ -78,13 +78,14 @@ def cmd_export(args) -> int:
     return 0
 # ---------------------------------------------------------------- CLI
 def add_teacher(sub) -> None:
-    p = sub.add_parser("teacher", help="cache top-k teacher logits for the kept samples (for KD)")
+    p = sub.add_parser("teacher", help="cache teacher logits for the kept samples (for KD)")
     p.add_argument("run_dir", help="run folder made by 'datapruning run'")
     p.add_argument("--source", choices=("zero_shot", "module", "logits"), default="zero_shot")
     p.add_argument("--classes", help="comma-separated class names (class i = i-th name)")
     p.add_argument("--classes-file", help="class names, one per line")
     p.add_argument("--template", action="append", dest="templates", help="zero-shot prompt with {} (repeatable)")
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--top-k", type=int, default=None, help="opt-in: store the top K logits plus a tail bin "
+                   "(approximate KD) instead of the full logits (exact; the default up to 4096 classes)")
     p.add_argument("--on", choices=("auto", "embeddings", "images"), default="auto")
     p.add_argument("--all", action="store_true", help="every sample of the manifest, not only the kept ones")
     for flag in ("--model", "--model-config", "--pretrained", "--module", "--weights", "--logits"):
@@ -115,7 +116,8 @@ def cmd_teacher(args) -> int:
     from ..consumers.teacher import TEACHER_DIR, run_teacher
 
     info = run_teacher(args.run_dir, config_from_args(args))
-    print(f"teacher {info['teacher']}: top-{info['top_k']} of {info['num_classes']} classes for {info['rows']} "
+    kept = "all" if info["top_k"] is None else f"top-{info['top_k']} of"
+    print(f"teacher {info['teacher']}: {kept} {info['num_classes']} classes for {info['rows']} "
           f"{info['samples']} samples in {Path(args.run_dir) / TEACHER_DIR}")
     return 0
 

@@ -173,7 +173,8 @@ class ManifestDataset(IterableDataset):
 
     Each sample is the webdataset dict (``__key__`` and raw member bytes by extension) plus ``uid``, ``shard``,
     the manifest ``columns`` (default: label and split where present) and, with ``teacher=True``, the cached
-    ``teacher_values`` (float16 [k]) and ``teacher_indices`` (int32 [k]); ``transform`` maps it to what you want.
+    teacher arrays as ``teacher_<name>`` (``teacher_logits`` float16 [C], or ``teacher_topk_values``,
+    ``teacher_topk_indices`` and ``teacher_tail_lse`` for a top-k teacher); ``transform`` maps it to what you want.
     Shards are split over DataLoader workers and distributed ranks (rank-major), so every selected sample is
     read exactly once per epoch. ``shuffle_shards`` reorders shards per ``set_epoch`` (same order in all workers).
     """
@@ -225,16 +226,13 @@ class ManifestDataset(IterableDataset):
         index = {k: i for i, k in enumerate(rows["key"].to_pylist())}
         uids = rows["uid"].to_pylist()
         extra = {c: rows[c].to_pylist() for c in rows.column_names if c not in ("uid", "key", "keep")}
-        tv = ti = None
-        if self.teacher:
-            tv, ti = _teacher_rows(self.run_dir, shard["name"], uids)
+        teacher = _teacher_rows(self.run_dir, shard["name"], uids) if self.teacher else {}
         for sample in iter_tar_samples(shard["path"], shard["name"], Counter()):
             i = index.pop(sample["__key__"], None)
             if i is None:
                 continue
             sample.update(uid=uids[i], shard=shard["name"], **{c: v[i] for c, v in extra.items()})
-            if tv is not None:
-                sample["teacher_values"], sample["teacher_indices"] = tv[i], ti[i]
+            sample.update({f"teacher_{c}": a[i] for c, a in teacher.items()})
             yield self.transform(sample) if self.transform is not None else sample
             if not index:
                 break  # every selected sample found: the rest of the tar is not read
@@ -243,15 +241,15 @@ class ManifestDataset(IterableDataset):
                              f"tar (first key {next(iter(index))!r}); did the shard change since the run?")
 
 
-def _teacher_rows(run_dir: str, shard: str, uids: list[str]):
-    tu, values, indices = read_teacher_shard(run_dir, shard)
+def _teacher_rows(run_dir: str, shard: str, uids: list[str]) -> dict[str, np.ndarray]:
+    tu, arrays = read_teacher_shard(run_dir, shard)
     pos = {u: j for j, u in enumerate(tu)}
     missing = [u for u in uids if u not in pos]
     if missing:
         raise KeyError(f"no teacher output for uid {missing[0]!r} ({len(missing)} in shard {shard}); "
                        "rerun 'datapruning teacher' (with --all for samples the run did not keep)")
     rows = [pos[u] for u in uids]
-    return values[rows], indices[rows]
+    return {c: a[rows] for c, a in arrays.items()}
 
 
 def _dist() -> tuple[int, int]:
@@ -264,47 +262,56 @@ def _dist() -> tuple[int, int]:
 
 # ---------------------------------------------------------------- cached teacher outputs (datapruning teacher)
 def teacher_info(run_dir: str | Path) -> dict:
-    """teacher/_info.json: the teacher's name, classes (class i = classes[i]), num_classes, top_k, samples."""
+    """teacher/_info.json: the teacher's name, classes (class i = classes[i]), num_classes, format, top_k, samples."""
     path = Path(run_dir) / TEACHER_DIR / "_info.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no teacher outputs; run 'datapruning teacher {run_dir} ...' first")
-    return read_json(path)
+    info = read_json(path)
+    info.setdefault("format", "topk")  # outputs written before full logits were the default
+    return info
 
 
-def read_teacher_shard(run_dir: str | Path, shard: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(uids, values float16 [m, k], indices int32 [m, k]) of one shard."""
+TEACHER_COLUMNS = {"full": ("logits",), "topk": ("topk_values", "topk_indices", "tail_lse")}
+
+
+def _matrix(table: pa.Table, col: str) -> np.ndarray:
+    width = table.schema.field(col).type.list_size
+    dtype = table.schema.field(col).type.value_type.to_pandas_dtype()
+    if table.num_rows == 0:
+        return np.zeros((0, width), dtype)
+    return table[col].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def read_teacher_shard(run_dir: str | Path, shard: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(uids, arrays) of one shard. Full logits: {"logits": float16 [m, C]}; top-k: {"topk_values": float16
+    [m, k], "topk_indices": int32 [m, k], "tail_lse": float32 [m, temperatures]} (no tail_lse in older outputs)."""
     path = Path(run_dir) / TEACHER_DIR / f"{shard}.parquet"
     if not is_done(path.parent, shard):
         raise FileNotFoundError(f"{path}: teacher outputs missing; run 'datapruning teacher {run_dir} ...' first")
     table = pq.read_table(path)
-    k = table.schema.field("topk_values").type.list_size
-    if table.num_rows == 0:
-        return [], np.zeros((0, k), np.float16), np.zeros((0, k), np.int32)
-    values = table["topk_values"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-    indices = table["topk_indices"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-    return table["uid"].to_pylist(), values, indices
+    names = TEACHER_COLUMNS["full" if "logits" in table.column_names else "topk"]
+    return table["uid"].to_pylist(), {c: _matrix(table, c) for c in names if c in table.column_names}
 
 
-def load_teacher(run_dir: str | Path, uids) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher top-k (values float16, indices int32) aligned to ``uids``; every uid must have outputs."""
+def load_teacher(run_dir: str | Path, uids) -> dict[str, np.ndarray]:
+    """The teacher arrays (see ``read_teacher_shard``) aligned to ``uids``; every uid must have outputs.
+    ``datapruning.consumers.kd.teacher_batch(*torch tensors of the values)`` makes ``kd_loss``'s teacher."""
     info = teacher_info(run_dir)
-    pos, vals, idxs, base = {}, [], [], 0
+    pos, parts, base = {}, [], 0
     for shard in run_shards(run_dir):
-        su, v, i = read_teacher_shard(run_dir, shard["name"])
+        su, arrays = read_teacher_shard(run_dir, shard["name"])
         if su:
             pos.update((u, base + j) for j, u in enumerate(su))
-            vals.append(v)
-            idxs.append(i)
+            parts.append(arrays)
             base += len(su)
-    k = info["top_k"]
-    values = np.concatenate(vals) if vals else np.zeros((0, k), np.float16)
-    indices = np.concatenate(idxs) if idxs else np.zeros((0, k), np.int32)
     missing = [u for u in uids if u not in pos]
     if missing:
         raise KeyError(f"no teacher output for uid {missing[0]!r} ({len(missing)} missing); the teacher outputs "
                        f"cover the {info['samples']} samples: rerun 'datapruning teacher' (--all for every sample)")
     rows = np.fromiter((pos[u] for u in uids), dtype=np.int64, count=len(uids))
-    return values[rows], indices[rows]
+    if not parts:
+        return {c: np.zeros((0, 0), np.float32) for c in TEACHER_COLUMNS[info["format"]]}
+    return {c: np.concatenate([p[c] for p in parts])[rows] for c in parts[0]}
 
 
 # ---------------------------------------------------------------- DataComp subset file

@@ -1,4 +1,4 @@
-"""Teacher stage: top-k teacher logits computed once per kept sample, stored beside the manifest (teacher/)."""
+"""Teacher stage: teacher logits computed once per kept sample, stored beside the manifest (teacher/)."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("zero_shot", "module", "logits")
 TEACHER_DIR = "teacher"
+MAX_FULL_CLASSES = 4096  # up to this many classes the full logits are stored (float16: 8 KB a sample at most)
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class TeacherConfig:
     index the classes directly, string labels are looked up by name."""
 
     source: str = "zero_shot"  # zero_shot | module | logits
-    top_k: int = 10  # logits kept per sample (capped at the number of classes)
+    top_k: int | None = None  # None: full logits (exact KD); k: opt-in top-k plus a tail bin (very many classes)
     on: str = "auto"  # auto | embeddings | images: what zero_shot / module teachers read
     samples: str = "kept"  # kept | all
     classes: tuple[str, ...] = ()  # class names (zero_shot needs them)
@@ -48,7 +49,7 @@ class TeacherConfig:
         checks = {"teacher.source": (self.source in SOURCES, f"one of {list(SOURCES)}"),
                   "teacher.on": (self.on in ("auto", "embeddings", "images"), "auto, embeddings or images"),
                   "teacher.samples": (self.samples in ("kept", "all"), "kept or all"),
-                  "teacher.top_k": (self.top_k >= 1, ">= 1"), "teacher.batch_size": (self.batch_size >= 1, ">= 1"),
+                  "teacher.top_k": (self.top_k is None or self.top_k >= 1, "None (full logits) or >= 1"), "teacher.batch_size": (self.batch_size >= 1, ">= 1"),
                   "teacher.logit_scale": (self.logit_scale > 0, "> 0")}
         for key, (ok, want) in checks.items():
             if not ok:
@@ -181,20 +182,55 @@ def build_teacher(tcfg: TeacherConfig, run_cfg) -> Teacher:
         return BUILDERS[tcfg.source](tcfg, run_cfg)
 
 
-# ---------------------------------------------------------------- pure part: logits -> top-k
-def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k largest logits per row, descending (ties: lower class first), as float16 values and int32 indices."""
+# ---------------------------------------------------------------- pure part: logits -> stored form
+def shifted(logits: np.ndarray) -> np.ndarray:
+    """Logits minus each row's max (float32): softmax is unchanged, and float16 is finest where the mass is."""
     logits = np.asarray(logits, dtype=np.float32)
-    k = min(k, logits.shape[1])
-    idx = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(logits, idx, axis=1).astype(np.float16), idx.astype(np.int32)
+    return logits - logits.max(axis=1, keepdims=True) if logits.size else logits
 
 
-def teacher_table(uids: list[str], values: np.ndarray, indices: np.ndarray) -> pa.Table:
-    k = values.shape[1] if values.ndim == 2 else 0
-    return pa.table({"uid": pa.array(uids, pa.string()),
-                     "topk_values": pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), k),
-                     "topk_indices": pa.FixedSizeListArray.from_arrays(pa.array(indices.reshape(-1)), k)})
+def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k largest shifted logits per row, descending (ties: lower class first), as float16 values and int32
+    indices, and the tail: float32 [n, len(TAIL_TEMPERATURES)] logsumexp of the other shifted logits / T."""
+    from .kd import TAIL_TEMPERATURES
+
+    z = shifted(logits)
+    k = min(k, z.shape[1])
+    idx = np.argsort(-z, axis=1, kind="stable")[:, :k]
+    rest = z.copy()
+    np.put_along_axis(rest, idx, -np.inf, axis=1)
+    tail = np.full((len(z), len(TAIL_TEMPERATURES)), -np.inf, np.float32)
+    if k < z.shape[1]:
+        for c, T in enumerate(TAIL_TEMPERATURES):
+            r = rest.astype(np.float64) / T
+            top = r.max(axis=1, keepdims=True)
+            tail[:, c] = (top[:, 0] + np.log(np.exp(r - top).sum(axis=1))).astype(np.float32)
+    return np.take_along_axis(z, idx, axis=1).astype(np.float16), idx.astype(np.int32), tail
+
+
+def _fixed(values: np.ndarray, n: int, width: int) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width) if n else \
+        pa.array([], pa.list_(pa.from_numpy_dtype(values.dtype), width))
+
+
+def full_table(uids: list[str], logits: np.ndarray) -> pa.Table:
+    """uid and ``logits``: every class's logit minus the row's max, float16 [C]."""
+    z = shifted(logits).astype(np.float16)
+    return pa.table({"uid": pa.array(uids, pa.string()), "logits": _fixed(z, len(z), z.shape[1] if z.ndim == 2 else 0)})
+
+
+def topk_table(uids: list[str], logits: np.ndarray, k: int) -> pa.Table:
+    """uid, ``topk_values`` float16 [k], ``topk_indices`` int32 [k] and ``tail_lse`` float32 [temperatures]."""
+    from .kd import TAIL_TEMPERATURES
+
+    if len(logits):
+        values, indices, tail = topk(logits, k)
+    else:
+        values, indices = np.zeros((0, k), np.float16), np.zeros((0, k), np.int32)
+        tail = np.zeros((0, len(TAIL_TEMPERATURES)), np.float32)
+    n = len(values)
+    return pa.table({"uid": pa.array(uids, pa.string()), "topk_values": _fixed(values, n, values.shape[1]),
+                     "topk_indices": _fixed(indices, n, indices.shape[1]), "tail_lse": _fixed(tail, n, tail.shape[1])})
 
 
 # ---------------------------------------------------------------- the stage
@@ -275,8 +311,9 @@ def fingerprint(tcfg: TeacherConfig, run_dir: Path) -> str:
 
 
 def run_teacher(run_dir: str | Path, tcfg: TeacherConfig) -> dict:
-    """Write teacher/<shard>.parquet (uid, topk_values float16 [k], topk_indices int32 [k]) for every kept
-    sample, a done marker per shard, and teacher/_info.json. Resumes; a changed teacher config redoes it all."""
+    """Write teacher/<shard>.parquet for every kept sample: by default ``logits`` float16 [C] (each row shifted
+    so its max is 0); with ``top_k``, ``topk_values``, ``topk_indices`` and ``tail_lse`` (see ``topk``). Also a
+    done marker per shard and teacher/_info.json. Resumes; a changed teacher config redoes it all."""
     from .reshard import run_shards
     from ..run import load_run_config, progress
 
@@ -308,14 +345,20 @@ def _teacher_shard(teacher: Teacher, tcfg: TeacherConfig, run_dir: Path, run_cfg
                          f"teacher.classes names {len(tcfg.classes)} classes")
     if len(logits) and not np.isfinite(logits).all():
         raise ValueError(f"teacher {teacher.name}: non-finite logits in shard {shard['name']}")
-    if len(logits):
-        values, indices = topk(logits, tcfg.top_k)
+    n_classes = int(logits.shape[1]) if len(logits) else None
+    if tcfg.top_k is None and n_classes is not None and n_classes > MAX_FULL_CLASSES:
+        raise ConfigError(f"config key 'teacher.top_k': the teacher has {n_classes} classes, more than the "
+                          f"{MAX_FULL_CLASSES} stored in full; opt in to top-k plus a tail bin (--top-k K), an "
+                          "approximation of KD (docs/methods.md#kd-knowledge-distillation-on-pruned-data)")
+    uids = rows["uid"].to_pylist()
+    if tcfg.top_k is None:
+        table = full_table(uids, logits if len(logits) else np.zeros((0, len(tcfg.classes)), np.float32))
     else:
-        values, indices = np.zeros((0, tcfg.top_k), np.float16), np.zeros((0, tcfg.top_k), np.int32)
-    write_parquet(out / f"{shard['name']}.parquet", teacher_table(rows["uid"].to_pylist(), values, indices))
-    mark_done(out, shard["name"], {"rows": len(rows), "num_classes": int(logits.shape[1]) if len(logits) else None,
-                                   "top_k": int(values.shape[1]) if len(logits) else None, "teacher": teacher.name,
-                                   "on": teacher.on})
+        table = topk_table(uids, logits, min(tcfg.top_k, n_classes or tcfg.top_k))
+    write_parquet(out / f"{shard['name']}.parquet", table)
+    mark_done(out, shard["name"], {"rows": len(rows), "num_classes": n_classes,
+                                   "top_k": None if tcfg.top_k is None or n_classes is None
+                                   else min(tcfg.top_k, n_classes), "teacher": teacher.name, "on": teacher.on})
 
 
 def _write_info(out: Path, tcfg: TeacherConfig, shards: list[dict]) -> dict:
@@ -326,8 +369,16 @@ def _write_info(out: Path, tcfg: TeacherConfig, shards: list[dict]) -> dict:
     info = {"source": tcfg.source, "teacher": next((m["teacher"] for m in marks), None),
             "on": next((m["on"] for m in marks), None), "samples": tcfg.samples,
             "rows": sum(m["rows"] for m in marks), "num_classes": classes.pop() if classes else len(tcfg.classes),
-            "top_k": max([m["top_k"] or 0 for m in marks], default=0), "classes": list(tcfg.classes),
-            "logits": "raw teacher logits (before any temperature); KD renormalises softmax(values / T) over top-k",
+            "format": "full" if tcfg.top_k is None else "topk",
+            "top_k": None if tcfg.top_k is None else max([m["top_k"] or 0 for m in marks], default=0),
+            "classes": list(tcfg.classes),
+            "logits": "teacher logits before any temperature, each row shifted so its max is 0 (softmax unchanged)"
+                      + ("" if tcfg.top_k is None else "; topk: k largest, tail_lse = logsumexp(other logits / T) "
+                         "at T in tail_temperatures"),
             "config": dataclasses.asdict(tcfg)}
+    if tcfg.top_k is not None:
+        from .kd import TAIL_TEMPERATURES
+
+        info["tail_temperatures"] = list(TAIL_TEMPERATURES)
     write_json(out / "_info.json", info)
     return info

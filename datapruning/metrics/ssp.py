@@ -39,3 +39,32 @@ def class_prototypes(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.nda
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
     return (sums / norms).astype(np.float32), inverse
+
+
+CDF_BINS = 1 << 16  # histogram bins over the cosine-distance range [0, 2]: a rank resolution of 3e-5
+
+
+def distance_histogram(values: np.ndarray, source: np.ndarray, n_sources: int = 2,
+                       bins: int = CDF_BINS) -> np.ndarray:
+    """Counts of ``values`` (cosine distances in [0, 2]) per source and bin, int64 [n_sources, bins]."""
+    values = np.asarray(values, dtype=np.float64)
+    at = np.clip((values * (bins / 2.0)).astype(np.int64), 0, bins - 1)
+    flat = np.asarray(source, dtype=np.int64) * bins + at
+    return np.bincount(flat, minlength=n_sources * bins).reshape(n_sources, bins)
+
+
+def within_source_cdf(values: np.ndarray, source: np.ndarray, hist: np.ndarray) -> np.ndarray:
+    """Each value's rank within its own source on [0, 1]: the source's empirical CDF from ``hist``
+    (``distance_histogram`` over every row), interpolated linearly inside the value's bin.
+
+    ``cdf(v) = (count below v's bin + frac * count in v's bin) / source total``; it is strictly increasing in v
+    within a source, so it keeps each source's order, and puts every source on the same [0, 1] scale."""
+    values = np.asarray(values, dtype=np.float64)
+    source = np.asarray(source, dtype=np.int64)
+    bins = hist.shape[1]
+    below = np.cumsum(hist, axis=1) - hist
+    totals = np.maximum(hist.sum(axis=1), 1)
+    scaled = np.clip(values, 0.0, 2.0) * (bins / 2.0)
+    at = np.clip(scaled.astype(np.int64), 0, bins - 1)
+    frac = np.clip(scaled - at, 0.0, 1.0)
+    return (below[source, at] + frac * hist[source, at]) / totals[source]

@@ -1,12 +1,15 @@
-"""DP4TL as pipeline metrics: each source sample scores the target hits of its class (LM) or cluster (FM).
+"""DP4TL as pipeline metrics: target hits per source class (LM) or source cluster (FM).
 
-The mapping runs once in ``prepare``; scoring a shard is a lookup. Label code c is class c of the classifier
-(integer labels keep their value as the code), so logits columns line up with labels. See
-docs/methods.md#dp4tl-transfer-aware-pruning.
+See docs/methods.md#dp4tl-transfer-aware-pruning. Every source sample scores the number of target samples that
+map to its source class (label mapping, LM) or source cluster (feature mapping, FM). The mapping runs once in
+``prepare``; scoring a shard is a lookup. Integer labels keep their value as the code, so label 999 is column
+999 of a supplied classifier; string labels are matched to the classifier's columns (or text rows) by name
+through ``classes``, never by their sorted rank.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +26,7 @@ class LMParams:
     route: str = "linear"  # linear (a classifier trained on the source) | logits | zeroshot
     logits: str | None = None  # route logits: .npy [n_target, C] of a source classifier on the target
     class_text: str | None = None  # route zeroshot: .npy [C, d] text embeddings of the class names
+    classes: str | None = None  # logits/zeroshot with string labels: .txt (one per line) or .npy names of columns
     epochs: int = 10
     max_samples: int | None = 200_000  # the linear route trains on at most this many source rows (stratified)
     seed: int | None = None
@@ -61,8 +65,44 @@ def lm_predictions(ctx, params: LMParams) -> tuple[np.ndarray, int]:
     return clf.predict(target_emb), len(clf.bias)
 
 
+def run_label_names(ctx) -> list[str] | None:
+    """The run's string label names (code c is names[c]); None for integer labels or arrays in memory."""
+    from ..io.files import read_json
+    from ..run import LABEL_INDEX
+
+    if ctx.state_dir is None or not (Path(ctx.state_dir).parent / LABEL_INDEX).exists():
+        return None
+    index = read_json(Path(ctx.state_dir).parent / LABEL_INDEX)
+    return None if index["integer"] else list(index["names"])
+
+
+def read_class_names(path: str) -> list[str]:
+    if path.endswith(".npy"):
+        return [str(v) for v in np.load(path, allow_pickle=False).tolist()]
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def by_name(per_column: np.ndarray, columns: list[str], names: list[str]) -> np.ndarray:
+    """``per_column`` values per label code (hits, or the column index itself), matching labels to columns by name."""
+    if len(columns) != len(per_column):
+        raise ValueError(f"classes names {len(columns)} columns, the classifier has {len(per_column)}")
+    where = {name: i for i, name in enumerate(columns)}
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise ValueError(f"source label {missing[0]!r} is not one of the classifier's classes "
+                         f"({len(missing)} missing)")
+    return per_column[[where[n] for n in names]]
+
+
 def prepare_lm(ctx, params: LMParams) -> dict:
     pred, n_classes = lm_predictions(ctx, params)
+    names = run_label_names(ctx)
+    if names is not None and params.route != "linear":
+        if params.classes is None:
+            raise ValueError(f"dp4tl_lm route={params.route}: the source labels are strings, so the classifier's "
+                             "columns must be named; set score.params.dp4tl_lm.classes (a .txt or .npy of names)")
+        freq = by_name(label_mapping_freq(pred, n_classes), read_class_names(params.classes), names)
+        return {"freq": freq, "n_target": np.int64(len(pred))}
     if ctx.n_classes > n_classes:
         raise ValueError(f"dp4tl_lm: the {params.route} classifier has {n_classes} classes but source label codes "
                          f"go up to {ctx.n_classes - 1}")

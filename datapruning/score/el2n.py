@@ -1,7 +1,9 @@
-"""EL2N as a pipeline metric: from your own logits (matched by uid) or from proxy heads on the embeddings.
+"""EL2N as a pipeline metric, from the user's own logits or from proxy heads.
 
-Proxy heads train once on a bounded, seeded, label-stratified sample and then score shard by shard.
-Unlabelled rows, and rows without logits, score NaN. See docs/methods.md#el2n-error-l2-norm-scores.
+See docs/methods.md#el2n-error-l2-norm-scores. User logits are matched to rows by uid; proxy heads are trained
+once on a bounded, seeded, label-stratified sample of the embeddings and then applied shard by shard.
+Unlabelled rows, and rows without logits, score NaN. Logits column c is integer label c; string labels are
+matched to the columns by name through ``classes``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pyarrow as pa
 from ..metrics.el2n import el2n, proxy_el2n, train_proxy_heads
 from ..metrics.random import uid_hash
 from .base import Metric, positive
+from .dp4tl import by_name, read_class_names, run_label_names
 from .sample import labelled_sample
 
 H1, H2 = 0x5EED1, 0x5EED2  # two independent 64-bit uid hashes: a 128-bit match key
@@ -24,6 +27,7 @@ class EL2NParams:
     logits: str | None = None  # .npy [M, n, C] or [n, C] of your models' outputs
     logits_uids: str | None = None  # .npy of strings or parquet with a uid column: row r of logits is uid r
     from_logits: bool = True  # False: the file holds probabilities
+    classes: str | None = None  # string labels: .txt (one per line) or .npy names of the logits columns
     n_models: int = 10
     epochs: int = 5
     hidden: int = 0
@@ -66,6 +70,12 @@ def prepare(ctx, params: EL2NParams) -> dict:
         index = logits_index(params.logits_uids)
         if len(index["row"]) != arr.shape[-2]:
             raise ValueError(f"el2n: {len(index['row'])} logits uids for {arr.shape[-2]} logits rows")
+        names = run_label_names(ctx)
+        if names is not None:
+            if params.classes is None:
+                raise ValueError("el2n: the labels are strings, so the logits columns must be named; set "
+                                 "score.params.el2n.classes (a .txt or .npy of names)")
+            index["column"] = by_name(np.arange(arr.shape[-1]), read_class_names(params.classes), names)
         return index
     _, labels, emb = labelled_sample(ctx.embedding_rows, ctx.n_classes, params.max_train)
     heads = train_proxy_heads(emb, labels, ctx.n_classes, params.n_models, params.epochs, params.hidden,
@@ -87,6 +97,8 @@ def score(block: dict, state: dict, params: EL2NParams) -> np.ndarray:
     if len(state["h1"]):  # two uids sharing h1 (about n**2 / 2**64 pairs) would be missed, never mixed up
         at = np.minimum(np.searchsorted(state["h1"], h1), len(state["h1"]) - 1)
         found = (state["h1"][at] == h1) & (state["h2"][at] == h2)
+    if "column" in state:  # label code -> logits column, matched by name
+        labels = np.where(labels >= 0, state["column"][np.maximum(labels, 0)], -1)
     rows = np.flatnonzero(found & (labels >= 0))
     src = state["row"][at[rows]]
     order = np.argsort(src, kind="stable")  # read the memmap in ascending row order

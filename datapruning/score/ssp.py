@@ -1,7 +1,9 @@
-"""SSP as a pipeline metric: distance to the cluster centroid, or to the class prototype.
+"""SSP as a pipeline metric: the cosine distance to the cluster centroid, or to the class prototype.
 
-With ``prototypes: labels`` the prototype is the normalised mean embedding of the sample's class (exact
-fixed-point sums); unlabelled rows keep the cluster distance. See docs/methods.md#ssp-self-supervised-prototypicality.
+See docs/methods.md#ssp-self-supervised-prototypicality. With ``prototypes: labels`` a labelled row's distance
+is to its class prototype (the normalised mean embedding of its class) and an unlabelled row's to its cluster
+centroid. The two distances are on different scales, so each row scores its rank within its own source
+(labelled or unlabelled), read from a fine histogram of that source's distances built in ``prepare``.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from functools import partial
 
 import numpy as np
 
-from ..metrics.ssp import prototypicality
+from ..metrics.ssp import distance_histogram, prototypicality, within_source_cdf
 from ..rows import add
 from ..metrics.fixed import fixed_sum
 from .base import Metric, choice
@@ -38,21 +40,37 @@ def prepare(ctx, params: SSPParams) -> dict:
     sums, counts = ctx.embedding_rows.reduce(partial(_class_sums, ctx.n_classes), add)
     protos = sums.astype(np.float64)
     norms = np.linalg.norm(protos, axis=1, keepdims=True)
-    return {"prototypes": (protos / np.where(norms > 0, norms, 1.0)).astype(np.float32), "counts": counts}
+    state = {"prototypes": (protos / np.where(norms > 0, norms, 1.0)).astype(np.float32), "counts": counts}
+    state["hist"] = ctx.embedding_rows.reduce(partial(_histogram, state), add)
+    return state
+
+
+def raw_distances(block: dict, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distance, source): class-prototype distance for labelled rows (source 0), cluster distance otherwise (1)."""
+    out = block["cos_dist"].astype(np.float64)
+    known = block["label"] >= 0
+    rows = np.flatnonzero(known)
+    out[rows] = prototypicality(block["embedding"][rows], prototypes, block["label"][rows])
+    return out, (~known).astype(np.int64)
+
+
+def _histogram(state: dict, block: dict) -> np.ndarray:
+    return distance_histogram(*raw_distances(block, state["prototypes"]))
 
 
 def score(block: dict, state: dict, params: SSPParams) -> np.ndarray:
-    out = block["cos_dist"].astype(np.float64)
-    if params.prototypes == "labels":
-        known = np.flatnonzero(block["label"] >= 0)
-        out[known] = prototypicality(block["embedding"][known], state["prototypes"], block["label"][known])
-    return out
+    if params.prototypes == "clusters":
+        return block["cos_dist"].astype(np.float64)
+    values, source = raw_distances(block, state["prototypes"])
+    return within_source_cdf(values, source, state["hist"])
 
 
 def summarize(rows, params: SSPParams, state: dict) -> dict:
     info = {"prototypes": params.prototypes}
     if params.prototypes == "labels":
         info["classes"] = int((state["counts"] > 0).sum())
+        info["rows_by_source"] = {"labelled": int(state["hist"][0].sum()), "unlabelled": int(state["hist"][1].sum())}
+        info["normalised"] = "rank within source (labelled: class prototype, unlabelled: cluster centroid)"
     return info
 
 
