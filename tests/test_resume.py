@@ -34,12 +34,12 @@ def test_sigkill_mid_embed_then_resume(tmp_path, tiny_clip_config):
     out = tmp_path / "run"
     proc = start(args, inp, out)
     deadline = time.time() + 300
-    while not list((out / "embeddings").glob("_*.done.json")) and time.time() < deadline:
+    while not list((out / "_meta" / "embeddings").glob("_*.done.json")) and time.time() < deadline:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    done_before = {p.name: p.read_bytes() for p in (out / "embeddings").glob("_*.done.json")}
+    done_before = {p.name: p.read_bytes() for p in (out / "_meta" / "embeddings").glob("_*.done.json")}
     assert 1 <= len(done_before) < 8, "the kill should land between the first and the last shard"
     assert not (out / "manifest").exists()
 
