@@ -1,5 +1,6 @@
-"""Manifest stage: join every stage per shard into manifest/<shard>.parquet (as tasks on the run's executor),
-then stream kept.parquet and add up stats.json from per-shard counts."""
+"""Manifest stage: every stage joined per shard into manifest/<shard>.parquet, then kept.parquet and stats.json.
+
+Shards run as tasks on the run's executor; kept.parquet is streamed and stats.json added up from per-shard counts."""
 from __future__ import annotations
 
 import platform
@@ -28,7 +29,8 @@ def integer_labels(run: Run) -> bool:
 
 def manifest_table(run: Run, name: str, int_labels: bool) -> pa.Table:
     emb_path = run.dir("embed") / f"{name}.parquet"
-    meta_cols = [c for c in ("uid", "shard", "key", "label", "split") if c in pq.read_schema(emb_path).names]
+    meta_cols = [c for c in ("uid", "shard", "key", "label", "split", "source_uid")
+                 if c in pq.read_schema(emb_path).names]
     table = pq.read_table(emb_path, columns=meta_cols)
     uid = table["uid"].combine_chunks()
     if "label" in table.column_names and int_labels:
@@ -57,11 +59,20 @@ def shard_counts(table: pa.Table, k: int) -> dict:
     return out
 
 
+def write_rows(path, table: pa.Table) -> None:
+    """``write_parquet``, except that a zero-row table gets no row group at all: readers that size batches by
+    the first row group (Hugging Face ``datasets``) fail on an empty one."""
+    if table.num_rows:
+        return write_parquet(path, table)
+    with atomic_path(path) as tmp:
+        pq.ParquetWriter(tmp, table.schema, compression="snappy").close()
+
+
 def manifest_shard(run: Run, int_labels: bool, name: str) -> dict:
     """Write one shard's manifest (unless done) and return its counts."""
     path = run.dir("manifest") / f"{name}.parquet"
     if not is_done(run.dir("manifest"), name):
-        write_parquet(path, manifest_table(run, name, int_labels))
+        write_rows(path, manifest_table(run, name, int_labels))
         mark_done(run.dir("manifest"), name, {"rows": pq.read_metadata(path).num_rows})
     table = pq.read_table(path, columns=[c for c in ("cluster", "keep", "label") if c in pq.read_schema(path).names])
     return {"name": name, **shard_counts(table, run.cfg.cluster.k)}
