@@ -46,7 +46,7 @@ def test_sigkill_mid_embed_then_resume(tmp_path, tiny_clip_config):
     rerun = start(args, inp, out)
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()[-2000:]
     for name, data in done_before.items():  # finished shards were not redone (their marker holds timing)
-        assert (out / "embeddings" / name).read_bytes() == data
+        assert (out / "_meta" / "embeddings" / name).read_bytes() == data
     assert manifest_bytes(out) == manifest_bytes(tmp_path / "ref")
     assert not list(out.rglob("*.tmp")), "no temporary files are left behind"
     stats = json.loads((out / "stats.json").read_text())
