@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class InputConfig:
-    format: str = "auto"  # auto | webdataset | parquet | clip_retrieval | npy
+    format: str = "auto"  # auto | webdataset | parquet | clip_retrieval | npy | datacomp (metadata .parquet + .npz)
     id_column: str = "uid"
     embedding_column: str = "embedding"
     label_column: str = "label"
@@ -23,6 +23,7 @@ class InputConfig:
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     text_keys: tuple[str, ...] = ("txt", "json")
     label_key: str = "cls"
+    npz_key: str = "l14_img"  # datacomp: which array of the .npz beside each metadata parquet is the embedding
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class RunConfig:
 
 CHOICES = {
     "backend": ("local", "ray"),
-    "input.format": ("auto", "webdataset", "parquet", "clip_retrieval", "npy"),
+    "input.format": ("auto", "webdataset", "parquet", "clip_retrieval", "npy", "datacomp"),
+    "input.npz_key": ("l14_img", "b32_img", "l14_txt", "b32_txt"),
     "embed.modality": ("image", "text"),
     "embed.device": ("auto", "cpu", "cuda"),
     "embed.image_decode": ("auto", "tensor", "pil"),

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from .config import RunConfig, config_from_dict, to_dict
 from .errors import StageError
 from .exec import map_unordered
-from .io.files import clean_stage, clean_temp, done_path, read_json, write_json
+from .io.files import clean_stage, clean_temp, done_path, read_json, stage_marker, write_json
 from .io.tables import column_to_matrix, read_stage
 from .rows import BlockRows
 
@@ -86,7 +86,7 @@ def prepare_stage(run: Run, stage: str) -> Path:
     folder = run.dir(stage)
     inputs = [s["path"] for s in run.shards]
     want = fingerprint(run.cfg, stage, inputs)
-    marker = folder / "_stage.json"
+    marker = stage_marker(folder)
     if marker.exists() and read_json(marker).get("fingerprint") != want:
         log.warning("%s: config or input changed since the last run; redoing this stage and the ones after it", stage)
         for later in STAGES[STAGES.index(stage):]:

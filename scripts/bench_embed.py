@@ -196,7 +196,7 @@ def run_variants(spec_text: str, cfg, work: Path, bare: float) -> dict:
         finally:
             for k, v in saved.items():
                 setattr(gpu_decode, k, v)
-        done = [read_json(p) for p in (work / f"run-v{i}" / "embeddings").glob("_*.done.json")]
+        done = [read_json(p) for p in (work / f"run-v{i}" / "_meta" / "embeddings").glob("_*.done.json")]
         rows = sum(d["rows"] for d in done)
         out[text] = {"img_s": round(rows / seconds, 1), "ratio": round(rows / seconds / bare, 3),
                      "stage_s": round(seconds, 2), "model_thread_busy_s": round(grab.busy, 2),
@@ -373,7 +373,7 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         run_stage("embed", cfg, work / "run", str(work / "shards"))
         ours_s = time.perf_counter() - start
-        rows = sum(read_json(p)["rows"] for p in (work / "run" / "embeddings").glob("_*.done.json"))
+        rows = sum(read_json(p)["rows"] for p in (work / "run" / "_meta" / "embeddings").glob("_*.done.json"))
         decode = decode_rates(encoder, spec, datas, min(images, 4096), args.batch_size, args.decode_workers)
         ours = rows / ours_s
         variants = run_variants(args.variants, cfg, work, bare) if spec is not None else {}

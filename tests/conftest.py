@@ -161,3 +161,54 @@ def fresh(run, tmp_path) -> Path:
 
     shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("teacher"))
     return tmp_path / "run"
+
+
+def make_download_folder(folder: Path, n_shards: int = 4, per_shard: int = 8, seed: int = 0,
+                         empty_shard: int | None = None) -> dict[str, str]:
+    """An img2dataset / DataComp download folder: ``{:08d}.tar`` (``.jpg``/``.png``, ``.txt``, ``.json`` with
+    a 32-hex DataComp ``uid``) beside ``{:08d}.parquet``, ``{:08d}_stats.json`` and ``{:08d}.json``. Keys are
+    the md5 of the url: 32 hex digits, but not the uid. Shard ``empty_shard`` has only undecodable images.
+    Returns {manifest uid: DataComp uid} of every readable sample."""
+    import hashlib
+
+    rng = np.random.default_rng(seed)
+    bases = rng.integers(0, 255, size=(3, 32, 32, 3)).astype(np.float64)
+    folder.mkdir(parents=True, exist_ok=True)
+    uids: dict[str, str] = {}
+    for s in range(n_shards):
+        name, rows = f"{s:08d}", []
+        with tarfile.open(folder / f"{name}.tar", "w") as tar:
+            for i in range(per_shard):
+                url = f"https://example.com/{s}/{i}.jpg"
+                key, uid = hashlib.md5(url.encode(), usedforsecurity=False).hexdigest(), "".join(rng.choice(list("0123456789abcdef"), 32))
+                label = int(rng.integers(3))
+                image = b"not an image" if s == empty_shard else png_bytes(rng, bases[label])
+                meta = {"uid": uid, "url": url, "key": key, "caption": f"a photo of class {label}", "status": "success"}
+                add_member(tar, f"{key}.{'jpg' if i % 2 else 'png'}", image)
+                add_member(tar, f"{key}.txt", meta["caption"].encode())
+                add_member(tar, f"{key}.json", json.dumps(meta).encode())
+                rows.append(meta)
+                if s != empty_shard:
+                    uids[f"{name}/{key}"] = uid
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{name}.parquet")
+        (folder / f"{name}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+        (folder / f"{name}.json").write_text(json.dumps({"shard": name}))
+    return uids
+
+
+def make_datacomp_metadata(folder: Path, n_shards: int = 2, per_shard: int = 30, seed: int = 2) -> dict[str, int]:
+    """DataComp's published metadata: ``{:08d}.parquet`` (uid, url, text) plus a same-name ``.npz`` holding
+    ``l14_img`` [n, 12], ``b32_img`` [n, 8] and the text embeddings (float16). Returns {uid: cluster truth}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    truth_of: dict[str, int] = {}
+    rng = np.random.default_rng(seed)
+    for s in range(n_shards):
+        l14, truth = blobs(per_shard, 12, 3, seed + s)
+        b32, _ = blobs(per_shard, 8, 3, seed + s + 100)
+        uids = ["".join(rng.choice(list("0123456789abcdef"), 32)) for _ in range(per_shard)]
+        truth_of.update(zip(uids, truth.tolist()))
+        pq.write_table(pa.table({"uid": uids, "url": [f"https://example.com/{u}.jpg" for u in uids],
+                                 "text": [f"caption {t}" for t in truth]}), folder / f"{s:08d}.parquet")
+        np.savez(folder / f"{s:08d}.npz", l14_img=l14.astype(np.float16), b32_img=b32.astype(np.float16),
+                 l14_txt=l14.astype(np.float16), b32_txt=b32.astype(np.float16))
+    return truth_of

@@ -160,7 +160,7 @@ def test_one_line_errors(planted_run, tmp_path, capsys):
     assert cli.main(["eval", str(run), "--label-column", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert "labels" in err and "'nope'" in err and len(err.splitlines()) == 1
-    for marker in (run / "scores").glob("_part-001.done.json"):
+    for marker in (run / "_meta" / "scores").glob("_part-001.done.json"):
         marker.unlink()
     assert cli.main(["eval", str(run)]) == 2
     err = capsys.readouterr().err.strip()

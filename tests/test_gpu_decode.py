@@ -135,7 +135,7 @@ def embed_run(tmp_path, name, shards, cfg_path, extra):
     out = tmp_path / name
     run_stage("embed", cfg, out, str(shards))
     table = pq.read_table(out / "embeddings")
-    markers = {p.name: json.loads(p.read_text()) for p in sorted((out / "embeddings").glob("_0*.done.json"))}
+    markers = {p.name: json.loads(p.read_text()) for p in sorted((out / "_meta" / "embeddings").glob("_0*.done.json"))}
     return table, markers
 
 

@@ -70,3 +70,39 @@ def test_parquet_with_a_non_utf8_column_name_is_an_input_error(tmp_path):
     path.write_bytes(data.replace(b"zzzzzz", b"\x80zzzzz"))
     with pytest.raises(InputError, match="bad.parquet: not a readable parquet file"):
         read_parquet(str(path))
+
+
+def test_download_folder_lists_tars_not_side_files(tmp_path, monkeypatch):
+    from conftest import make_download_folder
+
+    make_download_folder(tmp_path / "dl", n_shards=2, per_shard=2)
+    monkeypatch.chdir(tmp_path)
+    for spec in ("dl", "dl/*", "dl/{00000000..00000001}.tar"):
+        paths = expand_input(spec)
+        assert paths == [str(tmp_path / "dl" / f"0000000{i}.tar") for i in range(2)], spec  # absolute
+        assert detect_format(paths) == "webdataset" and shard_names(paths) == ["00000000", "00000001"]
+
+
+def test_npy_and_datacomp_metadata_folders(tmp_path):
+    import numpy as np
+    from conftest import make_datacomp_metadata
+
+    (tmp_path / "n").mkdir()
+    np.save(tmp_path / "n" / "a.npy", np.zeros((2, 3), np.float32))
+    (tmp_path / "n" / "a.parquet").write_bytes(b"")  # the id file of a.npy, not a shard
+    assert detect_format(expand_input(str(tmp_path / "n"))) == "npy"
+    make_datacomp_metadata(tmp_path / "dc", n_shards=2, per_shard=3)
+    paths = expand_input(str(tmp_path / "dc"))
+    assert [os.path.basename(p) for p in paths] == ["00000000.parquet", "00000001.parquet"]
+    assert detect_format(paths) == "datacomp"
+
+
+def test_markers_live_beside_the_folder(tmp_path):
+    from datapruning.io.files import clean_stage, done_path, stage_marker
+
+    stage = tmp_path / "manifest"
+    mark_done(stage, "00001", {"rows": 3})
+    assert done_path(stage, "00001") == tmp_path / "_meta" / "manifest" / "_00001.done.json"
+    assert stage_marker(stage).parent == tmp_path / "_meta" / "manifest" and not stage.exists()
+    clean_stage(stage)
+    assert not is_done(stage, "00001")

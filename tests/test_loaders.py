@@ -174,7 +174,7 @@ def datacomp_lookup(subset: np.ndarray, hexuid: str) -> int:
 def test_export_datacomp_from_sample_json(run, tmp_path):
     run_dir, hexuids = run
     info = ld.export_datacomp_uids(run_dir, tmp_path / "subset.npy")
-    assert info == {"uids": 16, "source": "json", "path": str(tmp_path / "subset.npy")}
+    assert info == {"uids": 16, "source": "source_uid", "path": str(tmp_path / "subset.npy")}  # the .json uid
     subset = np.load(tmp_path / "subset.npy", mmap_mode="r")  # as DataComp's load_subset does
     assert subset.dtype == np.dtype("u8,u8") and subset.shape == (16,)
     pairs = subset.tolist()
@@ -182,8 +182,10 @@ def test_export_datacomp_from_sample_json(run, tmp_path):
     kept = kept_set(run_dir)
     for uid, hexuid in hexuids.items():
         assert datacomp_lookup(subset, hexuid) == (uid in kept)
-    with pytest.raises(ValueError, match="not a 32-hex DataComp uid"):
+    with pytest.raises(ValueError, match="uid source uid: .* not a 32-hex DataComp uid"):
         ld.export_datacomp_uids(run_dir, tmp_path / "x.npy", uid_source="uid")
+    assert ld.export_datacomp_uids(run_dir, tmp_path / "j.npy", uid_source="json")["source"] == "source_uid"
+    assert np.load(tmp_path / "j.npy").tolist() == pairs
 
 
 def test_export_datacomp_from_metadata_uid_column(tmp_path):
@@ -199,7 +201,7 @@ def test_export_datacomp_from_metadata_uid_column(tmp_path):
     run_pipeline(load_config(None, ["embed.encoder=precomputed", "cluster.k=4", "select.keep_fraction=0.5"]),
                  str(tmp_path / "emb"), tmp_path / "run")
     info = ld.export_datacomp_uids(tmp_path / "run", tmp_path / "s.npy")
-    assert info["source"] == "uid" and info["uids"] == 30
+    assert info["source"] == "source_uid" and info["uids"] == 30  # the metadata's uid column
     subset = np.load(tmp_path / "s.npy", allow_pickle=False)
     kept = kept_set(tmp_path / "run")
     assert sum(datacomp_lookup(subset, h) for h in hexes) == 30

@@ -123,7 +123,7 @@ def test_report_without_eval_or_images(tmp_path, browser):
 def test_report_needs_a_finished_run(image_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(image_run[0], run)
-    next((run / "manifest").glob("_*.done.json")).unlink()
+    next((run / "_meta" / "manifest").glob("_*.done.json")).unlink()
     assert cli.main(["report", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "manifest" in err and len(err.splitlines()) == 1

@@ -72,6 +72,8 @@ def test_round_trip_equals_kept_set(run, tmp_path):
     counts = [json.loads((out / f"{i:08d}_stats.json").read_text())["successes"] for i in range(5)]
     assert counts == [3, 3, 3, 3, 2] and [len(tar_samples(out / n)) for n in names] == counts
     assert summary["pattern"].endswith("{00000000..00000004}.tar") and not (out / rs.PIECES).exists()
+    assert json.loads((out / "sizes.json").read_text()) == dict(zip(names, counts))  # open_clip, DataComp
+    assert not (out / "_meta").exists()  # the pieces' done markers go with the pieces
     # a plain webdataset pipeline reads the output, keys = manifest uids
     got = {s["__key__"]: s for s in wds.WebDataset(summary["pattern"], shardshuffle=False)}
     assert set(got) == set(expected) and all(got[u]["png"] == expected[u]["png"] for u in expected)

@@ -34,19 +34,19 @@ def test_sigkill_mid_embed_then_resume(tmp_path, tiny_clip_config):
     out = tmp_path / "run"
     proc = start(args, inp, out)
     deadline = time.time() + 300
-    while not list((out / "embeddings").glob("_*.done.json")) and time.time() < deadline:
+    while not list((out / "_meta" / "embeddings").glob("_*.done.json")) and time.time() < deadline:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    done_before = {p.name: p.read_bytes() for p in (out / "embeddings").glob("_*.done.json")}
+    done_before = {p.name: p.read_bytes() for p in (out / "_meta" / "embeddings").glob("_*.done.json")}
     assert 1 <= len(done_before) < 8, "the kill should land between the first and the last shard"
     assert not (out / "manifest").exists()
 
     rerun = start(args, inp, out)
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()[-2000:]
     for name, data in done_before.items():  # finished shards were not redone (their marker holds timing)
-        assert (out / "embeddings" / name).read_bytes() == data
+        assert (out / "_meta" / "embeddings" / name).read_bytes() == data
     assert manifest_bytes(out) == manifest_bytes(tmp_path / "ref")
     assert not list(out.rglob("*.tmp")), "no temporary files are left behind"
     stats = json.loads((out / "stats.json").read_text())

@@ -56,8 +56,8 @@ def add_reshard(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("out", help="output .npy (for DataComp's resharder.py --subset-file)")
     p.add_argument("--uid-source", choices=("auto", "uid", "key", "json"), default="auto",
-                   help="where the 32-hex DataComp uid comes from: the manifest uid or key column, or the 'uid' "
-                        "field of each kept sample's .json in the original tars (auto: first that works)")
+                   help="where the 32-hex DataComp uid comes from: auto/json: the manifest's source_uid (the 'uid' "
+                        "of each sample's .json; json re-reads the tars for older runs); uid or key: those columns")
     p.set_defaults(func=cmd_export)
 
 

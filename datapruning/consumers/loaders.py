@@ -22,7 +22,7 @@ from ..errors import RunNotReady
 from ..io.files import is_done, read_json, write_npy
 from ..io.shards import shard_names
 from ..io.webdataset import iter_tar_samples
-from .reshard import kept_keys, manifest_shard, run_shards
+from .reshard import input_path, kept_keys, manifest_shard, run_shards
 from .teacher import TEACHER_DIR
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class keep_only:  # noqa: N801 - used like webdataset's stage functions: .compos
 
 def kept_urls(run_dir: str | Path) -> list[str]:
     """The original shard paths holding at least one kept sample (the others need not be read at all)."""
-    return [s["path"] for s in run_shards(run_dir)
+    return [input_path(s) for s in run_shards(run_dir)
             if pc.any(manifest_shard(run_dir, s["name"], ("keep",))["keep"]).as_py()]
 
 
@@ -227,7 +227,7 @@ class ManifestDataset(IterableDataset):
         uids = rows["uid"].to_pylist()
         extra = {c: rows[c].to_pylist() for c in rows.column_names if c not in ("uid", "key", "keep")}
         teacher = _teacher_rows(self.run_dir, shard["name"], uids) if self.teacher else {}
-        for sample in iter_tar_samples(shard["path"], shard["name"], Counter()):
+        for sample in iter_tar_samples(input_path(shard), shard["name"], Counter()):
             i = index.pop(sample["__key__"], None)
             if i is None:
                 continue
@@ -332,7 +332,8 @@ def datacomp_uid_array(hex_uids: pa.Array | list[str]) -> np.ndarray:
 
 
 def _json_uids(run_dir: str | Path) -> list[str]:
-    """The ``uid`` field of each kept sample's ``.json`` member, read from the original tars."""
+    """The ``uid`` field of each kept sample's ``.json`` member, read from the original tars (runs made before
+    the embed stage recorded it as ``source_uid``)."""
     out = []
     for shard in run_shards(run_dir):
         wanted = set(kept_keys(run_dir, shard["name"]))
@@ -340,7 +341,7 @@ def _json_uids(run_dir: str | Path) -> list[str]:
             continue
         if shard["format"] != "webdataset":
             raise ValueError(f"uid_source=json reads webdataset tars; shard {shard['name']} is {shard['format']}")
-        for sample in iter_tar_samples(shard["path"], shard["name"], Counter()):
+        for sample in iter_tar_samples(input_path(shard), shard["name"], Counter()):
             if sample["__key__"] in wanted:
                 wanted.discard(sample["__key__"])
                 try:
@@ -355,27 +356,47 @@ def _json_uids(run_dir: str | Path) -> list[str]:
     return out
 
 
+def _has_source_uid(run_dir: str | Path) -> bool:
+    return all("source_uid" in _present(run_dir, s["name"], ("source_uid",)) for s in run_shards(run_dir))
+
+
+def _kept_source_uids(run_dir: str | Path) -> pa.Array:
+    values = read_manifest(run_dir, True, ["source_uid"])["source_uid"].combine_chunks()
+    if values.null_count:
+        raise ValueError(f"{values.null_count} kept samples have no source_uid (no 'uid' in their .json or id "
+                         "column); choose --uid-source uid or key")
+    return values
+
+
+UID_SOURCES = ("auto", "uid", "key", "json")
+
+
 def export_datacomp_uids(run_dir: str | Path, out_npy: str | Path, uid_source: str = "auto") -> dict:
     """Write the kept samples' DataComp uids as a sorted ``u8,u8`` .npy (DataComp ``resharder.py --subset-file``).
 
-    The 32-hex uid comes from ``uid_source``: ``uid`` (the manifest uid: runs on DataComp's metadata parquets or
-    embeddings keyed by their ``uid`` column), ``key`` (the manifest key column), or ``json`` (the ``uid`` field of
-    each kept sample's ``.json`` in the original tars, as DataComp's resharder reads it; tar-input uids are
-    ``<shard>/<key>``, never hex). ``auto`` takes the first of uid, key, json that works."""
-    sources = ("uid", "key", "json") if uid_source == "auto" else (uid_source,)
-    if any(s not in ("uid", "key", "json") for s in sources):
-        raise ValueError(f"uid_source must be auto, uid, key or json, got {uid_source!r}")
-    errors = []
-    for source in sources:
-        try:
-            values = _json_uids(run_dir) if source == "json" else read_manifest(run_dir, True, [source])[source]
-            uids = datacomp_uid_array(values)
-        except ValueError as exc:
-            errors.append(f"{source}: {exc}")
-            continue
-        if len(uids) != len(values):
-            log.warning("export-datacomp: %d kept samples share a uid; each uid is written once",
-                        len(values) - len(uids))
-        write_npy(out_npy, uids)
-        return {"uids": len(uids), "source": source, "path": str(out_npy)}
-    raise ValueError(f"{run_dir}: no DataComp uids (32 hex digits) for the kept samples; " + "; ".join(errors))
+    ``auto`` and ``json`` take the manifest's ``source_uid`` column: the ``uid`` field of each sample's ``.json``
+    (what DataComp's resharder reads) or the ``uid`` column of a metadata parquet, recorded by the embed stage
+    (``json`` re-reads the tars for runs made without it). ``uid`` and ``key`` take those manifest columns as
+    they are. ``auto`` never guesses from the shape of a key: without ``source_uid`` it stops and names the
+    options."""
+    if uid_source not in UID_SOURCES:
+        raise ValueError(f"uid_source must be one of {', '.join(UID_SOURCES)}, got {uid_source!r}")
+    source = uid_source
+    if uid_source in ("auto", "json") and _has_source_uid(run_dir):
+        source, values = "source_uid", _kept_source_uids(run_dir)
+    elif uid_source == "auto":
+        raise ValueError(f"{run_dir}: the manifest has no source_uid column (no sample .json or metadata parquet "
+                         "held a 'uid'), so the DataComp uids are unknown; choose --uid-source json (the tars' "
+                         ".json 'uid'), uid (the manifest uid) or key (the tar key) if that column holds them")
+    elif uid_source == "json":
+        values = _json_uids(run_dir)
+    else:
+        values = read_manifest(run_dir, True, [uid_source])[uid_source]
+    try:
+        uids = datacomp_uid_array(values)
+    except ValueError as exc:
+        raise ValueError(f"{run_dir}: uid source {source}: {exc}") from None
+    if len(uids) != len(values):
+        log.warning("export-datacomp: %d kept samples share a uid; each uid is written once", len(values) - len(uids))
+    write_npy(out_npy, uids)
+    return {"uids": len(uids), "source": source, "path": str(out_npy)}

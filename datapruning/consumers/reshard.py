@@ -14,14 +14,15 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from ..io.files import atomic_path, done_path, is_done, mark_done, read_json, write_json
-from ..errors import RunNotReady, TruncatedShard
+from ..io.files import META, atomic_path, clean_stage, done_path, is_done, mark_done, read_json, write_json
+from ..errors import InputError, RunNotReady, TruncatedShard
 from ..io.webdataset import SHARD_DAMAGE, Member, iter_tar_groups
 
 log = logging.getLogger(__name__)
 
 NAME_FORMAT = "{:08d}"  # DataComp / img2dataset style: 00000000.tar plus 00000000_stats.json ("successes": n)
 TAR_FORMAT = tarfile.PAX_FORMAT
+SIZES = "sizes.json"  # {shard file name: samples}: what open_clip's get_wds_dataset and DataComp's resharder read
 PIECES = ".pieces"  # boundary pieces of output shards that span input shards; removed when the reshard completes
 
 
@@ -37,6 +38,15 @@ def run_shards(run_dir: str | Path) -> list[dict]:
         raise RunNotReady(f"{run_dir}: manifest of shard {missing[0]} is not finished "
                           f"({len(missing)} of {len(shards)}); run 'datapruning manifest --output {run_dir}'")
     return shards
+
+
+def input_path(shard: dict) -> str:
+    """The shard's input location from shards.json; a local file that is gone is an error naming it."""
+    path = shard["path"]
+    if "://" not in path and not os.path.exists(path):
+        raise InputError(f"shard {shard['name']}: input file {path} is missing (moved or deleted since the run?); "
+                         "put it back or edit the run's shards.json")
+    return path
 
 
 def manifest_shard(run_dir: str | Path, shard: str, columns=("key", "keep")):
@@ -204,7 +214,7 @@ def plan_tasks(run_dir: Path, out_dir: Path, per_shard: int, uid_keys: bool, nam
         keys = kept_keys(run_dir, shard["name"])
         digest.update(f"{shard['path']}\0{shard['name']}\0{len(keys)}\0".encode() + "\0".join(keys).encode())
         if keys:
-            tasks.append({"path": shard["path"], "name": shard["name"], "index": index, "keys": keys,
+            tasks.append({"path": input_path(shard), "name": shard["name"], "index": index, "keys": keys,
                           "offset": offset, "uid_prefix": f"{shard['name']}/"})
         offset += len(keys)
     for t in tasks:
@@ -227,14 +237,15 @@ def _check_original_keys(tasks: list[dict], per_shard: int) -> None:
 def reshard(run_dir: str | Path, output: str | Path, samples_per_shard: int, workers: int = 1,
             keys: str = "uid", name_format: str = NAME_FORMAT) -> dict:
     """Write the kept samples of ``run_dir`` as webdataset tars in ``output``: ``samples_per_shard`` per tar (the
-    last one may hold fewer), in input order, named 00000000.tar, 00000001.tar, ... each with a ``_stats.json``.
+    last one may hold fewer), in input order, named 00000000.tar, 00000001.tar, ... each with a ``_stats.json``,
+    and ``sizes.json`` ({tar name: samples}) for open_clip and DataComp.
     ``keys='uid'`` names each sample by its manifest uid (``<shard>/<key>``, unique); ``'original'`` keeps the
     input ``__key__``. Every member's bytes are copied unchanged. A rerun resumes; a different plan is refused."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if keys not in ("uid", "original"):
         raise ValueError(f"keys must be 'uid' or 'original', got {keys!r}")
-    run_dir, out_dir = Path(run_dir), Path(output)
+    run_dir, out_dir = Path(run_dir).absolute(), Path(output).absolute()
     tasks, total, digest = plan_tasks(run_dir, out_dir, samples_per_shard, keys == "uid", name_format)
     if keys == "original":
         _check_original_keys(tasks, samples_per_shard)
@@ -255,7 +266,9 @@ def reshard(run_dir: str | Path, output: str | Path, samples_per_shard: int, wor
     missing = [n for n in names if not stats_path(out_dir, n).exists()]
     if missing:
         raise RuntimeError(f"{out_dir}: output shard {missing[0]} was not written; rerun to resume")
-    shutil.rmtree(out_dir / PIECES, ignore_errors=True)
+    clean_stage(out_dir / PIECES)
+    shutil.rmtree(out_dir / META, ignore_errors=True)
+    write_json(out_dir / SIZES, {f"{n}.tar": read_json(stats_path(out_dir, n))["count"] for n in names})
     summary = {"run": str(run_dir), "plan": digest, "samples_per_shard": samples_per_shard, "keys": keys,
                "samples": total, "shards": [f"{n}.tar" for n in names], "complete": True,
                "pattern": _pattern(out_dir, names)}

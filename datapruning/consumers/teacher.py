@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError
-from ..io.files import clean_stage, is_done, mark_done, read_json, write_json, write_parquet
+from ..io.files import clean_stage, done_path, is_done, mark_done, read_json, stage_marker, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch
 
 def fingerprint(tcfg: TeacherConfig, run_dir: Path) -> str:
     data = dataclasses.asdict(tcfg)
-    stage = run_dir / "manifest" / "_stage.json"
+    stage = stage_marker(run_dir / "manifest")
     data["manifest"] = read_json(stage).get("fingerprint") if stage.exists() else None
     if tcfg.logits and Path(tcfg.logits).exists():
         st = Path(tcfg.logits).stat()
@@ -362,7 +362,7 @@ def _teacher_shard(teacher: Teacher, tcfg: TeacherConfig, run_dir: Path, run_cfg
 
 
 def _write_info(out: Path, tcfg: TeacherConfig, shards: list[dict]) -> dict:
-    marks = [read_json(out / f"_{s['name']}.done.json") for s in shards]
+    marks = [read_json(done_path(out, s["name"])) for s in shards]
     classes = {m["num_classes"] for m in marks} - {None}
     if len(classes) > 1:
         raise ValueError(f"teacher outputs in {out} disagree on the number of classes {sorted(classes)}; delete it")

@@ -136,7 +136,7 @@ def _read_batches(cfg, path: str, shard: str, skipped: Counter, outs: list, stop
     """Reader thread: tar samples -> batches of (meta, image bytes or reason) in sample order, dealt round
     robin to the decode threads' queues ``outs``; then an end marker to each."""
     from ..io.webdataset import iter_tar_samples, skip
-    from .samples import caption, text_field
+    from .samples import caption, source_uid, text_field
 
     icfg, batch, seen, n = cfg.input, [], set(), 0
     try:
@@ -147,7 +147,7 @@ def _read_batches(cfg, path: str, shard: str, skipped: Counter, outs: list, stop
                 continue
             seen.add(key)
             meta = (f"{shard}/{key}", shard, key, text_field(sample.get(icfg.label_key)),
-                    caption(sample, icfg.text_keys))
+                    caption(sample, icfg.text_keys), source_uid(sample))
             ext = next((k for k in icfg.image_keys if k in sample), None)
             batch.append((meta, sample[ext] if ext else "missing_image"))
             if len(batch) >= cfg.embed.batch_size:
@@ -231,11 +231,11 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
     import torch
 
     from ..io.webdataset import skip
-    from .samples import write_shard
+    from .samples import ROW_NAMES, write_shard
 
     device = str(encoder.device)
     skipped, read_skipped = Counter(), Counter()  # one counter per thread, merged at the end
-    rows = {"uid": [], "shard": [], "key": [], "label": [], "text": []}
+    rows = {name: [] for name in ROW_NAMES}
     chunks: list = []
     n_dec = max(1, DECODE_THREADS)
     inline = DECODE_THREADS <= 0
@@ -270,7 +270,7 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
                 if reason is not None:
                     skip(skipped, reason, shard, meta[2], reason.replace("_", " "), cfg.strict)
                     continue
-                for name, value in zip(("uid", "shard", "key", "label", "text"), meta):
+                for name, value in zip(ROW_NAMES, meta):
                     rows[name].append(value)
             if x is not None:
                 if ready is not None:  # made on a decode stream, read on this one: wait for it, keep it from early reuse

@@ -1,6 +1,7 @@
 """What both image paths (PIL and tensor/nvjpeg) and the table path share: sample fields and the shard writer."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +20,18 @@ def embedding_table(rows: dict, matrix: np.ndarray, dtype: str) -> pa.Table:
         matrix = matrix.reshape(0, max(matrix.shape[1] if matrix.ndim == 2 else 0, 1))
     cols["embedding"] = embedding_column(matrix.astype(dtype))
     return pa.table(cols)
+
+
+ROW_NAMES = ("uid", "shard", "key", "label", "text", "source_uid")  # per-sample columns of a tar shard
+
+
+def source_uid(sample: dict) -> str | None:
+    """The dataset's own id of a sample: the ``uid`` in its ``.json`` (DataComp, img2dataset), else None."""
+    try:
+        value = json.loads(sample["json"]).get("uid")
+    except (KeyError, ValueError, AttributeError, TypeError):
+        return None
+    return None if value is None else str(value)
 
 
 def text_field(data: bytes | None) -> str | None:
@@ -41,6 +54,8 @@ def caption(sample: dict, text_keys) -> str | None:
 
 
 def write_shard(cfg, out_dir: Path, shard: str, rows: dict, matrix: np.ndarray, skipped: Counter, encoder: str) -> dict:
+    if isinstance(rows.get("source_uid"), list) and all(v is None for v in rows["source_uid"]):
+        rows = {name: values for name, values in rows.items() if name != "source_uid"}
     write_parquet(out_dir / f"{shard}.parquet", embedding_table(rows, matrix, cfg.embed.store_dtype))
     info = {"rows": len(rows["uid"]), "dim": int(matrix.shape[1]) if len(rows["uid"]) else None,
             "skipped": dict(sorted(skipped.items())), "encoder": encoder}

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .encoders import Encoder, build_encoder, decode_input
-from .samples import caption, text_field, write_shard
+from .samples import ROW_NAMES, caption, source_uid, text_field, write_shard
 from ..io.files import done_path, is_done, read_json, write_json
 from ..io.shards import detect_format, expand_input, shard_names
 from ..io.tables import normalise_rows, precomputed_table
@@ -21,7 +21,7 @@ from ..io.webdataset import iter_tar_samples, skip
 from ..exec import map_unordered, map_with_setup
 from ..run import Rate, Run, log, prepare_stage, progress, save_config, timed
 
-TABLE_FORMATS = ("parquet", "clip_retrieval", "npy")
+TABLE_FORMATS = ("parquet", "clip_retrieval", "npy", "datacomp")
 
 
 def discover(run: Run, input_spec) -> list[dict]:
@@ -67,7 +67,7 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
     if spec is not None:
         return embed_tar_shard_tensors(cfg, path, shard, out_dir, encoder, spec)
     icfg, ecfg, skipped = cfg.input, cfg.embed, Counter()
-    rows = {"uid": [], "shard": [], "key": [], "label": [], "text": []}
+    rows = {name: [] for name in ROW_NAMES}
     chunks: list[np.ndarray] = []
     batch_items, batch_meta, pending = [], [], []  # pending: prepared inputs not yet embedded, in file order
     window = ecfg.batch_size * SORT_WINDOW_BATCHES if encoder.length else 0
@@ -92,7 +92,7 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
                 skip(skipped, err, shard, sample_meta[2], err.replace("_", " "), cfg.strict)
                 continue
             pending.append(item)
-            for name, value in zip(("uid", "shard", "key", "label", "text"), sample_meta):
+            for name, value in zip(ROW_NAMES, sample_meta):
                 rows[name].append(value)
         if len(pending) >= window:
             encode()
@@ -105,7 +105,7 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
             label = text_field(sample.get(icfg.label_key))
             text = caption(sample, icfg.text_keys) if ecfg.modality == "image" else None
             batch_items.append(sample)
-            batch_meta.append((f"{shard}/{key}", shard, key, label, text))
+            batch_meta.append((f"{shard}/{key}", shard, key, label, text, source_uid(sample)))
             if len(batch_items) >= ecfg.batch_size:
                 flush()
         if batch_items:
@@ -133,7 +133,7 @@ def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> di
     ok &= ~duplicate
     rows = {"uid": uid, "shard": pa.array(np.full(len(ok), shard, dtype=object), pa.string()), "key": uid}
     for src, name in ((icfg.label_column, "label"), (icfg.split_column, "split"), ("caption", "text"),
-                      ("text", "text")):
+                      ("text", "text"), ("uid", "source_uid")):  # "uid": DataComp's own id column
         if src in meta.column_names and name not in rows:
             rows[name] = pc.cast(meta[src], pa.string())
     keep = pa.array(ok)

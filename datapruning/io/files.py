@@ -75,8 +75,22 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+META = "_meta"  # markers of folder X live in X/../_meta/X/: data folders hold data only, and readers skip "_"
+
+
+def meta_dir(folder: str | Path) -> Path:
+    """Where the markers and info files of ``folder`` live: beside it, under ``_meta/``, never inside it."""
+    folder = Path(folder)
+    return folder.parent / META / folder.name
+
+
+def stage_marker(stage_dir: str | Path) -> Path:
+    """The stage's fingerprint file (which config and inputs its outputs belong to)."""
+    return meta_dir(stage_dir) / "stage.json"
+
+
 def done_path(stage_dir: str | Path, shard: str) -> Path:
-    return Path(stage_dir) / f"_{shard}.done.json"  # "_" keeps it out of parquet dataset reads
+    return meta_dir(stage_dir) / f"_{shard}.done.json"
 
 
 def is_done(stage_dir: str | Path, shard: str) -> bool:
@@ -92,12 +106,13 @@ def clean_temp(folder: str | Path) -> int:
     """Remove temporary files a killed run left in ``folder`` (never taken for outputs: they are only
     renamed into place when complete). One run per folder at a time is assumed."""
     removed = 0
-    for tmp in Path(folder).glob(".*.tmp"):
+    for tmp in [*Path(folder).glob(".*.tmp"), *meta_dir(folder).glob(".*.tmp")]:
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
 
 
 def clean_stage(stage_dir: str | Path) -> None:
-    """Remove a stage's outputs (used when its config changed)."""
+    """Remove a stage's outputs and its markers (used when its config changed)."""
     shutil.rmtree(stage_dir, ignore_errors=True)
+    shutil.rmtree(meta_dir(stage_dir), ignore_errors=True)

@@ -1,4 +1,7 @@
-"""Shard discovery: local folders, globs, brace patterns ('shards/{00000..00099}.tar') and fsspec URLs."""
+"""Shard discovery: local folders, globs, brace patterns ('shards/{00000..00099}.tar') and fsspec URLs.
+
+Local paths come back absolute, so a run works from any directory; an img2dataset / DataComp download folder
+(``{:08d}.tar`` beside ``.parquet``, ``_stats.json`` and ``.json`` side files) lists only its tars."""
 from __future__ import annotations
 
 import glob
@@ -10,6 +13,7 @@ import fsspec
 from ..errors import InputError
 
 SUFFIXES = {".tar": "webdataset", ".parquet": "parquet", ".npy": "npy"}
+SIDE_FILES = (".parquet", ".json")  # img2dataset / DataComp metadata beside a shard of the same stem: not shards
 
 
 def _braceexpand(pattern: str) -> list[str]:
@@ -23,8 +27,9 @@ def _is_url(path: str) -> bool:
 
 
 def expand_input(spec: str | list[str]) -> list[str]:
-    """All shard paths named by ``spec``, in a stable order. A folder lists its shards (or is a
-    clip-retrieval output folder); brace patterns and globs expand; URLs go through fsspec."""
+    """All shard paths named by ``spec``, in a stable order, local ones absolute. A folder lists its shards (or
+    is a clip-retrieval output folder); brace patterns and globs expand; URLs go through fsspec. Side files
+    (a .parquet or .json with the stem of a .tar or .npy beside it) are metadata and are dropped."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for item in specs:
@@ -39,11 +44,11 @@ def expand_input(spec: str | list[str]) -> list[str]:
                 continue
             path = path[len("file://"):] if path.startswith("file://") else path
             if os.path.isdir(path):
-                out.extend(_list_folder(path))
+                out.extend(_list_folder(os.path.abspath(path)))
             elif any(ch in path for ch in "*?["):
-                out.extend(sorted(glob.glob(path)))
+                out.extend(without_side_files(sorted(glob.glob(path))))
             elif os.path.exists(path):
-                out.append(path)
+                out.append(os.path.abspath(path))
             else:
                 raise InputError(f"input {path}: no such file or folder")
     if not out:
@@ -58,10 +63,23 @@ def _list_folder(folder: str) -> list[str]:
             if not parts:
                 raise InputError(f"input folder {folder}: {emb}/ holds no .npy files")
             return parts
-    found = sorted(p for p in glob.glob(os.path.join(folder, "*")) if Path(p).suffix in SUFFIXES)
+    found = without_side_files(sorted(p for p in glob.glob(os.path.join(folder, "*")) if Path(p).suffix in SUFFIXES))
     if not found:
         raise InputError(f"input folder {folder}: holds no .tar, .parquet or .npy files")
     return found
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    name = name[:-len("_stats.json")] if name.endswith("_stats.json") else name
+    return str(Path(path).parent / name.split(".")[0])
+
+
+def without_side_files(paths: list[str]) -> list[str]:
+    """Absolute paths of ``paths`` less the side files of a .tar or .npy shard (same folder and stem)."""
+    paths = [os.path.abspath(p) for p in paths]
+    shards = {_stem(p) for p in paths if Path(p).suffix in (".tar", ".npy")}
+    return [p for p in paths if not (Path(p).suffix in SIDE_FILES and _stem(p) in shards)]
 
 
 def detect_format(paths: list[str], declared: str = "auto") -> str:
@@ -72,6 +90,8 @@ def detect_format(paths: list[str], declared: str = "auto") -> str:
     for p in paths:
         if Path(p).parent.name in ("img_emb", "text_emb") and Path(p).parent.parent.joinpath("metadata").is_dir():
             kinds.add("clip_retrieval")
+        elif p.endswith(".parquet") and not _is_url(p) and os.path.exists(p[:-len(".parquet")] + ".npz"):
+            kinds.add("datacomp")  # DataComp's metadata: uid, url, text, ... plus same-name .npz embeddings
         else:
             suffix = Path(p.split("?", 1)[0]).suffix
             kinds.add(SUFFIXES.get(suffix, f"unknown suffix {suffix!r}"))

@@ -79,6 +79,19 @@ def load_npy(path: str) -> np.ndarray:
         raise InputError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
 
 
+def load_npz(path: str, key: str) -> np.ndarray:
+    """One array of an .npz (DataComp's per-shard embeddings: l14_img, b32_img, l14_txt, b32_txt)."""
+    try:
+        with fsspec.open(path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
+            if key not in npz.files:
+                raise InputError(f"{path}: no array {key!r} (have {npz.files}); set input.npz_key")
+            return npz[key]
+    except (ValueError, OSError, EOFError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+
+
 def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:
     """Read one precomputed input shard -> (metadata table with a ``uid`` column, float32 [n, d]).
     ``cfg`` is the InputConfig (column names)."""
@@ -101,6 +114,14 @@ def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:
             if not candidates:
                 raise InputError(f"{meta_path}: no id column {cfg.id_column!r} (nor key/image_path/url)")
             meta = meta.append_column(cfg.id_column, meta[candidates[0]].cast(pa.string()))
+    elif fmt == "datacomp":
+        meta = read_parquet(path)
+        npz_path = path[:-len(".parquet")] + ".npz"
+        matrix = load_npz(npz_path, cfg.npz_key).astype(np.float32, copy=False)
+        if meta.num_rows != len(matrix):
+            raise InputError(f"{npz_path}: {len(matrix)} rows in {cfg.npz_key!r} but {path} has {meta.num_rows}")
+        if cfg.id_column not in meta.column_names:
+            raise InputError(f"{path}: no id column {cfg.id_column!r} (have {meta.column_names})")
     elif fmt == "npy":
         matrix = load_npy(path).astype(np.float32, copy=False)
         ids_path = str(Path(path).with_suffix(".parquet"))

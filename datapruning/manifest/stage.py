@@ -29,10 +29,26 @@ def integer_labels(run: Run) -> bool:
     return path.exists() and read_json(path)["integer"]
 
 
-def manifest_table(run: Run, name: str, int_labels: bool) -> pa.Table:
+OPTIONAL = ("label", "split", "source_uid")  # per-sample columns some inputs have
+
+
+def optional_columns(run: Run) -> tuple:
+    """The optional columns any shard's embeddings hold: every manifest file gets them (null where a shard,
+    an empty one say, has none), so folder readers and HF ``datasets`` see one schema."""
+    have = set()
+    for shard in run.shards:
+        have.update(pq.read_schema(run.dir("embed") / f"{shard['name']}.parquet").names)
+    return tuple(c for c in OPTIONAL if c in have)
+
+
+def manifest_table(run: Run, name: str, int_labels: bool, optional: tuple = ()) -> pa.Table:
     emb_path = run.dir("embed") / f"{name}.parquet"
-    meta_cols = [c for c in ("uid", "shard", "key", "label", "split") if c in pq.read_schema(emb_path).names]
-    table = pq.read_table(emb_path, columns=meta_cols)
+    present = pq.read_schema(emb_path).names
+    table = pq.read_table(emb_path, columns=["uid", "shard", "key", *(c for c in optional if c in present)])
+    for col in optional:
+        if col not in present:
+            table = table.append_column(col, pa.nulls(table.num_rows, pa.string()))
+    table = table.select(["uid", "shard", "key", *optional])
     uid = table["uid"].combine_chunks()
     if "label" in table.column_names and int_labels:
         table = table.set_column(table.column_names.index("label"), "label", pc.cast(table["label"], pa.int64()))
@@ -60,11 +76,20 @@ def shard_counts(table: pa.Table, k: int) -> dict:
     return out
 
 
-def manifest_shard(run: Run, int_labels: bool, name: str) -> dict:
+def write_rows(path, table: pa.Table) -> None:
+    """``write_parquet``, except that a zero-row table gets no row group at all: readers that size batches by
+    the first row group (Hugging Face ``datasets``) fail on an empty one."""
+    if table.num_rows:
+        return write_parquet(path, table)
+    with atomic_path(path) as tmp:
+        pq.ParquetWriter(tmp, table.schema, compression="snappy").close()
+
+
+def manifest_shard(run: Run, int_labels: bool, optional: tuple, name: str) -> dict:
     """Write one shard's manifest (unless done) and return its counts."""
     path = run.dir("manifest") / f"{name}.parquet"
     if not is_done(run.dir("manifest"), name):
-        write_parquet(path, manifest_table(run, name, int_labels))
+        write_rows(path, manifest_table(run, name, int_labels, optional))
         mark_done(run.dir("manifest"), name, {"rows": pq.read_metadata(path).num_rows})
     table = pq.read_table(path, columns=[c for c in ("cluster", "keep", "label") if c in pq.read_schema(path).names])
     return {"name": name, **shard_counts(table, run.cfg.cluster.k)}
@@ -133,7 +158,7 @@ def run_manifest(run: Run) -> dict:
         raise StageError("manifest: the run has no shards")
     with timed(run, "manifest"), progress(len(names), "manifest") as bar:
         counts = []
-        for c in map_unordered(partial(manifest_shard, run, integer_labels(run)), names, run.cfg):
+        for c in map_unordered(partial(manifest_shard, run, integer_labels(run), optional_columns(run)), names, run.cfg):
             counts.append(c)
             bar.update(1)
         write_kept(run, names)
