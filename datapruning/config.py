@@ -238,6 +238,16 @@ def _merge(a: dict, b: Mapping) -> dict:
     return out
 
 
+def changed_keys(old: Any, new: dict, sections: tuple) -> list[str]:
+    """The dotted keys of ``sections`` whose values differ between two config dicts."""
+    old, out = old if isinstance(old, dict) else {}, []
+    for sec in sections:
+        a, b = old.get(sec), new.get(sec)
+        out += ([f"{sec}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                if isinstance(a, dict) and isinstance(b, dict) else [sec] * (a != b))
+    return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain JSON-able data (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import load_config, to_dict
 from ..errors import DataPruningError
-from ..run import STAGES, load_run_config
+from ..run import STAGES, load_run_config, locked
 from .tools import add_commands
 
 
@@ -32,7 +32,8 @@ def resolve_config(args):
 def cmd_run(args) -> int:
     from ..runner import run_pipeline
 
-    stats = run_pipeline(resolve_config(args), args.input, args.output)
+    with locked(args.output):  # before reading the stored config: another writer may be changing it
+        stats = run_pipeline(resolve_config(args), args.input, args.output)
     print(f"kept {stats['kept']} of {stats['samples_in']} samples ({stats['kept_fraction']:.1%}); "
           f"manifest: {stats['manifest']}")
     return 0
@@ -41,7 +42,8 @@ def cmd_run(args) -> int:
 def cmd_stage(args) -> int:
     from ..runner import run_stage
 
-    run_stage(args.command, resolve_config(args), args.output, getattr(args, "input", None))
+    with locked(args.output):
+        run_stage(args.command, resolve_config(args), args.output, getattr(args, "input", None))
     print(f"{args.command}: done ({args.output})")
     return 0
 
