@@ -23,6 +23,9 @@ class InputConfig:
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     text_keys: tuple[str, ...] = ("txt", "json")
     label_key: str = "cls"
+    retries: int = 3  # a shard that cannot be reached (network, I/O) is tried again this many times ...
+    retry_backoff_s: float = 1.0  # ... after waits of about this, doubling each time
+    allow_failed_shards: bool = False  # go on without shards still unreachable after the retries
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ STAGE_KEYS = {
     "select": ("input", "embed", "cluster", "seed", "score", "select"),
     "manifest": ("input", "embed", "cluster", "seed", "score", "select"),
 }
-NOT_RESULT_KEYS = {"embed": ("batch_size", "decode_workers"), "cluster": ("assign_batch", "partition_mib")}
+NOT_RESULT_KEYS = {"embed": ("batch_size", "decode_workers"), "cluster": ("assign_batch", "partition_mib"),
+                   "input": ("retries", "retry_backoff_s", "allow_failed_shards")}
 
 
 @dataclass(frozen=True)
