@@ -143,7 +143,7 @@ def iter_tar_groups(path: str, shard: str, on_skip: OnSkip, fast: bool = False,
     for attempt in range(RETRY["retries"] + 1):
         seen = {"groups": 0, "skips": 0}
 
-        def report(reason, key, detail):
+        def report(reason, key, detail, seen=seen):
             seen["skips"] += 1
             if seen["skips"] > given["skips"]:
                 given["skips"] += 1
@@ -161,7 +161,7 @@ def iter_tar_groups(path: str, shard: str, on_skip: OnSkip, fast: bool = False,
                 raise
             error = f"{type(exc).__name__}: {str(exc)[:200]}"
             if attempt < RETRY["retries"]:
-                wait = RETRY["backoff_s"] * 2 ** attempt * random.uniform(0.5, 1.0)
+                wait = RETRY["backoff_s"] * 2 ** attempt * random.uniform(0.5, 1.0)  # noqa: S311 (jitter)
                 log.warning("shard %s: %s; retrying in %.1f s (%d of %d)", shard, error, wait, attempt + 1,
                             RETRY["retries"])
                 time.sleep(wait)
