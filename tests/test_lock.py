@@ -134,3 +134,51 @@ def test_clean_temp_keeps_the_temporary_files_of_a_live_process(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---- stage-by-stage runs stay consistent ---------------------------------------------------------------
+
+def precomputed_run(tmp_path):
+    from conftest import make_parquet_shards
+
+    from datapruning.cli import main
+
+    inp = tmp_path / "emb"
+    make_parquet_shards(inp, n_shards=2, per_shard=30)
+    out = tmp_path / "run"
+    base = ["--set", "embed.encoder=precomputed", "--set", "cluster.k=4", "--set", "cluster.niter=5"]
+    assert main(["run", "--input", str(inp), "--output", str(out), *base]) == 0
+    return out, main
+
+
+def test_a_stage_refuses_upstream_outputs_of_another_config(tmp_path, capsys):
+    out, main = precomputed_run(tmp_path)
+    assert main(["score", "--output", str(out), "--set", "cluster.k=2"]) == 2
+    err = capsys.readouterr().err
+    assert "the cluster stage" in err and "cluster.k" in err and "rerun 'datapruning cluster'" in err
+
+
+def test_set_given_to_a_later_stage_is_saved_and_used_by_the_next(tmp_path):
+    out, main = precomputed_run(tmp_path)
+    assert main(["select", "--output", str(out), "--set", "select.keep_fraction=0.3"]) == 0
+    assert not (out / "stats.json").exists() and not (out / "kept.parquet").exists()  # made by the old config
+    assert main(["manifest", "--output", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["config"]["select"]["keep_fraction"] == 0.3
+    assert stats["kept"] == 18
+    assert json.loads((out / "select" / "_stage.json").read_text())["config"]["select"]["keep_fraction"] == 0.3
+
+
+def test_top_level_outputs_do_not_outlive_their_config(tmp_path):
+    from datapruning.config import load_config
+    from datapruning.run import Run, prepare_stage
+
+    out, main = precomputed_run(tmp_path)
+    (out / "eval").mkdir()
+    (out / "eval" / "summary.json").write_text("{}")
+    cfg = load_config(None, ["embed.encoder=precomputed", "cluster.k=3", "cluster.niter=5"])
+    with lock.locked(out):
+        prepare_stage(Run(cfg, out), "cluster")  # a rerun with a new k, killed right after it starts
+    assert not (out / "kept.parquet").exists() and not (out / "stats.json").exists()
+    assert not (out / "eval").exists()
+    assert json.loads((out / "config.json").read_text())["cluster"]["k"] == 3
