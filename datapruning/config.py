@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import abc
 import json
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ class InputConfig:
     text_keys: tuple[str, ...] = ("txt", "json")
     label_key: str = "cls"
     npz_key: str = "l14_img"  # datacomp: which array of the .npz beside each metadata parquet is the embedding
+    retries: int = 3  # a shard that cannot be reached (network, I/O) is tried again this many times ...
+    retry_backoff_s: float = 1.0  # ... after waits of about this, doubling each time
+    allow_failed_shards: bool = False  # go on without shards still unreachable after the retries
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,56 @@ FRACTIONS = ("cluster.fit_fraction", "select.keep_fraction", "select.min_per_clu
              "select.dedup_keep_fraction")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a YAML config file
+MAX_SET_BYTES = 64 << 10  # one --set value
+MAX_NODES, MAX_DEPTH = 100_000, 32  # values, and nesting, of a loaded config (alias bombs, recursive aliases)
+MAX_INT = 2 ** 31 - 1  # faiss and torch take these as C ints
+BOUNDS = {"seed": (0, MAX_INT), "workers": (1, 4096), "cluster.k": (1, 10_000_000), "cluster.niter": (1, 100_000),
+          "input.retries": (0, 100), "input.retry_backoff_s": (0.0, 600.0)}
+
+
+def show(value: Any) -> str:
+    """A value for an error message: its repr, at most 200 characters (recursive and huge values too)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = 200
+    short.maxlevel = 4
+    text = short.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check_size(data: Any, where: str) -> None:
+    """Refuse a loaded value with more than MAX_NODES values or nested deeper than MAX_DEPTH (an alias bomb
+    or a recursive alias), before anything walks it whole."""
+    budget = [MAX_NODES]
+
+    def walk(node: Any, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(f"{where}: more than {MAX_NODES} values (a YAML alias bomb?)")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels (a recursive YAML alias?)")
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            walk(child, depth + 1)
+
+    walk(data, 0)
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` bounded in size, values and depth."""
+    limit = MAX_CONFIG_BYTES if "file" in where else MAX_SET_BYTES
+    if len(text) > limit:
+        raise ConfigError(f"{where}: {len(text)} characters is more than the {limit} allowed")
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deep") from None
+    check_size(data, where)
+    return data
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``, converting lists to tuples; name ``key`` on error."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -125,41 +179,55 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected a list, got {show(value)}")
         return tuple(_coerce(v, args[0], key) for v in value)
-    if origin in (Mapping, dict, typing.Mapping) or tp is Mapping:
+    if origin in (Mapping, abc.Mapping, dict) or tp is Mapping:
         if value is None:
             return {}
         if not isinstance(value, Mapping):
-            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
-        return json.loads(json.dumps(value))  # plain, JSON-able, detached copy
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {show(value)}")
+        inner = args[1] if len(args) == 2 else Any
+        for name, item in value.items():
+            if typing.get_origin(inner) in (Mapping, abc.Mapping) and not isinstance(item, Mapping):
+                raise ConfigError(f"config key {key + '.' + str(name)!r}: expected a mapping of parameters, "
+                                  f"got {show(item)}")
+        try:
+            return json.loads(json.dumps(value))  # plain, JSON-able, detached copy
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"config key {key!r}: not plain data ({exc})") from None
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected true or false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"config key {key!r}: expected a number, got {show(value)}")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"config key {key!r}: {show(value)} is too large") from None
+        if value != value:
+            raise ConfigError(f"config key {key!r}: expected a number, got nan")
+        return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected a string, got {show(value)}")
         return value
     return value
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, Mapping):
-        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {show(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix + str(unknown[0])!r}; known keys: {sorted(names)}")
+        raise ConfigError(f"unknown config key {show(prefix + str(unknown[0]))}; known keys: {sorted(names)}")
     kwargs = {}
     for name, value in data.items():
         key, tp = prefix + name, hints[name]
@@ -176,10 +244,14 @@ def _validate(cfg: RunConfig) -> None:
         return node
     for key, options in CHOICES.items():
         if get(key) not in options:
-            raise ConfigError(f"config key {key!r}: expected one of {list(options)}, got {get(key)!r}")
+            raise ConfigError(f"config key {key!r}: expected one of {list(options)}, got {show(get(key))}")
     for key in POSITIVE:
-        if get(key) < 1:
-            raise ConfigError(f"config key {key!r}: must be >= 1, got {get(key)}")
+        if not 1 <= get(key) <= MAX_INT:
+            raise ConfigError(f"config key {key!r}: must be {'>= 1' if get(key) < 1 else f'<= {MAX_INT}'}, "
+                              f"got {show(get(key))}")
+    for key, (lo, hi) in BOUNDS.items():
+        if not lo <= get(key) <= hi:
+            raise ConfigError(f"config key {key!r}: must be in [{lo}, {hi}], got {show(get(key))}")
     for key in FRACTIONS:
         value = get(key)
         if value is not None and not 0.0 <= value <= 1.0:
@@ -193,10 +265,10 @@ def _validate(cfg: RunConfig) -> None:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], yaml-parsed value)."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value")
+        raise ConfigError(f"--set {show(item)}: expected key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml(raw, f"--set {key.strip()[:200]}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -211,7 +283,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = safe_yaml(text, f"config file {path}")
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if loaded is None:
@@ -225,7 +297,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         for part in parts[:-1]:
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+                raise ConfigError(f"--set {show(item)}: {show(part)} is not a section")
             node = nxt
         node[parts[-1]] = value
     cfg = _build(RunConfig, data)
@@ -237,6 +309,16 @@ def _merge(a: dict, b: Mapping) -> dict:
     out = dict(a)
     for key, value in b.items():
         out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def changed_keys(old: Any, new: dict, sections: tuple) -> list[str]:
+    """The dotted keys of ``sections`` whose values differ between two config dicts."""
+    old, out = old if isinstance(old, dict) else {}, []
+    for sec in sections:
+        a, b = old.get(sec), new.get(sec)
+        out += ([f"{sec}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                if isinstance(a, dict) and isinstance(b, dict) else [sec] * (a != b))
     return out
 
 

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import RunConfig, config_from_dict, to_dict
+from .config import RunConfig, changed_keys, config_from_dict, to_dict
+from .io.lock import check_idle, ensure, locked  # noqa: F401 (locked: for callers)
 from .errors import StageError
 from .exec import map_unordered
 from .io.files import clean_stage, clean_temp, done_path, read_json, stage_marker, write_json
@@ -35,7 +36,8 @@ STAGE_KEYS = {
     "select": ("input", "embed", "cluster", "seed", "score", "select"),
     "manifest": ("input", "embed", "cluster", "seed", "score", "select"),
 }
-NOT_RESULT_KEYS = {"embed": ("batch_size", "decode_workers"), "cluster": ("assign_batch", "partition_mib")}
+NOT_RESULT_KEYS = {"embed": ("batch_size", "decode_workers"), "cluster": ("assign_batch", "partition_mib"),
+                   "input": ("retries", "retry_backoff_s", "allow_failed_shards")}
 
 
 @dataclass(frozen=True)
@@ -71,39 +73,79 @@ class Run:
         return read_json(path)["shards"]
 
 
-def fingerprint(cfg: RunConfig, stage: str, inputs: list[str]) -> str:
-    data = to_dict(cfg)
+def result_config(data: dict) -> dict:
+    """A config dict without the keys that do not change any output (batch sizes, workers)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items() if k not in ("workers", "backend", "ray")}
     for section, drop in NOT_RESULT_KEYS.items():
         for key in drop:
-            data[section].pop(key, None)
+            data.get(section, {}).pop(key, None)
+    return data
+
+
+def fingerprint(cfg: RunConfig, stage: str, inputs: list[str]) -> str:
+    data = result_config(to_dict(cfg))
     picked = {key: data[key] for key in STAGE_KEYS[stage]}
     picked["inputs"] = inputs
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_stage(run: Run, stage: str) -> Path:
-    """Make the stage folder. If it holds outputs of another config, clear it and every later stage."""
+    """Lock the folder, check the stages read, make the stage folder (cleared with later outputs on a new config)."""
+    ensure(run.output)
     folder = run.dir(stage)
     inputs = [s["path"] for s in run.shards]
+    check_upstream(run, stage, inputs)
     want = fingerprint(run.cfg, stage, inputs)
     marker = stage_marker(folder)
     if marker.exists() and read_json(marker).get("fingerprint") != want:
         log.warning("%s: config or input changed since the last run; redoing this stage and the ones after it", stage)
+        clear_outputs(run)
         for later in STAGES[STAGES.index(stage):]:
             clean_stage(run.dir(later))
     folder.mkdir(parents=True, exist_ok=True)
     clean_temp(folder)
     clean_temp(run.output)
+    save_config(run)
     if not marker.exists():
-        write_json(marker, {"stage": stage, "fingerprint": want})
+        write_json(marker, {"stage": stage, "fingerprint": want, "config": to_dict(run.cfg)})
     return folder
 
 
+def check_upstream(run: Run, stage: str, inputs: list[str]) -> None:
+    """Stop when a stage that ``stage`` reads ran with another config (or input) than this run's."""
+    for earlier in STAGES[:STAGES.index(stage)]:
+        marker = run.dir(earlier) / "_stage.json"
+        stored = read_json(marker) if marker.exists() else {}  # a missing one: the reader names it
+        if stored and stored.get("fingerprint") != fingerprint(run.cfg, earlier, inputs):
+            changed = changed_keys(stored.get("config"), to_dict(run.cfg), STAGE_KEYS[earlier])
+            raise StageError(f"{stage}: the {earlier} stage in {run.output} ran with another config"
+                             f"{' (' + ', '.join(changed[:5]) + ')' if changed else ' or input'}; rerun "
+                             f"'datapruning {earlier}' with this config first (or 'datapruning run')")
+
+
+TOP_OUTPUTS = ("kept.parquet", "stats.json", "report.html")  # and eval/: all made from the stages' outputs
+
+
+def clear_outputs(run: Run) -> None:
+    """Remove the top-level outputs made from an older config (before any stage output changes)."""
+    for name in TOP_OUTPUTS:
+        (run.output / name).unlink(missing_ok=True)
+    clean_stage(run.output / "eval")
+
+
 def save_config(run: Run) -> None:
-    write_json(run.output / "config.json", to_dict(run.cfg))
+    """Store the config this run's stages run with (config.json); outputs of another config are cleared first."""
+    ensure(run.output)
+    path = run.output / "config.json"
+    new = to_dict(run.cfg)
+    if path.exists() and result_config(read_json(path)) != result_config(new):
+        clear_outputs(run)
+    write_json(path, new)
 
 
 def load_run_config(output: Path) -> RunConfig:
+    """The run folder's stored config; a reader fails at once while another process writes the folder."""
+    check_idle(output)
     path = Path(output) / "config.json"
     if not path.exists():
         raise StageError(f"{output}: no config.json; give a config or run 'datapruning run' first")

@@ -200,3 +200,37 @@ def test_bad_config_files(tmp_path, parquet_shards, text, message):
     proc = run_cli("run", cfg, "--input", parquet_shards[0].parent, "--output", tmp_path / "run")
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "hacked" not in proc.stdout
+
+
+# ---- issue 13: inputs named exactly, one-line errors ---------------------------------------------------
+
+def test_a_folder_named_with_brackets_is_not_a_glob(tmp_path):
+    from datapruning.io.shards import expand_input
+
+    for name, shard in (("d1", "a.tar"), ("d[1]", "b.tar")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / shard).write_bytes(b"")
+    assert expand_input(str(tmp_path / "d[1]")) == [str(tmp_path / "d[1]" / "b.tar")]
+    assert expand_input(str(tmp_path / "d[1]" / "*.tar")) == [str(tmp_path / "d[1]" / "b.tar")]
+
+
+def test_url_glob_is_a_one_line_error(tmp_path):
+    r = run_cli("embed", "--input", "http://127.0.0.1:9/*.tar", "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cannot list it" in r.stderr and "AttributeError" not in r.stderr
+
+
+def test_missing_filesystem_package_is_named(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed")
+    r = run_cli("embed", "--input", "s3://bucket/x.tar", "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "needs another package" in r.stderr and "s3fs" in r.stderr
+
+
+@pytest.mark.parametrize("fractions", ["nan", "0.5,nan", "2", "0", "abc", ","])
+def test_eval_fractions_are_checked(tmp_path, fractions):
+    r = run_cli("eval", str(tmp_path), "--fractions", fractions)
+    assert r.returncode == 2 and "--fractions" in r.stderr and "Traceback" not in r.stderr

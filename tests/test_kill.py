@@ -121,3 +121,82 @@ def test_failed_write_stops_cleanly_then_resumes(tmp_path, parquet_shards):
     subprocess.run(cli_args(parquet_shards[0].parent, ref, ["embed.encoder=precomputed", "cluster.k=4"]), check=True,
                    capture_output=True)
     assert snapshot(out) == snapshot(ref)
+
+
+BLOCK_HOOK = (
+    "import os, time, multiprocessing\n"
+    "def _block(real):\n"
+    "    def wrapper(*a, **k):\n"
+    "        if multiprocessing.parent_process() is not None:\n"
+    "            open(os.path.join(os.environ['BLOCK_DIR'], str(os.getpid())), 'w').close()\n"
+    "            time.sleep(600)\n"
+    "        return real(*a, **k)\n"
+    "    return wrapper\n"
+    "if os.environ.get('BLOCK_DIR'):\n"
+    "    import pyarrow.parquet as pq, tarfile\n"
+    "    pq.write_table = _block(pq.write_table)\n"
+    "    tarfile.TarFile.addfile = _block(tarfile.TarFile.addfile)\n")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def kill_parent_of_blocked_workers(tmp_path: Path, args: list[str], workers: int = 2) -> list[int]:
+    """Run ``args`` with a hook that parks every pool worker in a write; once ``workers`` are parked, SIGKILL
+    the parent. Returns the workers still alive 5 s later (killed afterwards, so none outlives the test)."""
+    hook, block = tmp_path / "hook", tmp_path / "blocked"
+    hook.mkdir(exist_ok=True)
+    block.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(BLOCK_HOOK)
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "BLOCK_DIR": str(block)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(block.iterdir())) < workers and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    pids = [int(p.name) for p in block.iterdir()]
+    assert len(pids) == workers, f"workers never started (exit {proc.poll()})"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(5)
+    survivors = [pid for pid in pids if not _gone(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    return survivors
+
+
+def test_pool_workers_die_with_a_killed_run(tmp_path):
+    inp = tmp_path / "emb"
+    make_parquet_shards(inp, n_shards=4, per_shard=20)
+    args = cli_args(inp, tmp_path / "run", ["embed.encoder=precomputed", "cluster.k=2", "workers=2"])
+    assert kill_parent_of_blocked_workers(tmp_path, args) == []
+
+
+def test_reshard_workers_die_with_a_killed_reshard(tmp_path, tiny_clip_config):
+    from conftest import make_tiny_run
+
+    run = make_tiny_run(tmp_path, tiny_clip_config, n_shards=3, per_shard=6)
+    args = [sys.executable, "-m", "datapruning.cli", "reshard", str(run), "--output", str(tmp_path / "re"),
+            "-n", "2", "-w", "2"]
+    assert kill_parent_of_blocked_workers(tmp_path, args) == []
+
+
+def test_rerun_of_a_killed_reshard_removes_its_temporary_tars(tmp_path, tiny_clip_config):
+    from conftest import make_tiny_run
+
+    from datapruning.consumers.reshard import reshard
+
+    run = make_tiny_run(tmp_path, tiny_clip_config, n_shards=2, per_shard=6)
+    out = tmp_path / "re"
+    left = out / ".00000000.tar.p999999999@gone.x1.tmp"  # what a reshard killed while assembling leaves
+    out.mkdir()
+    reshard(run, out, 4)
+    left.write_bytes(b"\0" * 4096)
+    (out / "_reshard.json").write_text((out / "_reshard.json").read_text().replace('"complete": true',
+                                                                                  '"complete": false'))
+    reshard(run, out, 4)
+    assert not list(out.rglob("*.tmp"))

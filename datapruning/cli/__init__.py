@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import load_config, to_dict
 from ..errors import DataPruningError
-from ..run import STAGES, load_run_config
+from ..run import STAGES, load_run_config, locked
 from .tools import add_commands
 
 
@@ -17,6 +17,8 @@ def _add_config_args(p: argparse.ArgumentParser, positional: bool = True) -> Non
         p.add_argument("config", nargs="?", help="YAML config (default: the run folder's, else built-in defaults)")
     p.add_argument("--output", "-o", required=True, help="run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--allow-failed-shards", action="append_const", dest="set", const="input.allow_failed_shards=true",
+                   help="go on (exit 0) without shards still unreadable after the retries; the summary names them")
 
 
 def resolve_config(args):
@@ -32,17 +34,34 @@ def resolve_config(args):
 def cmd_run(args) -> int:
     from ..runner import run_pipeline
 
-    stats = run_pipeline(resolve_config(args), args.input, args.output)
+    with locked(args.output):  # before reading the stored config: another writer may be changing it
+        stats = run_pipeline(resolve_config(args), args.input, args.output)
     print(f"kept {stats['kept']} of {stats['samples_in']} samples ({stats['kept_fraction']:.1%}); "
           f"manifest: {stats['manifest']}")
+    report_failed(args.output)
     return 0
+
+
+def report_failed(output) -> None:
+    """Name the shards left out because they could not be read (only with --allow-failed-shards)."""
+    from ..embed.stage import failed_shards
+    from ..io.files import read_json
+
+    shards = read_json(Path(output) / "shards.json")["shards"]
+    failed = failed_shards(Path(output) / "embeddings", shards)
+    if failed:
+        print(f"left out {len(failed)} shard(s) that could not be read (a rerun retries them): "
+              + ", ".join(sorted(failed)[:20]) + (" ..." if len(failed) > 20 else ""))
 
 
 def cmd_stage(args) -> int:
     from ..runner import run_stage
 
-    run_stage(args.command, resolve_config(args), args.output, getattr(args, "input", None))
+    with locked(args.output):
+        run_stage(args.command, resolve_config(args), args.output, getattr(args, "input", None))
     print(f"{args.command}: done ({args.output})")
+    if args.command == "embed":
+        report_failed(args.output)
     return 0
 
 

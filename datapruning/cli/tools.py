@@ -8,7 +8,7 @@ from pathlib import Path
 def cmd_eval(args) -> int:
     from ..evaluation.curves import DEFAULT_FRACTIONS, format_table, run_eval
 
-    fractions = [float(f) for f in args.fractions.split(",") if f.strip()] if args.fractions else DEFAULT_FRACTIONS
+    fractions = parse_fractions(args.fractions) if args.fractions else DEFAULT_FRACTIONS
     result = run_eval(args.run_dir, args.label_column, fractions, args.seeds, args.tolerance, args.test_split,
                       args.test_fraction, args.max_iter)
     print(f"linear-probe accuracy on {result['summary']['test_rows']} held-out rows "
@@ -17,6 +17,24 @@ def cmd_eval(args) -> int:
     print(result["summary"]["line"])
     print(f"table: {result['dir'] / 'curves.parquet'}   plot: {result['dir'] / 'curves.png'}")
     return 0
+
+
+def parse_fractions(text: str) -> list[float]:
+    """``--fractions``: comma-separated keep fractions, each a number in (0, 1]."""
+    from ..errors import ConfigError
+
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+        if not 0.0 < value <= 1.0:  # also false for nan
+            raise ConfigError(f"--fractions: {item[:50]!r} is not a keep fraction in (0, 1]")
+        out.append(value)
+    if not out:
+        raise ConfigError("--fractions: no keep fraction given")
+    return out
 
 
 def add_eval(sub) -> None:

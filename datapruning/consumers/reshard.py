@@ -7,15 +7,15 @@ import logging
 import os
 import shutil
 import tarfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from ..io.files import META, atomic_path, clean_stage, done_path, is_done, mark_done, read_json, write_json
 from ..errors import InputError, RunNotReady, TruncatedShard
+from ..exec import process_pool
+from ..io.files import META, atomic_path, clean_stage, clean_temp, done_path, is_done, mark_done, read_json, write_json
 from ..io.webdataset import SHARD_DAMAGE, Member, iter_tar_groups
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,8 @@ def reshard(run_dir: str | Path, output: str | Path, samples_per_shard: int, wor
         return read_json(out_dir / "_reshard.json")  # finished before: nothing to do
     todo = [t for t in tasks if not is_done(out_dir / PIECES, t["name"])]
     (out_dir / PIECES).mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, out_dir / PIECES):  # full-size temporary tars of a killed reshard
+        clean_temp(folder)
     _run_tasks(todo, workers)
     n_out = -(-total // samples_per_shard)
     parts: dict[int, list[dict]] = {}
@@ -302,7 +304,7 @@ def _run_tasks(todo: list[dict], workers: int) -> None:
                 reshard_one(t)
                 bar.update(1)
             return
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
+        with process_pool(min(workers, len(todo))) as pool:  # workers die with this process
             for fut in as_completed([pool.submit(reshard_one, t) for t in todo]):
                 fut.result()
                 bar.update(1)

@@ -13,13 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .encoders import Encoder, build_encoder, decode_input
-from .samples import ROW_NAMES, caption, source_uid, text_field, write_shard
-from ..io.files import done_path, is_done, read_json, write_json
+from .samples import ROW_NAMES, caption, embedding_table, source_uid, text_field, write_shard
+from ..errors import StageError
+from ..io.files import clean_stage, done_path, is_done, mark_done, read_json, write_json, write_parquet
 from ..io.shards import detect_format, expand_input, shard_names
 from ..io.tables import normalise_rows, precomputed_table
-from ..io.webdataset import iter_tar_samples, skip
+from ..io.webdataset import ShardUnavailable, iter_tar_samples, retrying, skip
 from ..exec import map_unordered, map_with_setup
-from ..run import Rate, Run, log, prepare_stage, progress, save_config, timed
+from ..run import STAGES, Rate, Run, clear_outputs, log, prepare_stage, progress, save_config, timed
 
 TABLE_FORMATS = ("parquet", "clip_retrieval", "npy", "datacomp")
 
@@ -145,12 +146,34 @@ def embed_one(cfg, out_dir: Path, shard: dict, encoder: Encoder | None = None) -
     """Embed one shard (the unit of work a worker, local or Ray, runs) with ``encoder`` (built once per
     worker process when not given)."""
     start = time.perf_counter()
-    if shard["format"] in TABLE_FORMATS:
-        info = embed_table_shard(cfg, shard["path"], shard["name"], shard["format"], out_dir)
-    else:
-        info = embed_tar_shard(cfg, shard["path"], shard["name"], out_dir, encoder or get_encoder(cfg))
+    try:
+        with retrying(cfg.input.retries, cfg.input.retry_backoff_s):
+            if shard["format"] in TABLE_FORMATS:
+                info = embed_table_shard(cfg, shard["path"], shard["name"], shard["format"], out_dir)
+            else:
+                info = embed_tar_shard(cfg, shard["path"], shard["name"], out_dir, encoder or get_encoder(cfg))
+    except ShardUnavailable as exc:
+        info = record_failed(cfg, out_dir, shard["name"], str(exc))
     info["seconds"] = round(time.perf_counter() - start, 3)
     return info
+
+
+def record_failed(cfg, out_dir: Path, shard: str, error: str) -> dict:
+    """A shard still unreachable after the retries: an empty output whose marker says ``failed``, so the later
+    stages can go on without it (``input.allow_failed_shards``) and a rerun tries it again."""
+    log.error("%s", error)
+    write_parquet(out_dir / f"{shard}.parquet", embedding_table({"uid": [], "shard": [], "key": []},
+                                                                np.zeros((0, 1), np.float32), cfg.embed.store_dtype))
+    info = {"rows": 0, "dim": None, "skipped": {}, "encoder": None, "failed": error}
+    mark_done(out_dir, shard, info)
+    return info
+
+
+def failed_shards(out_dir: Path, shards: list[dict]) -> dict[str, str]:
+    """{shard name: error} of the shards the embed stage could not read."""
+    markers = {s["name"]: done_path(out_dir, s["name"]) for s in shards}
+    return {name: info["failed"] for name, path in markers.items() if path.exists()
+            and (info := read_json(path)).get("failed")}
 
 
 def embed_with(cfg, out_dir: Path, encoder: Encoder, shard: dict) -> dict:
@@ -193,15 +216,34 @@ def run_embed(run: Run, input_spec=None) -> None:
     if any(s["format"] not in TABLE_FORMATS for s in shards) and run.cfg.embed.encoder == "precomputed":
         raise ValueError("embed.encoder=precomputed, but the input is webdataset shards; choose an encoder")
     out_dir = prepare_stage(run, "embed")
-    todo = [s for s in shards if not is_done(out_dir, s["name"])]
+    retry = failed_shards(out_dir, shards)
+    todo = [s for s in shards if not is_done(out_dir, s["name"]) or s["name"] in retry]
     log.info("embed: %d shards, %d already done", len(shards), len(shards) - len(todo))
     with timed(run, "embed"), progress(len(todo), "embed") as bar:
         rate = Rate()
         for info in embed_shards(run.cfg, out_dir, todo):
             rate.add(bar, info["rows"])
+    check_failed(run, out_dir, retry)
     dims = {read_done_dim(out_dir, s["name"]) for s in shards} - {None}
     if len(dims) > 1:
         raise ValueError(f"embed: shards have mixed embedding dimensions {sorted(dims)}; they cannot be clustered together")
+
+
+def check_failed(run: Run, out_dir: Path, retried: dict) -> None:
+    """After embedding: clear the later stages if a shard that failed before was read now (they ran without
+    it); stop naming the shards that still fail, unless ``input.allow_failed_shards``."""
+    failed = failed_shards(out_dir, run.shards)
+    if set(retried) - set(failed):
+        log.warning("embed: %d shards that failed before were read now; redoing the later stages",
+                    len(set(retried) - set(failed)))
+        clear_outputs(run)
+        for later in STAGES[1:]:
+            clean_stage(run.dir(later))
+    if failed and not run.cfg.input.allow_failed_shards:
+        names = ", ".join(sorted(failed)[:10]) + (f" and {len(failed) - 10} more" if len(failed) > 10 else "")
+        raise StageError(f"embed: {len(failed)} of {len(run.shards)} shards could not be read after "
+                         f"{run.cfg.input.retries} retries: {names}; rerun to retry them, or pass "
+                         "--allow-failed-shards (input.allow_failed_shards=true) to go on without them")
 
 
 def read_done_dim(out_dir: Path, shard: str):

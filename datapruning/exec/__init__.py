@@ -6,9 +6,41 @@ done markers; an executor only runs the units and hands back each unit's small i
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from typing import Any, Callable, Iterable, Iterator
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """Pool worker initializer: the worker is SIGKILLed when the process that started it dies (Linux prctl),
+    so a killed run leaves no orphan writing into its folder; elsewhere a thread watches the parent."""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A spawn process pool whose workers die with this process."""
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=die_with_parent,
+                               initargs=(os.getpid(),))
 
 
 def map_unordered(fn: Callable[[Any], Any], items: Iterable, cfg, resources: dict | None = None) -> Iterator:
@@ -28,7 +60,7 @@ def map_unordered(fn: Callable[[Any], Any], items: Iterable, cfg, resources: dic
         for item in items:
             yield fn(item)
     else:
-        with ProcessPoolExecutor(min(cfg.workers, len(items)), mp_context=get_context("spawn")) as pool:
+        with process_pool(min(cfg.workers, len(items))) as pool:
             for fut in as_completed([pool.submit(fn, item) for item in items]):
                 yield fut.result()
 

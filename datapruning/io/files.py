@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,8 @@ from ..errors import WriteFailed
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
+_TEMP_PID = re.compile(r"\.p(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.")
 
 
 @contextmanager
@@ -24,7 +28,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.p{os.getpid()}@{_HOST}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -104,12 +108,26 @@ def mark_done(stage_dir: str | Path, shard: str, info: dict[str, Any]) -> None:
 
 def clean_temp(folder: str | Path) -> int:
     """Remove temporary files a killed run left in ``folder`` (never taken for outputs: they are only
-    renamed into place when complete). One run per folder at a time is assumed."""
+    renamed into place when complete). Those of a process that still runs on this host are kept: the run
+    folder's lock admits one writer, but a reader (reshard, eval) may write beside it."""
     removed = 0
     for tmp in [*Path(folder).glob(".*.tmp"), *meta_dir(folder).glob(".*.tmp")]:
+        found = _TEMP_PID.search(tmp.name)
+        if found and found["host"] == _HOST and int(found["pid"]) != os.getpid() and _alive(int(found["pid"])):
+            continue
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def clean_stage(stage_dir: str | Path) -> None:

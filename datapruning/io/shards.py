@@ -35,20 +35,27 @@ def expand_input(spec: str | list[str]) -> list[str]:
     for item in specs:
         for path in _braceexpand(item):
             if _is_url(path):
+                protocol = _check_protocol(path)
                 if any(ch in path for ch in "*?["):
-                    fs, _, _ = fsspec.get_url_to_fs(path)
-                    protocol = path.split("://", 1)[0]
-                    out.extend(sorted(f"{protocol}://{p}" for p in fs.glob(path)))
+                    try:
+                        fs, _ = fsspec.core.url_to_fs(path)
+                        found = fs.glob(path)
+                    except Exception as exc:  # noqa: BLE001 (any remote client's error: one line, named)
+                        raise InputError(f"input {path[:200]}: cannot list it ({type(exc).__name__}: "
+                                         f"{str(exc)[:200]})") from None
+                    out.extend(sorted(f"{protocol}://{p.split('://', 1)[-1]}" for p in found))
                 else:
                     out.append(path)
                 continue
             path = path[len("file://"):] if path.startswith("file://") else path
             if os.path.isdir(path):
                 out.extend(_list_folder(os.path.abspath(path)))
-            elif any(ch in path for ch in "*?["):
-                out.extend(without_side_files(sorted(glob.glob(path))))
-            elif os.path.exists(path):
+            elif os.path.exists(path):  # a literal name wins over a glob reading of '[' '*' '?'
                 out.append(os.path.abspath(path))
+            elif any(ch in path for ch in "*?["):
+                for found in without_side_files(_glob(path)):
+                    found = os.path.abspath(found)
+                    out.extend(_list_folder(found) if os.path.isdir(found) else [found])
             else:
                 raise InputError(f"input {path}: no such file or folder")
     if not out:
@@ -56,14 +63,38 @@ def expand_input(spec: str | list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _glob(pattern: str) -> list[str]:
+    """``glob`` where the longest leading part of ``pattern`` that exists as written is taken literally
+    (a folder named 'd[1]' is not the character class that matches 'd1')."""
+    parts = Path(pattern).parts
+    for i in range(len(parts) - 1, 0, -1):
+        head = os.path.join(*parts[:i])
+        if os.path.isdir(head):
+            return sorted(glob.glob(os.path.join(glob.escape(head), *parts[i:])))
+    return sorted(glob.glob(pattern))
+
+
+def _check_protocol(url: str) -> str:
+    """The URL's scheme, if fsspec can open it; else an InputError naming the package to install."""
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        raise InputError(f"input {url[:200]}: reading {protocol}:// needs another package ({exc})") from None
+    except ValueError:
+        raise InputError(f"input {url[:200]}: unknown URL scheme {protocol[:50]!r}") from None
+    return protocol
+
+
 def _list_folder(folder: str) -> list[str]:
     for emb in ("img_emb", "text_emb"):  # a clip-retrieval output folder: one shard per .npy part
         if os.path.isdir(os.path.join(folder, emb)):
-            parts = sorted(glob.glob(os.path.join(folder, emb, "*.npy")), key=_natural)
+            parts = sorted(glob.glob(os.path.join(glob.escape(folder), emb, "*.npy")), key=_natural)
             if not parts:
                 raise InputError(f"input folder {folder}: {emb}/ holds no .npy files")
             return parts
-    found = without_side_files(sorted(p for p in glob.glob(os.path.join(folder, "*")) if Path(p).suffix in SUFFIXES))
+    found = without_side_files(sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "*"))
+                                      if Path(p).suffix in SUFFIXES))
     if not found:
         raise InputError(f"input folder {folder}: holds no .tar, .parquet or .npy files")
     return found

@@ -1,9 +1,13 @@
 """The one webdataset tar reader: members grouped into samples by key, bad members counted, not fatal."""
 from __future__ import annotations
 
+import gzip
 import logging
+import random
 import tarfile
+import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import PurePosixPath
 from typing import Callable, Iterator
 
@@ -95,6 +99,34 @@ def _group(members, on_skip: OnSkip, state: dict) -> Iterator[tuple[str, list[Me
         state["members"].append((name[len(key) + 1:], info, data))
 
 
+RETRY = {"retries": 3, "backoff_s": 1.0}  # transient faults reading a shard: tries after the first, first wait
+
+
+@contextmanager
+def retrying(retries: int, backoff_s: float) -> Iterator[None]:
+    """Set how often (and how patiently) the tar reader retries a shard it cannot reach, for the block."""
+    old = dict(RETRY)
+    RETRY.update(retries=retries, backoff_s=backoff_s)
+    try:
+        yield
+    finally:
+        RETRY.update(old)
+
+
+class ShardUnavailable(DataPruningError, OSError):
+    """A shard could not be reached or read even after retries: failed, not done, so a rerun retries it."""
+
+
+def transient(exc: BaseException) -> bool:
+    """A fault in reaching the bytes (network, I/O), not in the bytes: worth retrying, never a corrupt shard."""
+    if isinstance(exc, (DataPruningError, tarfile.TarError, EOFError, gzip.BadGzipFile)):
+        return False
+    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.split(".")[0] in REMOTE_CLIENTS
+
+
+REMOTE_CLIENTS = ("aiohttp", "fsspec", "requests", "urllib3", "botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs")
+
+
 def iter_tar_groups(path: str, shard: str, on_skip: OnSkip, fast: bool = False,
                     safe: bool = False) -> Iterator[tuple[str, list[Member]]]:
     """Yield ``(key, [(suffix as written, tarinfo or None, bytes), ...])`` per sample of a (possibly remote) tar.
@@ -102,35 +134,68 @@ def iter_tar_groups(path: str, shard: str, on_skip: OnSkip, fast: bool = False,
     Consecutive members with one key form a sample; names starting with '__' and names without an extension
     are ignored; a repeated extension or a repeated key is reported to ``on_skip`` and the first one kept.
     A truncated or non-tar file ends the shard through ``on_skip`` ('truncated_shard' when a sample was being
-    read, which is dropped; else 'unreadable_shard'). ``fast`` parses plain tars with ``io.tarstream`` (no
-    tarinfo) and falls back to tarfile for anything else. ``safe`` raises UnsafeMember on links, devices,
-    absolute and '..' names (for readers that copy members) instead of skipping them."""
+    read, which is dropped; else 'unreadable_shard'). A fault in reaching the bytes (``transient``) is retried
+    ``RETRY`` times with doubling waits, resuming after the samples already handed out; then ShardUnavailable.
+    ``fast`` parses plain tars with ``io.tarstream`` (no tarinfo) and falls back to tarfile for anything else.
+    ``safe`` raises UnsafeMember on links, devices, absolute and '..' names (for readers that copy members)
+    instead of skipping them."""
+    given = {"groups": 0, "skips": 0}  # handed out so far, over all attempts
+    for attempt in range(RETRY["retries"] + 1):
+        seen = {"groups": 0, "skips": 0}
+
+        def report(reason, key, detail, seen=seen):
+            seen["skips"] += 1
+            if seen["skips"] > given["skips"]:
+                given["skips"] += 1
+                on_skip(reason, key, detail)
+
+        try:
+            for group in _read_once(path, shard, report, fast, safe):
+                seen["groups"] += 1
+                if seen["groups"] > given["groups"]:
+                    given["groups"] += 1
+                    yield group
+            return
+        except Exception as exc:  # noqa: BLE001 (sorted by ``transient``; the rest re-raised)
+            if not transient(exc):
+                raise
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if attempt < RETRY["retries"]:
+                wait = RETRY["backoff_s"] * 2 ** attempt * random.uniform(0.5, 1.0)  # noqa: S311 (jitter)
+                log.warning("shard %s: %s; retrying in %.1f s (%d of %d)", shard, error, wait, attempt + 1,
+                            RETRY["retries"])
+                time.sleep(wait)
+    raise ShardUnavailable(f"shard {shard}: cannot read {str(path)[:200]} after {RETRY['retries'] + 1} tries ({error})")
+
+
+def _read_once(path: str, shard: str, report: OnSkip, fast: bool, safe: bool) -> Iterator[tuple[str, list[Member]]]:
+    """One pass over the tar for ``iter_tar_groups``; transient faults propagate."""
     from .tarstream import Unsupported
 
-    state, events = {"key": None, "members": None, "emitted": 0}, [0]
+    state = {"key": None, "members": None, "emitted": 0, "reported": 0}
 
-    def report(reason, key, detail):
-        events[0] += 1
-        on_skip(reason, key, detail)
+    def counted(reason, key, detail):
+        state["reported"] += 1
+        report(reason, key, detail)
 
     damage = None
     try:
         with fsspec.open(path, "rb") as raw:
             members = _fast_members(raw) if fast and not safe else _tarfile_members(raw, shard, safe)
-            for group in _group(members, report, state):
+            for group in _group(members, counted, state):
                 state["emitted"] += 1
                 yield group
     except Unsupported as exc:
         log.info("shard %s: %s; reading it with tarfile", shard, exc)
-        yield from _reread(path, shard, on_skip, state["emitted"], events[0])
+        yield from _reread(path, shard, report, state["emitted"], state["reported"])
         return
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        if isinstance(exc, DataPruningError):
+        if isinstance(exc, DataPruningError) or transient(exc):
             raise
         damage = f"{type(exc).__name__}: {exc}"
     if damage is not None:
         key = state["key"]
-        report("unreadable_shard" if key is None else "truncated_shard", key, damage)
+        counted("unreadable_shard" if key is None else "truncated_shard", key, damage)
         return  # the partial last sample is dropped: it may be missing members
     if state["members"]:
         yield state["key"], state["members"]
@@ -147,7 +212,7 @@ def _reread(path: str, shard: str, on_skip: OnSkip, emitted: int, reported: int)
             return
         on_skip(reason, key, detail)
 
-    for i, group in enumerate(iter_tar_groups(path, shard, once)):
+    for i, group in enumerate(_read_once(path, shard, once, False, False)):
         if i >= emitted:
             yield group
 
