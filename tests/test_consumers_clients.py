@@ -17,6 +17,7 @@ import pytest
 import webdataset as wds
 
 from datapruning.cli import main
+from datapruning.consumers import datacomp as dc
 from datapruning.consumers import loaders as ld
 from datapruning.consumers.reshard import reshard
 from datapruning.errors import ConfigError, InputError
@@ -198,8 +199,8 @@ def test_auto_never_guesses_from_key_shape(tmp_path, monkeypatch):
     argv = ["run", "--input", "emb", "--output", "run"]
     assert main(with_overrides(argv, ["embed.encoder=precomputed", "input.id_column=id", "cluster.k=3"])) == 0
     with pytest.raises(ValueError, match="no source_uid column.*--uid-source json.*uid.*key"):
-        ld.export_datacomp_uids("run", "s.npy")
-    assert ld.export_datacomp_uids("run", "s.npy", uid_source="uid")["source"] == "uid"  # asked for: fine
+        dc.export_datacomp_uids("run", "s.npy")
+    assert dc.export_datacomp_uids("run", "s.npy", uid_source="uid")["source"] == "uid"  # asked for: fine
 
 
 def test_datacomp_metadata_npz_input(tmp_path, monkeypatch):
@@ -211,7 +212,7 @@ def test_datacomp_metadata_npz_input(tmp_path, monkeypatch):
     assert [(s["name"], s["format"]) for s in shards] == [("00000000", "datacomp"), ("00000001", "datacomp")]
     emb = pq.read_table("runs/pool/embeddings/00000000.parquet")
     assert emb["embedding"].combine_chunks().value_lengths()[0].as_py() == 8  # b32_img, as asked
-    assert ld.export_datacomp_uids("runs/pool", tmp_path / "s.npy")["source"] == "source_uid"
+    assert dc.export_datacomp_uids("runs/pool", tmp_path / "s.npy")["source"] == "source_uid"
     subset = np.load(tmp_path / "s.npy")
     kept = set(pq.read_table("runs/pool/kept.parquet")["uid"].to_pylist())
     assert {u for u in truth if resharder_keeps(subset, u)} == kept

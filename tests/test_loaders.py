@@ -14,6 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from datapruning.consumers import datacomp as dc
 from datapruning.consumers import loaders as ld
 from datapruning.config import load_config
 from datapruning.runner import run_pipeline
@@ -173,7 +174,7 @@ def datacomp_lookup(subset: np.ndarray, hexuid: str) -> int:
 
 def test_export_datacomp_from_sample_json(run, tmp_path):
     run_dir, hexuids = run
-    info = ld.export_datacomp_uids(run_dir, tmp_path / "subset.npy")
+    info = dc.export_datacomp_uids(run_dir, tmp_path / "subset.npy")
     assert info == {"uids": 16, "source": "source_uid", "path": str(tmp_path / "subset.npy")}  # the .json uid
     subset = np.load(tmp_path / "subset.npy", mmap_mode="r")  # as DataComp's load_subset does
     assert subset.dtype == np.dtype("u8,u8") and subset.shape == (16,)
@@ -183,8 +184,8 @@ def test_export_datacomp_from_sample_json(run, tmp_path):
     for uid, hexuid in hexuids.items():
         assert datacomp_lookup(subset, hexuid) == (uid in kept)
     with pytest.raises(ValueError, match="uid source uid: .* not a 32-hex DataComp uid"):
-        ld.export_datacomp_uids(run_dir, tmp_path / "x.npy", uid_source="uid")
-    assert ld.export_datacomp_uids(run_dir, tmp_path / "j.npy", uid_source="json")["source"] == "source_uid"
+        dc.export_datacomp_uids(run_dir, tmp_path / "x.npy", uid_source="uid")
+    assert dc.export_datacomp_uids(run_dir, tmp_path / "j.npy", uid_source="json")["source"] == "source_uid"
     assert np.load(tmp_path / "j.npy").tolist() == pairs
 
 
@@ -200,7 +201,7 @@ def test_export_datacomp_from_metadata_uid_column(tmp_path):
     hexes["0" * 32] = None
     run_pipeline(load_config(None, ["embed.encoder=precomputed", "cluster.k=4", "select.keep_fraction=0.5"]),
                  str(tmp_path / "emb"), tmp_path / "run")
-    info = ld.export_datacomp_uids(tmp_path / "run", tmp_path / "s.npy")
+    info = dc.export_datacomp_uids(tmp_path / "run", tmp_path / "s.npy")
     assert info["source"] == "source_uid" and info["uids"] == 30  # the metadata's uid column
     subset = np.load(tmp_path / "s.npy", allow_pickle=False)
     kept = kept_set(tmp_path / "run")
@@ -209,9 +210,9 @@ def test_export_datacomp_from_metadata_uid_column(tmp_path):
 
 
 def test_datacomp_uid_array_is_pure_and_strict():
-    a = ld.datacomp_uid_array(["f" * 32, "0" * 31 + "1", "F" * 32, "1" + "0" * 31])
+    a = dc.datacomp_uid_array(["f" * 32, "0" * 31 + "1", "F" * 32, "1" + "0" * 31])
     assert a.tolist() == [(0, 1), (2**60, 0), (2**64 - 1, 2**64 - 1)]
     for bad in ["abc", "g" * 32, " " + "0" * 31, None]:
         with pytest.raises(ValueError, match="32-hex"):
-            ld.datacomp_uid_array(["0" * 32, bad])
-    assert ld.datacomp_uid_array([]).shape == (0,)
+            dc.datacomp_uid_array(["0" * 32, bad])
+    assert dc.datacomp_uid_array([]).shape == (0,)

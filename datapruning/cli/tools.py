@@ -89,7 +89,7 @@ def cmd_reshard(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ..consumers.loaders import export_datacomp_uids
+    from ..consumers.datacomp import export_datacomp_uids
 
     info = export_datacomp_uids(args.run_dir, args.out, args.uid_source)
     print(f"wrote {info['uids']} DataComp uids (from {info['source']}) to {args.out}")
