@@ -387,18 +387,26 @@ def run_rows(run: Run, **columns):
 def read_group(run: Run, offsets: np.ndarray, group: int) -> dict:
     """Every row of cluster group ``group`` from the cluster stage's partitions, sorted by (cluster, pos):
     pos, shard, row, cluster, cos_dist, tie and the float32 embedding matrix. ``offsets``: first global
-    row of each shard, by shard index."""
+    row of each shard, by shard index. Memory: the group's matrix plus one partition file at a time."""
     files = run.partition_files(group)
     if not files:
         return {"pos": np.zeros(0, np.int64)}
-    table = pa.concat_tables([read_stage(f) for f in files])
+    small = [read_stage(f, columns=["shard", "row", "cluster", "cos_dist", "tie"]) for f in files]
+    table = pa.concat_tables(small)
     shard = table["shard"].to_numpy().astype(np.int64)
     row = table["row"].to_numpy().astype(np.int64)
     pos = offsets[shard] + row
     cluster = table["cluster"].to_numpy().astype(np.int64)
     order = np.lexsort((pos, cluster))
-    where = f"clusters/parts/g{group:05d}"
+    where = np.empty(len(order), dtype=np.int64)
+    where[order] = np.arange(len(order))  # file row -> its place in the sorted group
+    matrix, start = None, 0
+    for f, part in zip(files, small):
+        block = column_to_matrix(read_stage(f, columns=["embedding"])["embedding"], str(f))
+        if matrix is None:
+            matrix = np.empty((len(order), block.shape[1]), dtype=np.float32)
+        matrix[where[start:start + part.num_rows]] = block
+        start += part.num_rows
     return {"pos": pos[order], "shard": shard[order], "row": row[order], "cluster": cluster[order],
             "cos_dist": table["cos_dist"].to_numpy().astype(np.float64)[order],
-            "tie": table["tie"].to_numpy()[order],
-            "embedding": column_to_matrix(table["embedding"], where)[order]}
+            "tie": table["tie"].to_numpy()[order], "embedding": matrix}
