@@ -20,7 +20,7 @@ from .config import RunConfig, changed_keys, config_from_dict, to_dict
 from .io.lock import check_idle, ensure, locked  # noqa: F401 (locked: for callers)
 from .errors import StageError
 from .exec import map_unordered
-from .io.files import clean_stage, clean_temp, done_path, read_json, stage_marker, write_json
+from .io.files import clean_stage, clean_temp, done_path, meta_dir, read_json, stage_marker, write_json
 from .io.tables import column_to_matrix, read_stage
 from .rows import BlockRows
 
@@ -56,6 +56,10 @@ class Run:
 
     def partition_files(self, group: int) -> list[Path]:
         return sorted((self.dir("cluster") / "parts" / f"g{group:05d}").glob("*.parquet"))
+
+    def info_path(self, stage: str) -> Path:
+        """The stage's info file (its summary, written last), outside its data folder."""
+        return meta_dir(self.dir(stage)) / "info.json"
 
     @property
     def kept_path(self) -> Path:
@@ -114,7 +118,7 @@ def prepare_stage(run: Run, stage: str) -> Path:
 def check_upstream(run: Run, stage: str, inputs: list[str]) -> None:
     """Stop when a stage that ``stage`` reads ran with another config (or input) than this run's."""
     for earlier in STAGES[:STAGES.index(stage)]:
-        marker = run.dir(earlier) / "_stage.json"
+        marker = stage_marker(run.dir(earlier))
         stored = read_json(marker) if marker.exists() else {}  # a missing one: the reader names it
         if stored and stored.get("fingerprint") != fingerprint(run.cfg, earlier, inputs):
             changed = changed_keys(stored.get("config"), to_dict(run.cfg), STAGE_KEYS[earlier])
@@ -294,15 +298,15 @@ def shard_offsets(run: Run) -> list[tuple[dict, int, int]]:
     return out
 
 
-LABEL_INDEX = "_labels.json"
+LABEL_INDEX = "labels.json"  # in the score stage's meta folder
 
 
 def label_index(run: Run) -> dict | None:
-    """The run's label coding, built once from every shard's distinct labels and stored in scores/_labels.json:
+    """The run's label coding, built once from every shard's distinct labels and stored in _meta/scores/labels.json:
     ``{"integer": bool, "names": [...]}``. Integer labels (all of them non-negative integers) keep their
     value as the code, so code c is class c of any classifier; other labels are coded by their sorted
     rank. None when the input has no labels."""
-    path = run.dir("score") / LABEL_INDEX
+    path = meta_dir(run.dir("score")) / LABEL_INDEX
     if path.exists():
         index = read_json(path)
         return index if index["names"] else None

@@ -166,7 +166,7 @@ def test_set_given_to_a_later_stage_is_saved_and_used_by_the_next(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["config"]["select"]["keep_fraction"] == 0.3
     assert stats["kept"] == 18
-    assert json.loads((out / "select" / "_stage.json").read_text())["config"]["select"]["keep_fraction"] == 0.3
+    assert json.loads((out / "_meta" / "select" / "stage.json").read_text())["config"]["select"]["keep_fraction"] == 0.3
 
 
 def test_top_level_outputs_do_not_outlive_their_config(tmp_path):

@@ -48,7 +48,7 @@ def outputs(out):
 
 
 def score_info(out):
-    info = json.loads((out / "scores" / "_info.json").read_text())
+    info = json.loads((out / "_meta" / "scores" / "info.json").read_text())
     return {m: {k: v for k, v in i.items() if k != "seconds"} for m, i in info.items()}
 
 

@@ -18,14 +18,14 @@ import pyarrow.parquet as pq
 from ..config import to_dict
 from ..errors import StageError
 from ..exec import map_unordered
-from ..io.files import atomic_path, done_path, is_done, mark_done, read_json, write_json, write_parquet
+from ..io.files import atomic_path, done_path, is_done, mark_done, meta_dir, read_json, write_json, write_parquet
 from ..run import LABEL_INDEX, Run, load_columns, prepare_stage, progress, timed
 
 PACKAGES = ("datapruning", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "torch", "open_clip_torch", "webdataset")
 
 
 def integer_labels(run: Run) -> bool:
-    path = run.dir("score") / LABEL_INDEX
+    path = meta_dir(run.dir("score")) / LABEL_INDEX
     return path.exists() and read_json(path)["integer"]
 
 
@@ -133,8 +133,8 @@ def build_stats(run: Run, counts: list[dict]) -> dict:
         "kept": kept, "kept_fraction": kept / n if n else 0.0,
         "encoder": sorted(e for e in encoders if e)[0] if encoders - {None} else None,
         "clusters": {"k": k, "sizes": sizes.tolist(), "kept": kept_c.tolist()},
-        "select": read_json(run.dir("select") / "_info.json"),
-        "scores": read_json(run.dir("score") / "_info.json"),
+        "select": read_json(run.info_path("select")),
+        "scores": read_json(run.info_path("score")),
         "wall_time_s": read_json(run.output / "timings.json") if (run.output / "timings.json").exists() else {},
         "config": to_dict(run.cfg), "versions": versions(),
         "manifest": str(run.dir("manifest")), "kept_list": str(run.kept_path),

@@ -1,6 +1,6 @@
 """Score stage: every configured metric in resumable units (cluster groups, then shards) on the executor.
 
-Writes scores/<shard>.parquet (uid, label code, score_<metric>...) and scores/_info.json (last).
+Writes scores/<shard>.parquet (uid, label code, score_<metric>...) and the stage's info file (last).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from ..errors import StageError
 from ..exec import map_unordered
-from ..io.files import atomic_path, is_done, mark_done, read_json, write_json, write_parquet
+from ..io.files import atomic_path, is_done, meta_dir, mark_done, read_json, write_json, write_parquet
 from ..run import Run, label_index, log, prepare_stage, progress, read_block, read_group, run_rows, shard_offsets, timed
 from . import METRICS
 from .base import Context, score_block
@@ -30,7 +30,7 @@ def context(run: Run, labels: dict | None) -> Context:
     if labels is not None:
         n_classes = (max(int(v) for v in labels["names"]) + 1) if labels["integer"] else len(labels["names"])
     return Context(rows=run_rows(run, labels=labels), embedding_rows=run_rows(run, labels=labels, embeddings=True),
-                   centroids=centroids, n_classes=n_classes, seed=run.cfg.seed, state_dir=run.dir("score") / "_state")
+                   centroids=centroids, n_classes=n_classes, seed=run.cfg.seed, state_dir=meta_dir(run.dir("score")) / "state")
 
 
 def save_state(path, state: dict) -> None:
@@ -45,10 +45,10 @@ def load_state(path) -> dict:
 
 
 def prepared(run: Run, ctx: Context, name: str, metric, params) -> dict:
-    """The metric's global state, computed once and kept in scores/_state/<name>.npz (a rerun reuses it)."""
+    """The metric's global state, computed once and kept in _meta/scores/state/<name>.npz (a rerun reuses it)."""
     if metric.prepare is None:
         return {}
-    path = run.dir("score") / "_state" / f"{name}.npz"
+    path = meta_dir(run.dir("score")) / "state" / f"{name}.npz"
     if not path.exists():
         start = time.perf_counter()
         save_state(path, metric.prepare(ctx, params))
@@ -57,7 +57,7 @@ def prepared(run: Run, ctx: Context, name: str, metric, params) -> dict:
 
 
 def parts_dir(run: Run, name: str):
-    return run.dir("score") / "parts" / name
+    return meta_dir(run.dir("score")) / "parts" / name
 
 
 def score_group(run: Run, name: str, params, state: dict, offsets: np.ndarray, group: int) -> dict:
@@ -114,7 +114,7 @@ def score_shard(run: Run, plan: list[tuple], labels: dict | None, item: tuple) -
 def run_score(run: Run) -> None:
     metrics = configured(run)
     out_dir = prepare_stage(run, "score")
-    if (out_dir / "_info.json").exists():
+    if run.info_path("score").exists():
         return
     labels = label_index(run)
     for name, metric, params in metrics:
@@ -150,4 +150,4 @@ def run_score(run: Run) -> None:
         for name, metric, params, state in plan:
             info = metric.summarize(rows, params, state) if metric.summarize else {}
             infos[name] = {**info, "seconds": round(timings[name] + time.perf_counter() - start, 3)}
-        write_json(out_dir / "_info.json", infos)  # written last: the stage's done marker
+        write_json(run.info_path("score"), infos)  # written last: the stage's done marker

@@ -79,7 +79,7 @@ def write_keep(run: Run, rule, names: list[str], block: dict) -> dict:
 def run_select(run: Run) -> None:
     selector, params = selector_params(run.cfg)
     out_dir = prepare_stage(run, "select")
-    if (out_dir / "_info.json").exists():
+    if run.info_path("select").exists():
         return
     scfg = run.cfg.select
     with timed(run, "select"):
@@ -109,4 +109,4 @@ def run_select(run: Run) -> None:
                 mark_done(out_dir, name, {"rows": 0, "kept": 0})
         info = {"method": scfg.method, "n_total": n_total, "n_keep_target": n_keep, "kept": kept,
                 **({"dedup": dedup_info} if dedup_info else {}), **info}
-        write_json(out_dir / "_info.json", info)  # written last: the stage's done marker
+        write_json(run.info_path("select"), info)  # written last: the stage's done marker
