@@ -112,9 +112,10 @@ def main(argv=None) -> dict:
 
 def flatness(args) -> dict:
     """The run at each N of ``--sizes`` (same shard size): peak RSS per stage and seconds per row."""
-    runs = []
+    runs, root = [], args.workdir
     for n in [int(v) for v in args.sizes.split(",")]:
         args.n, args.shards = n, max(1, n // args.shard_rows)
+        args.workdir = str(Path(root) / f"n{n}") if root else None  # one fresh folder per size
         runs.append(one_size(args))
     small, large = runs[0], runs[-1]
     rss = {s: [r["stages"][s]["peak_rss_mib"] for r in runs] for s in STAGES}
