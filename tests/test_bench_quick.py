@@ -67,3 +67,8 @@ def test_bench_embed_text_quick(tmp_path):
 def test_bench_embed_quick_on_cuda(tmp_path):
     r = run_bench("bench_embed", tmp_path, "--device", "cuda")
     assert r["device"] == "cuda" and r["image_decode"] == "tensor"
+
+
+def test_bench_el2n_quick(tmp_path):
+    r = run_bench("bench_el2n", tmp_path, "--threads", "1")
+    assert r["ours_s"] > 0 and r["bare_s"] > 0 and r["ratio"] > 0 and r["models"] == 2

@@ -12,14 +12,14 @@ import pytest
 
 from datapruning import cli
 from datapruning.config import load_config
-from datapruning.evaluation.curves import (DEFAULT_FRACTIONS, Variant, default_variants, evaluate_curves, format_table,
-                                          recommend, run_eval)
+from datapruning.evaluation.curves import Variant, default_variants, evaluate_curves, format_table, recommend, run_eval
 from datapruning.evaluation.data import load_eval_data
 from datapruning.evaluation.probe import probe_accuracy, stratified_split
 from datapruning.runner import run_pipeline
 from datapruning.select import keep_count
 
 N_PER_SHARD, N_SHARDS, CLASSES, DIM, NOISE = 120, 4, 4, 16, 0.25
+FRACTIONS = (0.1, 0.2, 0.5, 0.9, 1.0)
 METRICS = ("ssp", "random", "el2n", "dbp", "semdedup", "dp4tl_fm")
 
 
@@ -64,35 +64,54 @@ def planted_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def planted_eval(planted_run):
     run, _ = planted_run
-    return run_eval(run, seeds=3, tolerance=0.01)
+    return run_eval(run, fractions=FRACTIONS, seeds=3, tolerance=0.01)
 
 
 def test_table_has_every_cell(planted_run, planted_eval):
     run, split = planted_run
     table, summary = planted_eval["table"], planted_eval["summary"]
-    expected = {"ssp/hard", "ssp/easy", "el2n/hard", "el2n/easy", "el2n/ccs", "dbp/hard", "dbp/easy", "semdedup",
-                "dp4tl_fm", "random", "config: rank ssp hard"}
-    assert set(table["variant"]) == expected
-    assert len(table) == len(expected) * len(DEFAULT_FRACTIONS)
+    expected = {"ssp/hard", "ssp/easy", "ssp/ccs", "ssp/hard+balanced", "el2n/hard", "el2n/easy", "el2n/ccs",
+                "el2n/hard+balanced", "dbp/hard", "dbp/easy", "semdedup", "semdedup→dbp/hard", "semdedup→el2n/ccs",
+                "dp4tl_fm", "random", "random+balanced", "config: rank ssp hard"}
+    kd = set(table.loc[table["kd"], "variant"])
+    assert set(table["variant"]) == expected | kd and "random+kd" in kd and len(kd) == 3  # kd=auto: random + best 2
+    assert len(table) == len(expected | kd) * len(FRACTIONS)
     for name, part in table.groupby("variant"):
-        assert sorted(part["fraction"]) == list(DEFAULT_FRACTIONS), name
-    assert table["accuracy"].between(0, 1).all() and table.notna().all().all()
+        assert sorted(part["fraction"]) == list(FRACTIONS), name
+    assert table["accuracy"].between(0, 1).all() and table.drop(columns="kd").notna().all().all()
+    assert (table["acc_lo"] <= table["accuracy"] + 1e-9).all() and (table["accuracy"] <= table["acc_hi"] + 1e-9).all()
     # the held-out side is the split column, never pruned; selection only ever sees training rows
     n_train = int((split == "train").sum())
     assert summary["split"].startswith("split column") and summary["test_rows"] == int((split == "test").sum())
     assert summary["train_rows"] == n_train
-    exact = table[table["selector"].isin(["rank", "ccs", "dbp"])]
+    assert summary["sample"]["rows"] == summary["sample"]["labelled_rows"] == len(split)
+    assert (table["sample_rows"] == len(split)).all()
+    exact = table[table["selector"].isin(["rank", "ccs", "dbp"]) & ~table["variant"].str.startswith("semdedup→")]
     assert (exact["kept"] == [keep_count(n_train, f, None) for f in exact["fraction"]]).all()
     assert (table.loc[table["selector"] == "groups", "kept"] <= table.loc[table["selector"] == "groups", "fraction"]
             * n_train + 0.5).all()
     # random is repeated: seeds recorded, a spread somewhere below 1.0, none at 1.0 (all rows kept)
     rnd = table[table["variant"] == "random"].set_index("fraction")
     assert (rnd["seeds"] == 3).all() and rnd.loc[0.1, "accuracy_std"] > 0 and rnd.loc[1.0, "accuracy_std"] == 0
-    # every curve reaches the same full-data accuracy at 1.0
-    assert np.allclose(table.loc[table["fraction"] == 1.0, "accuracy"], summary["full_accuracy"])
+    # every curve without KD reaches the same full-data accuracy at 1.0
+    assert np.allclose(table.loc[(table["fraction"] == 1.0) & ~table["kd"], "accuracy"], summary["full_accuracy"])
     stored = pd.read_parquet(run / "eval" / "curves.parquet")
     pd.testing.assert_frame_equal(stored, table, check_dtype=False)
     assert (run / "eval" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recommended_yaml_is_a_runnable_config(planted_eval):
+    """recommended.yaml loads as a `datapruning run` config whose select block makes the recommended recipe."""
+    summary = planted_eval["summary"]
+    rec = summary["recommended"]
+    assert rec["variant"] == summary["variant"] and rec["fraction"] == summary["fraction"] < 1
+    cfg = load_config(rec["config"])
+    assert cfg.select.keep_fraction == summary["fraction"]
+    variant = next(v for v in summary["curves"] if v["name"] == summary["variant"])
+    assert cfg.select.method == variant["selector"]
+    text = open(rec["config"]).read()
+    assert text.startswith("# datapruning eval recommendation") and "datapruning run" in text
+    assert ("--kd" in text) == variant["kd"]
 
 
 def test_planted_noise_keep_easy_and_ccs_beat_keep_hard(planted_eval):
@@ -109,46 +128,43 @@ def test_planted_noise_keep_easy_and_ccs_beat_keep_hard(planted_eval):
 
 
 def expected_recommendation(table: pd.DataFrame, full: float, tol: float):
-    ok = table[(table["fraction"] < 1) & (table["accuracy"] >= full - tol - 1e-12)]
+    ok = table[(table["fraction"] < 1) & (table["diff_lo"] >= -tol - 1e-12)]
     if ok.empty:
         return 1.0, None
     f = ok["fraction"].min()
     return f, ok.loc[ok["fraction"] == f, "accuracy"].max()
 
 
-def test_recommendation_is_computed_from_the_table(planted_eval):
+def test_recommendation_is_computed_from_the_lower_bounds(planted_eval):
     table, summary = planted_eval["table"], planted_eval["summary"]
     full = summary["full_accuracy"]
     assert (summary["fraction"], summary.get("accuracy")) == expected_recommendation(table, full, 0.01)
-    seen = set()
     for tol in (0.0, 0.005, 0.02, 0.05, 0.2, 1.0):
         rec = recommend(table, full, tol)
         frac, best = expected_recommendation(table, full, tol)
         assert rec["fraction"] == frac and rec.get("accuracy") == best
         if rec["variant"] is not None:
-            row = table[(table["variant"] == rec["variant"]) & (table["fraction"] == frac)]
-            assert row["accuracy"].iloc[0] == best and rec["line"].startswith(f"recommendation: keep {frac:.0%}")
-        seen.add(frac)
-    # a curve that falls linearly away from full data: a looser tolerance reaches a smaller fraction
-    lin = pd.DataFrame({"variant": "lin", "fraction": list(DEFAULT_FRACTIONS), "accuracy_std": 0.0, "seeds": 1})
-    lin["accuracy"] = 0.9 - 0.2 * (1 - lin["fraction"])
-    for tol in (0.01, 0.05, 0.1, 0.15):
-        seen.add(recommend(lin, 0.9, tol)["fraction"])
-        assert recommend(lin, 0.9, tol)["fraction"] == expected_recommendation(lin, 0.9, tol)[0]
-    assert len(seen) >= 4
-    # an impossible target: keep everything
-    worse = table.assign(accuracy=np.where(table["fraction"] < 1, 0.0, table["accuracy"]))
-    assert recommend(worse, full, 0.01)["variant"] is None
+            assert rec["line"].startswith(f"recommendation: keep {frac:.0%}")
+            rnd = table[(table["variant"] == "random") & (table["fraction"] == frac)].iloc[0]
+            row = table[(table["variant"] == rec["variant"]) & (table["fraction"] == frac)].iloc[0]
+            assert rec["beats_random"] == (row["acc_lo"] > rnd["acc_hi"] and rec["variant"] != "random")
+            assert ("beats random" in rec["line"]) == rec["beats_random"]
+    # a mean inside the tolerance is not enough: the lower bound must be
+    wide = table.assign(accuracy=full, diff_lo=np.where(table["fraction"] < 1, -0.05, 0.0))
+    assert recommend(wide, full, 0.01)["variant"] is None
+    assert recommend(wide, full, 0.06)["fraction"] == min(FRACTIONS)
 
 
 def test_cli_prints_table_and_recommendation(planted_run, capsys, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(planted_run[0], run)
-    assert cli.main(["eval", str(run), "--seeds", "2", "--fractions", "0.2,0.5,1", "--tolerance", "0.02"]) == 0
+    assert cli.main(["eval", str(run), "--seeds", "2", "--fractions", "0.2,1", "--tolerance", "0.02", "--kd", "none",
+                     "--curves", "el2n/ccs,random,random+kd"]) == 0
     out = capsys.readouterr().out
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["line"] in out and "random" in out and "el2n/ccs" in out and "0.2" in out
-    assert summary["fractions"] == [0.2, 0.5, 1.0] and summary["seeds"] == 2
+    assert f"sample: {summary['sample']['rows']} of" in out
+    assert summary["fractions"] == [0.2, 1.0] and summary["seeds"] == 2
     table = pd.read_parquet(run / "eval" / "curves.parquet")
     assert (summary["fraction"], summary.get("accuracy")) == expected_recommendation(
         table, summary["full_accuracy"], 0.02)
@@ -198,12 +214,45 @@ def test_stratified_split_and_probe():
 
 
 def test_variants_follow_the_run_metrics():
-    names = [v.name for v in default_variants(["ssp", "random"], None, seeds=4)]
-    assert names == ["ssp/hard", "ssp/easy", "random"]
+    names = [v.name for v in default_variants(["ssp", "random"], None, seeds=4, has_labels=False)]
+    assert names == ["ssp/hard", "ssp/easy", "ssp/ccs", "random"]
     cfg = load_config(None, ["select.method=dbp", "select.params={tau: 0.2}"])
-    variants = {v.name: v for v in default_variants(["ssp", "random"], cfg.select, seeds=4)}
+    variants = {v.name: v for v in default_variants(["ssp", "random", "semdedup"], cfg.select, seeds=4)}
     assert variants["dbp/easy"].params == {"tau": 0.2, "mode": "easy"} and variants["random"].seeds == 4
     assert variants["config: dbp cos_dist hard"].selector == "dbp"  # DBP orders by cos_dist
+    assert variants["semdedup→dbp/hard"].dedup == 0.9 and variants["ssp/ccs"].seeds == 4
+    assert variants["ssp/hard"].seeds == 1 and variants["ssp/hard"].with_kd().name == "ssp/hard+kd"
+
+
+def test_sample_is_bounded_stratified_and_seeded(planted_run):
+    """--max-rows: a label-stratified sample by the seeded uid hash, the same rows every time."""
+    full = load_eval_data(planted_run[0])
+    a, b = load_eval_data(planted_run[0], max_rows=200), load_eval_data(planted_run[0], max_rows=200)
+    assert len(a.uid) == 200 and a.labelled_rows == len(full.uid) == N_PER_SHARD * N_SHARDS
+    np.testing.assert_array_equal(a.uid, b.uid)
+    share = np.bincount(a.labels, minlength=CLASSES) / 200
+    np.testing.assert_allclose(share, np.bincount(full.labels, minlength=CLASSES) / len(full.uid), atol=0.01)
+    where = {u: i for i, u in enumerate(full.uid)}
+    rows = np.array([where[u] for u in a.uid])
+    assert (np.diff(rows) > 0).all()  # row order
+    np.testing.assert_array_equal(a.embeddings, full.embeddings[rows])
+    np.testing.assert_array_equal(a.cluster, full.cluster[rows])
+    for m in ("ssp", "semdedup"):
+        np.testing.assert_array_equal(a.scores[m], full.scores[m][rows])
+
+
+def test_probe_converges_and_picks_l2_on_validation():
+    from datapruning.evaluation.probe import ProbeSettings, Teacher, fit_probe
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(3, size=300)
+    x = (np.eye(8)[y] * 1.5 + rng.normal(size=(300, 8))).astype(np.float32)
+    a = fit_probe(x, y, ProbeSettings())
+    assert a.info["converged"] and a.info["l2"] in ProbeSettings().l2_grid and a.info["val_accuracy"]
+    b = fit_probe(x, y, ProbeSettings())
+    np.testing.assert_array_equal(a.W, b.W)  # deterministic
+    kd = fit_probe(x, y, ProbeSettings(l2_grid=(1e-3,)), Teacher(a.logits(x), alpha=1.0, T=2.0))
+    assert (kd.predict(x) == a.predict(x)).mean() > 0.95  # pure KD follows the teacher
 
 
 def test_a_fraction_the_selector_refuses_is_an_empty_cell(planted_run):

@@ -7,15 +7,24 @@ from pathlib import Path
 # ---------------------------------------------------------------- CLI
 def cmd_eval(args) -> int:
     from ..evaluation.curves import DEFAULT_FRACTIONS, format_table, run_eval
+    from ..evaluation.kd import KDSettings
+    from ..evaluation.probe import ProbeSettings
 
     fractions = parse_fractions(args.fractions) if args.fractions else DEFAULT_FRACTIONS
+    kd = KDSettings(alpha=None if args.kd_alpha == "auto" else float(args.kd_alpha), T=args.kd_T, teacher=args.teacher)
+    probe = ProbeSettings(max_iter=args.max_iter, threads=args.threads, **({"l2_grid": tuple(
+        float(v) for v in args.l2.split(","))} if args.l2 else {}))
     result = run_eval(args.run_dir, args.label_column, fractions, args.seeds, args.tolerance, args.test_split,
-                      args.test_fraction, args.max_iter)
-    print(f"linear-probe accuracy on {result['summary']['test_rows']} held-out rows "
-          f"({result['summary']['split']}), by keep fraction of {result['summary']['train_rows']} training rows:")
+                      args.test_fraction, None if args.max_rows == 0 else args.max_rows, args.kd, kd,
+                      probe, args.curves)
+    s = result["summary"]
+    print(f"sample: {s['sample']['rows']} of {s['sample']['labelled_rows']} labelled rows (--max-rows "
+          f"{s['sample']['max_rows']}); linear-probe accuracy [95% interval] on {s['test_rows']} held-out rows "
+          f"({s['split']}), by keep fraction of {s['train_rows']} training rows:")
     print(format_table(result["table"]))
-    print(result["summary"]["line"])
-    print(f"table: {result['dir'] / 'curves.parquet'}   plot: {result['dir'] / 'curves.png'}")
+    print(s["line"])
+    print(f"table: {result['dir'] / 'curves.parquet'}   plot: {result['dir'] / 'curves.png'}   "
+          f"recipe: {s['recommended'].get('config')}   ({s['wall_s']} s)")
     return 0
 
 
@@ -38,16 +47,30 @@ def parse_fractions(text: str) -> list[float]:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="pruning curves: linear-probe accuracy per metric and keep fraction")
+    p = sub.add_parser("eval", help="pruning curves: linear-probe accuracy per recipe and keep fraction, with KD")
     p.add_argument("run_dir", help="a run folder (embed, cluster and score done; labels needed)")
     p.add_argument("--label-column", default="label", help="label column of the embeddings or manifest")
     p.add_argument("--fractions", default=None, help="keep fractions, comma-separated (default 0.1,0.2,0.3,0.5,0.7,0.9,1)")
-    p.add_argument("--seeds", type=int, default=5, help="random-baseline repeats (default 5)")
-    p.add_argument("--tolerance", type=float, default=0.01, help="accuracy drop allowed vs full data (0.01 = 1 pp)")
+    p.add_argument("--seeds", type=int, default=3, help="repeats of every randomised selector (default 3)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="accuracy drop allowed vs full data on the interval's lower bound (0.01 = 1 pp)")
     p.add_argument("--test-split", default=None, help="split value held out (default: test/val/... if present)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="stratified hold-out size without a split")
-    p.add_argument("--max-iter", type=int, default=200, help="probe lbfgs iterations")
+    p.add_argument("--max-rows", type=int, default=200_000,
+                   help="probe a seeded, label-stratified sample of at most this many labelled rows (0: all)")
+    p.add_argument("--kd", choices=("auto", "all", "none"), default="auto",
+                   help="KD curves: auto = for random and the best curves, all, none")
+    p.add_argument("--kd-alpha", default="auto", help="KD weight, or auto: consumers.kd.alpha_schedule(fraction)")
+    p.add_argument("--kd-T", type=float, default=4.0, help="KD temperature")
+    p.add_argument("--teacher", choices=("probe", "cached"), default="probe",
+                   help="KD teacher: the full-data probe, or RUN/teacher from 'datapruning teacher --all'")
+    p.add_argument("--curves", default=None, help="only these curves, comma-separated (name+kd adds a KD twin)")
+    p.add_argument("--max-iter", type=int, default=300, help="probe L-BFGS iteration cap per fit")
+    p.add_argument("--l2", default=None, help="probe L2 grid, comma-separated (default 1e-2,1e-3,1e-4,1e-5)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per probe fit (0: torch's default)")
     p.set_defaults(func=cmd_eval)
+
+
 def cmd_report(args) -> int:
     from ..evaluation.report import build_report
 

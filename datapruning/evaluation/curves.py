@@ -1,175 +1,127 @@
-"""Pruning-curve evaluation: a linear probe on the kept training rows, per metric, mode and keep fraction."""
+"""Pruning-curve evaluation: a converged probe per recipe and keep fraction, with and without KD, with intervals.
+
+Writes the curves, the recommendation and ``recommended.yaml``."""
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ..errors import StageError
 from ..io.files import write_json, write_parquet
 from ..run import load_run_config
-from ..select import SelectInputs, keep_count
-from .data import EvalData, load_eval_data
+from .confidence import N_BOOT, Bootstrap, cell_stats, recommend
+from .data import DEFAULT_MAX_ROWS, EvalData, load_eval_data
+from .kd import KDSettings, cached_teacher_logits
 from .plots import plot_curves
-from .probe import probe_accuracy, stratified_split
+from .probe import ProbeSettings, Teacher, fit_probe, standardise, stratified_split
+from .recipes import Variant, default_variants, pick_variants, select_train
+from .recommended import write_recommended
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+KD_MODES = ("auto", "all", "none")
+KD_CANDIDATES = 2  # kd=auto: KD twins of random and of the best this many curves
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One pruning curve: a registered selector with its parameters; ``seeds`` > 1 repeats it (random)."""
+class CurveFitter:
+    """Probe fits over the training rows of one ``EvalData``, cached by kept set (and KD weight): curves that
+    keep the same rows share one fit. ``correct(keep, alpha)`` is the held-out correctness vector."""
 
-    name: str
-    metric: str
-    mode: str
-    selector: str
-    params: dict = field(default_factory=dict)
-    seeds: int = 1
+    def __init__(self, data: EvalData, probe: ProbeSettings, kd: KDSettings, run_dir: Path | None = None):
+        self.train = np.flatnonzero(~data.test)
+        self.x_train, self.x_test = standardise(data.embeddings[self.train], data.embeddings[data.test])
+        self.y_train, self.y_test = data.labels[self.train], data.labels[data.test]
+        self.probe, self.kd, self.cache, self.l2 = probe, kd, {}, {}
+        self.full = self.correct(np.ones(len(self.train), bool))
+        self._teacher, self._data, self._run_dir = None, data, run_dir
 
+    def teacher_logits(self) -> np.ndarray:
+        if self._teacher is None:
+            if self.kd.teacher == "cached":
+                self._teacher = cached_teacher_logits(self._run_dir, self._data.uid[self.train],
+                                                      self._data.n_classes)
+            else:
+                full = fit_probe(self.x_train, self.y_train, self.probe)
+                self._teacher = full.logits(self.x_train)
+        return self._teacher
 
-def default_variants(metrics, select_cfg=None, seeds: int = 5) -> list[Variant]:
-    """Curves for the metrics a run scored: rank hard/easy by every score (ssp, el2n, yours), DBP
-    hard/easy, CCS on el2n, SemDeDup (drop the most duplicated first), DP4TL whole groups, random
-    over ``seeds`` seeds, and the run's own select config."""
-    method = getattr(select_cfg, "method", None)
-    own = dict(getattr(select_cfg, "params", {}) or {})
-    out: list[Variant] = []
-
-    def params_for(selector: str, **fixed):  # the run's select.params apply to its own selector only
-        extra = {k: v for k, v in own.items() if k not in fixed and k != "keep_fraction_groups"}
-        return {**(extra if method == selector else {}), **fixed}
-
-    for m in metrics:
-        if m == "random":
-            continue
-        if m == "semdedup":
-            out.append(Variant("semdedup", m, "easy", "rank", {"metric": m, "mode": "easy"}))
-        elif m == "dbp":
-            continue  # added below with the dbp selector
-        elif m in ("dp4tl_lm", "dp4tl_fm"):
-            by = "label" if m == "dp4tl_lm" else "cluster"
-            out.append(Variant(m, m, "groups", "groups", params_for("groups", metric=m, by=by)))
-        else:
-            out += [Variant(f"{m}/{mode}", m, mode, "rank", {"metric": m, "mode": mode}) for mode in ("hard", "easy")]
-            if m == "el2n":
-                out.append(Variant("el2n/ccs", m, "ccs", "ccs", params_for("ccs", metric=m)))
-    if "dbp" in metrics or method == "dbp":
-        out += [Variant(f"dbp/{mode}", "dbp", mode, "dbp", params_for("dbp", mode=mode)) for mode in ("hard", "easy")]
-    out.append(Variant("random", "random", "random", "rank", {"metric": "random", "mode": "hard"}, seeds=seeds))
-    if select_cfg is not None:
-        out.append(run_config_variant(select_cfg))
-    return out
-
-
-def run_config_variant(select_cfg) -> Variant:
-    """The run's own selection (method, metric, mode, minimum shares, params) as one curve."""
-    from ..select import SELECTORS
-    from ..select.stage import COMMON
-
-    if select_cfg.method not in SELECTORS:
-        raise StageError(f"select.method: unknown selector {select_cfg.method!r}; known: {sorted(SELECTORS)}")
-    selector = SELECTORS[select_cfg.method]
-    params = {k: getattr(select_cfg, k) for k in COMMON if k in selector.common and getattr(select_cfg, k) is not None}
-    params.update({k: v for k, v in select_cfg.params.items() if k != "keep_fraction_groups"})
-    typed = selector.parse({k: v for k, v in params.items() if k not in COMMON},
-                           {k: v for k, v in params.items() if k in COMMON})
-    metric, mode = getattr(typed, "metric", "cos_dist"), getattr(typed, "mode", "-")
-    return Variant(f"config: {select_cfg.method} {metric} {mode}", str(metric), f"config:{mode}",
-                   select_cfg.method, params)
-
-
-def select_train(data: EvalData, variant: Variant, fraction: float, seed: int) -> np.ndarray:
-    """Keep mask over the TRAINING rows, made by the package's registered selector (never re-implemented)."""
-    from ..metrics import random_scores
-    from ..select import SELECTORS
-
-    train = ~data.test
-    scores = {m: s[train] for m, s in data.scores.items()}
-    if variant.metric == "random" and variant.selector == "rank":
-        scores["random"] = random_scores(data.uid[train], seed)
-    inp = SelectInputs(uid=data.uid[train], cluster=data.cluster[train], cos_dist=data.cos_dist[train],
-                       centroids=data.centroids, scores=scores, seed=seed,
-                       labels=None if data.select_labels is None else data.select_labels[train])
-    n = keep_count(int(train.sum()), fraction, None)
-    keep, _ = SELECTORS[variant.selector](inp, n, **variant.params)
-    return np.asarray(keep, dtype=bool)
-
-
-def evaluate_curves(data: EvalData, variants, fractions=DEFAULT_FRACTIONS, max_iter: int = 200,
-                    C: float = 1.0, bar=None) -> tuple[pd.DataFrame, float]:
-    """(table, full-data accuracy). One row per variant x fraction: kept rows, accuracy (mean over
-    seeds) and its std; NaN where the selector refused that fraction. A probe is fit once per distinct
-    kept set (cached by content)."""
-    train_idx = np.flatnonzero(~data.test)
-    x_test, y_test = data.embeddings[data.test], data.labels[data.test]
-    cache: dict[str, float] = {}
-
-    def accuracy(keep: np.ndarray) -> float:
-        rows = train_idx[keep]
+    def correct(self, keep: np.ndarray, alpha: float = 0.0) -> np.ndarray:
+        rows = np.flatnonzero(keep)
         key = hashlib.blake2b(rows.tobytes(), digest_size=20).hexdigest()
-        if key not in cache:
-            cache[key] = probe_accuracy(data.embeddings[rows], data.labels[rows], x_test, y_test, max_iter, C)
-        return cache[key]
+        if (key, alpha) not in self.cache:
+            settings, teacher = self.probe, None
+            if alpha > 0:
+                teacher = Teacher(self.teacher_logits()[rows], alpha, self.kd.T)
+                if key in self.l2:  # KD reuses the l2 chosen for the same rows without KD
+                    settings = ProbeSettings(**{**asdict(self.probe), "l2_grid": (self.l2[key],)})
+            fit = fit_probe(self.x_train[rows], self.y_train[rows], settings, teacher)
+            if alpha == 0:
+                self.l2[key] = fit.info["l2"] if fit.info["l2"] is not None else self.probe.l2_grid[0]
+            self.cache[(key, alpha)] = fit.predict(self.x_test) == self.y_test
+        return self.cache[(key, alpha)]
 
-    full = accuracy(np.ones(len(train_idx), dtype=bool))
+
+def evaluate_curves(data: EvalData, variants, fractions=DEFAULT_FRACTIONS, probe: ProbeSettings | None = None,
+                    kd: KDSettings | None = None, bar=None, fitter: CurveFitter | None = None,
+                    n_boot: int | None = None) -> tuple[pd.DataFrame, float]:
+    """(table, full-data accuracy). One row per curve x fraction: kept rows, accuracy (mean over seeds), its
+    seed std, the interval of the accuracy and of its paired difference to the full-data probe; NaN where the
+    selector refused that fraction."""
+    probe = probe or ProbeSettings(seed=data.seed)
+    fitter = fitter or CurveFitter(data, probe, kd or KDSettings())
+    n_test = len(fitter.y_test)
+    boot = Bootstrap(n_test, n_boot or max(200, min(N_BOOT, int(4e7 // max(n_test, 1)))), data.seed)
+    n_train = len(fitter.train)
     rows = []
     for v in variants:
         for f in fractions:
-            accs, kept = [], []
+            correct, kept = [], []
             for s in range(v.seeds):
                 try:
                     keep = select_train(data, v, float(f), data.seed + s)
                 except ValueError as exc:  # e.g. a config's CCS beta leaves too few rows: an empty cell, not a crash
                     log.warning("eval: %s at fraction %g: %s", v.name, f, exc)
                     keep = None
-                accs.append(np.nan if keep is None else accuracy(keep))
-                kept.append(0 if keep is None else int(keep.sum()))
+                if keep is not None:
+                    alpha = fitter.kd.alpha_for(keep.sum() / max(n_train, 1)) if v.kd else 0.0
+                    correct.append(fitter.correct(keep, alpha))
+                    kept.append(int(keep.sum()))
                 if bar is not None:
                     bar.update(1)
+            stats = (cell_stats(boot, np.array(correct), fitter.full) if correct else
+                     dict.fromkeys(("accuracy", "accuracy_std", "acc_lo", "acc_hi", "diff_lo", "diff_hi"), np.nan))
             rows.append({"variant": v.name, "metric": v.metric, "mode": v.mode, "selector": v.selector,
-                         "fraction": float(f), "kept": float(np.mean(kept)), "accuracy": float(np.mean(accs)),
-                         "accuracy_std": float(np.std(accs)), "seeds": v.seeds})
-    return pd.DataFrame(rows), full
+                         "kd": v.kd, "fraction": float(f), "kept": float(np.mean(kept)) if kept else 0.0,
+                         **stats, "seeds": v.seeds})
+    return pd.DataFrame(rows), float(fitter.full.mean())
 
 
-def recommend(table: pd.DataFrame, full_accuracy: float, tolerance: float) -> dict:
-    """The smallest fraction below 1 at which some curve's (mean) accuracy is within ``tolerance`` of the
-    full data, and the best curve there (ties: the earlier curve in the table); with random's accuracy there."""
-    target = full_accuracy - tolerance
-    ok = table[(table["fraction"] < 1.0) & (table["accuracy"] >= target - 1e-12)]
-    rec = {"full_accuracy": full_accuracy, "tolerance": tolerance, "fraction": 1.0, "variant": None}
-    if ok.empty:
-        rec["line"] = (f"recommendation: keep all the data: no curve stays within {tolerance:.3f} of the full-data "
-                       f"accuracy {full_accuracy:.3f} below fraction 1.0")
-        return rec
-    frac = float(ok["fraction"].min())
-    order = {name: i for i, name in enumerate(dict.fromkeys(table["variant"]))}
-    at = ok[ok["fraction"] == frac]
-    best = at.assign(order=at["variant"].map(order)).sort_values(["accuracy", "order"], ascending=[False, True]).iloc[0]
-    rec.update(fraction=frac, variant=str(best["variant"]), accuracy=float(best["accuracy"]))
-    rnd = table[(table["variant"] == "random") & (table["fraction"] == frac)]
-    versus = ""
-    if not rnd.empty:
-        rec["random_accuracy"] = float(rnd["accuracy"].iloc[0])
-        versus = f"; random at {frac:.0%}: {rnd['accuracy'].iloc[0]:.3f} ± {rnd['accuracy_std'].iloc[0]:.3f}"
-    rec["line"] = (f"recommendation: keep {frac:.0%} with {best['variant']}: probe accuracy {best['accuracy']:.3f} "
-                   f"vs {full_accuracy:.3f} on all training rows (tolerance {tolerance:.3f}){versus}")
-    return rec
+def kd_candidates(table: pd.DataFrame, variants: list[Variant], n: int = KD_CANDIDATES) -> list[Variant]:
+    """KD twins for random and the ``n`` curves with the best mean accuracy below fraction 1."""
+    part = table[(table["fraction"] < 1.0) & ~table["kd"]]
+    mean = part.groupby("variant", sort=False)["accuracy"].mean().drop("random", errors="ignore").dropna()
+    names = ["random", *mean.sort_values(ascending=False, kind="stable").index[:n]]
+    by_name = {v.name: v for v in variants}
+    return [by_name[name].with_kd() for name in names if name in by_name]
 
 
 def accuracy_grid(table: pd.DataFrame) -> pd.DataFrame:
-    """variant x fraction grid of accuracy strings, curves in table order; repeated curves show mean±std."""
-    cell = table.apply(lambda r: "n/a" if np.isnan(r["accuracy"]) else f"{r['accuracy']:.3f}"
-                       + (f"±{r['accuracy_std']:.3f}" if r["seeds"] > 1 else ""), axis=1)
-    grid = table.assign(cell=cell).pivot(index="variant", columns="fraction", values="cell")
+    """variant x fraction grid of accuracy strings, curves in table order, with the interval where known."""
+    def cell(r) -> str:
+        if np.isnan(r["accuracy"]):
+            return "n/a"
+        if "acc_lo" in r and not np.isnan(r["acc_lo"]):
+            return f"{r['accuracy']:.3f} [{r['acc_lo']:.3f},{r['acc_hi']:.3f}]"
+        return f"{r['accuracy']:.3f}" + (f"±{r['accuracy_std']:.3f}" if r["seeds"] > 1 else "")
+
+    grid = table.assign(cell=table.apply(cell, axis=1)).pivot(index="variant", columns="fraction", values="cell")
     grid = grid.loc[list(dict.fromkeys(table["variant"]))]
     grid.columns = [f"{c:g}" for c in grid.columns]
     return grid
@@ -180,41 +132,68 @@ def format_table(table: pd.DataFrame) -> str:
     return accuracy_grid(table).to_string()
 
 
-def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, seeds: int = 5,
+def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, seeds: int = 3,
              tolerance: float = 0.01, test_split: str | None = None, test_fraction: float = 0.2,
-             max_iter: int = 200) -> dict:
-    """Evaluate every curve of a run and write RUN/eval/{curves.parquet, curves.png, summary.json}."""
+             max_rows: int | None = DEFAULT_MAX_ROWS, kd: str = "auto", kd_settings: KDSettings | None = None,
+             probe: ProbeSettings | None = None, curves: str | None = None) -> dict:
+    """Evaluate the curves of a run and write RUN/eval/{curves.parquet, curves.png, summary.json,
+    recommended.yaml}. ``kd``: auto (KD twins of random and the best curves), all, or none."""
     from tqdm.auto import tqdm
 
+    start = time.perf_counter()
     fractions = sorted({float(f) for f in fractions})
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
         raise ValueError(f"eval: fractions must be in (0, 1], got {fractions}")
-    if seeds < 1 or tolerance < 0:
-        raise ValueError(f"eval: need --seeds >= 1 and --tolerance >= 0, got {seeds} and {tolerance}")
+    if seeds < 1 or tolerance < 0 or kd not in KD_MODES:
+        raise ValueError(f"eval: need --seeds >= 1, --tolerance >= 0, --kd in {KD_MODES}; got {seeds}, "
+                         f"{tolerance}, {kd!r}")
+    if max_rows is not None and max_rows < 4:
+        raise ValueError(f"eval: --max-rows must be at least 4, got {max_rows}")
     run_dir = Path(run_dir)
-    data = load_eval_data(run_dir, label_column, test_split, test_fraction)
+    data = load_eval_data(run_dir, label_column, test_split, test_fraction, max_rows)
     cfg = load_run_config(run_dir)
-    variants = default_variants(sorted(data.scores), cfg.select, seeds)
-    log.info("eval: %d labelled rows (%s); %d curves x %d fractions", len(data.uid), data.split_source,
-             len(variants), len(fractions))
+    variants = pick_variants(default_variants(sorted(data.scores), cfg.select, seeds,
+                                              data.select_labels is not None), curves)
+    if kd == "all":
+        variants = variants + [v.with_kd() for v in variants if not v.kd]
+    probe = probe or ProbeSettings(seed=data.seed)
+    kd_settings = kd_settings or KDSettings()
+    log.info("eval: %d of %d labelled rows sampled (%s); %d curves x %d fractions", len(data.uid),
+             data.labelled_rows, data.split_source, len(variants), len(fractions))
+    fitter = CurveFitter(data, probe, kd_settings, run_dir)
     with tqdm(total=sum(v.seeds for v in variants) * len(fractions), desc="eval", unit="probe",
               disable=None, dynamic_ncols=True) as bar:
-        table, full = evaluate_curves(data, variants, fractions, max_iter=max_iter, bar=bar)
+        table, full = evaluate_curves(data, variants, fractions, probe, kd_settings, bar, fitter)
+        if kd == "auto":
+            extra = [v for v in kd_candidates(table, variants) if v.name not in set(table["variant"])]
+            bar.total += sum(v.seeds for v in extra) * len(fractions)
+            more, _ = evaluate_curves(data, extra, fractions, probe, kd_settings, bar, fitter)
+            table = pd.concat([table, more], ignore_index=True)
+            variants = variants + extra
     rec = recommend(table, full, tolerance)
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
+    sample = {"rows": int(len(data.uid)), "labelled_rows": data.labelled_rows, "max_rows": max_rows,
+              "train_rows": int((~data.test).sum()), "test_rows": int(data.test.sum()),
+              "how": "seeded, label-stratified (by the uid tie hash), in row order"}
+    table["sample_rows"] = sample["rows"]
     write_parquet(out / "curves.parquet", pa.Table.from_pandas(table, preserve_index=False))
     plot_curves(table, rec, out / "curves.png", f"pruning curves: {run_dir.resolve().parent.name}/{run_dir.name} "
-                f"({(~data.test).sum()} training rows, {data.test.sum()} held out)")
+                f"({sample['train_rows']} training rows, {sample['test_rows']} held out; sample of "
+                f"{sample['rows']} of {data.labelled_rows} labelled rows)")
+    by_name = {v.name: v for v in variants}
+    recipe = write_recommended(run_dir, out / "recommended.yaml", by_name.get(rec["variant"]), rec, kd_settings)
     summary = {**rec, "label_column": label_column, "split": data.split_source, "fractions": fractions,
-               "seeds": seeds, "train_rows": int((~data.test).sum()), "test_rows": int(data.test.sum()),
-               "probe": {"model": "LogisticRegression(lbfgs)", "max_iter": max_iter, "C": 1.0,
-                         "features": "standardised embeddings"},
+               "seeds": seeds, "sample": sample, "train_rows": sample["train_rows"], "test_rows": sample["test_rows"],
+               "probe": probe.as_dict(), "kd": {"mode": kd, **kd_settings.as_dict()},
+               "confidence": {"level": 0.95, "bootstrap": "paired, over the held-out rows; resample b uses seed "
+                              "b mod seeds"},
+               "recommended": recipe, "wall_s": round(time.perf_counter() - start, 1),
                "curves": [asdict(v) for v in variants]}
     write_json(out / "summary.json", summary)
     return {"table": table, "summary": summary, "dir": out}
 
 
-__all__ = ["DEFAULT_FRACTIONS", "Variant", "EvalData", "stratified_split", "probe_accuracy", "default_variants",
-           "select_train", "evaluate_curves", "recommend", "accuracy_grid", "format_table", "plot_curves",
-           "load_eval_data", "run_eval"]
+__all__ = ["DEFAULT_FRACTIONS", "Variant", "EvalData", "stratified_split", "default_variants", "select_train",
+           "evaluate_curves", "recommend", "accuracy_grid", "format_table", "plot_curves", "load_eval_data",
+           "run_eval", "CurveFitter", "kd_candidates"]

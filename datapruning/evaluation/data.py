@@ -1,25 +1,33 @@
-"""The evaluation's input read from a run folder: labelled rows, held-out split, clusters and scores."""
+"""The evaluation's input: a bounded, seeded, label-stratified sample of a run's labelled rows.
+
+At most ``max_rows`` rows, read shard by shard, with the held-out split, clusters and scores."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import StageError
 from ..io.files import is_done
-from ..run import Run, label_codes, load_columns, load_run_arrays, load_run_config, load_scores
+from ..rows import BlockRows, add, concat
+from ..run import Run, encode_labels, is_int_text, label_index, load_run_config, read_block, shard_offsets
+from ..score.sample import labelled_sample
 from .probe import stratified_split
 
 TEST_SPLITS = ("test", "val", "valid", "validation", "heldout", "held_out", "holdout", "eval")
+DEFAULT_MAX_ROWS = 200_000
 
 
 @dataclass(frozen=True)
 class EvalData:
-    """Labelled rows of a run, aligned by row. ``labels`` are the probe's target codes; ``select_labels``
-    are the run's own label codes that selectors see (None without labels); ``test`` is never pruned."""
+    """The sampled labelled rows of a run, aligned by row. ``labels`` are the probe's target codes;
+    ``select_labels`` are the run's own label codes that selectors see (None without labels); ``test`` is
+    never pruned. ``labelled_rows`` counts every labelled row of the run, ``len(uid)`` the sample."""
 
     uid: np.ndarray
     embeddings: np.ndarray
@@ -32,6 +40,12 @@ class EvalData:
     select_labels: np.ndarray | None = None
     seed: int = 0
     split_source: str = ""
+    labelled_rows: int = 0
+    max_rows: int | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.labels.max(initial=-1)) + 1
 
 
 def _require_stages(run: Run, stages=("embed", "cluster", "score")) -> None:
@@ -42,43 +56,106 @@ def _require_stages(run: Run, stages=("embed", "cluster", "score")) -> None:
                                  f"run 'datapruning {stage} --output {run.output}' (or 'run') first")
 
 
-def _shard_column(run: Run, name: str, uid: pa.Array, column: str) -> pa.Array | None:
-    """``column`` for one shard from its embeddings parquet, else its manifest; None when neither has it."""
+def _column(run: Run, name: str, uid: pa.Array, column: str) -> pa.Array | None:
+    """``column`` of one shard from its embeddings parquet, else its manifest (checked by uid); None if absent."""
     for stage in ("embed", "manifest"):
         path = run.dir(stage) / f"{name}.parquet"
         if path.exists() and column in pq.read_schema(path).names:
-            return load_columns(run, stage, name, uid, [column])[column].combine_chunks()
+            table = pq.read_table(path, columns=["uid", column])
+            if not table["uid"].combine_chunks().equals(uid):
+                raise StageError(f"eval: {path} does not hold the embeddings' rows in order; rerun that stage")
+            return table[column].combine_chunks()
     return None
 
 
+def column_index(run: Run, column: str) -> dict | None:
+    """The label coding of any label column (the run's own ``label`` uses ``run.label_index``)."""
+    if column == "label":
+        return label_index(run)
+    seen: set = set()
+    for shard, _, _ in shard_offsets(run):
+        uid = pq.read_table(run.dir("embed") / f"{shard['name']}.parquet", columns=["uid"])["uid"].combine_chunks()
+        col = _column(run, shard["name"], uid, column)
+        if col is None:
+            return None
+        seen.update(pc.unique(col.cast(pa.string()).drop_null()).to_pylist())
+    names = sorted(seen, key=lambda v: (0, int(v), "") if is_int_text(v) else (1, 0, v))
+    integer = bool(names) and all(is_int_text(v) and int(v) >= 0 for v in names)
+    return {"integer": integer, "names": names} if names else None
+
+
+def eval_block(run: Run, column: str, index: dict, test_split: str | None, embeddings: bool, item) -> dict:
+    """One shard's block with ``label`` = the eval's label codes, ``select_label`` = the run's own codes,
+    ``split`` = 1 held out by the split column, 0 not, -1 no split value."""
+    block = read_block(run, item, scores=True, labels=label_index(run), embeddings=embeddings, uid=True)
+    block["select_label"] = block.get("label")
+    uid = block["uid"]
+    if column != "label":
+        col = _column(run, item[0]["name"], uid, column)
+        block["label"] = encode_labels(col.cast(pa.string()), index) if col is not None else np.full(len(uid), -1)
+    split = _column(run, item[0]["name"], uid, "split")
+    if split is None:
+        block["split"] = np.full(len(uid), -1, np.int8)
+    else:
+        low = pc.utf8_lower(split.cast(pa.string()))
+        wanted = pa.array([test_split.lower()] if test_split else list(TEST_SPLITS), pa.string())
+        held = np.asarray(pc.fill_null(pc.is_in(low, value_set=wanted), False), dtype=bool)
+        block["split"] = np.where(np.asarray(low.is_null()), -1, held.astype(np.int8)).astype(np.int8)
+    return block
+
+
+def _labelled(block: dict) -> int:
+    return int(np.count_nonzero(block["label"] >= 0))
+
+
+def _pick(pos: np.ndarray, block: dict) -> tuple:
+    at = np.isin(block["pos"], pos)
+    scores = sorted(k for k in block if k.startswith("score_"))
+    sel = block["select_label"] if block.get("select_label") is not None else np.full(len(at), -1)
+    return (block["pos"][at], block["cluster"][at], block["cos_dist"][at], block["split"][at], sel[at],
+            np.asarray(block["uid"].filter(pa.array(at)).to_pylist(), dtype=object),
+            np.array(scores, dtype=object) if at.any() else np.zeros(0, object),
+            np.stack([block[k][at] for k in scores], 1) if scores else np.zeros((int(at.sum()), 0)))
+
+
+def _combine(parts: list) -> tuple:
+    names = next((p[6] for p in parts if len(p[6])), np.zeros(0, object))
+    return (*concat([p[:6] for p in parts]), names, np.concatenate([p[7] for p in parts]))
+
+
 def load_eval_data(run_dir, label_column: str = "label", test_split: str | None = None,
-                   test_fraction: float = 0.2) -> EvalData:
-    """Embeddings, clusters, scores and labels of a run; rows without a label are left out."""
+                   test_fraction: float = 0.2, max_rows: int | None = DEFAULT_MAX_ROWS) -> EvalData:
+    """A seeded, label-stratified sample of at most ``max_rows`` labelled rows (None: all) with embeddings,
+    clusters, scores and labels; rows without a label are left out. Memory: the sample, never the run."""
     run = Run(load_run_config(Path(run_dir)), Path(run_dir))
     _require_stages(run)
-    arrays = load_run_arrays(run, with_embeddings=True)
-    labels_raw, splits = [], []
-    for name, lo, hi in arrays["bounds"]:
-        uid = pa.array(arrays["uid"][lo:hi], pa.string())
-        col = _shard_column(run, name, uid, label_column)
-        if col is None:
-            raise StageError(f"eval needs labels: no column {label_column!r} in {run.dir('embed') / name}.parquet "
-                             "or its manifest; pass --label-column NAME")
-        labels_raw.append(col)
-        splits.append(_shard_column(run, name, uid, "split"))
-    labels, _ = label_codes(labels_raw)
-    if labels is None or (labels >= 0).sum() < 4:
+    index = column_index(run, label_column)
+    if index is None:
+        raise StageError(f"eval needs labels: no column {label_column!r} in {run.dir('embed')} or the manifest "
+                         f"of {run.output}; pass --label-column NAME")
+    n_classes = max(int(v) for v in index["names"]) + 1 if index["integer"] else len(index["names"])
+    items = shard_offsets(run)
+    n = sum(k for _, _, k in items)
+    reader = partial(eval_block, run, label_column, index, test_split)
+    with_emb = BlockRows(partial(reader, True), items, n, run.cfg)
+    meta = BlockRows(partial(reader, False), items, n, run.cfg)
+    labelled = int(meta.reduce(_labelled, add) or 0)
+    if labelled < 4:
         raise StageError(f"eval needs labels: column {label_column!r} of {run.output} has fewer than 4 labelled rows")
-    rows = labels >= 0
-    test, source = _heldout(splits, labels, rows, test_split, test_fraction, run.cfg.seed)
-    scores = {m: s[rows] for m, s in load_scores(run, arrays).items()}
+    pos, labels, emb = labelled_sample(with_emb, n_classes, max_rows)
+    p2, cluster, cos_dist, split, sel, uid, names, score_mat = meta.reduce(partial(_pick, pos), _combine)
+    order = np.argsort(p2, kind="stable")
+    if not np.array_equal(p2[order], pos):
+        raise StageError("eval: the sampled rows changed between two reads of the run; is a stage still writing?")
+    cluster, cos_dist, split, sel, uid, score_mat = (a[order] for a in (cluster, cos_dist, split, sel, uid, score_mat))
+    test, source = heldout(split, labels, test_split, test_fraction, run.cfg.seed)
+    scores = {str(name)[len("score_"):]: score_mat[:, j] for j, name in enumerate(names)}
     if "el2n" in scores:
-        scores["el2n"] = _el2n_without_heldout(run, arrays["embeddings"][rows], labels[rows], test, scores["el2n"])
-    sel = arrays["labels"]
-    return EvalData(uid=arrays["uid"][rows], embeddings=arrays["embeddings"][rows], labels=labels[rows], test=test,
-                    cluster=arrays["cluster"][rows], cos_dist=arrays["cos_dist"][rows],
+        scores["el2n"] = _el2n_without_heldout(run, emb, labels, test, scores["el2n"])
+    return EvalData(uid=uid, embeddings=emb, labels=labels, test=test, cluster=cluster, cos_dist=cos_dist,
                     centroids=np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False), scores=scores,
-                    select_labels=None if sel is None else sel[rows], seed=run.cfg.seed, split_source=source)
+                    select_labels=None if (sel < 0).all() else sel, seed=run.cfg.seed, split_source=source,
+                    labelled_rows=labelled, max_rows=max_rows)
 
 
 def _el2n_without_heldout(run: Run, x: np.ndarray, labels: np.ndarray, test: np.ndarray, stored: np.ndarray):
@@ -97,16 +174,14 @@ def _el2n_without_heldout(run: Run, x: np.ndarray, labels: np.ndarray, test: np.
     return out
 
 
-def _heldout(splits, labels, rows, test_split, test_fraction, seed) -> tuple[np.ndarray, str]:
-    """Test mask over the labelled rows: the split column when it names a test side, else stratified."""
-    if all(s is not None for s in splits) and splits:
-        values = np.asarray(pa.concat_arrays([s.cast(pa.string()) for s in splits]).to_pylist(), dtype=object)[rows]
-        values = np.array([str(v).lower() for v in values])
-        test = values == test_split.lower() if test_split else np.isin(values, TEST_SPLITS)
+def heldout(split: np.ndarray, labels: np.ndarray, test_split, test_fraction, seed) -> tuple[np.ndarray, str]:
+    """Test mask over the sampled rows: the split column when it names a test side, else stratified."""
+    if len(split) and (split >= 0).all():
+        test = split == 1
         if test.any() and (~test).any():
-            return test, f"split column, held out: {', '.join(sorted(set(values[test])))}"
-        if test_split:
-            raise StageError(f"eval: --test-split {test_split!r} matches {int(test.sum())} of {len(test)} rows of "
-                             f"the split column (values: {sorted(set(values))[:10]})")
-    test = stratified_split(labels[rows], test_fraction, seed)
+            return test, f"split column, held out: {test_split or '/'.join(TEST_SPLITS[:3]) + '/...'}"
+    if test_split:
+        raise StageError(f"eval: --test-split {test_split!r} matches {int((split == 1).sum())} of {len(split)} "
+                         "sampled rows of the split column")
+    test = stratified_split(labels, test_fraction, seed)
     return test, f"seeded stratified split, {test_fraction:.0%}, seed {seed}"

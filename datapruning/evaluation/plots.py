@@ -1,4 +1,4 @@
-"""Pruning-curve plots: accuracy vs keep fraction, one line per curve, random as a band."""
+"""Pruning-curve plots: accuracy vs keep fraction, one line per curve with its 95% interval as a band."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import pandas as pd
 
 
 def plot_curves(table: pd.DataFrame, rec: dict, path: Path, title: str = "") -> None:
-    """Accuracy vs keep fraction, one line per curve; random as mean ± std band; full data dashed.
+    """Accuracy vs keep fraction, one line per curve with its 95% band; full data dashed.
     Left: every curve; right: zoomed on the band near the full-data accuracy."""
     from matplotlib.figure import Figure
 
@@ -26,22 +26,33 @@ def plot_curves(table: pd.DataFrame, rec: dict, path: Path, title: str = "") -> 
     fig.savefig(path)
 
 
+def _band(ax, part: pd.DataFrame, x, colour: str, alpha: float) -> None:
+    if "acc_lo" in part:
+        ax.fill_between(x, part["acc_lo"].to_numpy(), part["acc_hi"].to_numpy(), color=colour, alpha=alpha, lw=0)
+    elif part["seeds"].iloc[0] > 1:
+        y, sd = part["accuracy"].to_numpy(), part["accuracy_std"].to_numpy()
+        ax.fill_between(x, y - sd, y + sd, color=colour, alpha=alpha, lw=0)
+
+
 def _draw_curves(ax, table: pd.DataFrame, rec: dict) -> None:
+    """One line per curve with its 95% interval as a band (seeds + bootstrap over the held-out rows)."""
     colours: dict[str, str] = {}
     for name, part in table.groupby("variant", sort=False):
         part = part.sort_values("fraction")
         x, y = part["fraction"].to_numpy(), part["accuracy"].to_numpy()
         metric, mode = part["metric"].iloc[0], str(part["mode"].iloc[0])
-        if name == "random":
-            sd = part["accuracy_std"].to_numpy()
-            ax.fill_between(x, y - sd, y + sd, color="0.6", alpha=0.3, lw=0)
-            ax.plot(x, y, color="0.35", lw=2, marker="o", ms=3, label=f"random (mean ± std, {part['seeds'].iloc[0]} seeds)")
+        kd = bool(part["kd"].iloc[0]) if "kd" in part else False
+        if metric == "random" and mode == "random" and part["selector"].iloc[0] == "rank":
+            colour = "C3" if kd else "0.35"
+            _band(ax, part, x, colour, 0.25)
+            ax.plot(x, y, "-." if kd else "-", color=colour, lw=2, marker="o", ms=3, label=f"{name} (95% band)")
         elif mode.startswith("config"):  # wide and faint underneath, so a curve it equals stays visible
             ax.plot(x, y, "-", color="k", lw=6, alpha=0.18, zorder=1, label=name)
         else:
-            style = "--" if mode.endswith("easy") else ":" if mode in ("ccs", "groups") else "-"
-            ax.plot(x, y, style, color=colours.setdefault(metric, f"C{len(colours)}"), marker="o", ms=3, label=name,
-                    zorder=3)
+            colour = colours.setdefault(metric, f"C{len(colours) % 10}")
+            style = "-." if kd else "--" if mode.endswith("easy") else ":" if mode in ("ccs", "groups") else "-"
+            _band(ax, part, x, colour, 0.08)
+            ax.plot(x, y, style, color=colour, marker="o", ms=3, label=name, zorder=3)
     full, tol = rec["full_accuracy"], rec["tolerance"]
     ax.axhline(full, color="k", lw=0.8, ls="--")
     ax.axhspan(full - tol, full, color="green", alpha=0.08, label=f"within {tol:.3f} of full data")

@@ -196,19 +196,31 @@ def sample_clusters(sizes: np.ndarray, n: int = N_CLUSTERS_SHOWN) -> list[int]:
 
 
 def duplicate_pairs(run: Run, df: pd.DataFrame, n: int = N_PAIRS_SHOWN) -> list[tuple[int, int, float]]:
-    """The ``n`` most duplicated rows by ``score_semdedup``, each with its most similar cluster-mate."""
-    from ..run import load_run_arrays
+    """The ``n`` most duplicated rows by ``score_semdedup``, each with its most similar cluster-mate. Reads only
+    the cluster groups those rows fall in (the cluster stage's partitions), never every embedding."""
+    from ..run import read_group, shard_offsets
 
-    arrays = load_run_arrays(run, with_embeddings=True)
-    if not np.array_equal(arrays["uid"], df["uid"].to_numpy(dtype=object)):
-        raise StageError(f"report: {run.dir('manifest')} rows do not match the embeddings by uid; rerun manifest")
-    x, cluster = arrays["embeddings"], df["cluster"].to_numpy(np.int64)
+    groups_path = run.dir("cluster") / "groups.npy"
+    if not groups_path.exists():
+        log.warning("report: no cluster partitions (cluster.partition=false); duplicate pairs left out")
+        return []
+    groups = np.load(groups_path, allow_pickle=False)
+    offsets = np.array([off for _, off, _ in shard_offsets(run)], dtype=np.int64)
+    cluster = df["cluster"].to_numpy(np.int64)
+    top = np.argsort(-df["score_semdedup"].to_numpy(np.float64), kind="stable")[:n]
+    loaded: dict[int, dict] = {}
     pairs = []
-    for i in np.argsort(-df["score_semdedup"].to_numpy(np.float64), kind="stable")[:n]:
-        mates = np.flatnonzero((cluster == cluster[i]) & (np.arange(len(cluster)) != i))
-        if len(mates):
-            sims = x[mates] @ x[i]
-            pairs.append((int(i), int(mates[np.argmax(sims)]), float(sims.max())))
+    for i in top:
+        if cluster[i] < 0:
+            continue
+        g = int(groups[cluster[i]])
+        part = loaded.setdefault(g, read_group(run, offsets, g))
+        rows = np.flatnonzero(part["cluster"] == cluster[i])
+        me = rows[part["pos"][rows] == i]
+        mates = rows[part["pos"][rows] != i]
+        if len(me) and len(mates):
+            sims = part["embedding"][mates] @ part["embedding"][me[0]]
+            pairs.append((int(i), int(part["pos"][mates[np.argmax(sims)]]), float(sims.max())))
     return pairs
 
 
@@ -281,8 +293,14 @@ def eval_html(run_dir: Path) -> str:
     summary = read_json(run_dir / "eval" / "summary.json")
     grid = accuracy_grid(pd.read_parquet(run_dir / "eval" / "curves.parquet"))
     grid.columns = [f"keep {c}" for c in grid.columns]
-    return (f'<p><b>{_esc(summary["line"])}</b></p><p class="muted">linear probe on {summary["train_rows"]} '
-            f'training rows, accuracy on {summary["test_rows"]} held-out rows ({_esc(summary["split"])})</p>'
+    sample = summary.get("sample", {})
+    rows = (f'the probe saw a seeded, label-stratified sample of <b>{sample["rows"]}</b> of {sample["labelled_rows"]} '
+            f'labelled rows (--max-rows {sample["max_rows"]}); ' if sample else "")
+    recipe = summary.get("recommended", {}).get("config")
+    return (f'<p><b>{_esc(summary["line"])}</b></p><p class="muted">{rows}linear probe on {summary["train_rows"]} '
+            f'training rows, accuracy on {summary["test_rows"]} held-out rows ({_esc(summary["split"])}). Bands and '
+            'brackets: 95% intervals over seeds and a bootstrap of the held-out rows.'
+            + (f' Runnable recipe: <code>{_esc(recipe)}</code>.' if recipe else "") + '</p>'
             f'<img class="plot" src="{png_uri(curves.read_bytes())}" alt="pruning curves">{grid.to_html()}')
 
 

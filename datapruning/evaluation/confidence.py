@@ -1,0 +1,91 @@
+"""How sure eval is: 95% intervals from seeds plus a paired bootstrap, and the recommendation.
+
+The recommendation is the smallest fraction whose lower bound stays within the tolerance of full data; it says
+"beats random" only when the intervals separate."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+LEVEL = 0.95
+N_BOOT = 1000
+
+
+class Bootstrap:
+    """One set of ``n_boot`` seeded resamples of the held-out rows, shared by every curve (so differences
+    between curves, and against the full data, are paired)."""
+
+    def __init__(self, n_test: int, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL):
+        rng = np.random.default_rng([int(seed), 1234])
+        self.counts = rng.multinomial(n_test, np.full(n_test, 1.0 / n_test), size=n_boot).astype(np.float32)
+        self.n, self.level = n_test, level
+
+    def draws(self, correct: np.ndarray) -> np.ndarray:
+        """Accuracy per resample; ``correct`` [seeds, n_test]: resample b uses seed ``b % seeds``, so the
+        spread holds both the seeds' and the held-out rows' variation."""
+        correct = np.atleast_2d(np.asarray(correct, np.float32))
+        s = np.arange(len(self.counts)) % len(correct)
+        return np.einsum("bn,bn->b", self.counts, correct[s]) / self.n
+
+    def interval(self, draws: np.ndarray) -> tuple[float, float]:
+        lo, hi = np.quantile(draws, [(1 - self.level) / 2, (1 + self.level) / 2])
+        return float(lo), float(hi)
+
+
+def cell_stats(boot: Bootstrap, correct: np.ndarray, full_correct: np.ndarray) -> dict:
+    """accuracy (mean over seeds), its seed std, and the intervals of the accuracy and of its difference to the
+    full-data probe."""
+    correct = np.atleast_2d(correct)
+    per_seed = correct.mean(axis=1)
+    draws = boot.draws(correct)
+    lo, hi = boot.interval(draws)
+    dlo, dhi = boot.interval(draws - boot.draws(full_correct))
+    return {"accuracy": float(per_seed.mean()), "accuracy_std": float(per_seed.std()), "acc_lo": lo, "acc_hi": hi,
+            "diff_lo": dlo, "diff_hi": dhi}
+
+
+def recommend(table: pd.DataFrame, full_accuracy: float, tolerance: float) -> dict:
+    """The smallest fraction below 1 at which some curve's lower bound stays within ``tolerance`` of the full data
+    (``diff_lo >= -tolerance``, the paired interval; the mean accuracy where a table has no intervals), the best
+    curve there by mean accuracy (ties: the earlier curve), whether it beats random there (intervals apart),
+    and random (+kd) at that fraction."""
+    low = table["diff_lo"] if "diff_lo" in table else table["accuracy"] - full_accuracy
+    ok = table[(table["fraction"] < 1.0) & (low >= -tolerance - 1e-12)]
+    rec = {"full_accuracy": full_accuracy, "tolerance": tolerance, "fraction": 1.0, "variant": None,
+           "criterion": f"lower end of the {LEVEL:.0%} interval of (accuracy - full-data accuracy) >= -tolerance"}
+    if ok.empty:
+        rec["line"] = (f"recommendation: keep all the data: no curve's lower bound stays within {tolerance:.3f} of "
+                       f"the full-data accuracy {full_accuracy:.3f} below fraction 1.0")
+        return rec
+    frac = float(ok["fraction"].min())
+    order = {name: i for i, name in enumerate(dict.fromkeys(table["variant"]))}
+    at = ok[ok["fraction"] == frac]
+    best = at.assign(order=at["variant"].map(order)).sort_values(["accuracy", "order"], ascending=[False, True]).iloc[0]
+    rec.update(fraction=frac, variant=str(best["variant"]), accuracy=float(best["accuracy"]))
+    for key in ("acc_lo", "acc_hi", "diff_lo", "diff_hi"):
+        if key in best:
+            rec[key] = float(best[key])
+    versus = ""
+    for name in ("random", "random+kd"):
+        rnd = table[(table["variant"] == name) & (table["fraction"] == frac)]
+        if rnd.empty:
+            continue
+        r = rnd.iloc[0]
+        rec[f"{name}_accuracy"] = float(r["accuracy"])
+        versus += f"; {name} at {frac:.0%}: {_cell(r)}"
+        if name == "random" and "acc_lo" in best:
+            rec["beats_random"] = bool(best["acc_lo"] > r["acc_hi"]) and best["variant"] != "random"
+    verdict = ""
+    if "beats_random" in rec and rec["variant"] != "random":
+        verdict = ("; beats random (intervals apart)" if rec["beats_random"]
+                   else "; not distinguishable from random (intervals overlap)")
+    rec["line"] = (f"recommendation: keep {frac:.0%} with {best['variant']}: probe accuracy {_cell(best)} vs "
+                   f"{full_accuracy:.3f} on all training rows (tolerance {tolerance:.3f} on the lower bound)"
+                   f"{verdict}{versus}")
+    return rec
+
+
+def _cell(row) -> str:
+    if "acc_lo" in row and not np.isnan(row["acc_lo"]):
+        return f"{row['accuracy']:.3f} [{row['acc_lo']:.3f}, {row['acc_hi']:.3f}]"
+    return f"{row['accuracy']:.3f}"

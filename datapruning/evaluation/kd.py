@@ -1,0 +1,68 @@
+"""KD for the eval's probes: the teacher (full-data probe or cached logits) and alpha per kept fraction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import StageError
+
+TEACHER_SOURCES = ("probe", "cached")
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """``alpha``: a number, or None for ``alpha_schedule(kept fraction)``; ``T``: temperature; ``teacher``:
+    ``probe`` (softmax regression on every training row) or ``cached`` (RUN/teacher from ``datapruning teacher``)."""
+
+    alpha: float | None = None
+    T: float = 4.0
+    teacher: str = "probe"
+
+    def alpha_for(self, fraction: float) -> float:
+        from ..consumers.kd import alpha_schedule
+
+        return float(self.alpha) if self.alpha is not None else alpha_schedule(min(max(fraction, 0.0), 1.0))
+
+    def as_dict(self) -> dict:
+        return {"alpha": "alpha_schedule(kept fraction)" if self.alpha is None else self.alpha, "T": self.T,
+                "teacher": self.teacher}
+
+
+def cached_teacher_logits(run_dir: Path, uids: np.ndarray, n_classes: int) -> np.ndarray:
+    """Teacher logits [len(uids), n_classes] from RUN/teacher/*.parquet: a full ``logits`` column, or top-k
+    ``topk_values``/``topk_indices`` (the other classes get the smallest stored logit minus 20)."""
+    folder = Path(run_dir) / "teacher"
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise StageError(f"eval: --teacher cached needs {folder}; run 'datapruning teacher {run_dir} --all' first")
+    where = {str(u): i for i, u in enumerate(uids)}
+    out = np.full((len(uids), n_classes), np.nan, np.float32)
+    for path in files:
+        table = pq.read_table(path)
+        rows = np.array([where.get(u, -1) for u in table["uid"].to_pylist()])
+        hit = rows >= 0
+        if not hit.any():
+            continue
+        if "logits" in table.column_names:
+            mat = np.asarray(table["logits"].combine_chunks().flatten(), np.float32).reshape(table.num_rows, -1)
+            out[rows[hit], :mat.shape[1]] = mat[hit][:, :n_classes]
+            continue
+        vals = _matrix(table["topk_values"])[hit]
+        idx = _matrix(table["topk_indices"]).astype(np.int64)[hit]
+        block = np.repeat(vals.min(axis=1, keepdims=True) - 20.0, n_classes, axis=1)
+        np.put_along_axis(block, np.minimum(idx, n_classes - 1), vals, axis=1)
+        out[rows[hit]] = block
+    missing = int(np.isnan(out).any(axis=1).sum())
+    if missing:
+        raise StageError(f"eval: the cached teacher has no logits for {missing} of {len(uids)} sampled training "
+                         f"rows; run 'datapruning teacher {run_dir} --all', or use --teacher probe")
+    return out
+
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    flat = column.combine_chunks()
+    return np.asarray(flat.flatten(), np.float32).reshape(len(flat), -1)
