@@ -216,75 +216,8 @@ def load_columns(run: Run, stage: str, shard: str, expected_uids: pa.Array, colu
     return table
 
 
-def label_codes(labels: list[pa.Array]) -> tuple[np.ndarray | None, tuple]:
-    """Label strings -> int64 codes (-1 for null), numbers sorted numerically; None when there are no labels."""
-    merged = pa.concat_arrays([a.cast(pa.string()) for a in labels]) if labels else pa.array([], pa.string())
-    if len(merged) == 0 or merged.null_count == len(merged):
-        return None, ()
-    values = np.asarray(merged.to_pylist(), dtype=object)
-    known = np.array([v is not None for v in values])
-    names = sorted(set(values[known]), key=lambda v: (0, int(v), "") if is_int_text(v) else (1, 0, v))
-    index = {name: i for i, name in enumerate(names)}
-    codes = np.array([index[v] if v is not None else -1 for v in values], dtype=np.int64)
-    return codes, tuple(names)
-
-
 def is_int_text(text: str) -> bool:
     return text.lstrip("-").isdigit()
-
-
-def load_run_arrays(run: Run, with_embeddings: bool) -> dict:
-    """Concatenate every shard's uid, cluster, cos_dist, labels (and embeddings) in shard order."""
-    counts = shard_rows(run)
-    n = sum(c for _, c in counts)
-    uids, clusters, dists, labels, bounds = [], [], [], [], []
-    matrix = None
-    offset = 0
-    for shard, _ in counts:
-        name = shard["name"]
-        path = run.dir("embed") / f"{name}.parquet"
-        wanted = ["uid", "label", "embedding"] if with_embeddings else ["uid", "label"]
-        table = read_stage(path, columns=[c for c in wanted if c in pq.read_schema(path).names])
-        uid = table["uid"].combine_chunks()
-        if with_embeddings:
-            block = column_to_matrix(table["embedding"], f"embeddings/{name}.parquet")
-            if matrix is None and len(block):
-                matrix = np.empty((n, block.shape[1]), dtype=np.float32)
-            if len(block):
-                matrix[offset:offset + len(block)] = block
-        cl = load_columns(run, "cluster", name, uid)
-        uids.append(uid)
-        clusters.append(cl["cluster"].to_numpy())
-        dists.append(cl["cos_dist"].to_numpy())
-        labels.append(table["label"].combine_chunks() if "label" in table.column_names
-                      else pa.nulls(len(uid), pa.string()))
-        bounds.append((name, offset, offset + len(uid)))
-        offset += len(uid)
-    uid_all = pa.concat_arrays(uids) if uids else pa.array([], pa.string())
-    if len(uid_all) and pc.count_distinct(uid_all).as_py() != len(uid_all):
-        dup = pc.value_counts(uid_all).filter(pc.greater(pc.struct_field(pc.value_counts(uid_all), "counts"), 1))
-        raise StageError(f"duplicate uid across shards: {dup[0]['values']!s} (and {len(dup) - 1} more); "
-                         "uids must be unique; fix the id column")
-    codes, names = label_codes(labels)
-    return {
-        "uid": np.asarray(uid_all.to_pylist(), dtype=object),
-        "cluster": np.concatenate(clusters).astype(np.int64) if clusters else np.zeros(0, np.int64),
-        "cos_dist": np.concatenate(dists).astype(np.float32) if dists else np.zeros(0, np.float32),
-        "labels": codes, "label_names": names, "bounds": bounds,
-        "embeddings": matrix if with_embeddings else None,
-    }
-
-
-def load_scores(run: Run, arrays: dict) -> dict[str, np.ndarray]:
-    """Every ``score_<metric>`` column of the score stage, concatenated in the order of ``arrays``
-    (from ``load_run_arrays``) and checked by uid: {metric: float64 [N]}."""
-    parts: dict[str, list] = {}
-    for name, lo, hi in arrays["bounds"]:
-        table = load_columns(run, "score", name, pa.array(arrays["uid"][lo:hi], pa.string()))
-        for col in table.column_names:
-            if col.startswith("score_"):
-                parts.setdefault(col[len("score_"):], []).append(table[col].to_numpy())
-    return {metric: np.concatenate(chunks) for metric, chunks in parts.items()}
 
 
 # ---- numeric blocks for the streaming stages ----------------------------------------------------------
@@ -313,12 +246,17 @@ def label_index(run: Run) -> dict | None:
     seen: set = set()
     for distinct in map_unordered(partial(shard_labels, run), [s for s, _ in shard_rows(run)], run.cfg):
         seen.update(distinct)
-    names = sorted(seen, key=lambda v: (0, int(v), "") if is_int_text(v) else (1, 0, v))
-    integer = bool(names) and all(is_int_text(v) and int(v) >= 0 for v in names)
-    index = {"integer": integer, "names": names}
+    index = label_coding(seen)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, index)
-    return index if names else None
+    return index if index["names"] else None
+
+
+def label_coding(distinct) -> dict:
+    """``{"integer": bool, "names": [...]}`` for a set of label strings: numbers sort numerically, and when
+    all are non-negative integers each keeps its value as its code (``integer``); else code = sorted rank."""
+    names = sorted(distinct, key=lambda v: (0, int(v), "") if is_int_text(v) else (1, 0, v))
+    return {"integer": bool(names) and all(is_int_text(v) and int(v) >= 0 for v in names), "names": names}
 
 
 def shard_labels(run: Run, shard: dict) -> list:

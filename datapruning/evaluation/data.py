@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from ..errors import StageError
 from ..io.files import is_done
 from ..rows import BlockRows, add, concat
-from ..run import Run, encode_labels, is_int_text, label_index, load_run_config, read_block, shard_offsets
+from ..run import Run, encode_labels, label_coding, label_index, load_run_config, read_block, shard_offsets
 from ..score.sample import labelled_sample
 from .probe import stratified_split
 
@@ -79,9 +79,8 @@ def column_index(run: Run, column: str) -> dict | None:
         if col is None:
             return None
         seen.update(pc.unique(col.cast(pa.string()).drop_null()).to_pylist())
-    names = sorted(seen, key=lambda v: (0, int(v), "") if is_int_text(v) else (1, 0, v))
-    integer = bool(names) and all(is_int_text(v) and int(v) >= 0 for v in names)
-    return {"integer": integer, "names": names} if names else None
+    index = label_coding(seen)
+    return index if index["names"] else None
 
 
 def eval_block(run: Run, column: str, index: dict, test_split: str | None, embeddings: bool, item) -> dict:
