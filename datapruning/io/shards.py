@@ -75,14 +75,16 @@ def _glob(pattern: str) -> list[str]:
 
 
 def _check_protocol(url: str) -> str:
-    """The URL's scheme, if fsspec can open it; else an InputError naming the package to install."""
+    """The URL's scheme, if fsspec can open it (every link of a chained URL such as ``simplecache::s3://``);
+    else an InputError naming the package to install."""
     protocol = url.split("://", 1)[0]
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ImportError as exc:
-        raise InputError(f"input {url[:200]}: reading {protocol}:// needs another package ({exc})") from None
-    except ValueError:
-        raise InputError(f"input {url[:200]}: unknown URL scheme {protocol[:50]!r}") from None
+    for link in protocol.split("::"):
+        try:
+            fsspec.get_filesystem_class(link)
+        except ImportError as exc:
+            raise InputError(f"input {url[:200]}: reading {link}:// needs another package ({exc})") from None
+        except ValueError:
+            raise InputError(f"input {url[:200]}: unknown URL scheme {link[:50]!r}") from None
     return protocol
 
 
