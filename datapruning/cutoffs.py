@@ -18,7 +18,7 @@ import numpy as np
 
 from .rows import add, concat
 
-COLLECT_LIMIT = 2_000_000  # boundary rows gathered in one pass (32 bytes each)
+COLLECT_LIMIT = 250_000  # boundary rows gathered in one pass (32 bytes each): memory flat in N
 COUNTERS = 1 << 22  # histogram cells per pass (groups x bins)
 KEY_BITS = 192
 NONE, ALL, BOUND = 0, 1, 2

@@ -73,8 +73,14 @@ class BlockRows:
         return BlockRows(self.read, self.items, self.n, self.cfg, self.derive + (fn,))
 
     def reduce(self, fn: Callable[[dict], Any], combine: Callable = add) -> Any:
-        parts = list(map_unordered(partial(_apply, self.read, self.derive, fn), self.items, self.cfg))
-        return combine(parts) if parts else None
+        results = map_unordered(partial(_apply, self.read, self.derive, fn), self.items, self.cfg)
+        if combine is concat:  # bounded candidate rows: gather, then one concatenation
+            parts = list(results)
+            return combine(parts) if parts else None
+        acc = None  # fold as results arrive: memory stays one partial result, whatever the shard count
+        for part in results:
+            acc = part if acc is None else combine([acc, part])
+        return acc
 
     def map(self, fn: Callable[[dict], Any]) -> list:
         """``fn(block)`` for every block, in no particular order (for work with side effects, e.g. writers)."""

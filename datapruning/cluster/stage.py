@@ -173,7 +173,7 @@ def assign_prefetching(run: Run, todo: list[tuple[dict, int]], out_dir: Path) ->
 
 
 TIE_BITS = 20  # bucket the tie hashes by their top bits; one pass collects buckets of at most UNIQUE_BATCH rows
-UNIQUE_BATCH = 16_000_000
+UNIQUE_BATCH = 2_000_000  # tie hashes gathered per pass (16 MB): memory flat in N, N / 2M passes
 
 
 def _tie_hist(block: dict) -> np.ndarray:
