@@ -331,3 +331,16 @@ def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     cfg = _build(RunConfig, data)
     _validate(cfg)
     return cfg
+
+
+def typed_params(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """``cls(**values)`` for a metric's or selector's parameter dataclass, then its ``check()``; a wrong or
+    missing value fails as a ConfigError naming ``where``."""
+    try:
+        params = cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    check = getattr(params, "check", None)
+    if check is not None:
+        check()
+    return params

@@ -113,14 +113,15 @@ def clean_temp(folder: str | Path) -> int:
     removed = 0
     for tmp in [*Path(folder).glob(".*.tmp"), *meta_dir(folder).glob(".*.tmp")]:
         found = _TEMP_PID.search(tmp.name)
-        if found and found["host"] == _HOST and int(found["pid"]) != os.getpid() and _alive(int(found["pid"])):
+        if found and found["host"] == _HOST and int(found["pid"]) != os.getpid() and pid_alive(int(found["pid"])):
             continue
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while a process with this pid exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import StageError
+from .files import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,6 @@ def _age(path: Path) -> float:
         return 0.0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def stale_reason(holder: dict, path: Path) -> str | None:
     """Why the lock ``holder`` (read from ``path``) is dead, or None while its process may still run.
@@ -72,7 +64,7 @@ def stale_reason(holder: dict, path: Path) -> str | None:
     heartbeat for ``STALE_S`` seconds."""
     pid = holder.get("pid")
     if holder.get("host") == socket.gethostname() and isinstance(pid, int):
-        if not _alive(pid):
+        if not pid_alive(pid):
             return f"pid {pid} is no longer running"
         start = holder.get("pid_start")
         if start is not None and _pid_start(pid) not in (None, start):

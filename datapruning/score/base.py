@@ -17,6 +17,7 @@ import numpy as np
 
 import pyarrow as pa
 
+from ..config import typed_params
 from ..errors import ConfigError
 from ..metrics.random import uid_hash
 from ..rows import ArrayRows
@@ -92,14 +93,7 @@ class Metric:
             raise ConfigError(f"score.params.{self.name}: unknown key {unknown[0]!r}; accepted: {sorted(fields)}")
         if "seed" in fields and raw.get("seed") is None:
             raw["seed"] = seed
-        try:
-            params = self.params(**raw)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"score.params.{self.name}: {exc}") from None
-        check = getattr(params, "check", None)
-        if check is not None:
-            check()
-        return params
+        return typed_params(self.params, raw, f"score.params.{self.name}")
 
     def __call__(self, inp: ScoreInputs, **params) -> MetricOutput:
         """Score whole arrays in memory (the importable route; the stage streams the same functions)."""

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..cutoffs import Cutoffs, find_cutoffs
+from ..config import typed_params
 from ..errors import ConfigError
 from ..metrics.ccs import ccs_allocate, ccs_default_beta
 from ..metrics.dbp import complexity, d_inter, d_intra_from_sums, dbp_quotas, dbp_shares
@@ -83,14 +84,7 @@ class Selector:
                 raise ConfigError(f"select.{key}={value!r} means nothing to select.method={self.name}; "
                                   f"it reads {[f'select.{c}' for c in self.common] or 'none of the common keys'}")
         merged = {**{k: v for k, v in common.items() if k in self.common and v is not None}, **raw}
-        try:
-            params = self.params(**merged)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"select.params for {self.name}: {exc}") from None
-        check = getattr(params, "check", None)
-        if check is not None:
-            check()
-        return params
+        return typed_params(self.params, merged, f"select.params for {self.name}")
 
     def __call__(self, inp: SelectInputs, n: int, **raw) -> tuple[np.ndarray, dict]:
         """Select on arrays in memory: the keep mask and info."""
