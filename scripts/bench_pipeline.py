@@ -37,6 +37,8 @@ def parse(argv=None):
     p.add_argument("--sizes", help="comma-separated N values: the flatness run (shards of --shard-rows rows)")
     p.add_argument("--shard-rows", type=int, default=50_000, help="rows per shard in the --sizes run")
     p.add_argument("--skip-bare", action="store_true", help="no bare baseline (for N whose matrix does not fit)")
+    p.add_argument("--rows-per-cluster", type=int, help="--sizes: k = N / this at each N (clusters of a constant "
+                   "size, as users scale k; SemDeDup's cost per row grows with the cluster size)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--child", choices=(*STAGES, "bare"), help=argparse.SUPPRESS)
     p.add_argument("--run", help=argparse.SUPPRESS)
@@ -115,13 +117,15 @@ def flatness(args) -> dict:
     runs, root = [], args.workdir
     for n in [int(v) for v in args.sizes.split(",")]:
         args.n, args.shards = n, max(1, n // args.shard_rows)
+        if args.rows_per_cluster:
+            args.k = max(1, n // args.rows_per_cluster)
         args.workdir = str(Path(root) / f"n{n}") if root else None  # one fresh folder per size
         runs.append(one_size(args))
     small, large = runs[0], runs[-1]
     rss = {s: [r["stages"][s]["peak_rss_mib"] for r in runs] for s in STAGES}
     per_row = [r["ours_s"] / r["n"] for r in runs]
     result = {
-        "sizes": [r["n"] for r in runs], "d": args.d, "k": args.k, "shard_rows": args.shard_rows,
+        "sizes": [r["n"] for r in runs], "d": args.d, "k": [r["k"] for r in runs], "shard_rows": args.shard_rows,
         "peak_rss_mib": rss, "rss_spread": {s: round(max(v) / min(v), 3) for s, v in rss.items()},
         "flat": all(max(v) <= FLAT * min(v) for v in rss.values()),
         "seconds": [r["ours_s"] for r in runs], "us_per_row": [round(1e6 * p, 3) for p in per_row],
