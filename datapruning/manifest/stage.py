@@ -117,17 +117,31 @@ def versions() -> dict:
     return out
 
 
-def build_stats(run: Run, counts: list[dict]) -> dict:
+def add_counts(total: dict | None, c: dict) -> dict:
+    """Fold one shard's counts into the running total (memory: one total, whatever the shard count)."""
+    if total is None:
+        total = {"rows": 0, "kept": 0, "sizes": 0, "kept_per_cluster": 0, "labels": None}
+    for key in ("rows", "kept", "sizes", "kept_per_cluster"):
+        total[key] = total[key] + c[key]
+    if "labels" in c:
+        labels = total["labels"] or {"total": Counter(), "kept": Counter()}
+        labels["total"].update(c["labels"]["total"])
+        labels["kept"].update(c["labels"]["kept"])
+        total["labels"] = labels
+    return total
+
+
+def build_stats(run: Run, counts: dict) -> dict:
+    """stats.json from the folded per-shard ``counts`` (see ``add_counts``), the markers and the info files."""
     skipped, encoders = Counter(), set()
     for shard in run.shards:
         info = read_json(done_path(run.dir("embed"), shard["name"]))
         skipped.update(info.get("skipped", {}))
         encoders.add(info.get("encoder"))
     k = run.cfg.cluster.k
-    n = sum(c["rows"] for c in counts)
-    kept = sum(c["kept"] for c in counts)
-    sizes = sum((c["sizes"] for c in counts), np.zeros(k, np.int64))
-    kept_c = sum((c["kept_per_cluster"] for c in counts), np.zeros(k, np.int64))
+    n, kept = counts["rows"], counts["kept"]
+    sizes = np.zeros(k, np.int64) + counts["sizes"]
+    kept_c = np.zeros(k, np.int64) + counts["kept_per_cluster"]
     stats = {
         "samples_in": n, "samples_skipped": int(sum(skipped.values())), "skipped": dict(sorted(skipped.items())),
         "kept": kept, "kept_fraction": kept / n if n else 0.0,
@@ -141,11 +155,8 @@ def build_stats(run: Run, counts: list[dict]) -> dict:
     }
     if len(encoders - {None}) > 1:
         stats["encoders"] = sorted(encoders - {None})
-    if any("labels" in c for c in counts):
-        total, kept_l = Counter(), Counter()
-        for c in counts:
-            total.update(c.get("labels", {}).get("total", {}))
-            kept_l.update(c.get("labels", {}).get("kept", {}))
+    if counts["labels"] is not None:
+        total, kept_l = counts["labels"]["total"], counts["labels"]["kept"]
         stats["labels"] = {str(lab): {"total": total[lab], "kept": kept_l[lab]}
                            for lab in sorted(total, key=lambda v: (v is None, str(v)))}
     return stats
@@ -157,9 +168,9 @@ def run_manifest(run: Run) -> dict:
     if not names:
         raise StageError("manifest: the run has no shards")
     with timed(run, "manifest"), progress(len(names), "manifest") as bar:
-        counts = []
+        counts = None
         for c in map_unordered(partial(manifest_shard, run, integer_labels(run), optional_columns(run)), names, run.cfg):
-            counts.append(c)
+            counts = add_counts(counts, c)
             bar.update(1)
         write_kept(run, names)
     out_dir.mkdir(exist_ok=True)
