@@ -10,9 +10,6 @@ import pyarrow.parquet as pq
 
 from ..errors import StageError
 
-TEACHER_SOURCES = ("probe", "cached")
-
-
 @dataclass(frozen=True)
 class KDSettings:
     """``alpha``: a number, or None for ``alpha_schedule(kept fraction)``; ``T``: temperature; ``teacher``:

@@ -146,11 +146,3 @@ def dbp_quotas(N: int, shares: np.ndarray, sizes: np.ndarray, min_per_cluster: i
         raise ValueError(f"dbp_quotas: min_per_cluster={min_per_cluster} needs {int(lo.sum())} samples > N={N}")
     x = project_capped_simplex(N * shares / shares.sum(), lo, sizes, N)
     return round_largest_remainder(x, N, lo, sizes)
-
-
-def cluster_complexity(cos_dist, cluster, centroids, l: int = 20, eligible=None):
-    """``(C, d_intra, d_inter)`` per cluster from per-sample ``cos_dist`` and the centroids."""
-    k = len(centroids)
-    intra = d_intra(cos_dist, cluster, k, eligible)
-    inter = d_inter(centroids, l)
-    return complexity(intra, inter), intra, inter

@@ -22,9 +22,6 @@ from ..errors import ConfigError
 from ..metrics.random import uid_hash
 from ..rows import ArrayRows
 
-UNITS = ("shard", "cluster")
-
-
 @dataclass(frozen=True)
 class ScoreInputs:
     """Whole arrays for scoring in memory, aligned by row (row i is ``uid[i]``).

@@ -18,7 +18,6 @@ from ..rows import add
 from .base import Metric, choice, positive
 
 log = logging.getLogger(__name__)
-UNIT = 2.0 ** -53
 
 
 @dataclass(frozen=True)

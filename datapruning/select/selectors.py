@@ -18,12 +18,12 @@ from ..cutoffs import Cutoffs, find_cutoffs
 from ..config import typed_params
 from ..errors import ConfigError
 from ..metrics.ccs import ccs_allocate, ccs_default_beta
-from ..metrics.dbp import complexity, d_inter, d_intra_from_sums, dbp_quotas, dbp_shares
+from ..metrics.dbp import dbp_quotas, dbp_shares
 from ..metrics.dp4tl import top_k_groups
-from ..metrics.fixed import fixed_sum
 from ..metrics.random import uid_hash
 from ..metrics.ranking import MODES, balanced_quotas
 from ..rows import ArrayRows, add
+from ..score.dbp import cluster_complexity
 from .rules import (any_of, column, count_true, group_sizes, in_groups, in_play, keys_by, n_groups, not_,
                     top_per_group)
 
@@ -189,18 +189,11 @@ class DBPSelectParams:
             raise ConfigError(f"select.params.l: must be an integer >= 1, got {self.l!r}")
 
 
-def _dbp_sums(k: int, block: dict) -> tuple:
-    rows = in_play(block) & (block["cluster"] >= 0)
-    return fixed_sum(block["cos_dist"][rows], block["cluster"][rows], k), np.bincount(block["cluster"][rows], minlength=k)
-
-
 def decide_dbp(rows, n: int, p: DBPSelectParams, centroids: np.ndarray) -> tuple[Callable, dict]:
     """DBP: complexity from the rows in play (after SemDeDup), softmax shares, exact quotas with a floor per
     cluster, then within each cluster the first ``quota`` rows by cos_dist in ``mode``."""
     k = len(centroids)
-    sums, sizes = rows.reduce(partial(_dbp_sums, k), add)
-    intra, inter = d_intra_from_sums(sums, sizes), d_inter(centroids, p.l)
-    C = complexity(intra, inter)
+    C, intra, inter, sizes = cluster_complexity(rows, centroids, p.l)
     n_keep = min(int(n), int(sizes.sum()))
     if n_keep < n:
         log.warning("dbp: asked for %d rows but only %d are eligible; keeping all of them", n, n_keep)
