@@ -53,6 +53,7 @@ class ClusterConfig:
     niter: int = 20
     fit_fraction: float | None = None  # None: k * max_points_per_centroid points
     max_points_per_centroid: int = 256
+    fit_mib: int = 128  # a larger fit sample is kept on disk and read back each iteration (kmeans_stream)
     backend: str = "auto"  # auto | faiss | faiss-gpu | torch
     assign_batch: int = 65536
     partition: bool = True  # also write the embeddings grouped by cluster (per-cluster metrics need it)
@@ -112,7 +113,7 @@ CHOICES = {
     "select.mode": ("hard", "easy", "random"),
 }
 POSITIVE = ("workers", "embed.batch_size", "cluster.k", "cluster.niter", "cluster.max_points_per_centroid",
-            "cluster.assign_batch", "cluster.partition_mib")
+            "cluster.fit_mib", "cluster.assign_batch", "cluster.partition_mib")
 FRACTIONS = ("cluster.fit_fraction", "select.keep_fraction", "select.min_per_cluster", "select.min_per_label",
              "select.dedup_keep_fraction")
 

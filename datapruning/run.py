@@ -50,13 +50,6 @@ class Run:
     def dir(self, stage: str) -> Path:
         return self.output / STAGE_DIRS[stage]
 
-    def partition_file(self, group: int, shard: str) -> Path:
-        """The cluster stage's copy of ``shard``'s rows that fall in cluster group ``group``."""
-        return self.dir("cluster") / "parts" / f"g{group:05d}" / f"{shard}.parquet"
-
-    def partition_files(self, group: int) -> list[Path]:
-        return sorted((self.dir("cluster") / "parts" / f"g{group:05d}").glob("*.parquet"))
-
     def info_path(self, stage: str) -> Path:
         """The stage's info file (its summary, written last), outside its data folder."""
         return meta_dir(self.dir(stage)) / "info.json"
@@ -324,31 +317,3 @@ def run_rows(run: Run, **columns):
     ``columns`` are ``read_block``'s options."""
     items = shard_offsets(run)
     return BlockRows(partial(read_block, run, **columns), items, sum(n for _, _, n in items), run.cfg)
-
-
-def read_group(run: Run, offsets: np.ndarray, group: int) -> dict:
-    """Every row of cluster group ``group`` from the cluster stage's partitions, sorted by (cluster, pos):
-    pos, shard, row, cluster, cos_dist, tie and the float32 embedding matrix. ``offsets``: first global
-    row of each shard, by shard index. Memory: the group's matrix plus one partition file at a time."""
-    files = run.partition_files(group)
-    if not files:
-        return {"pos": np.zeros(0, np.int64)}
-    small = [read_stage(f, columns=["shard", "row", "cluster", "cos_dist", "tie"]) for f in files]
-    table = pa.concat_tables(small)
-    shard = table["shard"].to_numpy().astype(np.int64)
-    row = table["row"].to_numpy().astype(np.int64)
-    pos = offsets[shard] + row
-    cluster = table["cluster"].to_numpy().astype(np.int64)
-    order = np.lexsort((pos, cluster))
-    where = np.empty(len(order), dtype=np.int64)
-    where[order] = np.arange(len(order))  # file row -> its place in the sorted group
-    matrix, start = None, 0
-    for f, part in zip(files, small):
-        block = column_to_matrix(read_stage(f, columns=["embedding"])["embedding"], str(f))
-        if matrix is None:
-            matrix = np.empty((len(order), block.shape[1]), dtype=np.float32)
-        matrix[where[start:start + part.num_rows]] = block
-        start += part.num_rows
-    return {"pos": pos[order], "shard": shard[order], "row": row[order], "cluster": cluster[order],
-            "cos_dist": table["cos_dist"].to_numpy().astype(np.float64)[order],
-            "tie": table["tie"].to_numpy()[order], "embedding": matrix}

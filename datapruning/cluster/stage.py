@@ -1,13 +1,14 @@
 """Cluster stage: fit spherical k-means on a sample, assign every shard, write rows grouped by cluster.
 
 Each shard gets cluster, cos_dist and the seeded tie key, and its rows are written again grouped by cluster
-(clusters/parts/), so per-cluster work reads only its clusters. See docs/methods.md#clustering-spherical-k-means.
+(clusters/parts/: a sorted copy with per-group offsets), so per-cluster work reads only its clusters. See docs/methods.md#clustering-spherical-k-means.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -17,13 +18,14 @@ import numpy as np
 import pyarrow as pa
 
 from .kmeans import assign, fit_kmeans, resolve_backend, sample_indices
-from ..errors import StageError
-from ..io.files import is_done, mark_done, write_json, write_npy, write_parquet
+from .kmeans_stream import CHUNK_BYTES, chunks, stream_kmeans
+from .parts import write_parts
+from .unique import check_unique_uids, write_ties
+from ..io.files import atomic_path, is_done, mark_done, meta_dir, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from ..exec import call, map_unordered
 from ..metrics.random import uid_hash
-from ..rows import add, concat
-from ..run import Rate, Run, log, prepare_stage, progress, run_rows, shard_rows, timed
+from ..run import Rate, Run, log, prepare_stage, progress, shard_rows, timed
 
 READ_THREADS = min(8, os.cpu_count() or 1)  # parquet shards decoded at once (decoding releases the GIL)
 PREFETCH_BYTES = 512 << 20  # decoded shards held ahead of the assignment
@@ -42,34 +44,60 @@ def read_matrix(run: Run, shard: str) -> np.ndarray:
     return column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
 
 
-def gather_rows(run: Run, counts: list[tuple[dict, int]], rows: np.ndarray) -> np.ndarray:
-    """The embeddings at global row indices ``rows`` (sorted), read shard by shard into one array.
-    Shards are decoded on a few threads (parquet decoding releases the GIL); each keeps only its rows."""
+def sample_blocks(run: Run, counts: list[tuple[dict, int]], rows: np.ndarray) -> Iterator[np.ndarray]:
+    """The embeddings at global row indices ``rows`` (sorted), shard by shard in row order. Shards are
+    decoded on a few threads (parquet decoding releases the GIL); each keeps only its rows."""
     wanted, offset = [], 0
     for shard, n in counts:
         local = rows[(rows >= offset) & (rows < offset + n)] - offset
         if len(local):
             wanted.append((shard["name"], local))
         offset += n
-    out, filled = None, 0
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        for block in pool.map(lambda item: read_matrix(run, item[0])[item[1]], wanted):
-            if out is None:
-                out = np.empty((len(rows), block.shape[1]), dtype=np.float32)
-            out[filled:filled + len(block)] = block
-            filled += len(block)
+        yield from pool.map(lambda item: read_matrix(run, item[0])[item[1]], wanted)
+
+
+def gather_rows(blocks: Iterator[np.ndarray], n: int) -> np.ndarray:
+    """``n`` sample rows from ``sample_blocks`` in one float32 array."""
+    out, filled = None, 0
+    for block in blocks:
+        if out is None:
+            out = np.empty((n, block.shape[1]), dtype=np.float32)
+        out[filled:filled + len(block)] = block
+        filled += len(block)
     return out
 
 
+def gather_to_file(blocks: Iterator[np.ndarray], path: Path) -> None:
+    """The sample rows written to a raw float32 file, one shard's rows in memory at a time."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        for block in blocks:
+            np.ascontiguousarray(block, dtype=np.float32).tofile(fh)
+
+
 def fit_sample(cfg, output: Path, counts: list[tuple[dict, int]], idx: np.ndarray):
-    """Gather the fit sample from the run folder and fit k-means on it (locally or on a Ray worker).
-    Returns (centroids, stats, the sample's size per cluster)."""
+    """Gather the fit sample from the run folder and fit k-means on it (locally or on a Ray worker): in memory
+    up to ``cluster.fit_mib``, else from a copy on disk (``kmeans_stream``). Returns (centroids, stats, the
+    sample's size per cluster)."""
     start = time.perf_counter()
-    ccfg = cfg.cluster
-    x = gather_rows(Run(cfg, Path(output)), counts, idx)
-    backend = resolve_backend(cfg.cluster.backend)
-    centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, backend)
-    sample_sizes = np.bincount(assign(x, centroids, ccfg.assign_batch, backend)[0], minlength=ccfg.k)
+    ccfg, run = cfg.cluster, Run(cfg, Path(output))
+    backend = resolve_backend(ccfg.backend)
+    blocks = sample_blocks(run, counts, idx)
+    first = next(blocks)
+    blocks, d = itertools.chain([first], blocks), first.shape[1]
+    if len(idx) * d * 4 <= ccfg.fit_mib << 20:
+        x = gather_rows(blocks, len(idx))
+        centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, backend)
+        sample_sizes = np.bincount(assign(x, centroids, ccfg.assign_batch, backend)[0], minlength=ccfg.k)
+    else:
+        path = meta_dir(run.dir("cluster")) / "fit_sample.f32"
+        gather_to_file(blocks, path)
+        centroids, stats = stream_kmeans(path, len(idx), d, ccfg.k, ccfg.niter, cfg.seed, backend, ccfg.assign_batch)
+        sample_sizes = np.zeros(ccfg.k, np.int64)
+        for x in chunks(path, len(idx), d, max(1, CHUNK_BYTES // (4 * d))):
+            sample_sizes += np.bincount(assign(x, centroids, ccfg.assign_batch, backend)[0], minlength=ccfg.k)
+        path.unlink()
+        stats.update(backend=backend, k=ccfg.k, niter=ccfg.niter, fit_points=len(idx))
     stats["seconds"] = round(time.perf_counter() - start, 3)
     return centroids, stats, sample_sizes
 
@@ -106,23 +134,6 @@ def read_uid_matrix(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
     return table, column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
 
 
-def write_partition(run: Run, shard: dict, table: pa.Table, cluster: np.ndarray, cos_dist, tie, groups) -> int:
-    """The shard's rows again, one file per group of clusters (parts/g<group>/<shard>.parquet), each sorted
-    by (cluster, row): shard index, row, cluster, cos_dist, tie and the embedding as stored."""
-    order = np.lexsort((np.arange(len(cluster)), cluster))
-    group = groups[cluster[order]]
-    bounds = np.flatnonzero(np.diff(group)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
-        if hi > lo:
-            rows = order[lo:hi]
-            part = pa.table({"shard": pa.array(np.full(hi - lo, shard["index"], np.int32)),
-                             "row": pa.array(rows.astype(np.int32)), "cluster": pa.array(cluster[rows], pa.int32()),
-                             "cos_dist": pa.array(cos_dist[rows]), "tie": pa.array(tie[rows]),
-                             "embedding": table["embedding"].take(pa.array(rows))})
-            write_parquet(run.partition_file(int(group[lo]), shard["name"]), part)
-    return len(bounds) + 1 if len(order) else 0
-
-
 def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, table: pa.Table, matrix: np.ndarray,
                  start: float) -> dict:
     """Assign one shard's rows to the centroids; write its cluster parquet, its partition files, then the
@@ -130,8 +141,9 @@ def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, table: pa
     cfg, out_dir = run.cfg, run.dir("cluster")
     cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, resolve_backend(cfg.cluster.backend))
     tie = uid_hash(table["uid"], cfg.seed)
+    write_ties(run, shard["name"], tie)
     if groups is not None:
-        write_partition(run, shard, table, cluster, cos_dist, tie, groups)
+        write_parts(run, shard["name"], matrix, cluster, cos_dist, tie, groups)
     write_parquet(out_dir / f"{shard['name']}.parquet",
                   pa.table({"uid": table["uid"], "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist,
                             "tie": pa.array(tie)}))
@@ -172,48 +184,6 @@ def assign_prefetching(run: Run, todo: list[tuple[dict, int]], out_dir: Path) ->
             yield assign_shard(run, shard, centroids, groups, table, matrix, start)
 
 
-TIE_BITS = 20  # bucket the tie hashes by their top bits; one pass collects buckets of at most UNIQUE_BATCH rows
-UNIQUE_BATCH = 2_000_000  # tie hashes gathered per pass (16 MB): memory flat in N, N / 2M passes
-
-
-def _tie_hist(block: dict) -> np.ndarray:
-    return np.bincount((block["tie"] >> np.uint64(64 - TIE_BITS)).astype(np.int64), minlength=1 << TIE_BITS)
-
-
-def _ties_in(lo: int, hi: int, block: dict) -> tuple:
-    bucket = (block["tie"] >> np.uint64(64 - TIE_BITS)).astype(np.int64)
-    return (block["tie"][(bucket >= lo) & (bucket < hi)],)
-
-
-def _uids_with(ties: np.ndarray, block: dict) -> list:
-    return block["uid"].filter(pa.array(np.isin(block["tie"], ties))).to_pylist()
-
-
-def check_unique_uids(run: Run) -> None:
-    """Stop when a uid repeats across shards (each shard's own repeats were dropped by the embed stage).
-    Equal uids have equal tie hashes: bucket the hashes, collect at most ``UNIQUE_BATCH`` at a time, and
-    confirm any repeated hash on the uid strings themselves (a hash collision is not a duplicate)."""
-    rows = run_rows(run)
-    hist = rows.reduce(_tie_hist, add)
-    if hist is None:
-        return
-    repeated, lo, cum = [], 0, np.cumsum(hist)
-    while lo < len(hist):
-        base = cum[lo - 1] if lo else 0
-        hi = max(lo + 1, int(np.searchsorted(cum, base + UNIQUE_BATCH, side="right")))
-        if cum[min(hi, len(hist)) - 1] - base > 1:
-            ties = np.sort(rows.reduce(partial(_ties_in, lo, hi), concat)[0])
-            repeated.append(np.unique(ties[1:][ties[1:] == ties[:-1]]))
-        lo = hi
-    repeated = np.concatenate(repeated) if repeated else np.zeros(0, np.uint64)
-    if len(repeated):
-        uids = run_rows(run, uid=True).reduce(partial(_uids_with, repeated), lambda parts: sum(parts, []))
-        dup = sorted(u for u, c in Counter(uids).items() if c > 1)
-        if dup:
-            raise StageError(f"duplicate uid across shards: {dup[0]} (and {len(dup) - 1} more); "
-                             "uids must be unique; fix the id column")
-
-
 def run_cluster(run: Run) -> None:
     ccfg = run.cfg.cluster
     counts = shard_rows(run)
@@ -242,5 +212,5 @@ def run_cluster(run: Run) -> None:
             for info in infos:
                 rate.add(bar, info["rows"])
         if not (out_dir / "_unique.json").exists():  # checked once, after every shard is assigned
-            check_unique_uids(run)
+            check_unique_uids(run, n)
             write_json(out_dir / "_unique.json", {"unique_uids": True})

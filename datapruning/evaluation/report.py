@@ -198,7 +198,8 @@ def sample_clusters(sizes: np.ndarray, n: int = N_CLUSTERS_SHOWN) -> list[int]:
 def duplicate_pairs(run: Run, df: pd.DataFrame, n: int = N_PAIRS_SHOWN) -> list[tuple[int, int, float]]:
     """The ``n`` most duplicated rows by ``score_semdedup``, each with its most similar cluster-mate. Reads only
     the cluster groups those rows fall in (the cluster stage's partitions), never every embedding."""
-    from ..run import read_group, shard_offsets
+    from ..cluster.parts import read_group
+    from ..run import shard_offsets
 
     groups_path = run.dir("cluster") / "groups.npy"
     if not groups_path.exists():

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from ..errors import StageError
 from ..exec import map_unordered
 from ..io.files import atomic_path, is_done, meta_dir, mark_done, read_json, write_json, write_parquet
-from ..run import Run, label_index, log, prepare_stage, progress, read_block, read_group, run_rows, shard_offsets, timed
+from ..cluster.parts import read_group
+from ..run import Run, label_index, log, prepare_stage, progress, read_block, run_rows, shard_offsets, timed
 from . import METRICS
 from .base import Context, score_block
 
