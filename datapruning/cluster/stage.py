@@ -31,13 +31,6 @@ READ_THREADS = min(8, os.cpu_count() or 1)  # parquet shards decoded at once (de
 PREFETCH_BYTES = 512 << 20  # decoded shards held ahead of the assignment
 
 
-def read_embeddings(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
-    """One shard's embedding table (without the vectors) and its float32 [n, d] matrix."""
-    table = read_stage(run.dir("embed") / f"{shard}.parquet")
-    matrix = column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
-    return table.drop_columns(["embedding"]), matrix
-
-
 def read_matrix(run: Run, shard: str) -> np.ndarray:
     """One shard's float32 [n, d] embedding matrix (only that column is read)."""
     table = read_stage(run.dir("embed") / f"{shard}.parquet", columns=["embedding"])
