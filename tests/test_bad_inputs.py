@@ -234,3 +234,64 @@ def test_missing_filesystem_package_is_named(tmp_path):
 def test_eval_fractions_are_checked(tmp_path, fractions):
     r = run_cli("eval", str(tmp_path), "--fractions", fractions)
     assert r.returncode == 2 and "--fractions" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- issue 13, round two: labels and precomputed values -------------------------------------------------
+
+def labelled_parquet(tmp_path, embeddings, labels, label_type):
+    folder = tmp_path / "emb"
+    folder.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"uid": [f"u{i}" for i in range(len(embeddings))],
+                             "embedding": pa.array(embeddings, pa.list_(pa.float32())),
+                             "label": pa.array(labels, label_type)}), folder / "p.parquet")
+    return folder
+
+
+def test_finite_values_near_float32_max_are_normalised_not_zeroed(tmp_path):
+    x = RNG.normal(size=(12, 4))
+    x[:6] *= 1e38
+    x[6] = 0.0
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", labelled_parquet(tmp_path, np.clip(x, -3e38, 3e38).tolist(), [0, 1] * 6,
+                                                       pa.int64()), "--output", out, *precomputed("cluster.k=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    emb = np.stack(pq.read_table(out / "embeddings").to_pandas()["embedding"])
+    assert len(emb) == 11 and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert json.loads((out / "stats.json").read_text())["skipped"] == {"zero_embedding": 1}
+
+
+def test_a_nan_float_label_is_a_missing_label(tmp_path):
+    labels = [float("nan") if i % 4 == 0 else float(i % 2) for i in range(12)]
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", labelled_parquet(tmp_path, RNG.normal(size=(12, 4)).tolist(), labels,
+                                                       pa.float64()), "--output", out, *precomputed("cluster.k=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = pq.read_table(out / "manifest").to_pandas()
+    assert manifest["label"].isna().sum() == 3 and set(manifest["label"].dropna()) == {0, 1}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["nan_labels"] == 3 and "nan" not in stats["labels"]
+
+
+@pytest.mark.parametrize("others", [["2"], ["cat"]])
+def test_integer_labels_are_one_class_whatever_their_spelling(tmp_path, others):
+    """'1', '01' and '+1' are class 1 in the manifest, the stats and the selection, with or without
+    non-integer labels beside them (they were merged with '2' beside them and split with 'cat')."""
+    labels = (["1", "01", "+1"] + others) * 5
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", labelled_parquet(tmp_path, RNG.normal(size=(len(labels), 4)).tolist(), labels,
+                                                       pa.string()), "--output", out,
+                   *precomputed("cluster.k=2", "select.method=balanced", "select.keep_fraction=0.4"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = pq.read_table(out / "manifest").to_pandas()
+    assert sorted(set(manifest["label"].astype(str))) == sorted({"1", *others})
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["labels"]["1"]["total"] == 15
+    assert manifest.groupby(manifest["label"].astype(str))["keep"].sum().to_dict() == {"1": 4, others[0]: 4}
+
+
+def test_a_unicode_digit_label_is_a_string_label(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", labelled_parquet(tmp_path, RNG.normal(size=(12, 4)).tolist(), ["1", "\u00b2"] * 6,
+                                                       pa.string()), "--output", out, *precomputed("cluster.k=2"))
+    assert proc.returncode == 0 and "invalid literal" not in proc.stderr, proc.stderr[-2000:]
+    assert set(pq.read_table(out / "manifest").to_pandas()["label"]) == {"1", "\u00b2"}
