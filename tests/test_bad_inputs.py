@@ -295,3 +295,54 @@ def test_a_unicode_digit_label_is_a_string_label(tmp_path):
                                                        pa.string()), "--output", out, *precomputed("cluster.k=2"))
     assert proc.returncode == 0 and "invalid literal" not in proc.stderr, proc.stderr[-2000:]
     assert set(pq.read_table(out / "manifest").to_pandas()["label"]) == {"1", "\u00b2"}
+
+
+def test_no_valid_sample_is_named_not_blamed_on_cluster_k(tmp_path):
+    folder = parquet_with(tmp_path, np.zeros((6, 4)).tolist())
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", folder, "--output", out, *precomputed("cluster.k=2"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no valid samples found in the 1 input shard(s) (zero_embedding: 6)" in proc.stderr
+    assert "cluster.k" not in proc.stderr
+    proc = run_cli("cluster", "--output", out)  # the stage alone says the same
+    assert proc.returncode == 2 and "no valid samples found" in proc.stderr and "cluster.k" not in proc.stderr
+
+
+def test_a_non_utf8_member_name_skips_that_sample(tmp_path):
+    from collections import Counter
+
+    from datapruning.errors import BadSample
+    from datapruning.io.webdataset import iter_tar_samples
+
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as tar:
+        for key in ("a", "b\udcff", "c"):
+            good_sample(tar, key)
+    skipped = Counter()
+    assert [s["__key__"] for s in iter_tar_samples(str(path), "x", skipped)] == ["a", "c"]
+    assert skipped == {"bad_member_name": 1}
+    with pytest.raises(BadSample, match=r"shard x, key b\\xff: bad_member_name \(tar member name 'b\\xff.png'"):
+        list(iter_tar_samples(str(path), "x", Counter(), strict=True))
+    with pytest.raises(BadSample, match="bad_member_name"):  # the fast parser too
+        list(iter_tar_samples(str(path), "x", Counter(), strict=True, fast=True))
+
+
+def test_inputs_are_never_left_out_silently(tmp_path, caplog):
+    from datapruning.io.shards import detect_format, expand_input
+
+    folder = parquet_with(tmp_path, RNG.normal(size=(6, 4)).tolist())
+    r = run_cli("run", "--input", folder, tmp_path / "nothing*.parquet", "--output", tmp_path / "run",
+                *precomputed("cluster.k=1"))  # (a) a second pattern that matches nothing
+    assert r.returncode == 2 and "nothing*.parquet': matched no shards" in r.stderr
+    shards = tmp_path / "shards"  # (b) a .tar.gz beside .tar files is read; other files are named in a warning
+    write_tar(shards.mkdir() or shards / "a.tar", lambda tar: good_sample(tar, "k"))
+    (shards / "b.tar.gz").write_bytes(__import__("gzip").compress((shards / "a.tar").read_bytes()))
+    (shards / "notes.txt").write_text("not a shard")
+    found = expand_input(str(shards))
+    assert [p.rsplit("/", 1)[1] for p in found] == ["a.tar", "b.tar.gz"] and detect_format(found) == "webdataset"
+    assert "left out 1 file(s) that are not shards: notes.txt" in caplog.text
+    (tmp_path / "c").mkdir()
+    for name in ("00001-a", "a", "a.v2"):  # (c) shard names that would collide
+        parquet_with(tmp_path / "c", RNG.normal(size=(3, 4)).tolist(), name=f"{name}.parquet")
+    r = run_cli("run", "--input", tmp_path / "c" / "emb", "--output", tmp_path / "run2", *precomputed("cluster.k=1"))
+    assert r.returncode == 2 and "00001-a.parquet and " in r.stderr and "a.parquet would both be named" in r.stderr

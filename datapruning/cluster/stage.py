@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from .kmeans import assign, fit_kmeans, resolve_backend, sample_indices
 from ..errors import StageError
-from ..io.files import is_done, mark_done, write_json, write_npy, write_parquet
+from ..io.files import check_any_rows, is_done, mark_done, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from ..exec import call, map_unordered
 from ..metrics.random import uid_hash
@@ -217,6 +217,7 @@ def check_unique_uids(run: Run) -> None:
 def run_cluster(run: Run) -> None:
     ccfg = run.cfg.cluster
     counts = shard_rows(run)
+    check_any_rows(run.dir("embed"), [s["name"] for s, _ in counts])  # else "k larger than the 0 samples"
     out_dir = prepare_stage(run, "cluster")
     n = sum(c for _, c in counts)
     with timed(run, "cluster"):

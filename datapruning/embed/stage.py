@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 from .encoders import Encoder, build_encoder, decode_input
 from .samples import ROW_NAMES, caption, embedding_table, source_uid, text_field, write_shard
 from ..errors import StageError
-from ..io.files import clean_stage, done_path, is_done, mark_done, read_json, write_json, write_parquet
+from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, read_json, write_json,
+                        write_parquet)
 from ..io.shards import detect_format, expand_input, shard_names
 from ..io.tables import label_strings, label_text, normalise_rows, precomputed_table
 from ..io.webdataset import ShardUnavailable, iter_tar_samples, retrying, skip
@@ -229,6 +230,7 @@ def run_embed(run: Run, input_spec=None) -> None:
         for info in embed_shards(run.cfg, out_dir, todo):
             rate.add(bar, info["rows"])
     check_failed(run, out_dir, retry)
+    check_any_rows(out_dir, [s["name"] for s in shards])
     dims = {read_done_dim(out_dir, s["name"]) for s in shards} - {None}
     if len(dims) > 1:
         raise ValueError(f"embed: shards have mixed embedding dimensions {sorted(dims)}; they cannot be clustered together")

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ..errors import WriteFailed
+from ..errors import StageError, WriteFailed
 
 
 _UMASK = os.umask(0)
@@ -104,6 +104,21 @@ def is_done(stage_dir: str | Path, shard: str) -> bool:
 def mark_done(stage_dir: str | Path, shard: str, info: dict[str, Any]) -> None:
     """Write the shard's stats json last; it doubles as the done marker."""
     write_json(done_path(stage_dir, shard), info)
+
+
+def check_any_rows(stage_dir: str | Path, shards: list[str]) -> None:
+    """Stop when the finished shards of ``stage_dir`` (the embed stage's) hold no row at all: every input sample
+    was skipped, or no shard was read. The message adds up the skip counts and says where they are."""
+    infos = [read_json(done_path(stage_dir, s)) for s in shards if is_done(stage_dir, s)]
+    if len(infos) < len(shards) or any(info.get("rows") for info in infos):
+        return
+    skipped: dict[str, int] = {}
+    for info in infos:
+        for reason, n in info.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    why = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())) or "the shards hold no samples"
+    raise StageError(f"no valid samples found in the {len(infos)} input shard(s) ({why}); the counts per shard "
+                     f"are in {meta_dir(stage_dir)}/_<shard>.done.json, and the log names each skipped sample")
 
 
 def clean_temp(folder: str | Path) -> int:
