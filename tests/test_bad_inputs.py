@@ -346,3 +346,15 @@ def test_inputs_are_never_left_out_silently(tmp_path, caplog):
         parquet_with(tmp_path / "c", RNG.normal(size=(3, 4)).tolist(), name=f"{name}.parquet")
     r = run_cli("run", "--input", tmp_path / "c" / "emb", "--output", tmp_path / "run2", *precomputed("cluster.k=1"))
     assert r.returncode == 2 and "00001-a.parquet and " in r.stderr and "a.parquet would both be named" in r.stderr
+
+
+def test_eval_label_column_and_held_out_rows_are_checked(tmp_path):
+    folder = labelled_parquet(tmp_path, RNG.normal(size=(12, 4)).tolist(), list(range(12)), pa.int64())
+    out = tmp_path / "run"
+    assert run_cli("run", "--input", folder, "--output", out, *precomputed("cluster.k=2")).returncode == 0
+    r = run_cli("eval", out, "--label-column", "uid", "--kd", "none")
+    assert r.returncode == 2 and "--label-column 'uid' names a row id" in r.stderr and "exists 2 times" not in r.stderr
+    r = run_cli("eval", out, "--kd", "none")  # every class has one row: nothing can be held out
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "too few labelled rows per class to hold out a test split (12 rows in 12 classes" in r.stderr
+    assert not (out / "eval").exists()
