@@ -128,3 +128,33 @@ def test_report_needs_a_finished_run(image_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "manifest" in err and len(err.splitlines()) == 1
     assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb), a few bytes long."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_thumbnail_is_skipped(tmp_path, tiny_clip_config, caplog):
+    """A text-tower run embeds captions only, so a sample whose PNG claims 30000x30000 pixels reaches the
+    report, which must leave that thumbnail out (the sample shown by its uid), not stop."""
+    from conftest import add_member
+
+    make_png_shards(tmp_path / "shards", n_shards=1, per_shard=4)
+    with tarfile.open(tmp_path / "shards" / "bomb.tar", "w") as tar:
+        for i in range(3):
+            add_member(tar, f"z{i}.png", bomb_png())
+            add_member(tar, f"z{i}.txt", f"a huge picture {i}".encode())
+    out = tmp_path / "run"
+    sets = [x for a in tiny_clip_overrides(tiny_clip_config) + ["embed.modality=text", "cluster.k=2"]
+            for x in ("--set", a)]
+    assert cli.main(["run", "--input", str(tmp_path / "shards"), "--output", str(out), *sets]) == 0
+    assert cli.main(["report", str(out)]) == 0
+    assert "shard bomb, key z" in caplog.text and "DecompressionBombError" in caplog.text
+    assert "bomb/z" in (out / "report.html").read_text()  # shown by its uid
