@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -21,7 +22,7 @@ from .io.lock import check_idle, ensure, locked  # noqa: F401 (locked: for calle
 from .errors import StageError
 from .exec import map_unordered
 from .io.files import clean_stage, clean_temp, done_path, meta_dir, read_json, stage_marker, write_json
-from .io.tables import column_to_matrix, read_stage
+from .io.tables import INT_LABEL, column_to_matrix, read_stage
 from .rows import BlockRows
 
 log = logging.getLogger("datapruning")
@@ -210,7 +211,7 @@ def load_columns(run: Run, stage: str, shard: str, expected_uids: pa.Array, colu
 
 
 def is_int_text(text: str) -> bool:
-    return text.lstrip("-").isdigit()
+    return re.fullmatch(INT_LABEL, text) is not None  # ASCII digits: '\u00b2'.isdigit() is True, int() refuses it
 
 
 # ---- numeric blocks for the streaming stages ----------------------------------------------------------
@@ -248,7 +249,7 @@ def label_index(run: Run) -> dict | None:
 def label_coding(distinct) -> dict:
     """``{"integer": bool, "names": [...]}`` for a set of label strings: numbers sort numerically, and when
     all are non-negative integers each keeps its value as its code (``integer``); else code = sorted rank."""
-    names = sorted(distinct, key=lambda v: (0, int(v), "") if is_int_text(v) else (1, 0, v))
+    names = sorted(distinct, key=lambda v: (0, int(v), v) if is_int_text(v) else (1, 0, v))
     return {"integer": bool(names) and all(is_int_text(v) and int(v) >= 0 for v in names), "names": names}
 
 
@@ -266,7 +267,7 @@ def encode_labels(labels: pa.Array | pa.ChunkedArray, index: dict | None) -> np.
         return None
     labels = labels.combine_chunks() if isinstance(labels, pa.ChunkedArray) else labels
     if index["integer"]:
-        known = pc.fill_null(pc.utf8_is_digit(labels), False)
+        known = pc.fill_null(pc.match_substring_regex(labels, f"^{INT_LABEL}$"), False)
         values = pc.if_else(known, labels, "-1")
         return np.asarray(pc.cast(values, pa.int64()), dtype=np.int64)
     codes = pc.index_in(labels, value_set=pa.array(index["names"], pa.string()))

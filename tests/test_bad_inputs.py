@@ -234,3 +234,127 @@ def test_missing_filesystem_package_is_named(tmp_path):
 def test_eval_fractions_are_checked(tmp_path, fractions):
     r = run_cli("eval", str(tmp_path), "--fractions", fractions)
     assert r.returncode == 2 and "--fractions" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- issue 13, round two: labels and precomputed values -------------------------------------------------
+
+def labelled_parquet(tmp_path, embeddings, labels, label_type):
+    folder = tmp_path / "emb"
+    folder.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"uid": [f"u{i}" for i in range(len(embeddings))],
+                             "embedding": pa.array(embeddings, pa.list_(pa.float32())),
+                             "label": pa.array(labels, label_type)}), folder / "p.parquet")
+    return folder
+
+
+def test_finite_values_near_float32_max_are_normalised_not_zeroed(tmp_path):
+    x = RNG.normal(size=(12, 4))
+    x[:6] *= 1e38
+    x[6] = 0.0
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", labelled_parquet(tmp_path, np.clip(x, -3e38, 3e38).tolist(), [0, 1] * 6,
+                                                       pa.int64()), "--output", out, *precomputed("cluster.k=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    emb = np.stack(pq.read_table(out / "embeddings").to_pandas()["embedding"])
+    assert len(emb) == 11 and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert json.loads((out / "stats.json").read_text())["skipped"] == {"zero_embedding": 1}
+
+
+def test_a_nan_float_label_is_a_missing_label(tmp_path):
+    labels = [float("nan") if i % 4 == 0 else float(i % 2) for i in range(12)]
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", labelled_parquet(tmp_path, RNG.normal(size=(12, 4)).tolist(), labels,
+                                                       pa.float64()), "--output", out, *precomputed("cluster.k=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = pq.read_table(out / "manifest").to_pandas()
+    assert manifest["label"].isna().sum() == 3 and set(manifest["label"].dropna()) == {0, 1}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["nan_labels"] == 3 and "nan" not in stats["labels"]
+
+
+@pytest.mark.parametrize("others", [["2"], ["cat"]])
+def test_integer_labels_are_one_class_whatever_their_spelling(tmp_path, others):
+    """'1', '01' and '+1' are class 1 in the manifest, the stats and the selection, with or without
+    non-integer labels beside them (they were merged with '2' beside them and split with 'cat')."""
+    labels = (["1", "01", "+1"] + others) * 5
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", labelled_parquet(tmp_path, RNG.normal(size=(len(labels), 4)).tolist(), labels,
+                                                       pa.string()), "--output", out,
+                   *precomputed("cluster.k=2", "select.method=balanced", "select.keep_fraction=0.4"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = pq.read_table(out / "manifest").to_pandas()
+    assert sorted(set(manifest["label"].astype(str))) == sorted({"1", *others})
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["labels"]["1"]["total"] == 15
+    assert manifest.groupby(manifest["label"].astype(str))["keep"].sum().to_dict() == {"1": 4, others[0]: 4}
+
+
+def test_a_unicode_digit_label_is_a_string_label(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", labelled_parquet(tmp_path, RNG.normal(size=(12, 4)).tolist(), ["1", "\u00b2"] * 6,
+                                                       pa.string()), "--output", out, *precomputed("cluster.k=2"))
+    assert proc.returncode == 0 and "invalid literal" not in proc.stderr, proc.stderr[-2000:]
+    assert set(pq.read_table(out / "manifest").to_pandas()["label"]) == {"1", "\u00b2"}
+
+
+def test_no_valid_sample_is_named_not_blamed_on_cluster_k(tmp_path):
+    folder = parquet_with(tmp_path, np.zeros((6, 4)).tolist())
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", folder, "--output", out, *precomputed("cluster.k=2"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no valid samples found in the 1 input shard(s) (zero_embedding: 6)" in proc.stderr
+    assert "cluster.k" not in proc.stderr
+    proc = run_cli("cluster", "--output", out)  # the stage alone says the same
+    assert proc.returncode == 2 and "no valid samples found" in proc.stderr and "cluster.k" not in proc.stderr
+
+
+def test_a_non_utf8_member_name_skips_that_sample(tmp_path):
+    from collections import Counter
+
+    from datapruning.errors import BadSample
+    from datapruning.io.webdataset import iter_tar_samples
+
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as tar:
+        for key in ("a", "b\udcff", "c"):
+            good_sample(tar, key)
+    skipped = Counter()
+    assert [s["__key__"] for s in iter_tar_samples(str(path), "x", skipped)] == ["a", "c"]
+    assert skipped == {"bad_member_name": 1}
+    with pytest.raises(BadSample, match=r"shard x, key b\\xff: bad_member_name \(tar member name 'b\\xff.png'"):
+        list(iter_tar_samples(str(path), "x", Counter(), strict=True))
+    with pytest.raises(BadSample, match="bad_member_name"):  # the fast parser too
+        list(iter_tar_samples(str(path), "x", Counter(), strict=True, fast=True))
+
+
+def test_inputs_are_never_left_out_silently(tmp_path, caplog):
+    from datapruning.io.shards import detect_format, expand_input
+
+    folder = parquet_with(tmp_path, RNG.normal(size=(6, 4)).tolist())
+    r = run_cli("run", "--input", folder, tmp_path / "nothing*.parquet", "--output", tmp_path / "run",
+                *precomputed("cluster.k=1"))  # (a) a second pattern that matches nothing
+    assert r.returncode == 2 and "nothing*.parquet': matched no shards" in r.stderr
+    shards = tmp_path / "shards"  # (b) a .tar.gz beside .tar files is read; other files are named in a warning
+    write_tar(shards.mkdir() or shards / "a.tar", lambda tar: good_sample(tar, "k"))
+    (shards / "b.tar.gz").write_bytes(__import__("gzip").compress((shards / "a.tar").read_bytes()))
+    (shards / "notes.txt").write_text("not a shard")
+    found = expand_input(str(shards))
+    assert [p.rsplit("/", 1)[1] for p in found] == ["a.tar", "b.tar.gz"] and detect_format(found) == "webdataset"
+    assert "left out 1 file(s) that are not shards: notes.txt" in caplog.text
+    (tmp_path / "c").mkdir()
+    for name in ("00001-a", "a", "a.v2"):  # (c) shard names that would collide
+        parquet_with(tmp_path / "c", RNG.normal(size=(3, 4)).tolist(), name=f"{name}.parquet")
+    r = run_cli("run", "--input", tmp_path / "c" / "emb", "--output", tmp_path / "run2", *precomputed("cluster.k=1"))
+    assert r.returncode == 2 and "00001-a.parquet and " in r.stderr and "a.parquet would both be named" in r.stderr
+
+
+def test_eval_label_column_and_held_out_rows_are_checked(tmp_path):
+    folder = labelled_parquet(tmp_path, RNG.normal(size=(12, 4)).tolist(), list(range(12)), pa.int64())
+    out = tmp_path / "run"
+    assert run_cli("run", "--input", folder, "--output", out, *precomputed("cluster.k=2")).returncode == 0
+    r = run_cli("eval", out, "--label-column", "uid", "--kd", "none")
+    assert r.returncode == 2 and "--label-column 'uid' names a row id" in r.stderr and "exists 2 times" not in r.stderr
+    r = run_cli("eval", out, "--kd", "none")  # every class has one row: nothing can be held out
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "too few labelled rows per class to hold out a test split (12 rows in 12 classes" in r.stderr
+    assert not (out / "eval").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import tarfile
@@ -128,3 +129,73 @@ def test_report_needs_a_finished_run(image_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "manifest" in err and len(err.splitlines()) == 1
     assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb), a few bytes long."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_thumbnail_is_skipped(tmp_path, tiny_clip_config, caplog):
+    """A text-tower run embeds captions only, so a sample whose PNG claims 30000x30000 pixels reaches the
+    report, which must leave that thumbnail out (the sample shown by its uid), not stop."""
+    from conftest import add_member
+
+    make_png_shards(tmp_path / "shards", n_shards=1, per_shard=4)
+    with tarfile.open(tmp_path / "shards" / "bomb.tar", "w") as tar:
+        for i in range(3):
+            add_member(tar, f"z{i}.png", bomb_png())
+            add_member(tar, f"z{i}.txt", f"a huge picture {i}".encode())
+    out = tmp_path / "run"
+    sets = [x for a in tiny_clip_overrides(tiny_clip_config) + ["embed.modality=text", "cluster.k=2"]
+            for x in ("--set", a)]
+    assert cli.main(["run", "--input", str(tmp_path / "shards"), "--output", str(out), *sets]) == 0
+    assert cli.main(["report", str(out)]) == 0
+    assert "shard bomb, key z" in caplog.text and "DecompressionBombError" in caplog.text
+    assert "bomb/z" in (out / "report.html").read_text()  # shown by its uid
+
+
+def test_eval_and_report_write_as_a_unit_and_name_the_file_on_enospc(tmp_path, monkeypatch, capsys):
+    """eval/ is swapped in whole: a failed (or killed) rerun leaves the previous set untouched, the temporary
+    folders a kill leaves are removed by the next eval, and a full disk is one line naming the file."""
+    import errno
+    import socket
+
+    make_parquet_shards(tmp_path / "emb", n_shards=2, per_shard=40)
+    run = tmp_path / "run"
+    run_pipeline(load_config(None, ["embed.encoder=precomputed", "cluster.k=4"]), str(tmp_path / "emb"), run)
+    args = ["eval", str(run), "--seeds", "1", "--kd", "none", "--fractions", "0.5,1", "--curves", "random"]
+    assert cli.main(args) == 0
+    before = {p.name: p.read_bytes() for p in (run / "eval").iterdir()}
+    assert {"curves.parquet", "curves.png", "summary.json", "recommended.yaml"} <= set(before)
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
+    for stale in (f".eval.p999999@{host}.x1.tmp", f".eval.p999999@{host}.old.x2.tmp"):  # left by a SIGKILL
+        (run / stale).mkdir()
+        (run / stale / "curves.parquet").write_bytes(b"half")
+    real = Path.write_bytes
+
+    def full_disk(self, data):
+        if self.parent.name.startswith(".eval.") or self.name.startswith(".report.html."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    capsys.readouterr()
+    assert cli.main(args + ["--seeds", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"datapruning eval: error: cannot write {run / 'eval' / 'recommended.yaml'}: No space left on device"
+    assert {p.name: p.read_bytes() for p in (run / "eval").iterdir()} == before  # the old set, whole
+    assert not list(run.glob(".eval*"))  # the stale folders and this run's own are gone
+    assert cli.main(["report", str(run)]) == 2
+    assert f"cannot write {run / 'report.html'}: No space left on device" in capsys.readouterr().err
+    monkeypatch.setattr(Path, "write_bytes", real)
+    assert cli.main(args + ["--seeds", "2"]) == 0
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["seeds"] == 2 and not list(run.glob(".*.tmp"))
+    assert summary["recommended"].get("config") in (None, str(run / "eval" / "recommended.yaml"))

@@ -213,3 +213,29 @@ def test_cli_reshard(run, tmp_path, capsys):
     assert "wrote 14 samples in 3 shards" in capsys.readouterr().out
     assert main(["reshard", str(tmp_path), "--output", str(tmp_path / "x"), "-n", "2"]) == 2  # not a run folder
     assert "no shards.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fails", ["addfile", "close"])
+def test_a_full_disk_names_the_tar_being_written(run, tmp_path, monkeypatch, capsys, fails):
+    """ENOSPC while adding a member, or while closing the tar (its end blocks), is one line naming the output
+    tar, and no temporary tar remains; before, a failing close gave a bare '[Errno 28] No space left on device'."""
+    import errno
+
+    from datapruning import cli
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if fails == "close":
+        real_close = tarfile.TarFile.close
+
+        def full_disk(self):  # noqa: F811 (the close variant: the end blocks of a tar being written do not fit)
+            real_close(self)
+            if self.mode == "w":
+                raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tarfile.TarFile, fails, full_disk)
+    out = tmp_path / "re"
+    assert cli.main(["reshard", str(run), "--output", str(out), "-n", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"datapruning reshard: error: cannot write {out}/") and len(err.splitlines()) == 1
+    assert err.endswith(".tar: No space left on device")
+    assert not list(out.rglob("*.tmp"))

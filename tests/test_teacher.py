@@ -265,3 +265,19 @@ def test_cli_teacher(fresh, tmp_path, capsys):
     assert ld.teacher_info(fresh)["classes"] == list(CLASSES)
     assert main(["teacher", str(fresh), "--source", "zero_shot"]) == 2
     assert "teacher.classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["os:system", "os:getcwd", "json:JSONDecoder"])
+def test_a_module_that_is_not_a_model_class_is_one_line(fresh, spec):
+    import subprocess
+    import sys
+
+    cached = fresh / tm.TEACHER_DIR / "00000.parquet"  # stands for an earlier teacher's outputs
+    cached.parent.mkdir(exist_ok=True)
+    cached.write_bytes(b"cached")
+    (cached.parent / "_stage.json").write_text('{"stage": "teacher", "fingerprint": "another"}')
+    r = subprocess.run([sys.executable, "-m", "datapruning", "teacher", str(fresh), "--source", "module",
+                        "--module", spec, "--allow-random-weights"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"teacher.module {spec!r} is a" in r.stderr and "not a torch.nn.Module class" in r.stderr
+    assert cached.read_bytes() == b"cached"  # refused before the cached outputs were cleared

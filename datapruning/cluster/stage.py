@@ -21,7 +21,7 @@ from .kmeans import assign, fit_kmeans, resolve_backend, sample_indices
 from .kmeans_stream import CHUNK_BYTES, chunks, stream_kmeans
 from .parts import write_parts
 from .unique import check_unique_uids, write_ties
-from ..io.files import atomic_path, is_done, mark_done, meta_dir, write_json, write_npy, write_parquet
+from ..io.files import atomic_path, check_any_rows, is_done, mark_done, meta_dir, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from ..exec import call, map_unordered
 from ..metrics.random import uid_hash
@@ -180,6 +180,7 @@ def assign_prefetching(run: Run, todo: list[tuple[dict, int]], out_dir: Path) ->
 def run_cluster(run: Run) -> None:
     ccfg = run.cfg.cluster
     counts = shard_rows(run)
+    check_any_rows(run.dir("embed"), [s["name"] for s, _ in counts])  # else "k larger than the 0 samples"
     out_dir = prepare_stage(run, "cluster")
     n = sum(c for _, c in counts)
     with timed(run, "cluster"):

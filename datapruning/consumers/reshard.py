@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from ..errors import InputError, RunNotReady, TruncatedShard
+from ..errors import InputError, RunNotReady, TruncatedShard, WriteFailed
 from ..exec import process_pool
 from ..io.files import META, atomic_path, clean_stage, clean_temp, done_path, is_done, mark_done, read_json, write_json
 from ..io.webdataset import SHARD_DAMAGE, Member, iter_tar_groups
@@ -87,9 +87,11 @@ def stats_path(out_dir: Path, name: str) -> Path:
 
 
 class _ShardWriter:
-    """One output tar (or piece) written through an atomic temporary file; ``close`` returns the data end offset."""
+    """One output tar (or piece) written through an atomic temporary file; ``close`` returns the data end offset.
+    A failed write (disk full) raises WriteFailed naming the output tar; ``abort`` removes the temporary file."""
 
     def __init__(self, path: Path):
+        self.path = path
         self._ctx = atomic_path(path)
         self._tmp = self._ctx.__enter__()
         self.tar = tarfile.open(self._tmp, "w", format=TAR_FORMAT)
@@ -99,19 +101,30 @@ class _ShardWriter:
         for suffix, info, data in members:
             new = tarfile.TarInfo(f"{key}.{suffix}")
             new.size, new.mtime, new.mode = len(data), info.mtime, info.mode
-            self.tar.addfile(new, io.BytesIO(data))
+            try:
+                self.tar.addfile(new, io.BytesIO(data))
+            except OSError as exc:
+                raise WriteFailed(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         self.count += 1
         self.sources[source] = self.sources.get(source, 0) + 1
 
     def close(self) -> int:
         data_end = self.tar.offset
-        self.tar.close()
+        try:
+            self.tar.close()  # writes the end blocks: a full disk can fail here too
+        except OSError as exc:
+            raise WriteFailed(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         self._ctx.__exit__(None, None, None)
         return data_end
 
-    def abort(self, exc: BaseException) -> None:
-        self.tar.close()
-        self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+    def abort(self) -> None:
+        """Remove the temporary tar; the caller re-raises what stopped it (a read error stays a read error)."""
+        try:
+            self.tar.close()
+        except OSError:
+            pass
+        stop = GeneratorExit()
+        self._ctx.__exit__(GeneratorExit, stop, None)  # atomic_path removes its temporary file
 
 
 def write_stats(out_dir: Path, name: str, count: int, sources: dict) -> None:
@@ -146,9 +159,9 @@ def reshard_one(task: dict) -> dict:
                              f"tar; did the shard change since the run?{damage}")
         _finish(writer, current, task, pieces)
         writer = None
-    except BaseException as exc:
+    except BaseException:
         if writer is not None:
-            writer.abort(exc)
+            writer.abort()
         raise
     info = {"shard": name, "kept": found, "pieces": pieces}
     mark_done(out_dir / PIECES, name, info)

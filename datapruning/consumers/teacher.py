@@ -321,6 +321,10 @@ def run_teacher(run_dir: str | Path, tcfg: TeacherConfig) -> dict:
     run_cfg, shards, out = load_run_config(run_dir), run_shards(run_dir), run_dir / TEACHER_DIR
     fp = fingerprint(tcfg, run_dir)
     marker = out / "_stage.json"
+    if tcfg.source == "module":  # a bad --module fails here, before the cached outputs are cleared
+        from ..embed import load_object
+
+        load_object(tcfg.module, key="teacher.module")
     if marker.exists() and read_json(marker).get("fingerprint") != fp:
         log.warning("teacher: config or manifest changed since the last run; recomputing the teacher outputs")
         clean_stage(out)

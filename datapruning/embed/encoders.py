@@ -120,14 +120,21 @@ def build_sentence_transformers(cfg) -> Encoder:
 
 
 def load_object(spec: str, key: str = "embed.module") -> Any:
-    """Import ``package.module:Name``; a user's own code, named in the config (never from input data)."""
+    """Import ``package.module:ClassName``, a ``torch.nn.Module`` subclass: a user's own code, named in the config
+    (never from input data). Anything else (``os:system``, a function) is refused before it is called."""
+    import torch
+
     if not spec or ":" not in spec:
         raise EncoderError(f"{key} must look like 'package.module:ClassName', got {spec!r}")
     mod_name, _, attr = spec.partition(":")
     try:
-        return getattr(importlib.import_module(mod_name), attr)
+        obj = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as exc:
         raise EncoderError(f"{key} {spec!r}: {exc}") from None
+    if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+        raise EncoderError(f"{key} {spec!r} is a {type(obj).__name__}, not a torch.nn.Module class; name the "
+                           "class of your model ('package.module:ClassName')")
+    return obj
 
 
 def build_torch_module(cfg) -> Encoder:

@@ -136,6 +136,7 @@ def _read_batches(cfg, path: str, shard: str, skipped: Counter, outs: list, stop
     """Reader thread: tar samples -> batches of (meta, image bytes or reason) in sample order, dealt round
     robin to the decode threads' queues ``outs``; then an end marker to each."""
     from ..io.webdataset import iter_tar_samples, skip
+    from ..io.tables import label_text
     from .samples import caption, source_uid, text_field
 
     icfg, batch, seen, n = cfg.input, [], set(), 0
@@ -146,7 +147,7 @@ def _read_batches(cfg, path: str, shard: str, skipped: Counter, outs: list, stop
                 skip(skipped, "duplicate_key", shard, key, "key repeats within the shard", cfg.strict)
                 continue
             seen.add(key)
-            meta = (f"{shard}/{key}", shard, key, text_field(sample.get(icfg.label_key)),
+            meta = (f"{shard}/{key}", shard, key, label_text(text_field(sample.get(icfg.label_key))),
                     caption(sample, icfg.text_keys), source_uid(sample))
             ext = next((k for k in icfg.image_keys if k in sample), None)
             batch.append((meta, sample[ext] if ext else "missing_image"))

@@ -15,9 +15,10 @@ import pyarrow.compute as pc
 from .encoders import Encoder, build_encoder, decode_input
 from .samples import ROW_NAMES, caption, embedding_table, source_uid, text_field, write_shard
 from ..errors import StageError
-from ..io.files import clean_stage, done_path, is_done, mark_done, read_json, write_json, write_parquet
+from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, read_json, write_json,
+                        write_parquet)
 from ..io.shards import detect_format, expand_input, shard_names
-from ..io.tables import normalise_rows, precomputed_table
+from ..io.tables import label_strings, label_text, normalise_rows, precomputed_table
 from ..io.webdataset import ShardUnavailable, iter_tar_samples, retrying, skip
 from ..exec import map_unordered, map_with_setup
 from ..run import STAGES, Rate, Run, clear_outputs, log, prepare_stage, progress, save_config, timed
@@ -103,7 +104,7 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
     try:
         for sample in iter_tar_samples(path, shard, skipped, cfg.strict):
             key = sample["__key__"]  # unique: the reader counts and drops repeated keys
-            label = text_field(sample.get(icfg.label_key))
+            label = label_text(text_field(sample.get(icfg.label_key)))
             text = caption(sample, icfg.text_keys) if ecfg.modality == "image" else None
             batch_items.append(sample)
             batch_meta.append((f"{shard}/{key}", shard, key, label, text, source_uid(sample)))
@@ -133,13 +134,18 @@ def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> di
         skip(skipped, "duplicate_key", shard, str(uid[i]), "uid repeats within the shard", cfg.strict)
     ok &= ~duplicate
     rows = {"uid": uid, "shard": pa.array(np.full(len(ok), shard, dtype=object), pa.string()), "key": uid}
-    for src, name in ((icfg.label_column, "label"), (icfg.split_column, "split"), ("caption", "text"),
+    nan_labels = 0
+    if icfg.label_column in meta.column_names:
+        rows["label"], nan_labels = label_strings(meta[icfg.label_column].filter(pa.array(ok)))
+        if nan_labels:
+            log.warning("shard %s: %d NaN labels read as missing (label null)", shard, nan_labels)
+    for src, name in ((icfg.split_column, "split"), ("caption", "text"),
                       ("text", "text"), ("uid", "source_uid")):  # "uid": DataComp's own id column
         if src in meta.column_names and name not in rows:
-            rows[name] = pc.cast(meta[src], pa.string())
-    keep = pa.array(ok)
-    return write_shard(cfg, out_dir, shard, {name: col.filter(keep) for name, col in rows.items()}, matrix[ok],
-                  skipped, "precomputed")
+            rows[name] = pc.cast(meta[src], pa.string()).filter(pa.array(ok))
+    for name in ("uid", "shard", "key"):
+        rows[name] = rows[name].filter(pa.array(ok))
+    return write_shard(cfg, out_dir, shard, rows, matrix[ok], skipped, "precomputed", nan_labels=nan_labels)
 
 
 def embed_one(cfg, out_dir: Path, shard: dict, encoder: Encoder | None = None) -> dict:
@@ -224,6 +230,7 @@ def run_embed(run: Run, input_spec=None) -> None:
         for info in embed_shards(run.cfg, out_dir, todo):
             rate.add(bar, info["rows"])
     check_failed(run, out_dir, retry)
+    check_any_rows(out_dir, [s["name"] for s in shards])
     dims = {read_done_dim(out_dir, s["name"]) for s in shards} - {None}
     if len(dims) > 1:
         raise ValueError(f"embed: shards have mixed embedding dimensions {sorted(dims)}; they cannot be clustered together")

@@ -21,6 +21,7 @@ from .probe import stratified_split
 
 TEST_SPLITS = ("test", "val", "valid", "validation", "heldout", "held_out", "holdout", "eval")
 DEFAULT_MAX_ROWS = 200_000
+NOT_LABELS = ("uid", "shard", "key", "source_uid", "embedding")  # ids and vectors: never a class column
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,9 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
     clusters, scores and labels; rows without a label are left out. Memory: the sample, never the run."""
     run = Run(load_run_config(Path(run_dir)), Path(run_dir))
     _require_stages(run)
+    if label_column in NOT_LABELS:
+        raise StageError(f"eval: --label-column {label_column!r} names a row id or embedding column, not class "
+                         "labels; pass the column that holds each row's class")
     index = column_index(run, label_column)
     if index is None:
         raise StageError(f"eval needs labels: no column {label_column!r} in {run.dir('embed')} or the manifest "
@@ -183,4 +187,10 @@ def heldout(split: np.ndarray, labels: np.ndarray, test_split, test_fraction, se
         raise StageError(f"eval: --test-split {test_split!r} matches {int((split == 1).sum())} of {len(split)} "
                          "sampled rows of the split column")
     test = stratified_split(labels, test_fraction, seed)
+    if not test.any():
+        counts = np.bincount(labels[labels >= 0])
+        raise StageError(f"eval: too few labelled rows per class to hold out a test split ({len(labels)} rows in "
+                         f"{int((counts > 0).sum())} classes, at most {int(counts.max(initial=0))} per class; "
+                         f"--test-fraction {test_fraction:g} of a class needs round(fraction * rows) >= 1 and a row "
+                         "left to train on); label more rows, raise --test-fraction, or give a split column")
     return test, f"seeded stratified split, {test_fraction:.0%}, seed {seed}"

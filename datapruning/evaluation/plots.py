@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..io.files import atomic_path
+
 
 def plot_curves(table: pd.DataFrame, rec: dict, path: Path, title: str = "") -> None:
     """Accuracy vs keep fraction, one line per curve with its 95% band; full data dashed.
@@ -23,7 +25,8 @@ def plot_curves(table: pd.DataFrame, rec: dict, path: Path, title: str = "") -> 
     axes[1].set(ylim=(full - span, min(1.0, full + span / 5) + 0.002), title=f"zoom: within {span:.2f} of full data")
     axes[0].legend(fontsize=7, loc="lower right", ncol=2)
     fig.suptitle(title or "pruning curves")
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # a killed savefig leaves no half-written PNG under the real name
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
 
 
 def _band(ax, part: pd.DataFrame, x, colour: str, alpha: float) -> None:

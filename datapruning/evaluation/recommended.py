@@ -42,8 +42,9 @@ def recommended_config(run_dir, variant, fraction: float) -> dict:
     return to_dict(load_config(None, [], base=data))
 
 
-def write_recommended(run_dir, path: Path, variant, rec: dict, kd) -> dict:
-    """Write ``path`` (when there is a recommendation below 1.0) and return what the summary records."""
+def write_recommended(run_dir, path: Path, variant, rec: dict, kd, shown: Path | None = None) -> dict:
+    """Write ``path`` (when there is a recommendation below 1.0) and return what the summary records; ``shown``:
+    the path to record, where ``path`` is a temporary one that will be renamed."""
     if variant is None:
         return {"config": None, "note": "no curve qualified below fraction 1.0: keep all the data"}
     from ..consumers.kd import alpha_schedule
@@ -68,6 +69,7 @@ def write_recommended(run_dir, path: Path, variant, rec: dict, kd) -> dict:
         header += ["#   python pipelines/train.py runs/pruned        # no KD: the recipe was best without it"]
     text = "\n".join(header) + "\n" + yaml.safe_dump(cfg, sort_keys=False)
     write_bytes(path, text.encode("utf-8"))
+    path = shown or path
     return {"config": str(path), "variant": variant.name, "fraction": frac, "select": cfg["select"], "train": train,
             "commands": [f"datapruning run {path} --input YOUR_SHARDS --output runs/pruned",
                          f"python pipelines/train.py runs/pruned{kd_flags}"]}

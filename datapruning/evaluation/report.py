@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 
 from ..errors import StageError
 from ..io.files import is_done, read_json, write_bytes
-from ..run import Run, load_run_config
+from ..run import Run, is_int_text, load_run_config
 from .curves import accuracy_grid
 
 log = logging.getLogger(__name__)
 
 N_CLUSTERS_SHOWN, N_MEMBERS_SHOWN, N_PAIRS_SHOWN, THUMB_PX = 6, 6, 6, 72
+MAX_THUMB_PIXELS = 50_000_000  # below PIL's bomb limit (179M, a warning from 89M): a thumbnail never decodes more
 
 
 # ---------------------------------------------------------------- plots (matplotlib, no pyplot state)
@@ -99,7 +100,7 @@ def plot_labels(labels: pd.Series, keep: np.ndarray) -> str:
     """Kept fraction per label (the 60 most frequent labels)."""
     table = pd.DataFrame({"label": labels.astype(str), "keep": keep}).groupby("label")["keep"].agg(["mean", "size"])
     table = table.sort_values("size", ascending=False).head(60).sort_index(
-        key=lambda idx: [(0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v) for v in idx])
+        key=lambda idx: [(0, int(v), v) if is_int_text(v) else (1, 0, v) for v in idx])
     fig = _figure(max(5.0, 0.28 * len(table) + 2), 3.4)
     ax = fig.subplots()
     ax.bar(range(len(table)), table["mean"], color="C1")
@@ -141,11 +142,19 @@ def dbp_view(run: Run, df: pd.DataFrame, stats: dict) -> tuple[np.ndarray, np.nd
 
 
 def thumbnail_uri(data: bytes, px: int = THUMB_PX) -> str:
-    """Image bytes -> a PNG data URI whose longer side is ``px`` (small images upscaled crisply)."""
+    """Image bytes -> a PNG data URI whose longer side is ``px`` (small images upscaled crisply). Bytes PIL
+    cannot read, and images over ``MAX_THUMB_PIXELS`` (decompression bombs), raise ValueError."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data))
-    img = img.convert("RGB")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_THUMB_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} pixels is too large to decode for a thumbnail")
+        img = img.convert("RGB")
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes (DecompressionBombError too)
+        raise ValueError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
     scale = px / max(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                      Image.NEAREST if scale > 1 else Image.LANCZOS)

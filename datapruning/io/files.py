@@ -1,6 +1,7 @@
 """Atomic writes and per-shard done markers: a crash never leaves half a file that looks finished."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ..errors import WriteFailed
+from ..errors import StageError, WriteFailed
 
 
 _UMASK = os.umask(0)
@@ -44,6 +45,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise WriteFailed(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to fill; on success swap it in for ``path`` (the old folder is
+    removed), so readers see all the old files or all the new ones, never a mix. A crash leaves only temporary
+    folders (at worst, between the two renames, no ``path`` at all), removed by the next call."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_temp(path.parent, f".{glob.escape(path.name)}.p*.tmp")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.p{os.getpid()}@{_HOST}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.p{os.getpid()}@{_HOST}.old.", suffix=".tmp",
+                                        dir=path.parent))
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = str(exc) if isinstance(exc, WriteFailed) else f"cannot write {path}: {exc.strerror or exc}"
+        raise WriteFailed(message.replace(str(tmp), str(path))) from exc  # name the file, not the temporary folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -106,16 +135,34 @@ def mark_done(stage_dir: str | Path, shard: str, info: dict[str, Any]) -> None:
     write_json(done_path(stage_dir, shard), info)
 
 
-def clean_temp(folder: str | Path) -> int:
-    """Remove temporary files a killed run left in ``folder`` (never taken for outputs: they are only
-    renamed into place when complete). Those of a process that still runs on this host are kept: the run
-    folder's lock admits one writer, but a reader (reshard, eval) may write beside it."""
+def check_any_rows(stage_dir: str | Path, shards: list[str]) -> None:
+    """Stop when the finished shards of ``stage_dir`` (the embed stage's) hold no row at all: every input sample
+    was skipped, or no shard was read. The message adds up the skip counts and says where they are."""
+    infos = [read_json(done_path(stage_dir, s)) for s in shards if is_done(stage_dir, s)]
+    if len(infos) < len(shards) or any(info.get("rows") for info in infos):
+        return
+    skipped: dict[str, int] = {}
+    for info in infos:
+        for reason, n in info.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    why = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())) or "the shards hold no samples"
+    raise StageError(f"no valid samples found in the {len(infos)} input shard(s) ({why}); the counts per shard "
+                     f"are in {meta_dir(stage_dir)}/_<shard>.done.json, and the log names each skipped sample")
+
+
+def clean_temp(folder: str | Path, pattern: str = ".*.tmp") -> int:
+    """Remove temporary files (and ``atomic_dir`` folders) a killed run left in ``folder`` (never taken for
+    outputs: they are only renamed into place when complete). Those of a process that still runs on this host
+    are kept: the run folder's lock admits one writer, but a reader (reshard, eval) may write beside it."""
     removed = 0
-    for tmp in [*Path(folder).glob(".*.tmp"), *meta_dir(folder).glob(".*.tmp")]:
+    for tmp in [*Path(folder).glob(pattern), *meta_dir(folder).glob(pattern)]:
         found = _TEMP_PID.search(tmp.name)
         if found and found["host"] == _HOST and int(found["pid"]) != os.getpid() and pid_alive(int(found["pid"])):
             continue
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         removed += 1
     return removed
 

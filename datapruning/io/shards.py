@@ -5,6 +5,7 @@ Local paths come back absolute, so a run works from any directory; an img2datase
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import fsspec
 from ..errors import InputError
 
-SUFFIXES = {".tar": "webdataset", ".parquet": "parquet", ".npy": "npy"}
+log = logging.getLogger(__name__)
+
+SUFFIXES = {".tar": "webdataset", ".parquet": "parquet", ".npy": "npy", ".tar.gz": "webdataset", ".tgz": "webdataset"}
 SIDE_FILES = (".parquet", ".json")  # img2dataset / DataComp metadata beside a shard of the same stem: not shards
 
 
@@ -33,6 +36,7 @@ def expand_input(spec: str | list[str]) -> list[str]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for item in specs:
+        before = len(out)
         for path in _braceexpand(item):
             if _is_url(path):
                 protocol = _check_protocol(path)
@@ -58,8 +62,8 @@ def expand_input(spec: str | list[str]) -> list[str]:
                     out.extend(_list_folder(found) if os.path.isdir(found) else [found])
             else:
                 raise InputError(f"input {path}: no such file or folder")
-    if not out:
-        raise InputError(f"input {spec!r}: matched no shards")
+        if len(out) == before:  # one pattern of several matching nothing is a mistake too, not a smaller input
+            raise InputError(f"input {item!r}: matched no shards")
     return list(dict.fromkeys(out))
 
 
@@ -95,11 +99,23 @@ def _list_folder(folder: str) -> list[str]:
             if not parts:
                 raise InputError(f"input folder {folder}: {emb}/ holds no .npy files")
             return parts
-    found = without_side_files(sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "*"))
-                                      if Path(p).suffix in SUFFIXES))
+    files = sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "*")) if os.path.isfile(p))
+    found = without_side_files([p for p in files if shard_suffix(p) in SUFFIXES])
     if not found:
-        raise InputError(f"input folder {folder}: holds no .tar, .parquet or .npy files")
+        raise InputError(f"input folder {folder}: holds no .tar, .tar.gz, .parquet or .npy files")
+    stems = {_stem(f) for f in found}
+    left = [Path(p).name for p in files if shard_suffix(p) not in SUFFIXES and not Path(p).name.startswith(("_", "."))
+            and not (Path(p).suffix in SIDE_FILES and _stem(p) in stems)]
+    if left:
+        log.warning("input folder %s: left out %d file(s) that are not shards: %s", folder, len(left),
+                    ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""))
     return found
+
+
+def shard_suffix(path: str) -> str:
+    """'.tar.gz' for 'a.tar.gz' (and 'x.v2.tar.gz'), else the last suffix."""
+    name = Path(path.split("?", 1)[0]).name.lower()
+    return ".tar.gz" if name.endswith(".tar.gz") else Path(name).suffix
 
 
 def _stem(path: str) -> str:
@@ -111,7 +127,7 @@ def _stem(path: str) -> str:
 def without_side_files(paths: list[str]) -> list[str]:
     """Absolute paths of ``paths`` less the side files of a .tar or .npy shard (same folder and stem)."""
     paths = [os.path.abspath(p) for p in paths]
-    shards = {_stem(p) for p in paths if Path(p).suffix in (".tar", ".npy")}
+    shards = {_stem(p) for p in paths if shard_suffix(p) in (".tar", ".tar.gz", ".tgz", ".npy")}
     return [p for p in paths if not (Path(p).suffix in SIDE_FILES and _stem(p) in shards)]
 
 
@@ -126,7 +142,7 @@ def detect_format(paths: list[str], declared: str = "auto") -> str:
         elif p.endswith(".parquet") and not _is_url(p) and os.path.exists(p[:-len(".parquet")] + ".npz"):
             kinds.add("datacomp")  # DataComp's metadata: uid, url, text, ... plus same-name .npz embeddings
         else:
-            suffix = Path(p.split("?", 1)[0]).suffix
+            suffix = shard_suffix(p)
             kinds.add(SUFFIXES.get(suffix, f"unknown suffix {suffix!r}"))
     if len(kinds) != 1 or any(k.startswith("unknown") for k in kinds):
         raise InputError(f"input: cannot tell the format from {sorted(kinds)}; set input.format")
@@ -142,4 +158,11 @@ def shard_names(paths: list[str]) -> list[str]:
     stems = [re.sub(r"[^A-Za-z0-9_.-]", "_", Path(p.rstrip("/").split("?", 1)[0]).name.split(".")[0]) or "shard"
              for p in paths]
     repeated = {s for s in stems if stems.count(s) > 1}
-    return [f"{i:05d}-{s}" if s in repeated else s for i, s in enumerate(stems)]
+    names = [f"{i:05d}-{s}" if s in repeated else s for i, s in enumerate(stems)]
+    first: dict[str, str] = {}
+    for path, name in zip(paths, names):  # '00001-a.tar' beside 'a.tar' and 'a.v2.tar': '00001-a' twice
+        if name in first:
+            raise InputError(f"input: shards {first[name]} and {path} would both be named {name!r} (the name "
+                             "prefixes every uid); rename one of them")
+        first[name] = path
+    return names

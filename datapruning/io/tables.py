@@ -1,12 +1,14 @@
 """Embedding tables: our per-shard parquet, precomputed-embedding parquet, clip-retrieval and .npy inputs."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import InputError
@@ -48,13 +50,40 @@ def normalise_rows(matrix: np.ndarray, where: str, skipped: Counter, keys, stric
     """L2-normalise rows; NaN/inf or all-zero rows are skipped (counted) or raise in strict mode.
     Returns the mask of rows kept; ``matrix`` is normalised in place."""
     finite = np.isfinite(matrix).all(axis=1)
-    norms = np.linalg.norm(np.where(finite[:, None], matrix, 0), axis=1)
-    ok = finite & (norms > 0)
+    # scaled by the largest |value| first: the float32 norm of finite values near 1e38 overflows to inf
+    scale = np.abs(np.where(finite[:, None], matrix, 0)).max(axis=1, initial=0)
+    ok = finite & (scale > 0)
     for i in np.flatnonzero(~ok):
         skip(skipped, "non_finite_embedding" if not finite[i] else "zero_embedding", where, str(keys[i]),
              "embedding has NaN/inf" if not finite[i] else "embedding is all zeros", strict)
-    matrix[ok] /= norms[ok, None]
+    rows = matrix[ok] / scale[ok, None]
+    matrix[ok] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
     return ok
+
+
+INT_LABEL = r"[+-]?[0-9]{1,18}"  # an integer label: ASCII digits only ('\u00b2'.isdigit() is True), fits int64
+
+
+def label_text(text: str | None) -> str | None:
+    """One rule for labels everywhere: an integer label is its number, so '01', '+1' and '1' are class '1'."""
+    return str(int(text)) if text is not None and re.fullmatch(INT_LABEL, text) else text
+
+
+def label_strings(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
+    """A label column as strings by ``label_text``'s rule, and how many NaN float labels became null (missing)."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    nan = 0
+    if pa.types.is_floating(column.type):
+        is_nan = pc.fill_null(pc.is_nan(column), False)
+        nan = int(pc.sum(is_nan).as_py() or 0)
+        column = pc.if_else(is_nan, pa.nulls(len(column), column.type), column)
+    text = pc.cast(column, pa.string())
+    number = pc.fill_null(pc.match_substring_regex(text, f"^{INT_LABEL}$"), False)
+    if pc.any(number).as_py():
+        digits = pc.replace_substring_regex(pc.if_else(number, text, "0"), "^[+]", "")  # arrow refuses '+1'
+        canonical = pc.cast(pc.cast(digits, pa.int64()), pa.string())
+        text = pc.if_else(number, canonical, text)
+    return text, nan
 
 
 def read_parquet(path: str, columns=None) -> pa.Table:

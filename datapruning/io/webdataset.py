@@ -78,8 +78,15 @@ def _group(members, on_skip: OnSkip, state: dict) -> Iterator[tuple[str, list[Me
     so a tar that breaks drops it (it may be missing members). First copy of an extension, first group of a
     key win; the repeats are reported to ``on_skip``."""
     seen: set[str] = set()
+    bad = None
     for name, info, data in members:
         key, ext = split_member(name)
+        if not utf8(name):  # tar names are bytes; a key that is not UTF-8 cannot be a manifest uid
+            if key != bad:  # once per sample, named with its bytes escaped
+                on_skip("bad_member_name", ascii(key.encode("utf-8", "surrogateescape"))[2:-1],
+                        f"tar member name {ascii(name.encode('utf-8', 'surrogateescape'))[1:]} is not valid UTF-8")
+            bad = key
+            continue
         if key.startswith("__") or not ext:  # webdataset ignores these too
             continue
         if state["key"] != key:
@@ -97,6 +104,15 @@ def _group(members, on_skip: OnSkip, state: dict) -> Iterator[tuple[str, list[Me
             on_skip("duplicate_member", key, f"repeats .{ext}")
             continue
         state["members"].append((name[len(key) + 1:], info, data))
+
+
+def utf8(name: str) -> bool:
+    """False for a name decoded with surrogate escapes (its bytes were not UTF-8)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 RETRY = {"retries": 3, "backoff_s": 1.0}  # transient faults reading a shard: tries after the first, first wait

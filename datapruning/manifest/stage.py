@@ -133,11 +133,12 @@ def add_counts(total: dict | None, c: dict) -> dict:
 
 def build_stats(run: Run, counts: dict) -> dict:
     """stats.json from the folded per-shard ``counts`` (see ``add_counts``), the markers and the info files."""
-    skipped, encoders = Counter(), set()
+    skipped, encoders, nan_labels = Counter(), set(), 0
     for shard in run.shards:
         info = read_json(done_path(run.dir("embed"), shard["name"]))
         skipped.update(info.get("skipped", {}))
         encoders.add(info.get("encoder"))
+        nan_labels += info.get("nan_labels", 0)
     k = run.cfg.cluster.k
     n, kept = counts["rows"], counts["kept"]
     sizes = np.zeros(k, np.int64) + counts["sizes"]
@@ -153,6 +154,8 @@ def build_stats(run: Run, counts: dict) -> dict:
         "config": to_dict(run.cfg), "versions": versions(),
         "manifest": str(run.dir("manifest")), "kept_list": str(run.kept_path),
     }
+    if nan_labels:
+        stats["nan_labels"] = nan_labels  # NaN float labels, kept with label null
     if len(encoders - {None}) > 1:
         stats["encoders"] = sorted(encoders - {None})
     if counts["labels"] is not None:
