@@ -26,7 +26,7 @@ def parse(argv=None):
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--k", type=int, default=500)
     p.add_argument("--big-cluster", type=int, default=0, help="also put this many rows in one cluster")
-    p.add_argument("--block-rows", type=int, default=4096)
+    p.add_argument("--block-rows", type=int, default=2048)
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     args = p.parse_args(argv)

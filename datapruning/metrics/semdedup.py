@@ -51,7 +51,7 @@ def _max_sim_to_earlier(embeddings, rows: np.ndarray, block_rows: int, upper: np
 
 
 def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.ndarray, mode: str = "hard",
-                    seed: int = 0, block_rows: int = 4096, tie: np.ndarray | None = None) -> np.ndarray:
+                    seed: int = 0, block_rows: int = 2048, tie: np.ndarray | None = None) -> np.ndarray:
     """Duplicate score per sample: the max cosine similarity to any member of its cluster that comes
     EARLIER in keep-preference order. Sample i is removed at ``eps`` iff ``score_i > 1 - eps``.
 

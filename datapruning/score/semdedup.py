@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SemDeDupParams:
     mode: str = "hard"  # which duplicate survives: hard = farthest from the centroid
-    block_rows: int = 4096  # similarity block edge (memory: block_rows**2 float32)
+    block_rows: int = 2048  # similarity block edge (memory: block_rows**2 float32; 2048 was as fast as 4096 here)
     eps: tuple = DEFAULT_EPS  # eps values whose removed counts go to stats.json
     seed: int | None = None
 
