@@ -327,3 +327,43 @@ def test_kd_from_cached_teacher(planted_run, tmp_path, capsys):
     assert cli.main([*args, "--teacher", "cached"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no logits for" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow  # two spawned workers import torch: about 10 s on an idle 2-core machine, 45 s at load 8
+def test_fits_in_worker_processes_give_the_same_table(planted_run):
+    """The probe fits run in two spawned workers or in this process: the same table, bit for bit, KD included."""
+    from datapruning.evaluation.fits import CurveFitter
+    from datapruning.evaluation.kd import KDSettings
+    from datapruning.evaluation.probe import ProbeSettings
+
+    data = load_eval_data(planted_run[0])
+    variants = [v for v in default_variants(sorted(data.scores), None, 2) if v.name == "random"]
+    variants += [variants[0].with_kd()]
+    tables = []
+    for workers in (1, 2):
+        with CurveFitter(data, ProbeSettings(seed=data.seed), KDSettings(), workers=workers) as fitter:
+            tables.append(evaluate_curves(data, variants, (0.2, 1.0), fitter=fitter)[0])
+            assert fitter.workers == workers and (fitter._pool is not None) == (workers > 1)
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+def test_probe_gradient_equals_autograd():
+    """The probe's linear layer computes dW as (g^T x)^T; it must equal autograd's x^T g, KD term included."""
+    import torch
+
+    from datapruning.evaluation import probe as pm
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(500, 24, generator=gen), torch.randint(0, 5, (500,), generator=gen)
+    soft = torch.softmax(torch.randn(500, 5, generator=gen), 1)
+    grads = []
+    for linear in (pm._linear().apply, lambda x, W, b: torch.addmm(b, x, W)):
+        W = (0.1 * torch.randn(24, 5, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+        b = torch.zeros(5, requires_grad=True)
+        logits = linear(x, W, b)
+        loss = torch.nn.functional.cross_entropy(logits, y) * 0.5 + 8.0 * (
+            soft * (soft.log() - torch.log_softmax(logits / 4, 1))).sum(1).mean()
+        loss.backward()
+        grads.append((W.grad, b.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)
