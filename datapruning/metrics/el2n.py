@@ -20,9 +20,9 @@ SMALL_STEP_MACS = 1 << 24  # below this many multiply-adds per step, extra torch
 @contextmanager
 def torch_threads_for(step_macs: int):
     """Run small training steps on one torch thread (restored afterwards); big steps keep the default.
-    Denormal floats are flushed to zero meanwhile: as the heads fit, some softmax outputs and Adam's second
-    moments fall below 1.2e-38, and CPU arithmetic on them is 10-100x slower (measured: 122 ms per batched
-    step at 100k x 512, 100 classes, instead of about 6)."""
+    Denormal floats are flushed to zero meanwhile: as the heads fit, values in the training step fall below
+    1.2e-38, and CPU arithmetic on them is 10-100x slower (measured: 122 ms per batched step at 100k x 512,
+    100 classes, instead of about 5)."""
     import torch
 
     before = torch.get_num_threads()
