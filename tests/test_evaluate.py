@@ -329,7 +329,7 @@ def test_kd_from_cached_teacher(planted_run, tmp_path, capsys):
     assert "no logits for" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.slow  # two spawned workers import torch: 45 s at load average 8 on the shared 2-core VM
+@pytest.mark.slow  # two spawned workers import torch: 7 s at load average 2-4, 45 s at 8 (shared 2-core VM)
 def test_fits_in_worker_processes_give_the_same_table(planted_run):
     """The probe fits run in two spawned workers or in this process: the same table, bit for bit, KD included."""
     from datapruning.evaluation.fits import CurveFitter
