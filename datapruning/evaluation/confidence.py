@@ -32,14 +32,15 @@ class Bootstrap:
         return float(lo), float(hi)
 
 
-def cell_stats(boot: Bootstrap, correct: np.ndarray, full_correct: np.ndarray) -> dict:
+def cell_stats(boot: Bootstrap, correct: np.ndarray, full_correct: np.ndarray,
+               full_draws: np.ndarray | None = None) -> dict:
     """accuracy (mean over seeds), its seed std, and the intervals of the accuracy and of its difference to the
-    full-data probe."""
+    full-data probe (``full_draws``: ``boot.draws(full_correct)`` when the caller has it already)."""
     correct = np.atleast_2d(correct)
     per_seed = correct.mean(axis=1)
     draws = boot.draws(correct)
     lo, hi = boot.interval(draws)
-    dlo, dhi = boot.interval(draws - boot.draws(full_correct))
+    dlo, dhi = boot.interval(draws - (boot.draws(full_correct) if full_draws is None else full_draws))
     return {"accuracy": float(per_seed.mean()), "accuracy_std": float(per_seed.std()), "acc_lo": lo, "acc_hi": hi,
             "diff_lo": dlo, "diff_hi": dhi}
 

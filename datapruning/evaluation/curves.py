@@ -3,7 +3,6 @@
 Writes the curves, the recommendation and ``recommended.yaml``."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict
@@ -17,9 +16,10 @@ from ..io.files import atomic_dir, write_json, write_parquet
 from ..run import load_run_config
 from .confidence import N_BOOT, Bootstrap, cell_stats, recommend
 from .data import DEFAULT_MAX_ROWS, EvalData, load_eval_data
-from .kd import KDSettings, cached_teacher_logits
+from .fits import CurveFitter
+from .kd import KDSettings
 from .plots import plot_curves
-from .probe import ProbeSettings, Teacher, fit_probe, standardise, stratified_split
+from .probe import ProbeSettings, stratified_split
 from .recipes import Variant, default_variants, pick_variants, select_train
 from .recommended import write_recommended
 
@@ -30,77 +30,50 @@ KD_MODES = ("auto", "all", "none")
 KD_CANDIDATES = 2  # kd=auto: KD twins of random and of the best this many curves
 
 
-class CurveFitter:
-    """Probe fits over the training rows of one ``EvalData``, cached by kept set (and KD weight): curves that
-    keep the same rows share one fit. ``correct(keep, alpha)`` is the held-out correctness vector."""
-
-    def __init__(self, data: EvalData, probe: ProbeSettings, kd: KDSettings, run_dir: Path | None = None):
-        self.train = np.flatnonzero(~data.test)
-        self.x_train, self.x_test = standardise(data.embeddings[self.train], data.embeddings[data.test])
-        self.y_train, self.y_test = data.labels[self.train], data.labels[data.test]
-        self.probe, self.kd, self.cache, self.l2 = probe, kd, {}, {}
-        self.full = self.correct(np.ones(len(self.train), bool))
-        self._teacher, self._data, self._run_dir = None, data, run_dir
-
-    def teacher_logits(self) -> np.ndarray:
-        if self._teacher is None:
-            if self.kd.teacher == "cached":
-                self._teacher = cached_teacher_logits(self._run_dir, self._data.uid[self.train],
-                                                      self._data.n_classes)
-            else:
-                full = fit_probe(self.x_train, self.y_train, self.probe)
-                self._teacher = full.logits(self.x_train)
-        return self._teacher
-
-    def correct(self, keep: np.ndarray, alpha: float = 0.0) -> np.ndarray:
-        rows = np.flatnonzero(keep)
-        key = hashlib.blake2b(rows.tobytes(), digest_size=20).hexdigest()
-        if (key, alpha) not in self.cache:
-            settings, teacher = self.probe, None
-            if alpha > 0:
-                teacher = Teacher(self.teacher_logits()[rows], alpha, self.kd.T)
-                if key in self.l2:  # KD reuses the l2 chosen for the same rows without KD
-                    settings = ProbeSettings(**{**asdict(self.probe), "l2_grid": (self.l2[key],)})
-            fit = fit_probe(self.x_train[rows], self.y_train[rows], settings, teacher)
-            if alpha == 0:
-                self.l2[key] = fit.info["l2"] if fit.info["l2"] is not None else self.probe.l2_grid[0]
-            self.cache[(key, alpha)] = fit.predict(self.x_test) == self.y_test
-        return self.cache[(key, alpha)]
-
-
 def evaluate_curves(data: EvalData, variants, fractions=DEFAULT_FRACTIONS, probe: ProbeSettings | None = None,
                     kd: KDSettings | None = None, bar=None, fitter: CurveFitter | None = None,
                     n_boot: int | None = None) -> tuple[pd.DataFrame, float]:
     """(table, full-data accuracy). One row per curve x fraction: kept rows, accuracy (mean over seeds), its
     seed std, the interval of the accuracy and of its paired difference to the full-data probe; NaN where the
-    selector refused that fraction."""
+    selector refused that fraction. Every selection is made first, then the distinct fits run as one batch."""
     probe = probe or ProbeSettings(seed=data.seed)
+    own = fitter is None
     fitter = fitter or CurveFitter(data, probe, kd or KDSettings())
-    n_test = len(fitter.y_test)
-    boot = Bootstrap(n_test, n_boot or max(200, min(N_BOOT, int(4e7 // max(n_test, 1)))), data.seed)
-    n_train = len(fitter.train)
-    rows = []
-    for v in variants:
-        for f in fractions:
-            correct, kept = [], []
-            for s in range(v.seeds):
-                try:
-                    keep = select_train(data, v, float(f), data.seed + s)
-                except ValueError as exc:  # e.g. a config's CCS beta leaves too few rows: an empty cell, not a crash
-                    log.warning("eval: %s at fraction %g: %s", v.name, f, exc)
-                    keep = None
-                if keep is not None:
+    try:
+        n_train = len(fitter.train)
+        cells, jobs = [], [(np.ones(n_train, bool), 0.0)]  # the full-data fit first: the others compare to it
+        for v in variants:
+            for f in fractions:
+                kept = []
+                for s in range(v.seeds):
+                    try:
+                        keep = select_train(data, v, float(f), data.seed + s)
+                    except ValueError as exc:  # e.g. a config's CCS beta leaves too few rows: an empty cell
+                        log.warning("eval: %s at fraction %g: %s", v.name, f, exc)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
                     alpha = fitter.kd.alpha_for(keep.sum() / max(n_train, 1)) if v.kd else 0.0
-                    correct.append(fitter.correct(keep, alpha))
-                    kept.append(int(keep.sum()))
-                if bar is not None:
-                    bar.update(1)
-            stats = (cell_stats(boot, np.array(correct), fitter.full) if correct else
-                     dict.fromkeys(("accuracy", "accuracy_std", "acc_lo", "acc_hi", "diff_lo", "diff_hi"), np.nan))
+                    kept.append((keep, alpha))
+                cells.append((v, float(f), kept))
+                jobs += kept
+        if bar is not None:
+            bar.total += 1  # the full-data fit
+        fitter.fit_many(jobs, None if bar is None else bar.update)
+        n_test = len(fitter.y_test)
+        boot = Bootstrap(n_test, n_boot or max(200, min(N_BOOT, int(4e7 // max(n_test, 1)))), data.seed)
+        rows, full_draws = [], boot.draws(fitter.full)
+        for v, f, kept in cells:
+            correct = [fitter.correct(keep, alpha) for keep, alpha in kept]
+            stats = (cell_stats(boot, np.array(correct), fitter.full, full_draws) if correct else dict.fromkeys(
+                ("accuracy", "accuracy_std", "acc_lo", "acc_hi", "diff_lo", "diff_hi"), np.nan))
             rows.append({"variant": v.name, "metric": v.metric, "mode": v.mode, "selector": v.selector,
-                         "kd": v.kd, "fraction": float(f), "kept": float(np.mean(kept)) if kept else 0.0,
-                         **stats, "seeds": v.seeds})
-    return pd.DataFrame(rows), float(fitter.full.mean())
+                         "kd": v.kd, "fraction": f, "kept": float(np.mean([k.sum() for k, _ in kept])) if kept
+                         else 0.0, **stats, "seeds": v.seeds})
+        return pd.DataFrame(rows), float(fitter.full.mean())
+    finally:
+        if own:
+            fitter.close()
 
 
 def kd_candidates(table: pd.DataFrame, variants: list[Variant], n: int = KD_CANDIDATES) -> list[Variant]:
@@ -135,9 +108,11 @@ def format_table(table: pd.DataFrame) -> str:
 def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, seeds: int = 3,
              tolerance: float = 0.01, test_split: str | None = None, test_fraction: float = 0.2,
              max_rows: int | None = DEFAULT_MAX_ROWS, kd: str = "auto", kd_settings: KDSettings | None = None,
-             probe: ProbeSettings | None = None, curves: str | None = None) -> dict:
+             probe: ProbeSettings | None = None, curves: str | None = None, workers: int = 0) -> dict:
     """Evaluate the curves of a run and write RUN/eval/{curves.parquet, curves.png, summary.json,
-    recommended.yaml}. ``kd``: auto (KD twins of random and the best curves), all, or none."""
+    recommended.yaml}. ``kd``: auto (KD twins of random and the best curves), all, or none. ``workers``:
+    processes for the probe fits (0: auto, 2 at most, none below 5,000 training rows); results do not
+    depend on it."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -160,9 +135,9 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
     kd_settings = kd_settings or KDSettings()
     log.info("eval: %d of %d labelled rows sampled (%s); %d curves x %d fractions", len(data.uid),
              data.labelled_rows, data.split_source, len(variants), len(fractions))
-    fitter = CurveFitter(data, probe, kd_settings, run_dir)
-    with tqdm(total=sum(v.seeds for v in variants) * len(fractions), desc="eval", unit="probe",
-              disable=None, dynamic_ncols=True) as bar:
+    with CurveFitter(data, probe, kd_settings, run_dir, workers) as fitter, tqdm(
+            total=sum(v.seeds for v in variants) * len(fractions), desc="eval", unit="probe", disable=None,
+            dynamic_ncols=True) as bar:
         table, full = evaluate_curves(data, variants, fractions, probe, kd_settings, bar, fitter)
         if kd == "auto":
             extra = [v for v in kd_candidates(table, variants) if v.name not in set(table["variant"])]
@@ -197,7 +172,7 @@ def write_outputs(tmp: Path, out: Path, run_dir: Path, data: EvalData, table: pd
                "test_rows": sample["test_rows"],
                "confidence": {"level": 0.95, "bootstrap": "paired, over the held-out rows; resample b uses seed "
                               "b mod seeds"},
-               "recommended": recipe, "wall_s": round(time.perf_counter() - start, 1),
+               "recommended": recipe, "wall_s": round(time.perf_counter() - start, 1), "fit_workers": fitter.workers,
                "curves": [asdict(v) for v in variants]}
     write_json(tmp / "summary.json", summary)
     return summary

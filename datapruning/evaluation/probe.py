@@ -51,11 +51,36 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.
     return test
 
 
+def _linear():
+    """``addmm(b, x, W)`` whose backward computes ``dW`` as ``(g^T x)^T``: the same sums as autograd's
+    ``x^T g``, but without a GEMM over the transposed (strided) x, which runs 2-3x slower on CPU."""
+    import torch
+
+    global _LINEAR
+    if _LINEAR is None:
+        class Linear(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, W, b):
+                ctx.save_for_backward(x)
+                return torch.addmm(b, x, W)
+
+            @staticmethod
+            def backward(ctx, g):
+                (x,) = ctx.saved_tensors
+                return None, torch.mm(g.t(), x).t().contiguous(), g.sum(0)
+
+        _LINEAR = Linear
+    return _LINEAR
+
+
+_LINEAR = None
+
+
 def _loss(W, b, x, y, l2: float, soft, alpha: float, T: float):
     import torch
     import torch.nn.functional as F
 
-    logits = torch.addmm(b, x, W)
+    logits = _linear().apply(x, W, b)
     loss = F.cross_entropy(logits, y) if alpha < 1.0 else logits.new_zeros(())
     if soft is not None and alpha > 0.0:  # Hinton: (1 - a) CE + a T^2 KL(p_t || softmax(s / T)), teacher fixed
         kl = (soft * (torch.log(soft.clamp_min(1e-30)) - F.log_softmax(logits / T, dim=1))).sum(1).mean()
