@@ -150,7 +150,8 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
     with atomic_dir(out) as tmp:  # every file of eval/ from this run, or none (a killed rerun leaves the old set)
         summary = write_outputs(tmp, out, run_dir, data, table, rec, variants, kd_settings, {
             "label_column": label_column, "split": data.split_source, "fractions": fractions, "seeds": seeds,
-            "probe": probe.as_dict(), "kd": {"mode": kd, **kd_settings.as_dict()}}, max_rows, start)
+            "probe": probe.as_dict(), "kd": {"mode": kd, **kd_settings.as_dict()}, "fit_workers": fitter.workers},
+            max_rows, start)
     return {"table": table, "summary": summary, "dir": out}
 
 
@@ -172,7 +173,7 @@ def write_outputs(tmp: Path, out: Path, run_dir: Path, data: EvalData, table: pd
                "test_rows": sample["test_rows"],
                "confidence": {"level": 0.95, "bootstrap": "paired, over the held-out rows; resample b uses seed "
                               "b mod seeds"},
-               "recommended": recipe, "wall_s": round(time.perf_counter() - start, 1), "fit_workers": fitter.workers,
+               "recommended": recipe, "wall_s": round(time.perf_counter() - start, 1),
                "curves": [asdict(v) for v in variants]}
     write_json(tmp / "summary.json", summary)
     return summary
