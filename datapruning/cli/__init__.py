@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..config import load_config, to_dict
 from ..errors import DataPruningError
 from ..run import STAGES, load_run_config, locked
@@ -105,6 +107,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature probe
+    tqdm.monitor_interval = 0  # no daemon monitor thread: one waking during interpreter exit aborted the CLI
     if getattr(args, "input", None) is not None and len(args.input) == 1:
         args.input = args.input[0]
     try:

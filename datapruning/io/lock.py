@@ -163,9 +163,10 @@ def acquire(folder: str | Path, wait_s: float = 0.0) -> None:
             else:
                 time.sleep(0.1)
         stop, state = threading.Event(), {"lost": False}
-        threading.Thread(target=_beat, args=(path, info["token"], stop, state), daemon=True,
-                         name="datapruning-lock").start()
-        _held[key] = {"path": path, "token": info["token"], "count": 1, "stop": stop, "state": state}
+        beat = threading.Thread(target=_beat, args=(path, info["token"], stop, state), daemon=True,
+                                name="datapruning-lock")
+        beat.start()
+        _held[key] = {"path": path, "token": info["token"], "count": 1, "stop": stop, "state": state, "beat": beat}
 
 
 def release(folder: str | Path, force: bool = False) -> None:
@@ -180,6 +181,7 @@ def release(folder: str | Path, force: bool = False) -> None:
             return
         del _held[key]
         held["stop"].set()
+        held["beat"].join(timeout=5)  # no daemon thread left running into interpreter exit
         holder = _read(held["path"])
         if holder is not None and holder.get("token") == held["token"]:
             held["path"].unlink(missing_ok=True)
