@@ -16,7 +16,7 @@ import numpy as np
 from .kmeans import assign
 from .kmeans_torch import faiss_init_indices, split_empty_clusters
 
-CHUNK_BYTES = 64 << 20  # sample rows read per step
+CHUNK_BYTES = 16 << 20  # sample rows read per step (the step holds ~4x this: a sorted copy and float64 sums)
 
 
 def read_rows(path: Path, d: int, rows: np.ndarray) -> np.ndarray:
