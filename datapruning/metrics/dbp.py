@@ -13,7 +13,7 @@ from .fixed import fixed_mean, fixed_sum
 
 log = logging.getLogger(__name__)
 
-BLOCK_ELEMS = 1 << 24  # 16M float32 (64 MiB) per centroid-similarity block
+BLOCK_ELEMS = 1 << 22  # 4M float32 (16 MiB) per centroid-similarity block; the partition copies it once more
 
 
 def d_intra(cos_dist: np.ndarray, cluster: np.ndarray, k: int, eligible: np.ndarray | None = None) -> np.ndarray:
