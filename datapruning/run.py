@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -22,7 +21,7 @@ from .io.lock import check_idle, ensure, locked  # noqa: F401 (locked: for calle
 from .errors import StageError
 from .exec import map_unordered
 from .io.files import clean_stage, clean_temp, done_path, meta_dir, read_json, stage_marker, write_json
-from .io.tables import INT_LABEL, column_to_matrix, read_stage
+from .io.tables import INT_LABEL, column_to_matrix, is_int_text, label_sort_key, read_stage
 from .rows import BlockRows
 
 log = logging.getLogger("datapruning")
@@ -210,10 +209,6 @@ def load_columns(run: Run, stage: str, shard: str, expected_uids: pa.Array, colu
     return table
 
 
-def is_int_text(text: str) -> bool:
-    return re.fullmatch(INT_LABEL, text) is not None  # ASCII digits: '\u00b2'.isdigit() is True, int() refuses it
-
-
 # ---- numeric blocks for the streaming stages ----------------------------------------------------------
 
 def shard_offsets(run: Run) -> list[tuple[dict, int, int]]:
@@ -249,7 +244,7 @@ def label_index(run: Run) -> dict | None:
 def label_coding(distinct) -> dict:
     """``{"integer": bool, "names": [...]}`` for a set of label strings: numbers sort numerically, and when
     all are non-negative integers each keeps its value as its code (``integer``); else code = sorted rank."""
-    names = sorted(distinct, key=lambda v: (0, int(v), v) if is_int_text(v) else (1, 0, v))
+    names = sorted(distinct, key=label_sort_key)
     return {"integer": bool(names) and all(is_int_text(v) and int(v) >= 0 for v in names), "names": names}
 
 

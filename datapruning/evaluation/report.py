@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from ..errors import StageError
 from ..io.files import is_done, read_json, write_bytes
-from ..run import Run, is_int_text, load_run_config
+from ..io.tables import label_sort_key
+from ..run import Run, load_run_config
 from .curves import accuracy_grid
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def plot_labels(labels: pd.Series, keep: np.ndarray) -> str:
     """Kept fraction per label (the 60 most frequent labels)."""
     table = pd.DataFrame({"label": labels.astype(str), "keep": keep}).groupby("label")["keep"].agg(["mean", "size"])
     table = table.sort_values("size", ascending=False).head(60).sort_index(
-        key=lambda idx: [(0, int(v), v) if is_int_text(v) else (1, 0, v) for v in idx])
+        key=lambda idx: [label_sort_key(v) for v in idx])
     fig = _figure(max(5.0, 0.28 * len(table) + 2), 3.4)
     ax = fig.subplots()
     ax.bar(range(len(table)), table["mean"], color="C1")

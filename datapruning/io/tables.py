@@ -64,9 +64,18 @@ def normalise_rows(matrix: np.ndarray, where: str, skipped: Counter, keys, stric
 INT_LABEL = r"[+-]?[0-9]{1,18}"  # an integer label: ASCII digits only ('\u00b2'.isdigit() is True), fits int64
 
 
+def is_int_text(text: str) -> bool:
+    return re.fullmatch(INT_LABEL, text) is not None
+
+
+def label_sort_key(text: str) -> tuple:
+    """Labels in order: integers by value first, then the rest as text."""
+    return (0, int(text), text) if is_int_text(text) else (1, 0, text)
+
+
 def label_text(text: str | None) -> str | None:
     """One rule for labels everywhere: an integer label is its number, so '01', '+1' and '1' are class '1'."""
-    return str(int(text)) if text is not None and re.fullmatch(INT_LABEL, text) else text
+    return str(int(text)) if text is not None and is_int_text(text) else text
 
 
 def label_strings(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
