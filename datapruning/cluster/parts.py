@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StageError
-from ..io.files import atomic_path
+from ..io.files import write_raw
 from ..run import Run
 
 META = np.dtype([("row", "<i4"), ("cluster", "<i4"), ("cos_dist", "<f4"), ("tie", "<u8")])  # 20 bytes, packed
@@ -28,11 +28,6 @@ def emb_dtype(run: Run) -> np.dtype:
     return np.dtype("<f2") if run.cfg.embed.store_dtype == "float16" else np.dtype("<f4")
 
 
-def _write_raw(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        np.ascontiguousarray(array).tofile(tmp)
-
-
 def write_parts(run: Run, name: str, matrix: np.ndarray, cluster: np.ndarray, cos_dist: np.ndarray,
                 tie: np.ndarray, groups: np.ndarray) -> None:
     """Write shard ``name``'s rows sorted by (cluster, row) with the start of each group of clusters; the
@@ -43,9 +38,9 @@ def write_parts(run: Run, name: str, matrix: np.ndarray, cluster: np.ndarray, co
     meta["cos_dist"], meta["tie"] = cos_dist[order], tie[order]
     counts = np.bincount(groups[cluster[order]], minlength=int(groups.max()) + 1)
     out = parts_dir(run)
-    _write_raw(out / f"{name}.emb", matrix[order].astype(emb_dtype(run), copy=False))
-    _write_raw(out / f"{name}.meta", meta)
-    _write_raw(out / f"{name}.idx", np.r_[0, np.cumsum(counts)].astype(INDEX))
+    write_raw(out / f"{name}.emb", matrix[order].astype(emb_dtype(run), copy=False))
+    write_raw(out / f"{name}.meta", meta)
+    write_raw(out / f"{name}.idx", np.r_[0, np.cumsum(counts)].astype(INDEX))
 
 
 def _read(path: Path, dtype: np.dtype, start: int, count: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from ..errors import StageError
 from ..exec import map_unordered
-from ..io.files import atomic_path
+from ..io.files import write_raw
 from ..run import Run, run_rows
 
 UNIQUE_BATCH = 4_000_000  # hashes expected per range task (32 MB)
@@ -29,8 +29,7 @@ def ties_path(run: Run, name: str) -> Path:
 
 def write_ties(run: Run, name: str, tie: np.ndarray) -> None:
     """Shard ``name``'s uid hashes, sorted."""
-    with atomic_path(ties_path(run, name)) as tmp:
-        np.sort(np.asarray(tie, dtype=HASH)).tofile(tmp)
+    write_raw(ties_path(run, name), np.sort(np.asarray(tie, dtype=HASH)))
 
 
 def hash_ranges(n: int, batch: int) -> list[tuple[int, int | None]]:

@@ -96,6 +96,12 @@ def write_npy(path: str | Path, array: np.ndarray) -> None:
             np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def write_raw(path: str | Path, array: np.ndarray) -> None:
+    """The array's bytes, no header (read back with a seek and ``np.fromfile``)."""
+    with atomic_path(path) as tmp:
+        np.ascontiguousarray(array).tofile(tmp)
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
