@@ -59,6 +59,12 @@ def sample_indices(n: int, k: int, fit_fraction: float | None, max_points_per_ce
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
+def unit_rows(c: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (all-zero rows stay zero), float32."""
+    norms = np.linalg.norm(c, axis=1, keepdims=True)
+    return (c / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
 def fit_kmeans(x: np.ndarray, k: int, niter: int, seed: int, backend: str = "auto") -> tuple[np.ndarray, dict]:
     """Spherical k-means centroids (float32 [k, d], unit norm) from the fit sample ``x``; returns (centroids, stats)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -78,10 +84,8 @@ def fit_kmeans(x: np.ndarray, k: int, niter: int, seed: int, backend: str = "aut
         km.train(x)
         centroids = km.centroids.copy()
         stats = {"objective": float(km.obj[-1]) if len(km.obj) else None}
-    norms = np.linalg.norm(centroids, axis=1, keepdims=True)
-    centroids = centroids / np.where(norms > 0, norms, 1.0)
     stats.update(backend=backend, k=k, niter=niter, fit_points=len(x))
-    return centroids.astype(np.float32), stats
+    return unit_rows(centroids), stats
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, batch: int = 65536, backend: str = "faiss") -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .kmeans import assign
+from .kmeans import assign, unit_rows
 from .kmeans_torch import faiss_init_indices, split_empty_clusters
 
 CHUNK_BYTES = 16 << 20  # sample rows read per step (the step holds ~4x this: a sorted copy and float64 sums)
@@ -47,18 +47,13 @@ def chunk_sums(x: np.ndarray, best: np.ndarray, sums: np.ndarray, counts: np.nda
     counts += np.bincount(best, minlength=len(counts))
 
 
-def _renorm(c: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(c, axis=1, keepdims=True)
-    return (c / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-
-
 def stream_kmeans(path: Path, n: int, d: int, k: int, niter: int, seed: int, backend: str = "faiss",
                   batch: int = 65536, early_stop: float = 0.0) -> tuple[np.ndarray, dict]:
     """Unit-norm float32 [k, d] centroids of the raw float32 [n, d] file ``path``; returns (centroids, stats)."""
     if k > n:
         raise ValueError(f"k-means: k={k} is larger than the {n} points")
     rows = max(1, CHUNK_BYTES // (4 * d))
-    centroids = _renorm(read_rows(path, d, faiss_init_indices(n, k, seed)))
+    centroids = unit_rows(read_rows(path, d, faiss_init_indices(n, k, seed)))
     objective, splits, done = None, 0, 0
     for _ in range(niter):
         sums, counts, obj = np.zeros((k, d)), np.zeros(k, np.int64), 0.0
@@ -70,8 +65,9 @@ def stream_kmeans(path: Path, n: int, d: int, k: int, niter: int, seed: int, bac
         centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
         if (counts == 0).any():
             splits += split_empty_clusters(counts.astype(np.float32), centroids, n)
-        centroids = _renorm(centroids)
+        centroids = unit_rows(centroids)
         done += 1
         if previous is not None and abs(objective - previous) <= early_stop * abs(previous):
             break  # as faiss does: stop once the objective stops changing
-    return centroids, {"objective": objective or 0.0, "iterations": done, "splits": splits, "streamed": True}
+    return centroids, {"objective": objective or 0.0, "iterations": done, "splits": splits, "streamed": True,
+                       "backend": backend, "k": k, "niter": niter, "fit_points": n}

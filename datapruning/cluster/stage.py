@@ -1,7 +1,8 @@
 """Cluster stage: fit spherical k-means on a sample, assign every shard, write rows grouped by cluster.
 
 Each shard gets cluster, cos_dist and the seeded tie key, and its rows are written again grouped by cluster
-(clusters/parts/: a sorted copy with per-group offsets), so per-cluster work reads only its clusters. See docs/methods.md#clustering-spherical-k-means.
+(clusters/parts/: a sorted copy with per-group offsets), so per-cluster work reads only its clusters.
+See docs/methods.md#clustering-spherical-k-means.
 """
 from __future__ import annotations
 
@@ -90,7 +91,6 @@ def fit_sample(cfg, output: Path, counts: list[tuple[dict, int]], idx: np.ndarra
         for x in chunks(path, len(idx), d, max(1, CHUNK_BYTES // (4 * d))):
             sample_sizes += np.bincount(assign(x, centroids, ccfg.assign_batch, backend)[0], minlength=ccfg.k)
         path.unlink()
-        stats.update(backend=backend, k=ccfg.k, niter=ccfg.niter, fit_points=len(idx))
     stats["seconds"] = round(time.perf_counter() - start, 3)
     return centroids, stats, sample_sizes
 
