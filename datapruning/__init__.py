@@ -5,4 +5,4 @@ One package per stage (``embed``, ``cluster``, ``score``, ``select``, ``manifest
 functions in ``datapruning.metrics`` and ``datapruning.select``; trainers read manifests with
 ``datapruning.consumers.loaders``.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

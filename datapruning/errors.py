@@ -48,3 +48,10 @@ class ClusterError(DataPruningError, ValueError):
 
 class WriteFailed(DataPruningError, OSError):
     """Writing an output failed (disk full, permissions, ...); the message names the file."""
+
+
+class UidNotFound(DataPruningError, KeyError):
+    """Asked-for uids are not in the manifest or the teacher outputs; the message names the first one."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""

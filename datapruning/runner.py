@@ -38,7 +38,7 @@ def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):
     check_config(cfg)
     run = Run(cfg, Path(output))
     if input_spec is not None and stage != "embed":
-        raise ValueError(f"{stage}: --input is only read by the embed stage")
+        raise ConfigError(f"{stage}: --input is only read by the embed stage")
     with locked(run.output):  # one writer per run folder; released when the stage ends
         if stage == "embed":
             return run_embed(run, input_spec)

@@ -207,6 +207,30 @@ def test_no_module_over_400_lines(modules):
     assert not found, f"modules over {MAX_LINES} lines (split them by job):\n" + "\n".join(found)
 
 
+def bare_raises(modules: dict[str, Path]) -> list[str]:
+    """``raise ValueError/RuntimeError/KeyError(...)`` in the package: errors raised on purpose derive from
+    ``errors.DataPruningError`` (which the CLI prints as one line); anything else is a bug with a traceback."""
+    found = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name) \
+                    and node.exc.func.id in ("ValueError", "RuntimeError", "KeyError", "Exception"):
+                found.append(f"{name}:{node.lineno} raises {node.exc.func.id}")
+    return found
+
+
+def test_errors_raised_on_purpose_derive_from_the_package_base(modules):
+    found = bare_raises(modules)
+    assert not found, "raise a datapruning.errors class instead:\n" + "\n".join(found)
+
+
+def test_cli_catches_only_the_package_errors_and_os_errors():
+    from datapruning.cli import EXPECTED_ERRORS
+    from datapruning.errors import DataPruningError
+
+    assert set(EXPECTED_ERRORS) == {DataPruningError, OSError}
+
+
 def test_every_module_has_a_one_line_docstring(modules):
     found = docstring_problems(modules, KNOWN_DOCSTRINGS)
     assert not found, "module docstrings need a one-line summary:\n" + "\n".join(found)

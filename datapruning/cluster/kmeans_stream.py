@@ -15,6 +15,7 @@ import numpy as np
 
 from .kmeans import assign, unit_rows
 from .kmeans_torch import faiss_init_indices, split_empty_clusters
+from ..errors import ClusterError
 
 CHUNK_BYTES = 16 << 20  # sample rows read per step (the step holds ~4x this: a sorted copy and float64 sums)
 
@@ -51,7 +52,7 @@ def stream_kmeans(path: Path, n: int, d: int, k: int, niter: int, seed: int, bac
                   batch: int = 65536, early_stop: float = 0.0) -> tuple[np.ndarray, dict]:
     """Unit-norm float32 [k, d] centroids of the raw float32 [n, d] file ``path``; returns (centroids, stats)."""
     if k > n:
-        raise ValueError(f"k-means: k={k} is larger than the {n} points")
+        raise ClusterError(f"k-means: k={k} is larger than the {n} points")
     rows = max(1, CHUNK_BYTES // (4 * d))
     centroids = unit_rows(read_rows(path, d, faiss_init_indices(n, k, seed)))
     objective, splits, done = None, 0, 0

@@ -15,6 +15,7 @@ import warnings
 from contextlib import contextmanager
 
 import numpy as np
+from ..errors import ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _matmul_precision(torch, precision: str, device: str):
 
 def _resolve_precision(precision: str, device: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"torch k-means precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ClusterError(f"torch k-means precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
         return "tf32" if device.startswith("cuda") else "fp32"
     return precision  # tf32 only changes CUDA GEMMs; bf16 also runs (slowly) on CPU
@@ -185,7 +186,7 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int, seed: int, device: str | Non
     x_np = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x_np.shape
     if k > n:
-        raise ValueError(f"torch k-means: k={k} is larger than the {n} points")
+        raise ClusterError(f"torch k-means: k={k} is larger than the {n} points")
     xt = _as_tensor(x_np).to(device)
     if n == k:  # faiss copies the points and stops
         return x_np.copy(), {"objective": 0.0, "iterations": 0, "splits": 0, "device": device, "precision": precision}

@@ -14,6 +14,7 @@ from ..io.files import write_npy
 from ..io.webdataset import iter_tar_samples
 from .loaders import present_columns, read_manifest
 from .reshard import input_path, kept_keys, run_shards
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def datacomp_uid_array(hex_uids: pa.Array | list[str]) -> np.ndarray:
     ok = pc.fill_null(pc.match_substring_regex(arr, r"^[0-9a-fA-F]{32}$"), False)
     if not pc.all(ok).as_py() and len(arr):
         bad = arr.filter(pc.invert(ok))[0].as_py()
-        raise ValueError(f"{bad!r} is not a 32-hex DataComp uid")
+        raise InputError(f"{bad!r} is not a 32-hex DataComp uid")
     raw = np.frombuffer(bytes.fromhex("".join(arr.to_pylist())), dtype=">u8").reshape(-1, 2)
     out = np.empty(len(raw), DATACOMP_UID)
     out["f0"], out["f1"] = raw[:, 0], raw[:, 1]
@@ -47,19 +48,19 @@ def _json_uids(run_dir: str | Path) -> list[str]:
         if not wanted:
             continue
         if shard["format"] != "webdataset":
-            raise ValueError(f"uid_source=json reads webdataset tars; shard {shard['name']} is {shard['format']}")
+            raise InputError(f"uid_source=json reads webdataset tars; shard {shard['name']} is {shard['format']}")
         for sample in iter_tar_samples(input_path(shard), shard["name"], Counter()):
             if sample["__key__"] in wanted:
                 wanted.discard(sample["__key__"])
                 try:
                     out.append(str(json.loads(sample["json"])["uid"]))
                 except (KeyError, ValueError, TypeError):
-                    raise ValueError(f"shard {shard['name']}, key {sample['__key__']}: no .json with a 'uid' "
+                    raise InputError(f"shard {shard['name']}, key {sample['__key__']}: no .json with a 'uid' "
                                      "field") from None
                 if not wanted:
                     break
         if wanted:
-            raise ValueError(f"shard {shard['name']}: {len(wanted)} kept samples are not in the tar")
+            raise InputError(f"shard {shard['name']}: {len(wanted)} kept samples are not in the tar")
     return out
 
 
@@ -70,7 +71,7 @@ def _has_source_uid(run_dir: str | Path) -> bool:
 def _kept_source_uids(run_dir: str | Path) -> pa.Array:
     values = read_manifest(run_dir, True, ["source_uid"])["source_uid"].combine_chunks()
     if values.null_count:
-        raise ValueError(f"{values.null_count} kept samples have no source_uid (no 'uid' in their .json or id "
+        raise InputError(f"{values.null_count} kept samples have no source_uid (no 'uid' in their .json or id "
                          "column); choose --uid-source uid or key")
     return values
 
@@ -87,12 +88,12 @@ def export_datacomp_uids(run_dir: str | Path, out_npy: str | Path, uid_source: s
     they are. ``auto`` never guesses from the shape of a key: without ``source_uid`` it stops and names the
     options."""
     if uid_source not in UID_SOURCES:
-        raise ValueError(f"uid_source must be one of {', '.join(UID_SOURCES)}, got {uid_source!r}")
+        raise ConfigError(f"uid_source must be one of {', '.join(UID_SOURCES)}, got {uid_source!r}")
     source = uid_source
     if uid_source in ("auto", "json") and _has_source_uid(run_dir):
         source, values = "source_uid", _kept_source_uids(run_dir)
     elif uid_source == "auto":
-        raise ValueError(f"{run_dir}: the manifest has no source_uid column (no sample .json or metadata parquet "
+        raise InputError(f"{run_dir}: the manifest has no source_uid column (no sample .json or metadata parquet "
                          "held a 'uid'), so the DataComp uids are unknown; choose --uid-source json (the tars' "
                          ".json 'uid'), uid (the manifest uid) or key (the tar key) if that column holds them")
     elif uid_source == "json":
@@ -102,7 +103,7 @@ def export_datacomp_uids(run_dir: str | Path, out_npy: str | Path, uid_source: s
     try:
         uids = datacomp_uid_array(values)
     except ValueError as exc:
-        raise ValueError(f"{run_dir}: uid source {source}: {exc}") from None
+        raise InputError(f"{run_dir}: uid source {source}: {exc}") from None
     if len(uids) != len(values):
         log.warning("export-datacomp: %d kept samples share a uid; each uid is written once", len(values) - len(uids))
     write_npy(out_npy, uids)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from ..errors import ConfigError, InputError
 
 # default alpha(keep_fraction): ALPHA_LOW at the full data, growing linearly to ALPHA_HIGH as the kept fraction -> 0
 ALPHA_LOW, ALPHA_HIGH = 0.1, 0.9
@@ -32,9 +33,9 @@ def alpha_schedule(keep_fraction: float, low: float = ALPHA_LOW, high: float = A
     near the full data. The defaults give 0.1 at f=1, 0.5 at f=0.5, 0.82 at f=0.1. They are a documented starting
     point, not values fitted to the paper: override ``low``/``high``/``power``, or pass your own alpha."""
     if not 0.0 <= keep_fraction <= 1.0:
-        raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
+        raise ConfigError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
     if not 0.0 <= low <= high <= 1.0 or power <= 0:
-        raise ValueError(f"need 0 <= low <= high <= 1 and power > 0, got low={low}, high={high}, power={power}")
+        raise ConfigError(f"need 0 <= low <= high <= 1 and power > 0, got low={low}, high={high}, power={power}")
     return float(low + (high - low) * (1.0 - keep_fraction) ** power)
 
 
@@ -50,21 +51,21 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor | None, teacher: 
     ``alpha=0`` is plain cross entropy (the teacher may be None); ``alpha=1`` is pure KD (labels may be None).
     ``reduction``: mean, sum or none."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     if T <= 0:
-        raise ValueError(f"T must be > 0, got {T}")
+        raise ConfigError(f"T must be > 0, got {T}")
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+        raise ConfigError(f"reduction must be mean, sum or none, got {reduction!r}")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float16/bf16 logits: the loss in float32
     per_sample = torch.zeros(student_logits.shape[0], dtype=dtype, device=student_logits.device)
     if alpha < 1.0:
         if labels is None:
-            raise ValueError("labels are needed when alpha < 1")
+            raise InputError("labels are needed when alpha < 1")
         per_sample = per_sample + (1.0 - alpha) * F.cross_entropy(student_logits.to(dtype), labels.long(),
                                                                   reduction="none")
     if alpha > 0.0:
         if teacher is None:
-            raise ValueError("teacher logits are needed when alpha > 0")
+            raise InputError("teacher logits are needed when alpha > 0")
         kl = topk_kl(student_logits, teacher, T) if isinstance(teacher, TopK) else full_kl(student_logits, teacher, T)
         per_sample = per_sample + alpha * T * T * kl
     if reduction == "none":
@@ -75,7 +76,7 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor | None, teacher: 
 def full_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
     """Per-sample KL(softmax(t / T) || softmax(s / T)) over all C classes."""
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+        raise InputError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                          f"{tuple(student_logits.shape)} must both be [n, C]")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     log_pt = F.log_softmax(teacher_logits.to(student_logits.device, dtype) / T, dim=-1)
@@ -88,7 +89,7 @@ def tail_column(T: float) -> int:
     for i, t in enumerate(TAIL_TEMPERATURES):
         if abs(t - T) < 1e-9:
             return i
-    raise ValueError(f"T={T}: a top-k teacher stores its tail mass at T in {list(TAIL_TEMPERATURES)}; use one of "
+    raise InputError(f"T={T}: a top-k teacher stores its tail mass at T in {list(TAIL_TEMPERATURES)}; use one of "
                      "those, or store full logits (the default)")
 
 
@@ -97,10 +98,10 @@ def topk_kl(student_logits: torch.Tensor, teacher: TopK, T: float) -> torch.Tens
     values, indices, tail = teacher
     n, c = student_logits.shape
     if values.shape != indices.shape or values.ndim != 2 or values.shape[0] != n or values.shape[1] > c:
-        raise ValueError(f"teacher top-k values {tuple(values.shape)} and indices {tuple(indices.shape)} must both "
+        raise InputError(f"teacher top-k values {tuple(values.shape)} and indices {tuple(indices.shape)} must both "
                          f"be [n={n}, k<={c}]")
     if tail is None:
-        raise ValueError("these top-k teacher outputs have no tail mass (written by an older version); rerun "
+        raise InputError("these top-k teacher outputs have no tail mass (written by an older version); rerun "
                          "'datapruning teacher' (full logits by default)")
     dev, dtype = student_logits.device, torch.promote_types(student_logits.dtype, torch.float32)
     column = tail_column(T)
@@ -121,4 +122,4 @@ def teacher_batch(*tensors: torch.Tensor) -> torch.Tensor | TopK:
         return tensors[0]
     if len(tensors) in (2, 3):
         return TopK(*tensors, *([None] * (3 - len(tensors))))
-    raise ValueError(f"expected the teacher's (logits,) or (values, indices, tail), got {len(tensors)} tensors")
+    raise InputError(f"expected the teacher's (logits,) or (values, indices, tail), got {len(tensors)} tensors")

@@ -17,7 +17,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..errors import RunNotReady
+from ..errors import ConfigError, InputError, RunNotReady, UidNotFound
 from ..io.files import is_done, read_json
 from ..io.shards import shard_names
 from ..io.webdataset import iter_tar_samples
@@ -83,7 +83,7 @@ def present_columns(run_dir, shard: str, columns) -> tuple:
 def _as_selection(select) -> str | frozenset:
     if isinstance(select, str):
         if select not in ("kept", "all"):
-            raise ValueError(f"select must be 'kept', 'all' or a collection of uids, got {select!r}")
+            raise ConfigError(f"select must be 'kept', 'all' or a collection of uids, got {select!r}")
         return select
     return frozenset(select)
 
@@ -100,7 +100,7 @@ def _selection(man: pa.Table, select: str | frozenset) -> np.ndarray:
 def _check_found(select, found) -> None:
     if not isinstance(select, str) and len(found) != len(select):
         missing = sorted(select - set(found))
-        raise KeyError(f"{len(missing)} selected uids are not in the manifest (first {missing[0]!r})")
+        raise UidNotFound(f"{len(missing)} selected uids are not in the manifest (first {missing[0]!r})")
 
 
 # ---------------------------------------------------------------- streaming filter for plain webdataset pipelines
@@ -127,7 +127,7 @@ class KeptFilter:
             stem = shard_names([token])[0]
             if stem in self.names:
                 return stem
-        raise ValueError(f"{url}: not one of the shards of run {self.run_dir} (see its shards.json)")
+        raise InputError(f"{url}: not one of the shards of run {self.run_dir} (see its shards.json)")
 
     def keys(self, shard: str) -> frozenset:
         if shard not in self._cache:
@@ -194,7 +194,7 @@ class ManifestDataset(IterableDataset):
                 self.plan.append((shard, n))
         self.num_samples = sum(n for _, n in self.plan)
         if not isinstance(self.select, str) and self.num_samples != len(self.select):
-            raise KeyError(f"{len(self.select) - self.num_samples} selected uids are not in the manifest of {run_dir}")
+            raise UidNotFound(f"{len(self.select) - self.num_samples} selected uids are not in the manifest of {run_dir}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -234,7 +234,7 @@ class ManifestDataset(IterableDataset):
             if not index:
                 break  # every selected sample found: the rest of the tar is not read
         if index:
-            raise ValueError(f"shard {shard['name']} ({shard['path']}): {len(index)} selected samples are not in the "
+            raise InputError(f"shard {shard['name']} ({shard['path']}): {len(index)} selected samples are not in the "
                              f"tar (first key {next(iter(index))!r}); did the shard change since the run?")
 
 
@@ -243,7 +243,7 @@ def _teacher_rows(run_dir: str, shard: str, uids: list[str]) -> dict[str, np.nda
     pos = {u: j for j, u in enumerate(tu)}
     missing = [u for u in uids if u not in pos]
     if missing:
-        raise KeyError(f"no teacher output for uid {missing[0]!r} ({len(missing)} in shard {shard}); "
+        raise UidNotFound(f"no teacher output for uid {missing[0]!r} ({len(missing)} in shard {shard}); "
                        "rerun 'datapruning teacher' (with --all for samples the run did not keep)")
     rows = [pos[u] for u in uids]
     return {c: a[rows] for c, a in arrays.items()}
@@ -303,7 +303,7 @@ def load_teacher(run_dir: str | Path, uids) -> dict[str, np.ndarray]:
             base += len(su)
     missing = [u for u in uids if u not in pos]
     if missing:
-        raise KeyError(f"no teacher output for uid {missing[0]!r} ({len(missing)} missing); the teacher outputs "
+        raise UidNotFound(f"no teacher output for uid {missing[0]!r} ({len(missing)} missing); the teacher outputs "
                        f"cover the {info['samples']} samples: rerun 'datapruning teacher' (--all for every sample)")
     rows = np.fromiter((pos[u] for u in uids), dtype=np.int64, count=len(uids))
     if not parts:

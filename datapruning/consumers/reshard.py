@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from ..errors import InputError, RunNotReady, TruncatedShard, WriteFailed
+from ..errors import ConfigError, InputError, RunNotReady, StageError, TruncatedShard, WriteFailed
 from ..exec import process_pool
 from ..io.files import META, atomic_path, clean_stage, clean_temp, done_path, is_done, mark_done, read_json, write_json
 from ..io.webdataset import SHARD_DAMAGE, Member, iter_tar_groups
@@ -155,7 +155,7 @@ def reshard_one(task: dict) -> dict:
             damage = f" ({exc})"
             log.warning("%s", exc)
         if found != len(wanted):
-            raise ValueError(f"shard {name} ({task['path']}): {len(wanted) - found} kept samples are not in the "
+            raise InputError(f"shard {name} ({task['path']}): {len(wanted) - found} kept samples are not in the "
                              f"tar; did the shard change since the run?{damage}")
         _finish(writer, current, task, pieces)
         writer = None
@@ -212,7 +212,7 @@ def _copy_exact(src, dst, length: int) -> None:
     while length > 0:
         chunk = src.read(min(length, 1 << 20))
         if not chunk:
-            raise ValueError(f"{src.name}: piece is shorter than recorded; delete its folder and rerun")
+            raise InputError(f"{src.name}: piece is shorter than recorded; delete its folder and rerun")
         dst.write(chunk)
         length -= len(chunk)
 
@@ -242,7 +242,7 @@ def _check_original_keys(tasks: list[dict], per_shard: int) -> None:
         for i, key in enumerate(t["keys"]):
             bucket = seen.setdefault((t["offset"] + i) // per_shard, {})
             if key in bucket:
-                raise ValueError(f"key {key!r} of shard {t['name']} repeats one of shard {bucket[key]} in the same "
+                raise InputError(f"key {key!r} of shard {t['name']} repeats one of shard {bucket[key]} in the same "
                                  "output shard; use keys='uid' (--keys uid), which keeps keys unique")
             bucket[key] = t["name"]
 
@@ -255,9 +255,9 @@ def reshard(run_dir: str | Path, output: str | Path, samples_per_shard: int, wor
     ``keys='uid'`` names each sample by its manifest uid (``<shard>/<key>``, unique); ``'original'`` keeps the
     input ``__key__``. Every member's bytes are copied unchanged. A rerun resumes; a different plan is refused."""
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        raise ConfigError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if keys not in ("uid", "original"):
-        raise ValueError(f"keys must be 'uid' or 'original', got {keys!r}")
+        raise ConfigError(f"keys must be 'uid' or 'original', got {keys!r}")
     run_dir, out_dir = Path(run_dir).absolute(), Path(output).absolute()
     tasks, total, digest = plan_tasks(run_dir, out_dir, samples_per_shard, keys == "uid", name_format)
     if keys == "original":
@@ -280,7 +280,7 @@ def reshard(run_dir: str | Path, output: str | Path, samples_per_shard: int, wor
     names = [out_name(j, name_format) for j in range(n_out)]
     missing = [n for n in names if not stats_path(out_dir, n).exists()]
     if missing:
-        raise RuntimeError(f"{out_dir}: output shard {missing[0]} was not written; rerun to resume")
+        raise StageError(f"{out_dir}: output shard {missing[0]} was not written; rerun to resume")
     clean_stage(out_dir / PIECES)
     shutil.rmtree(out_dir / META, ignore_errors=True)
     write_json(out_dir / SIZES, {f"{n}.tar": read_json(stats_path(out_dir, n))["count"] for n in names})
@@ -298,11 +298,11 @@ def _claim_output(out_dir: Path, run_dir: Path, digest: str, per_shard: int, key
     if marker.exists():
         info = read_json(marker)
         if info.get("plan") != digest:
-            raise ValueError(f"{out_dir} holds a reshard of another run, kept set or shard size; "
+            raise InputError(f"{out_dir} holds a reshard of another run, kept set or shard size; "
                              "delete it or choose another --output")
         return bool(info.get("complete"))
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"{out_dir} is not empty and holds no reshard; choose an empty or new --output")
+        raise InputError(f"{out_dir} is not empty and holds no reshard; choose an empty or new --output")
     write_json(marker, {"run": str(run_dir), "plan": digest, "samples_per_shard": per_shard, "keys": keys,
                         "complete": False})
     return False

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..io.files import clean_stage, done_path, is_done, mark_done, read_json, stage_marker, write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -159,13 +159,13 @@ def build_logits(tcfg: TeacherConfig, run_cfg) -> Teacher:
         table = read_parquet(path, columns=["uid", "logits"])
         matrix, ids = column_to_matrix(table["logits"], path), table
     if matrix.ndim != 2 or len(matrix) != ids.num_rows:
-        raise ValueError(f"{path}: logits of shape {matrix.shape} do not match {ids.num_rows} uids")
+        raise InputError(f"{path}: logits of shape {matrix.shape} do not match {ids.num_rows} uids")
     row = {u: i for i, u in enumerate(ids["uid"].to_pylist())}
 
     def lookup(uids):
         missing = [u for u in uids if u not in row]
         if missing:
-            raise ValueError(f"{path}: no logits for uid {missing[0]!r} ({len(missing)} missing in this batch)")
+            raise InputError(f"{path}: no logits for uid {missing[0]!r} ({len(missing)} missing in this batch)")
         return matrix[[row[u] for u in uids]].astype(np.float32)
 
     return Teacher(f"logits:{Path(path).name}", "logits", lookup)
@@ -285,7 +285,7 @@ def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch
         try:
             image = decode_input(sample, "image", run_cfg.input.image_keys, ())
         except ValueError as exc:
-            raise ValueError(f"shard {shard['name']}, key {sample['__key__']}: {exc}") from None
+            raise InputError(f"shard {shard['name']}, key {sample['__key__']}: {exc}") from None
         items.append(teacher.prepare(image))
         where.append(i)
         if len(items) >= batch:
@@ -295,7 +295,7 @@ def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch
     if items:
         flush()
     if wanted:
-        raise ValueError(f"shard {shard['name']} ({shard['path']}): {len(wanted)} samples are not in the tar "
+        raise InputError(f"shard {shard['name']} ({shard['path']}): {len(wanted)} samples are not in the tar "
                          f"(first key {next(iter(wanted))!r}); did the shard change since the run?")
     return np.stack(out) if out else np.zeros((0, 0), np.float32)
 
@@ -345,10 +345,10 @@ def _teacher_shard(teacher: Teacher, tcfg: TeacherConfig, run_dir: Path, run_cfg
     rows = selected_rows(run_dir, shard["name"], tcfg.samples)
     logits = shard_logits(teacher, run_dir, run_cfg, shard, rows, tcfg.batch_size)
     if len(logits) and tcfg.classes and logits.shape[1] != len(tcfg.classes):
-        raise ValueError(f"teacher {teacher.name} gives {logits.shape[1]} logits per sample but "
+        raise InputError(f"teacher {teacher.name} gives {logits.shape[1]} logits per sample but "
                          f"teacher.classes names {len(tcfg.classes)} classes")
     if len(logits) and not np.isfinite(logits).all():
-        raise ValueError(f"teacher {teacher.name}: non-finite logits in shard {shard['name']}")
+        raise InputError(f"teacher {teacher.name}: non-finite logits in shard {shard['name']}")
     n_classes = int(logits.shape[1]) if len(logits) else None
     if tcfg.top_k is None and n_classes is not None and n_classes > MAX_FULL_CLASSES:
         raise ConfigError(f"config key 'teacher.top_k': the teacher has {n_classes} classes, more than the "
@@ -369,7 +369,7 @@ def _write_info(out: Path, tcfg: TeacherConfig, shards: list[dict]) -> dict:
     marks = [read_json(done_path(out, s["name"])) for s in shards]
     classes = {m["num_classes"] for m in marks} - {None}
     if len(classes) > 1:
-        raise ValueError(f"teacher outputs in {out} disagree on the number of classes {sorted(classes)}; delete it")
+        raise InputError(f"teacher outputs in {out} disagree on the number of classes {sorted(classes)}; delete it")
     info = {"source": tcfg.source, "teacher": next((m["teacher"] for m in marks), None),
             "on": next((m["on"] for m in marks), None), "samples": tcfg.samples,
             "rows": sum(m["rows"] for m in marks), "num_classes": classes.pop() if classes else len(tcfg.classes),

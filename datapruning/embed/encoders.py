@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from ..errors import EncoderError
+from ..errors import BadSample, EncoderError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def decode_input(sample: dict, modality: str, image_keys, text_keys) -> Any:
     keys = image_keys if modality == "image" else text_keys
     ext = next((k for k in keys if k in sample), None)
     if ext is None:
-        raise ValueError(f"missing_{modality}")
+        raise BadSample(f"missing_{modality}")
     data = sample[ext]
     if modality == "image":
         from PIL import Image
@@ -204,17 +204,17 @@ def decode_input(sample: dict, modality: str, image_keys, text_keys) -> Any:
             with Image.open(io.BytesIO(data)) as img:
                 return img.convert("RGB")
         except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
-            raise ValueError("corrupt_image") from None
+            raise BadSample("corrupt_image") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError("bad_text_encoding") from None
+        raise BadSample("bad_text_encoding") from None
     if ext == "json":
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
-            raise ValueError("bad_json") from None
+            raise BadSample("bad_json") from None
         text = obj.get("caption") or obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str):
-            raise ValueError("missing_text")
+            raise BadSample("missing_text")
     return text

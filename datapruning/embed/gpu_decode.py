@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .preprocess import PreprocessSpec, preprocess_images, spec_from_transform
+from ..errors import BadSample
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _pil_to_tensor(data: bytes):
         with Image.open(io.BytesIO(data)) as img:
             arr = np.asarray(img.convert("RGB"))
     except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
-        raise ValueError("corrupt_image") from None
+        raise BadSample("corrupt_image") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 

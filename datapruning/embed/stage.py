@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from .encoders import Encoder, build_encoder, decode_input
 from .samples import ROW_NAMES, caption, embedding_table, source_uid, text_field, write_shard
-from ..errors import StageError
+from ..errors import InputError, StageError
 from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, read_json, write_json,
                         write_parquet)
 from ..io.shards import detect_format, expand_input, shard_names
@@ -220,7 +220,7 @@ def run_embed(run: Run, input_spec=None) -> None:
     save_config(run)
     shards = run.shards
     if any(s["format"] not in TABLE_FORMATS for s in shards) and run.cfg.embed.encoder == "precomputed":
-        raise ValueError("embed.encoder=precomputed, but the input is webdataset shards; choose an encoder")
+        raise InputError("embed.encoder=precomputed, but the input is webdataset shards; choose an encoder")
     out_dir = prepare_stage(run, "embed")
     retry = failed_shards(out_dir, shards)
     todo = [s for s in shards if not is_done(out_dir, s["name"]) or s["name"] in retry]
@@ -233,7 +233,7 @@ def run_embed(run: Run, input_spec=None) -> None:
     check_any_rows(out_dir, [s["name"] for s in shards])
     dims = {read_done_dim(out_dir, s["name"]) for s in shards} - {None}
     if len(dims) > 1:
-        raise ValueError(f"embed: shards have mixed embedding dimensions {sorted(dims)}; they cannot be clustered together")
+        raise InputError(f"embed: shards have mixed embedding dimensions {sorted(dims)}; they cannot be clustered together")
 
 
 def check_failed(run: Run, out_dir: Path, retried: dict) -> None:

@@ -22,6 +22,7 @@ from .plots import plot_curves
 from .probe import ProbeSettings, stratified_split
 from .recipes import Variant, default_variants, pick_variants, select_train
 from .recommended import write_recommended
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,12 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
     start = time.perf_counter()
     fractions = sorted({float(f) for f in fractions})
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
-        raise ValueError(f"eval: fractions must be in (0, 1], got {fractions}")
+        raise ConfigError(f"eval: fractions must be in (0, 1], got {fractions}")
     if seeds < 1 or tolerance < 0 or kd not in KD_MODES:
-        raise ValueError(f"eval: need --seeds >= 1, --tolerance >= 0, --kd in {KD_MODES}; got {seeds}, "
+        raise ConfigError(f"eval: need --seeds >= 1, --tolerance >= 0, --kd in {KD_MODES}; got {seeds}, "
                          f"{tolerance}, {kd!r}")
     if max_rows is not None and max_rows < 4:
-        raise ValueError(f"eval: --max-rows must be at least 4, got {max_rows}")
+        raise ConfigError(f"eval: --max-rows must be at least 4, got {max_rows}")
     run_dir = Path(run_dir)
     data = load_eval_data(run_dir, label_column, test_split, test_fraction, max_rows)
     cfg = load_run_config(run_dir)

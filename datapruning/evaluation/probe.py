@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from ..errors import ConfigError
 
 L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5)  # mean cross entropy + l2/2 * ||W||^2, on standardised features
 
@@ -40,7 +41,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.
     """Seeded stratified hold-out: ``round(test_fraction * n_c)`` rows of every class c with at least
     two rows go to the test side (so every such class keeps a training row). Returns the test mask."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"eval: test fraction must be in (0, 1), got {test_fraction}")
+        raise ConfigError(f"eval: test fraction must be in (0, 1), got {test_fraction}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     test = np.zeros(len(labels), dtype=bool)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import StageError
+from ..errors import InputError, StageError
 from ..select import SelectInputs, keep_count
 
 DEDUP_KEEP = 0.9  # composed recipes: SemDeDup first keeps this share of the training rows (never below the budget)
@@ -140,7 +140,7 @@ def select_train(data, variant: Variant, fraction: float, seed: int) -> np.ndarr
     eligible = None
     if variant.dedup is not None:
         if "semdedup" not in scores:
-            raise ValueError("a SemDeDup-first recipe needs the semdedup metric")
+            raise InputError("a SemDeDup-first recipe needs the semdedup metric")
         eligible = dedup_eligible(scores["semdedup"], max(float(variant.dedup), fraction))
         n = min(n, int(eligible.sum()))
     inp = SelectInputs(uid=data.uid[train], cluster=data.cluster[train], cos_dist=data.cos_dist[train],

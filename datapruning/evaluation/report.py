@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ..errors import StageError
+from ..errors import InputError, StageError
 from ..io.files import is_done, read_json, write_bytes
 from ..io.tables import label_sort_key
 from ..run import Run, load_run_config
@@ -150,12 +150,12 @@ def thumbnail_uri(data: bytes, px: int = THUMB_PX) -> str:
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > MAX_THUMB_PIXELS:
-            raise ValueError(f"{img.width}x{img.height} pixels is too large to decode for a thumbnail")
+            raise InputError(f"{img.width}x{img.height} pixels is too large to decode for a thumbnail")
         img = img.convert("RGB")
     except ValueError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes (DecompressionBombError too)
-        raise ValueError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        raise InputError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
     scale = px / max(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                      Image.NEAREST if scale > 1 else Image.LANCZOS)

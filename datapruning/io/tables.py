@@ -190,17 +190,17 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
 
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"dp4tl: no parquet files in {path}")
+        raise InputError(f"dp4tl: no parquet files in {path}")
     embs, uids = [], []
     for f in files:
         table = pq.read_table(f, columns=[c for c in ("embedding", "uid") if c in pq.read_schema(f).names])
         if "embedding" not in table.column_names:
-            raise ValueError(f"dp4tl: {f} has no 'embedding' column")
+            raise InputError(f"dp4tl: {f} has no 'embedding' column")
         col = table.column("embedding").combine_chunks()
         if len(col):
             flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
             embs.append(flat.reshape(len(col), -1))
         uids.append(table.column("uid").to_numpy(zero_copy_only=False) if "uid" in table.column_names else None)
     if not embs:
-        raise ValueError(f"dp4tl: no embeddings in {path}")
+        raise InputError(f"dp4tl: no embeddings in {path}")
     return np.concatenate(embs), (None if any(u is None for u in uids) else np.concatenate(uids))

@@ -5,6 +5,7 @@ caller can fall back to tarfile."""
 from __future__ import annotations
 
 import struct
+from ..errors import TruncatedShard
 
 class Unsupported(Exception):
     """A tar feature left to ``tarfile`` (compression, sparse files, pax sizes, base-256 numbers)."""
@@ -88,7 +89,7 @@ def plain_tar_members(raw):
         except _BadHeader as exc:
             pending = long_name is not None or pax is not None
             if pending or (offset == 0 and not isinstance(exc, _EndHeader)):
-                raise ValueError(f"tar: {exc}") from None
+                raise TruncatedShard(f"tar: {exc}") from None
             return
         offset += 512
         if typ == b"S":

@@ -21,7 +21,7 @@ from ..exec import map_unordered
 from ..io.files import atomic_path, done_path, is_done, mark_done, meta_dir, read_json, write_json, write_parquet
 from ..run import LABEL_INDEX, Run, load_columns, prepare_stage, progress, timed
 
-PACKAGES = ("datapruning", "numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "torch", "open_clip_torch", "webdataset")
+PACKAGES = ("numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "torch", "open_clip_torch", "webdataset")
 
 
 def integer_labels(run: Run) -> bool:
@@ -108,7 +108,9 @@ def write_kept(run: Run, names: list[str]) -> None:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
+    from .. import __version__
+
+    out = {"python": platform.python_version(), "datapruning": __version__}
     for pkg in PACKAGES:
         try:
             out[pkg] = metadata.version(pkg)

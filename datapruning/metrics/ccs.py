@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ranking import keep_by_quota, rank_order
+from ..errors import ConfigError, InputError
 
 # (prune fraction, beta) anchors: docs/methods.md#ccs-coverage-centric-selection gives 0.2 at 80% and 0.3 at
 # 90% pruning; at <= 50% the hardest examples are worth keeping (beta 0). Linear in between, held at 0.3 above 90%.
@@ -17,7 +18,7 @@ def ccs_default_beta(prune_fraction: float) -> float:
     """Default hard-cutoff ``beta`` for a prune fraction: piecewise linear over ``BETA_ANCHORS``
     (0 up to 50% pruning, 0.2 at 80%, 0.3 at 90% and above)."""
     if not 0.0 <= prune_fraction <= 1.0:
-        raise ValueError(f"ccs: prune fraction must be in [0, 1], got {prune_fraction}")
+        raise ConfigError(f"ccs: prune fraction must be in [0, 1], got {prune_fraction}")
     xs, ys = zip(*BETA_ANCHORS)
     return float(np.interp(prune_fraction, xs, ys))
 
@@ -27,7 +28,7 @@ def ccs_allocate(sizes: np.ndarray, n: int) -> np.ndarray:
     (the last one takes the remainder). Sums to exactly ``n`` when ``n <= sum(sizes)``."""
     sizes = np.asarray(sizes, dtype=np.int64)
     if not 0 <= n <= sizes.sum():
-        raise ValueError(f"ccs: cannot keep {n} rows from {int(sizes.sum())}")
+        raise InputError(f"ccs: cannot keep {n} rows from {int(sizes.sum())}")
     alloc = np.zeros_like(sizes)
     rest = int(n)
     order = np.argsort(sizes, kind="stable")
@@ -35,7 +36,7 @@ def ccs_allocate(sizes: np.ndarray, n: int) -> np.ndarray:
         alloc[s] = min(int(sizes[s]), rest // (len(order) - i))
         rest -= int(alloc[s])
     if rest:
-        raise RuntimeError(f"ccs_allocate: {rest} rows left unallocated")
+        raise AssertionError(f"ccs_allocate: {rest} rows left unallocated")
     return alloc
 
 
@@ -43,14 +44,14 @@ def ccs_keep(scores, n, beta, n_strata, seed, eligible=None) -> tuple[np.ndarray
     scores = np.asarray(scores, dtype=np.float64)
     valid = ~np.isnan(scores) if eligible is None else ~np.isnan(scores) & np.asarray(eligible, bool)
     if not 0.0 <= beta < 1.0 or int(n_strata) < 1:
-        raise ValueError(f"ccs: need 0 <= beta < 1 and n_strata >= 1, got beta={beta}, n_strata={n_strata}")
+        raise ConfigError(f"ccs: need 0 <= beta < 1 and n_strata >= 1, got beta={beta}, n_strata={n_strata}")
     order = rank_order(scores, "hard", seed)
     order = order[valid[order]]
     n_drop = int(beta * len(order))  # the hardest beta fraction: likely mislabelled
     pool = np.zeros(len(scores), dtype=bool)
     pool[order[n_drop:]] = True
     if not 0 <= n <= pool.sum():
-        raise ValueError(f"ccs: cannot keep {n} rows: {int(pool.sum())} remain after dropping the hardest "
+        raise InputError(f"ccs: cannot keep {n} rows: {int(pool.sum())} remain after dropping the hardest "
                          f"{n_drop} (beta={beta}) of {len(order)} scored rows")
     strata = np.full(len(scores), -1, dtype=np.int64)
     if pool.any():

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 
 from .fixed import fixed_mean, fixed_sum
+from ..errors import ConfigError, InputError
 
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ def d_intra(cos_dist: np.ndarray, cluster: np.ndarray, k: int, eligible: np.ndar
     cluster = np.asarray(cluster, dtype=np.int64)
     rows = cluster >= 0 if eligible is None else (cluster >= 0) & np.asarray(eligible, dtype=bool)
     if rows.any() and cluster[rows].max() >= k:
-        raise ValueError(f"d_intra: cluster id {int(cluster[rows].max())} >= k={k}")
+        raise InputError(f"d_intra: cluster id {int(cluster[rows].max())} >= k={k}")
     sums = fixed_sum(np.asarray(cos_dist, dtype=np.float64)[rows], cluster[rows], k)
     return d_intra_from_sums(sums, np.bincount(cluster[rows], minlength=k))
 
@@ -49,9 +50,9 @@ def d_inter(centroids: np.ndarray, l: int = 20) -> np.ndarray:
     Similarities are computed in row blocks of at most ``BLOCK_ELEMS`` entries."""
     c = np.asarray(centroids, dtype=np.float32)
     if c.ndim != 2 or len(c) == 0:
-        raise ValueError(f"d_inter: centroids must be a non-empty [k, d] array, got {c.shape}")
+        raise ConfigError(f"d_inter: centroids must be a non-empty [k, d] array, got {c.shape}")
     if int(l) < 1:
-        raise ValueError(f"d_inter: l must be >= 1, got {l}")
+        raise ConfigError(f"d_inter: l must be >= 1, got {l}")
     k = len(c)
     if k == 1:
         return np.ones(1)
@@ -77,10 +78,10 @@ def complexity(d_intra_: np.ndarray, d_inter_: np.ndarray) -> np.ndarray:
 def dbp_shares(C: np.ndarray, tau: float = 0.1) -> np.ndarray:
     """Target shares ``P_j = softmax(C_j / tau)`` (max-shifted, so no overflow). Paper default tau = 0.1."""
     if not tau > 0:
-        raise ValueError(f"dbp: tau must be > 0, got {tau}")
+        raise ConfigError(f"dbp: tau must be > 0, got {tau}")
     z = np.asarray(C, dtype=np.float64) / float(tau)
     if not np.isfinite(z).all():
-        raise ValueError("dbp: complexity has non-finite values")
+        raise InputError("dbp: complexity has non-finite values")
     e = np.exp(z - z.max())
     return e / e.sum()
 
@@ -93,7 +94,7 @@ def project_capped_simplex(a: np.ndarray, lo: np.ndarray, hi: np.ndarray, total:
     the segment that brackets ``total``, then solve that linear piece exactly (no QP solver)."""
     a, lo, hi = (np.asarray(v, dtype=np.float64) for v in (a, lo, hi))
     if (lo > hi).any() or not lo.sum() <= total <= hi.sum():
-        raise ValueError(f"project_capped_simplex: infeasible (sum lo={lo.sum()}, total={total}, sum hi={hi.sum()})")
+        raise InputError(f"project_capped_simplex: infeasible (sum lo={lo.sum()}, total={total}, sum hi={hi.sum()})")
     f = lambda lam: np.clip(a - lam, lo, hi).sum()  # noqa: E731
     bps = np.unique(np.r_[a - hi, a - lo])  # f(bps[0]) = sum hi >= total >= sum lo = f(bps[-1])
     i, j = 0, len(bps) - 1
@@ -126,7 +127,7 @@ def round_largest_remainder(x: np.ndarray, total: int, lo: np.ndarray, hi: np.nd
         pick = room[np.lexsort((idx[room], frac[room]))[:-rest]]
         base[pick] -= 1
     if base.sum() != total:
-        raise RuntimeError(f"round_largest_remainder: could not reach {total} within the bounds")
+        raise AssertionError(f"round_largest_remainder: could not reach {total} within the bounds")
     return base
 
 
@@ -137,12 +138,12 @@ def dbp_quotas(N: int, shares: np.ndarray, sizes: np.ndarray, min_per_cluster: i
     sizes = np.asarray(sizes, dtype=np.int64)
     shares = np.asarray(shares, dtype=np.float64)
     if shares.shape != sizes.shape or (shares < 0).any() or (sizes < 0).any() or not shares.sum() > 0:
-        raise ValueError("dbp_quotas: shares and sizes must be non-negative [k] arrays with shares summing > 0")
+        raise ConfigError("dbp_quotas: shares and sizes must be non-negative [k] arrays with shares summing > 0")
     N = int(N)
     if N < 0 or N > sizes.sum():
-        raise ValueError(f"dbp_quotas: cannot keep N={N} from {int(sizes.sum())} samples")
+        raise InputError(f"dbp_quotas: cannot keep N={N} from {int(sizes.sum())} samples")
     lo = np.minimum(int(min_per_cluster), sizes)
     if lo.sum() > N:
-        raise ValueError(f"dbp_quotas: min_per_cluster={min_per_cluster} needs {int(lo.sum())} samples > N={N}")
+        raise InputError(f"dbp_quotas: min_per_cluster={min_per_cluster} needs {int(lo.sum())} samples > N={N}")
     x = project_capped_simplex(N * shares / shares.sum(), lo, sizes, N)
     return round_largest_remainder(x, N, lo, sizes)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .el2n import torch_threads_for
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def lm_predictions_from_logits(logits: np.ndarray) -> np.ndarray:
     if not hasattr(logits, "shape"):  # ndarray or np.memmap pass through without a copy
         logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] == 0:
-        raise ValueError(f"dp4tl: logits must be [n_target, n_classes], got {logits.shape}")
+        raise ConfigError(f"dp4tl: logits must be [n_target, n_classes], got {logits.shape}")
     out = np.empty(len(logits), dtype=np.int64)
     step = max(1, BLOCK_ELEMS // logits.shape[1])
     for r0 in range(0, len(logits), step):
@@ -67,7 +68,7 @@ def train_linear_source_classifier(source_emb: np.ndarray, source_labels: np.nda
     labels = np.asarray(source_labels, dtype=np.int64)
     rows = np.flatnonzero(labels >= 0)
     if len(rows) == 0:
-        raise ValueError("dp4tl: the source has no labelled rows to train a classifier on")
+        raise InputError("dp4tl: the source has no labelled rows to train a classifier on")
     rng = np.random.default_rng(seed)
     if max_samples is not None and len(rows) > max_samples:
         rows = np.sort(rng.choice(rows, int(max_samples), replace=False))
@@ -95,7 +96,7 @@ def zero_shot_predictions(target_emb: np.ndarray, class_text_emb: np.ndarray) ->
     if not hasattr(target_emb, "shape"):
         target_emb = np.asarray(target_emb)
     if text.ndim != 2 or target_emb.ndim != 2 or text.shape[1] != target_emb.shape[1]:
-        raise ValueError(f"dp4tl: target {target_emb.shape} and class text {text.shape} embeddings do not match")
+        raise InputError(f"dp4tl: target {target_emb.shape} and class text {text.shape} embeddings do not match")
     return _blocked_argmax(target_emb, _normalise(text))  # a row's own norm does not change its argmax
 
 
@@ -105,7 +106,7 @@ def feature_mapping_assign(target_emb: np.ndarray, source_centroids: np.ndarray)
     if not hasattr(target_emb, "shape"):
         target_emb = np.asarray(target_emb)
     if cents.ndim != 2 or target_emb.ndim != 2 or cents.shape[1] != target_emb.shape[1] or len(cents) == 0:
-        raise ValueError(f"dp4tl: target {target_emb.shape} and centroids {cents.shape} do not match")
+        raise InputError(f"dp4tl: target {target_emb.shape} and centroids {cents.shape} do not match")
     return _blocked_argmax(target_emb, _normalise(cents))  # a row's own norm does not change its argmax
 
 
@@ -113,7 +114,7 @@ def label_mapping_freq(pred: np.ndarray, n_classes: int) -> np.ndarray:
     """``freq[c]`` = number of target samples mapped to source class / cluster c, int64 [n_classes]."""
     pred = np.asarray(pred, dtype=np.int64)
     if len(pred) and (pred.min() < 0 or pred.max() >= n_classes):
-        raise ValueError(f"dp4tl: predictions outside [0, {n_classes})")
+        raise InputError(f"dp4tl: predictions outside [0, {n_classes})")
     return np.bincount(pred, minlength=int(n_classes))
 
 
@@ -133,22 +134,22 @@ def top_k_groups(freq: np.ndarray, k: int | None = None, keep_fraction: float | 
     each whole group while the running total stays <= budget; stop at the first group that would
     cross it (a group with fewer hits never displaces one with more). Returns ``(ids, info)``."""
     if sum(v is not None for v in (k, keep_fraction, sample_budget)) != 1:
-        raise ValueError("dp4tl: give exactly one of k, keep_fraction or sample_budget")
+        raise ConfigError("dp4tl: give exactly one of k, keep_fraction or sample_budget")
     order = group_order(freq)
     sizes = None if group_sizes is None else np.asarray(group_sizes, dtype=np.int64)
     if sizes is not None and len(sizes) != len(order):
-        raise ValueError(f"dp4tl: {len(sizes)} group sizes for {len(order)} groups")
+        raise InputError(f"dp4tl: {len(sizes)} group sizes for {len(order)} groups")
     if keep_fraction is not None:
         if not 0.0 <= keep_fraction <= 1.0:
-            raise ValueError(f"dp4tl: keep fraction must be in [0, 1], got {keep_fraction}")
+            raise ConfigError(f"dp4tl: keep fraction must be in [0, 1], got {keep_fraction}")
         k = int(round(keep_fraction * len(order)))
     if sample_budget is not None:
         if sizes is None:
-            raise ValueError("dp4tl: sample_budget needs group_sizes")
+            raise InputError("dp4tl: sample_budget needs group_sizes")
         within = np.cumsum(sizes[order]) <= int(sample_budget)
         k = int(np.argmin(within)) if not within.all() else len(order)
     if k < 0:
-        raise ValueError(f"dp4tl: k must be >= 0, got {k}")
+        raise ConfigError(f"dp4tl: k must be >= 0, got {k}")
     kept = order[: int(k)]
     info = {"groups_total": int(len(order)), "groups_kept": int(len(kept)), "kept_ids": kept.tolist(),
             "zero_hit_groups": int((np.asarray(freq) == 0).sum())}

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import numpy as np
 from tqdm.auto import tqdm
+from ..errors import ConfigError, InputError
 
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,9 @@ def torch_threads_for(step_macs: int):
 def _check_labels(labels: np.ndarray, n: int, n_classes: int) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (n,):
-        raise ValueError(f"el2n: {labels.shape} labels for {n} samples")
+        raise InputError(f"el2n: {labels.shape} labels for {n} samples")
     if n and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"el2n: labels must be in [0, {n_classes}); drop unlabelled rows first")
+        raise ConfigError(f"el2n: labels must be in [0, {n_classes}); drop unlabelled rows first")
     return labels
 
 
@@ -69,7 +70,7 @@ def el2n(outputs: np.ndarray, labels: np.ndarray, from_logits: bool = True) -> n
     if outputs.ndim == 2:
         outputs = outputs[None]
     if outputs.ndim != 3 or outputs.shape[0] == 0 or outputs.shape[2] == 0:
-        raise ValueError(f"el2n: outputs must be [M, n, C] or [n, C], got {outputs.shape}")
+        raise ConfigError(f"el2n: outputs must be [M, n, C] or [n, C], got {outputs.shape}")
     m, n, c = outputs.shape
     labels = _check_labels(labels, n, c)
     scores = np.empty(n, dtype=np.float64)
@@ -116,7 +117,7 @@ def train_proxy_heads(embeddings: np.ndarray, labels: np.ndarray, n_classes: int
 
     x_np = np.asarray(embeddings, dtype=np.float32)
     if x_np.ndim != 2 or n_models < 1 or epochs < 0 or hidden < 0:
-        raise ValueError("el2n_proxy: need 2-D embeddings, n_models >= 1, epochs >= 0, hidden >= 0")
+        raise InputError("el2n_proxy: need 2-D embeddings, n_models >= 1, epochs >= 0, hidden >= 0")
     n_classes = max(int(n_classes), 1)
     labels = _check_labels(labels, len(x_np), n_classes)
     if n_classes == 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .random import row_hash
+from ..errors import ConfigError
 
 MODES = ("hard", "easy", "random")
 _TOP = np.uint64(1 << 63)
@@ -18,7 +19,7 @@ def order_key(scores: np.ndarray, mode: str) -> np.ndarray:
     """uint64 keys whose ascending order is keep preference: ``hard`` = largest score first, ``easy`` =
     smallest first, ``random`` = all equal (the tie key decides). NaN (unscored) sorts last; -0.0 == 0.0."""
     if mode not in MODES:
-        raise ValueError(f"select.mode must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"select.mode must be one of {MODES}, got {mode!r}")
     s = np.asarray(scores, dtype=np.float64)
     if mode == "random":
         return np.zeros(len(s), dtype=np.uint64)
@@ -32,13 +33,13 @@ def order_key(scores: np.ndarray, mode: str) -> np.ndarray:
 def keep_count(n_total: int, keep_fraction: float | None, keep_count: int | None) -> int:
     """The number of samples to keep; exactly one of fraction or count must be given."""
     if (keep_fraction is None) == (keep_count is None):
-        raise ValueError("select: give exactly one of select.keep_fraction or select.keep_count")
+        raise ConfigError("select: give exactly one of select.keep_fraction or select.keep_count")
     if keep_count is not None:
         if keep_count < 0:
-            raise ValueError(f"select.keep_count must be >= 0, got {keep_count}")
+            raise ConfigError(f"select.keep_count must be >= 0, got {keep_count}")
         return min(int(keep_count), n_total)
     if not 0.0 <= keep_fraction <= 1.0:
-        raise ValueError(f"select.keep_fraction must be in [0, 1], got {keep_fraction}")
+        raise ConfigError(f"select.keep_fraction must be in [0, 1], got {keep_fraction}")
     return int(round(keep_fraction * n_total))
 
 
@@ -107,7 +108,7 @@ def select_with_minimums(scores, n, mode, seed, groups=None, min_share=0.0, elig
         if grp is None or share <= 0:
             continue
         if not 0.0 <= share <= 1.0:
-            raise ValueError(f"select: minimum share must be in [0, 1], got {share}")
+            raise ConfigError(f"select: minimum share must be in [0, 1], got {share}")
         grp = np.asarray(grp, dtype=np.int64)
         forced |= keep_by_quota(scores, grp, group_minimums(grp, share, n, eligible & (grp >= 0)), mode, seed,
                                 eligible, tie)

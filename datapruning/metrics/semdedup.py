@@ -10,6 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .ranking import rank_order
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,10 @@ def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.nd
     cluster = np.asarray(cluster, dtype=np.int64)
     n = len(cluster)
     if embeddings.ndim != 2 or len(embeddings) != n or len(cos_dist) != n:
-        raise ValueError(f"semdedup: embeddings {embeddings.shape}, cluster {n} and cos_dist {len(cos_dist)} "
+        raise InputError(f"semdedup: embeddings {embeddings.shape}, cluster {n} and cos_dist {len(cos_dist)} "
                          "rows differ")
     if int(block_rows) < 1:
-        raise ValueError(f"semdedup: block_rows must be >= 1, got {block_rows}")
+        raise ConfigError(f"semdedup: block_rows must be >= 1, got {block_rows}")
     out = np.full(n, FIRST_SCORE, dtype=np.float64)
     order = rank_order(np.asarray(cos_dist, dtype=np.float64), mode, seed, tie)
     sizes = np.bincount(cluster[cluster >= 0]) if n else np.zeros(0, np.int64)
@@ -88,7 +89,7 @@ def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.nd
 def removal_mask(scores: np.ndarray, eps: float) -> np.ndarray:
     """Rows SemDeDup removes at ``eps``: ``score > 1 - eps`` (NaN scores are never removed)."""
     if not eps >= 0:
-        raise ValueError(f"semdedup: eps must be >= 0, got {eps}")
+        raise ConfigError(f"semdedup: eps must be >= 0, got {eps}")
     with np.errstate(invalid="ignore"):
         return np.asarray(scores, dtype=np.float64) > 1.0 - float(eps)
 
@@ -111,7 +112,7 @@ def eps_for_keep_fraction(scores: np.ndarray, target_keep_fraction: float) -> fl
     below the reachable minimum (one row per cluster is never removed at eps <= 2) the eps that keeps
     that minimum is returned. Check the result with ``removal_mask``."""
     if not 0.0 <= target_keep_fraction <= 1.0:
-        raise ValueError(f"semdedup: keep fraction must be in [0, 1], got {target_keep_fraction}")
+        raise ConfigError(f"semdedup: keep fraction must be in [0, 1], got {target_keep_fraction}")
     s = np.sort(np.asarray(scores, dtype=np.float64)[~np.isnan(scores)])
     if len(s) == 0:
         return 0.0
@@ -127,7 +128,7 @@ def semdedup_filter(scores: np.ndarray, eps: float | None = None,
     """Eligible mask for the select stage: give ``eps`` directly, or ``keep_fraction`` to tune eps.
     Returns ``(eligible, info)`` with the eps used and the kept/removed counts."""
     if (eps is None) == (keep_fraction is None):
-        raise ValueError("semdedup filter: give exactly one of eps or keep_fraction")
+        raise ConfigError("semdedup filter: give exactly one of eps or keep_fraction")
     if eps is None:
         eps = eps_for_keep_fraction(scores, keep_fraction)
     eligible = ~removal_mask(scores, eps)

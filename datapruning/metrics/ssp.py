@@ -5,6 +5,7 @@ See docs/methods.md#ssp-self-supervised-prototypicality.
 from __future__ import annotations
 
 import numpy as np
+from ..errors import InputError
 
 
 
@@ -17,11 +18,11 @@ def prototypicality(embeddings: np.ndarray, centroids: np.ndarray, assignment: n
     centroids = np.asarray(centroids, dtype=np.float32)
     assignment = np.asarray(assignment, dtype=np.int64)
     if embeddings.ndim != 2 or centroids.ndim != 2 or embeddings.shape[1] != centroids.shape[1]:
-        raise ValueError(f"prototypicality: embeddings {embeddings.shape} and centroids {centroids.shape} do not match")
+        raise InputError(f"prototypicality: embeddings {embeddings.shape} and centroids {centroids.shape} do not match")
     if len(assignment) != len(embeddings):
-        raise ValueError(f"prototypicality: {len(assignment)} assignments for {len(embeddings)} embeddings")
+        raise InputError(f"prototypicality: {len(assignment)} assignments for {len(embeddings)} embeddings")
     if len(assignment) and (assignment.min() < 0 or assignment.max() >= len(centroids)):
-        raise ValueError(f"prototypicality: assignment outside [0, {len(centroids)})")
+        raise InputError(f"prototypicality: assignment outside [0, {len(centroids)})")
     out = np.empty(len(embeddings), dtype=np.float64)
     for start in range(0, len(embeddings), 65536):  # bounded temporaries at any N
         sl = slice(start, start + 65536)

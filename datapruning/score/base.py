@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import typed_params
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..metrics.random import uid_hash
 from ..rows import ArrayRows
 
@@ -144,7 +144,7 @@ def score_block(metric: Metric, block: dict, state, params) -> np.ndarray:
 def score_in_memory(metric: Metric, inp: ScoreInputs, raw_params: dict) -> MetricOutput:
     params = metric.parse(raw_params, inp.seed)
     if "label" in metric.wants(params) and inp.labels is None:
-        raise ValueError(f"{metric.name} needs labels, but the input has none")
+        raise InputError(f"{metric.name} needs labels, but the input has none")
     block = array_block(inp, inp.seed)
     rows = ArrayRows({k: v for k, v in block.items() if k not in ("uid", "embedding")})
     emb_rows = ArrayRows({k: v for k, v in block.items() if k != "uid"})

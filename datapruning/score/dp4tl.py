@@ -18,6 +18,7 @@ from ..metrics.dp4tl import (feature_mapping_assign, feature_mapping_freq, label
                              lm_predictions_from_logits, train_linear_source_classifier, zero_shot_predictions)
 from .base import Metric, choice, positive
 from .sample import labelled_sample
+from ..errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ class LMParams:
         positive("score.params.dp4tl_lm.epochs", self.epochs, 0)
         need = {"logits": "logits", "zeroshot": "class_text"}.get(self.route)
         if need and getattr(self, need) is None:
-            raise ValueError(f"dp4tl_lm route={self.route} needs score.params.dp4tl_lm.{need}")
+            raise ConfigError(f"dp4tl_lm route={self.route} needs score.params.dp4tl_lm.{need}")
         if self.route != "logits" and self.target is None:
-            raise ValueError(f"dp4tl_lm route={self.route} needs score.params.dp4tl_lm.target (target embeddings)")
+            raise ConfigError(f"dp4tl_lm route={self.route} needs score.params.dp4tl_lm.target (target embeddings)")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class FMParams:
 
     def check(self):
         if self.target is None:
-            raise ValueError("dp4tl_fm needs score.params.dp4tl_fm.target (target embeddings)")
+            raise ConfigError("dp4tl_fm needs score.params.dp4tl_fm.target (target embeddings)")
 
 
 def lm_predictions(ctx, params: LMParams) -> tuple[np.ndarray, int]:
@@ -85,11 +86,11 @@ def read_class_names(path: str) -> list[str]:
 def by_name(per_column: np.ndarray, columns: list[str], names: list[str]) -> np.ndarray:
     """``per_column`` values per label code (hits, or the column index itself), matching labels to columns by name."""
     if len(columns) != len(per_column):
-        raise ValueError(f"classes names {len(columns)} columns, the classifier has {len(per_column)}")
+        raise InputError(f"classes names {len(columns)} columns, the classifier has {len(per_column)}")
     where = {name: i for i, name in enumerate(columns)}
     missing = [n for n in names if n not in where]
     if missing:
-        raise ValueError(f"source label {missing[0]!r} is not one of the classifier's classes "
+        raise InputError(f"source label {missing[0]!r} is not one of the classifier's classes "
                          f"({len(missing)} missing)")
     return per_column[[where[n] for n in names]]
 
@@ -99,12 +100,12 @@ def prepare_lm(ctx, params: LMParams) -> dict:
     names = run_label_names(ctx)
     if names is not None and params.route != "linear":
         if params.classes is None:
-            raise ValueError(f"dp4tl_lm route={params.route}: the source labels are strings, so the classifier's "
+            raise ConfigError(f"dp4tl_lm route={params.route}: the source labels are strings, so the classifier's "
                              "columns must be named; set score.params.dp4tl_lm.classes (a .txt or .npy of names)")
         freq = by_name(label_mapping_freq(pred, n_classes), read_class_names(params.classes), names)
         return {"freq": freq, "n_target": np.int64(len(pred))}
     if ctx.n_classes > n_classes:
-        raise ValueError(f"dp4tl_lm: the {params.route} classifier has {n_classes} classes but source label codes "
+        raise InputError(f"dp4tl_lm: the {params.route} classifier has {n_classes} classes but source label codes "
                          f"go up to {ctx.n_classes - 1}")
     return {"freq": label_mapping_freq(pred, n_classes), "n_target": np.int64(len(pred))}
 

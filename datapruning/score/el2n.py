@@ -18,6 +18,7 @@ from ..metrics.random import uid_hash
 from .base import Metric, positive
 from .dp4tl import by_name, read_class_names, run_label_names
 from .sample import labelled_sample
+from ..errors import ConfigError, InputError
 
 H1, H2 = 0x5EED1, 0x5EED2  # two independent 64-bit uid hashes: a 128-bit match key
 
@@ -42,7 +43,7 @@ class EL2NParams:
         if self.max_train is not None:
             positive("score.params.el2n.max_train", self.max_train)
         if self.logits is not None and self.logits_uids is None:
-            raise ValueError("score.params.el2n.logits needs logits_uids: rows are matched by uid, never by order")
+            raise InputError("score.params.el2n.logits needs logits_uids: rows are matched by uid, never by order")
 
 
 def read_uids(path: str | Path) -> pa.Array:
@@ -60,7 +61,7 @@ def logits_index(path: str) -> dict:
     h1, h2 = uid_hash(uids, H1), uid_hash(uids, H2)
     order = np.lexsort((h2, h1))
     if len(order) > 1 and np.any((np.diff(h1[order]) == 0) & (np.diff(h2[order]) == 0)):
-        raise ValueError(f"el2n: {path} holds a repeated uid; each logits row needs its own uid")
+        raise InputError(f"el2n: {path} holds a repeated uid; each logits row needs its own uid")
     return {"h1": h1[order], "h2": h2[order], "row": order.astype(np.int64)}
 
 
@@ -69,11 +70,11 @@ def prepare(ctx, params: EL2NParams) -> dict:
         arr = np.load(params.logits, allow_pickle=False, mmap_mode="r")
         index = logits_index(params.logits_uids)
         if len(index["row"]) != arr.shape[-2]:
-            raise ValueError(f"el2n: {len(index['row'])} logits uids for {arr.shape[-2]} logits rows")
+            raise InputError(f"el2n: {len(index['row'])} logits uids for {arr.shape[-2]} logits rows")
         names = run_label_names(ctx)
         if names is not None:
             if params.classes is None:
-                raise ValueError("el2n: the labels are strings, so the logits columns must be named; set "
+                raise ConfigError("el2n: the labels are strings, so the logits columns must be named; set "
                                  "score.params.el2n.classes (a .txt or .npy of names)")
             index["column"] = by_name(np.arange(arr.shape[-1]), read_class_names(params.classes), names)
         return index

@@ -16,6 +16,7 @@ from ..metrics.ssp import distance_histogram, prototypicality, within_source_cdf
 from ..rows import add
 from ..metrics.fixed import fixed_sum
 from .base import Metric, choice
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def prepare(ctx, params: SSPParams) -> dict:
     if params.prototypes == "clusters":
         return {}
     if ctx.n_classes == 0:
-        raise ValueError("score.params.ssp.prototypes=labels needs labels, but the input has none")
+        raise InputError("score.params.ssp.prototypes=labels needs labels, but the input has none")
     sums, counts = ctx.embedding_rows.reduce(partial(_class_sums, ctx.n_classes), add)
     protos = sums.astype(np.float64)
     norms = np.linalg.norm(protos, axis=1, keepdims=True)

@@ -252,7 +252,7 @@ def decide_ccs(rows, n: int, p: CCSParams, centroids: np.ndarray) -> tuple[Calla
     pool = partial(_pool, valid, dropped)
     left = total - n_drop
     if not 0 <= n <= left:
-        raise ValueError(f"ccs: cannot keep {n} rows: {left} remain after dropping the hardest {n_drop} "
+        raise ConfigError(f"ccs: cannot keep {n} rows: {left} remain after dropping the hardest {n_drop} "
                          f"(beta={beta}) of {total} scored rows")
     lo, hi = rows.reduce(partial(_range, score, pool), _merge_range)
     width = (hi - lo) / p.strata if left else 0.0
