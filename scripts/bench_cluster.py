@@ -145,14 +145,15 @@ def compute_only(args) -> dict:
 
 
 def bare_faiss(x: np.ndarray, idx: np.ndarray, k: int, niter: int, seed: int, gpu: bool) -> tuple[np.ndarray, float]:
-    """The baseline: plain faiss on the same sample, then one search over every row."""
+    """The baseline: plain faiss on the same sample from the same start (``idx[:k]``), then one search over every
+    row."""
     import faiss
 
     start = time.perf_counter()
     sample = x[idx]
     km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, gpu=gpu,
                       max_points_per_centroid=-(-len(sample) // k), verbose=False)
-    km.train(sample)
+    km.train(sample, init_centroids=sample[:k])
     _, labels = km.index.search(x, 1)
     return labels[:, 0], time.perf_counter() - start
 
@@ -163,7 +164,7 @@ def main(argv=None) -> dict:
         result = compute_only(args)
         report("bench_cluster", result, args.json)
         return result
-    from datapruning.cluster import resolve_backend, sample_indices
+    from datapruning.cluster import resolve_backend, sample_size
     from datapruning.config import load_config
     from datapruning.runner import run_stage
 
@@ -179,12 +180,17 @@ def main(argv=None) -> dict:
         run_stage("cluster", cfg, work / "run")
         ours_s = time.perf_counter() - start
 
+        import pyarrow as pa
         import pyarrow.parquet as pq
+
+        from datapruning.metrics.random import uid_hash
 
         start = time.perf_counter()
         x = read_matrix(paths)  # a bare script loads its embeddings too
         load_s = time.perf_counter() - start
-        idx = sample_indices(len(x), args.k, None, cfg.cluster.max_points_per_centroid, cfg.seed)
+        size = sample_size(len(x), args.k, None, cfg.cluster.max_points_per_centroid)
+        uids = pa.concat_arrays([pq.read_table(p, columns=["uid"])["uid"].combine_chunks() for p in paths])
+        idx = np.lexsort((np.arange(len(x)), uid_hash(uids, cfg.seed)))[:size]  # the stage's sample and start
         labels, compute_s = bare_faiss(x, idx, args.k, args.niter, cfg.seed, gpu=backend == "faiss-gpu")
         bare_s = load_s + compute_s
         ours = np.concatenate([pq.read_table(work / "run" / "clusters" / f"{path.stem}.parquet",

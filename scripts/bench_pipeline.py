@@ -71,7 +71,7 @@ def child_bare(run: str, input_dir: str) -> None:
     import numpy as np
 
     from bench_common import read_matrix
-    from datapruning.cluster import assign, fit_kmeans, sample_indices
+    from datapruning.cluster import assign, fit_kmeans, sample_size
     from datapruning.config import config_from_dict
     from datapruning.select import select_dbp
     from datapruning.metrics.semdedup import semdedup_filter, semdedup_scores
@@ -82,7 +82,8 @@ def child_bare(run: str, input_dir: str) -> None:
     start = time.perf_counter()
     x = read_matrix(sorted(Path(input_dir).glob("*.parquet")))
     times["load"] = time.perf_counter() - start
-    idx = sample_indices(len(x), cfg.cluster.k, cfg.cluster.fit_fraction, cfg.cluster.max_points_per_centroid, cfg.seed)
+    size = sample_size(len(x), cfg.cluster.k, cfg.cluster.fit_fraction, cfg.cluster.max_points_per_centroid)
+    idx = np.sort(np.random.default_rng(cfg.seed).choice(len(x), size, replace=False))  # a plain uniform sample
     centroids, _ = fit_kmeans(x[idx], cfg.cluster.k, cfg.cluster.niter, cfg.seed, "faiss")
     cluster, cos_dist = assign(x, centroids, len(x), "faiss")
     times["cluster"] = time.perf_counter() - start - times["load"]

@@ -26,7 +26,7 @@ def run_bench(name: str, tmp_path, *extra) -> dict:
 def test_bench_cluster_quick(tmp_path):
     r = run_bench("bench_cluster", tmp_path, "--backend", "faiss")
     assert r["ours_s"] > 0 and r["bare_faiss_s"] > 0 and r["ratio"] > 0 and r["backend"] == "faiss"
-    assert r["same_labels_as_bare"] > 0.99  # the stage runs the same faiss k-means on the same sample
+    assert r["same_labels_as_bare"] > 0.99  # the stage runs faiss's k-means loop on the same sample and start
 
 
 def test_bench_semdedup_quick(tmp_path):

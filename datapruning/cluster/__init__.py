@@ -4,6 +4,6 @@ The cluster stage is ``cluster.stage``.
 """
 from __future__ import annotations
 
-from .kmeans import assign, faiss_gpus, fit_kmeans, resolve_backend, sample_indices
+from .kmeans import assign, faiss_gpus, fit_kmeans, resolve_backend, sample_size
 
-__all__ = ["assign", "faiss_gpus", "fit_kmeans", "resolve_backend", "sample_indices"]
+__all__ = ["assign", "faiss_gpus", "fit_kmeans", "resolve_backend", "sample_size"]

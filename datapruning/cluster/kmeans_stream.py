@@ -1,10 +1,9 @@
 """Spherical k-means over a fit sample kept on disk: each iteration reads it back in chunks.
 
-For fit samples larger than ``cluster.fit_mib``. Memory is one chunk, the centroids and their float64
-sums, whatever the sample's size (k = 50,000 at d = 768 samples 39 GB). The loop is faiss's: the same
-initial rows (``rand_perm(n, seed + 1)[:k]``), assignment by inner product with the stage's assignment
-backend, the mean update, faiss's empty-cluster split and L2 renormalisation; sums are float64, so the
-result does not depend on the chunk size. See docs/methods.md#clustering-spherical-k-means.
+For fit samples larger than ``cluster.fit_mib``. Memory is one chunk, the centroids and their fixed-point sums,
+whatever the sample's size (k = 50,000 at d = 768 samples 39 GB). The iterations are ``kmeans.lloyd``, the same
+as in memory: the sums are exact, so the result equals the in-memory fit's bit for bit, whatever the chunk size.
+See docs/methods.md#clustering-spherical-k-means.
 """
 from __future__ import annotations
 
@@ -13,11 +12,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .kmeans import assign, unit_rows
-from .kmeans_torch import faiss_init_indices, split_empty_clusters
+from . import kmeans
+from .kmeans_torch import faiss_init_indices
 from ..errors import ClusterError
-
-CHUNK_BYTES = 16 << 20  # sample rows read per step (the step holds ~4x this: a sorted copy and float64 sums)
 
 
 def read_rows(path: Path, d: int, rows: np.ndarray) -> np.ndarray:
@@ -40,35 +37,14 @@ def chunks(path: Path, n: int, d: int, rows: int) -> Iterator[np.ndarray]:
             yield block
 
 
-def chunk_sums(x: np.ndarray, best: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> None:
-    """Add one chunk's per-cluster row sums (float64) and counts in place."""
-    order = np.argsort(best, kind="stable")
-    ids, starts = np.unique(best[order], return_index=True)
-    sums[ids] += np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
-    counts += np.bincount(best, minlength=len(counts))
-
-
 def stream_kmeans(path: Path, n: int, d: int, k: int, niter: int, seed: int, backend: str = "faiss",
-                  batch: int = 65536, early_stop: float = 0.0) -> tuple[np.ndarray, dict]:
-    """Unit-norm float32 [k, d] centroids of the raw float32 [n, d] file ``path``; returns (centroids, stats)."""
+                  batch: int = 65536, init: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Unit-norm float32 [k, d] centroids of the raw float32 [n, d] file ``path``; returns (centroids, stats).
+    ``init``: the starting rows (default faiss's seeded pick, as ``kmeans.fit_kmeans``)."""
     if k > n:
         raise ClusterError(f"k-means: k={k} is larger than the {n} points")
-    rows = max(1, CHUNK_BYTES // (4 * d))
-    centroids = unit_rows(read_rows(path, d, faiss_init_indices(n, k, seed)))
-    objective, splits, done = None, 0, 0
-    for _ in range(niter):
-        sums, counts, obj = np.zeros((k, d)), np.zeros(k, np.int64), 0.0
-        for x in chunks(path, n, d, rows):
-            best, cos_dist = assign(x, centroids, batch, backend)
-            obj += float(np.sum(1.0 - cos_dist.astype(np.float64)))
-            chunk_sums(x, best, sums, counts)
-        previous, objective = objective, obj
-        centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
-        if (counts == 0).any():
-            splits += split_empty_clusters(counts.astype(np.float32), centroids, n)
-        centroids = unit_rows(centroids)
-        done += 1
-        if previous is not None and abs(objective - previous) <= early_stop * abs(previous):
-            break  # as faiss does: stop once the objective stops changing
-    return centroids, {"objective": objective or 0.0, "iterations": done, "splits": splits, "streamed": True,
-                       "backend": backend, "k": k, "niter": niter, "fit_points": n}
+    rows = max(1, kmeans.CHUNK_BYTES // (4 * d))
+    init = faiss_init_indices(n, k, seed) if init is None else np.asarray(init, dtype=np.int64)
+    centroids, stats = kmeans.lloyd(lambda: chunks(path, n, d, rows), n, read_rows(path, d, init), niter, backend,
+                                    batch)
+    return centroids, {**stats, "streamed": True, "backend": backend, "k": k, "niter": niter, "fit_points": n}

@@ -176,10 +176,10 @@ def _renorm(c):
 
 
 def torch_kmeans(x: np.ndarray, k: int, niter: int, seed: int, device: str | None = None,
-                 precision: str = "auto", early_stop: float = 0.0) -> tuple[np.ndarray, dict]:
+                 precision: str = "auto", early_stop: float = 0.0, init: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Spherical k-means centroids (float32 [k, d], unit norm) of ``x`` [n, d]; returns (centroids, stats).
-    Stops early when the objective's relative change is at most ``early_stop`` (faiss's default 0.0:
-    when it does not change at all)."""
+    ``init``: the starting rows (default faiss's seeded pick). Stops early when the objective's relative change
+    is at most ``early_stop`` (faiss's default 0.0: when it does not change at all)."""
     torch = _torch()
     device = resolve_device(device)
     precision = _resolve_precision(precision, device)
@@ -190,7 +190,8 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int, seed: int, device: str | Non
     xt = _as_tensor(x_np).to(device)
     if n == k:  # faiss copies the points and stops
         return x_np.copy(), {"objective": 0.0, "iterations": 0, "splits": 0, "device": device, "precision": precision}
-    centroids = _renorm(xt.index_select(0, torch.from_numpy(faiss_init_indices(n, k, seed)).to(device)))
+    init = faiss_init_indices(n, k, seed) if init is None else np.asarray(init, dtype=np.int64)
+    centroids = _renorm(xt.index_select(0, torch.from_numpy(init).to(device)))
     rows = block_rows(k)
     objective, splits, done = None, 0, 0
     for _ in range(niter):

@@ -18,15 +18,17 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from .kmeans import assign, fit_kmeans, resolve_backend, sample_indices
-from .kmeans_stream import CHUNK_BYTES, chunks, stream_kmeans
+from .kmeans import CHUNK_BYTES, assign, fit_kmeans, resolve_backend, sample_size
+from .kmeans_stream import chunks, stream_kmeans
 from .parts import write_parts
 from .unique import check_unique_uids, write_ties
 from ..io.files import atomic_path, check_any_rows, is_done, mark_done, meta_dir, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from ..exec import call, map_unordered
+from ..cutoffs import Cutoffs, find_cutoffs
 from ..metrics.random import uid_hash
-from ..run import Rate, Run, log, prepare_stage, progress, shard_rows, timed
+from ..rows import BlockRows
+from ..run import Rate, Run, log, prepare_stage, progress, shard_offsets, shard_rows, timed
 
 READ_THREADS = min(8, os.cpu_count() or 1)  # parquet shards decoded at once (decoding releases the GIL)
 PREFETCH_BYTES = 512 << 20  # decoded shards held ahead of the assignment
@@ -38,58 +40,78 @@ def read_matrix(run: Run, shard: str) -> np.ndarray:
     return column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
 
 
-def sample_blocks(run: Run, counts: list[tuple[dict, int]], rows: np.ndarray) -> Iterator[np.ndarray]:
-    """The embeddings at global row indices ``rows`` (sorted), shard by shard in row order. Shards are
-    decoded on a few threads (parquet decoding releases the GIL); each keeps only its rows."""
-    wanted, offset = [], 0
-    for shard, n in counts:
-        local = rows[(rows >= offset) & (rows < offset + n)] - offset
-        if len(local):
-            wanted.append((shard["name"], local))
-        offset += n
+def hash_block(run: Run, item: tuple) -> dict:
+    """One shard's global row numbers and seeded uid hashes (only the uid column is read)."""
+    shard, offset, n = item
+    uid = read_stage(run.dir("embed") / f"{shard['name']}.parquet", columns=["uid"])["uid"]
+    return {"pos": np.arange(offset, offset + n, dtype=np.int64), "tie": uid_hash(uid, run.cfg.seed)}
+
+
+def by_hash(block: dict) -> tuple:
+    """``find_cutoffs`` keys ranking every row by its seeded uid hash (the row only breaks an exact collision)."""
+    zero = np.zeros(len(block["tie"]), np.uint64)
+    return np.zeros(len(zero), np.int64), block["tie"], zero, block["pos"].astype(np.uint64)
+
+
+def sample_cut(run: Run, items: list[tuple], size: int) -> Cutoffs:
+    """The fit sample: the ``size`` rows with the smallest seeded uid hashes, so it depends on the rows alone,
+    not on shard names, shard count or row order (a few passes over the uid column)."""
+    n = sum(rows for _, _, rows in items)
+    return find_cutoffs(BlockRows(partial(hash_block, run), items, n, run.cfg), by_hash, np.array([size]),
+                        np.array([n]))
+
+
+def sample_part(run: Run, cut: Cutoffs, item: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's sample rows (float32 [m, d]) and their (hash, row) keys ([m, 2] uint64)."""
+    shard, offset, n = item
+    table, matrix = read_uid_matrix(run, shard["name"])
+    keys = by_hash({"pos": np.arange(offset, offset + n, dtype=np.int64), "tie": uid_hash(table["uid"], run.cfg.seed)})
+    keep = cut.keep(*keys)
+    return matrix[keep], np.stack([keys[1][keep], keys[3][keep]], axis=1)
+
+
+def sample_blocks(run: Run, items: list[tuple], cut: Cutoffs) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``sample_part`` of every shard with sample rows, in shard order, decoded on a few threads (parquet
+    releases the GIL)."""
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        yield from pool.map(lambda item: read_matrix(run, item[0])[item[1]], wanted)
+        yield from (part for part in pool.map(partial(sample_part, run, cut), items) if len(part[0]))
 
 
-def gather_rows(blocks: Iterator[np.ndarray], n: int) -> np.ndarray:
-    """``n`` sample rows from ``sample_blocks`` in one float32 array."""
-    out, filled = None, 0
-    for block in blocks:
-        if out is None:
-            out = np.empty((n, block.shape[1]), dtype=np.float32)
-        out[filled:filled + len(block)] = block
-        filled += len(block)
-    return out
+def first_by_hash(keys: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` rows with the smallest (hash, row) keys: the initial centroids."""
+    return np.lexsort((keys[:, 1], keys[:, 0]))[:k]
 
 
-def gather_to_file(blocks: Iterator[np.ndarray], path: Path) -> None:
-    """The sample rows written to a raw float32 file, one shard's rows in memory at a time."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        for block in blocks:
-            np.ascontiguousarray(block, dtype=np.float32).tofile(fh)
-
-
-def fit_sample(cfg, output: Path, counts: list[tuple[dict, int]], idx: np.ndarray):
+def fit_sample(cfg, output: Path, items: list[tuple], cut: Cutoffs, size: int):
     """Gather the fit sample from the run folder and fit k-means on it (locally or on a Ray worker): in memory
-    up to ``cluster.fit_mib``, else from a copy on disk (``kmeans_stream``). Returns (centroids, stats, the
-    sample's size per cluster)."""
+    up to ``cluster.fit_mib``, else from a copy on disk (``kmeans_stream``). The centroids start from the rows
+    with the smallest uid hashes. Returns (centroids, stats, the sample's size per cluster)."""
     start = time.perf_counter()
     ccfg, run = cfg.cluster, Run(cfg, Path(output))
     backend = resolve_backend(ccfg.backend)
-    blocks = sample_blocks(run, counts, idx)
+    blocks = sample_blocks(run, items, cut)
     first = next(blocks)
-    blocks, d = itertools.chain([first], blocks), first.shape[1]
-    if len(idx) * d * 4 <= ccfg.fit_mib << 20:
-        x = gather_rows(blocks, len(idx))
-        centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, backend)
-        sample_sizes = np.bincount(assign(x, centroids, ccfg.assign_batch, backend)[0], minlength=ccfg.k)
+    blocks, d = itertools.chain([first], blocks), first[0].shape[1]
+    if size * d * 4 <= ccfg.fit_mib << 20:
+        parts = list(blocks)
+        x = np.concatenate([b for b, _ in parts])
+        keys = np.concatenate([k for _, k in parts])
+        centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, backend, init=first_by_hash(keys, ccfg.k))
+        sample_sizes = np.bincount(assign(x, centroids, ccfg.assign_batch, backend, exact=False)[0], minlength=ccfg.k)
     else:
         path = meta_dir(run.dir("cluster")) / "fit_sample.f32"
-        gather_to_file(blocks, path)
-        centroids, stats = stream_kmeans(path, len(idx), d, ccfg.k, ccfg.niter, cfg.seed, backend, ccfg.assign_batch)
+        keys = []
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            for block, key in blocks:
+                np.ascontiguousarray(block, dtype=np.float32).tofile(fh)
+                keys.append(key)
+        keys = np.concatenate(keys)
+        centroids, stats = stream_kmeans(path, len(keys), d, ccfg.k, ccfg.niter, cfg.seed, backend, ccfg.assign_batch,
+                                         init=first_by_hash(keys, ccfg.k))
         sample_sizes = np.zeros(ccfg.k, np.int64)
-        for x in chunks(path, len(idx), d, max(1, CHUNK_BYTES // (4 * d))):
-            sample_sizes += np.bincount(assign(x, centroids, ccfg.assign_batch, backend)[0], minlength=ccfg.k)
+        for x in chunks(path, len(keys), d, max(1, CHUNK_BYTES // (4 * d))):
+            sample_sizes += np.bincount(assign(x, centroids, ccfg.assign_batch, backend, exact=False)[0],
+                                        minlength=ccfg.k)
         path.unlink()
     stats["seconds"] = round(time.perf_counter() - start, 3)
     return centroids, stats, sample_sizes
@@ -185,10 +207,12 @@ def run_cluster(run: Run) -> None:
     n = sum(c for _, c in counts)
     with timed(run, "cluster"):
         if not (out_dir / "fit.json").exists():
-            idx = sample_indices(n, ccfg.k, ccfg.fit_fraction, ccfg.max_points_per_centroid, run.cfg.seed)
-            log.info("cluster: fitting k=%d on %d of %d samples", ccfg.k, len(idx), n)
+            size = sample_size(n, ccfg.k, ccfg.fit_fraction, ccfg.max_points_per_centroid)
+            log.info("cluster: fitting k=%d on %d of %d samples", ccfg.k, size, n)
+            items = shard_offsets(run)
+            cut = sample_cut(run, items, size)
             resources = fit_resources(run.cfg)
-            centroids, stats, sample_sizes = call(fit_sample, (run.cfg, run.output, counts, idx), run.cfg, resources)
+            centroids, stats, sample_sizes = call(fit_sample, (run.cfg, run.output, items, cut, size), run.cfg, resources)
             if resources:
                 stats["ray"] = resources
             groups = plan_groups(sample_sizes, n, centroids.shape[1], ccfg.partition_mib)

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import InputError
+from ..metrics.exact import unit_rows
 from .webdataset import skip
 
 
@@ -56,8 +57,7 @@ def normalise_rows(matrix: np.ndarray, where: str, skipped: Counter, keys, stric
     for i in np.flatnonzero(~ok):
         skip(skipped, "non_finite_embedding" if not finite[i] else "zero_embedding", where, str(keys[i]),
              "embedding has NaN/inf" if not finite[i] else "embedding is all zeros", strict)
-    rows = matrix[ok] / scale[ok, None]
-    matrix[ok] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    matrix[ok] = unit_rows(matrix[ok] / scale[ok, None])
     return ok
 
 

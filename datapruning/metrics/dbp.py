@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 
+from .exact import dot_bound, exact_dot, settle, unit_rows
 from .fixed import fixed_mean, fixed_sum
 from ..errors import ConfigError, InputError
 
@@ -47,7 +48,8 @@ def d_inter(centroids: np.ndarray, l: int = 20) -> np.ndarray:
     """``d_inter_j`` = mean of ``1 - <c_j, c_m>`` over the ``l`` nearest OTHER centroids (``l`` capped at
     k-1), float64 [k]. With k = 1 there is no other concept: d_inter = 1.0 (the distance to an
     orthogonal one), which leaves the single cluster's complexity equal to its d_intra.
-    Similarities are computed in row blocks of at most ``BLOCK_ELEMS`` entries."""
+    Similarities are computed in row blocks of at most ``BLOCK_ELEMS`` entries, each rounded once to float32
+    (``metrics.exact``), so the result is the same on every machine."""
     c = np.asarray(centroids, dtype=np.float32)
     if c.ndim != 2 or len(c) == 0:
         raise ConfigError(f"d_inter: centroids must be a non-empty [k, d] array, got {c.shape}")
@@ -56,16 +58,18 @@ def d_inter(centroids: np.ndarray, l: int = 20) -> np.ndarray:
     k = len(c)
     if k == 1:
         return np.ones(1)
-    norms = np.linalg.norm(c, axis=1, keepdims=True)
-    c = c / np.where(norms > 0, norms, 1.0)
+    c = unit_rows(c)
+    c64 = c.astype(np.float64)
+    bound = float(dot_bound(c.shape[1], 1.0, 1.0) * 1.001)  # unit rows (to float32 precision)
     ll = min(int(l), k - 1)
     out = np.empty(k)
     step = max(1, BLOCK_ELEMS // k)
     for r0 in range(0, k, step):
         r1 = min(r0 + step, k)
-        sims = c[r0:r1] @ c.T
+        sims64 = c64[r0:r1] @ c64.T
+        sims = settle(sims64.ravel(), bound, lambda i, r0=r0: exact_dot(c[r0 + i // k], c[i % k])).reshape(r1 - r0, k)
         sims[np.arange(r1 - r0), np.arange(r0, r1)] = -np.inf  # exclude self by index, not by value
-        top = np.partition(sims, k - ll, axis=1)[:, k - ll:]  # the ll largest similarities per row
+        top = np.sort(np.partition(sims, k - ll, axis=1)[:, k - ll:], axis=1)  # the ll largest, in order
         out[r0:r1] = 1.0 - top.astype(np.float64).mean(axis=1)
     return out
 

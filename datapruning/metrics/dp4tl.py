@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .el2n import torch_threads_for
+from .exact import argmax_dots, unit_rows
 from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -17,19 +18,15 @@ log = logging.getLogger(__name__)
 BLOCK_ELEMS = 1 << 24  # 16M float32 scores per block
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
 def _blocked_argmax(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """``argmax_c (x @ w.T + bias)`` per row, over row blocks of at most ``BLOCK_ELEMS`` scores."""
+    if bias is None:
+        return argmax_dots(x, w)
     out = np.empty(len(x), dtype=np.int64)
     step = max(1, BLOCK_ELEMS // max(1, len(w)))
     for r0 in range(0, len(x), step):
         s = np.asarray(x[r0:r0 + step], dtype=np.float32) @ w.T
-        out[r0:r0 + step] = np.argmax(s if bias is None else s + bias, axis=1)
+        out[r0:r0 + step] = np.argmax(s + bias, axis=1)
     return out
 
 
@@ -97,7 +94,7 @@ def zero_shot_predictions(target_emb: np.ndarray, class_text_emb: np.ndarray) ->
         target_emb = np.asarray(target_emb)
     if text.ndim != 2 or target_emb.ndim != 2 or text.shape[1] != target_emb.shape[1]:
         raise InputError(f"dp4tl: target {target_emb.shape} and class text {text.shape} embeddings do not match")
-    return _blocked_argmax(target_emb, _normalise(text))  # a row's own norm does not change its argmax
+    return _blocked_argmax(target_emb, unit_rows(text))  # a row's own norm does not change its argmax
 
 
 def feature_mapping_assign(target_emb: np.ndarray, source_centroids: np.ndarray) -> np.ndarray:
@@ -107,7 +104,7 @@ def feature_mapping_assign(target_emb: np.ndarray, source_centroids: np.ndarray)
         target_emb = np.asarray(target_emb)
     if cents.ndim != 2 or target_emb.ndim != 2 or cents.shape[1] != target_emb.shape[1] or len(cents) == 0:
         raise InputError(f"dp4tl: target {target_emb.shape} and centroids {cents.shape} do not match")
-    return _blocked_argmax(target_emb, _normalise(cents))  # a row's own norm does not change its argmax
+    return _blocked_argmax(target_emb, unit_rows(cents))  # a row's own norm does not change its argmax
 
 
 def label_mapping_freq(pred: np.ndarray, n_classes: int) -> np.ndarray:

@@ -20,6 +20,7 @@ def fixed_sum(values: np.ndarray, groups: np.ndarray, k: int, scale: float = SCA
 
 
 def fixed_mean(sums: np.ndarray, counts: np.ndarray, scale: float = SCALE) -> np.ndarray:
-    """float64 means from ``fixed_sum`` sums and counts (0 where the count is 0)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    return np.divide(sums.astype(np.float64) / scale, counts, out=np.zeros(len(counts)), where=counts > 0)
+    """float64 means from ``fixed_sum`` sums ([k] or [k, d]) and counts [k] (0 where the count is 0)."""
+    sums = np.asarray(sums)
+    counts = np.asarray(counts, dtype=np.float64).reshape((-1,) + (1,) * (sums.ndim - 1))
+    return np.divide(sums.astype(np.float64) / scale, counts, out=np.zeros(sums.shape), where=counts > 0)

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 from tqdm.auto import tqdm
 
+from .exact import dot_bound, exact_dot, row_norms, settle
 from .ranking import rank_order
 from ..errors import ConfigError, InputError
 
@@ -35,20 +36,36 @@ def cluster_ranges(cluster: np.ndarray, order: np.ndarray | None = None):
 
 def _max_sim_to_earlier(embeddings, rows: np.ndarray, block_rows: int, upper: np.ndarray, out: np.ndarray) -> None:
     """``out[rows[j]] = max_{i<j} <x_rows[i], x_rows[j]>`` with at most ``block_rows``² similarities at once.
-    ``upper`` is a square bool mask, True on and above the diagonal, at least one block wide."""
+    ``upper`` is a square bool mask, True on and above the diagonal, at least one block wide. The products are
+    float64 and each maximum is rounded once to float32 (``exact.settle``), so the score's bits do not depend
+    on the BLAS build, the thread count or the block size."""
     m = len(rows)
+    best, norms = np.full(m, -np.inf), np.empty(m)
     for r0 in range(0, m, block_rows):
         r1 = min(r0 + block_rows, m)
-        x_r = np.asarray(embeddings[rows[r0:r1]], dtype=np.float32)
-        best = np.full(r1 - r0, -np.inf, dtype=np.float32)
+        x_r = np.asarray(embeddings[rows[r0:r1]], dtype=np.float64)
+        norms[r0:r1] = row_norms(x_r)
         for c0 in range(0, r1, block_rows):  # column blocks up to and including the diagonal block
             c1 = min(c0 + block_rows, m)
-            x_c = x_r if c0 == r0 else np.asarray(embeddings[rows[c0:c1]], dtype=np.float32)
+            x_c = x_r if c0 == r0 else np.asarray(embeddings[rows[c0:c1]], dtype=np.float64)
             sims = x_r @ x_c.T
             if c0 == r0:  # diagonal block: only strictly earlier members count
                 np.putmask(sims, upper[: r1 - r0, : r1 - r0], -np.inf)
-            np.maximum(best, sims.max(axis=1), out=best)
-        out[rows[r0:r1]] = np.clip(best.astype(np.float64), FIRST_SCORE, 1.0)  # -inf (first) -> -1; noise > 1 -> 1
+            np.maximum(best[r0:r1], sims.max(axis=1), out=best[r0:r1])
+    bound = dot_bound(embeddings.shape[1], norms, norms.max(initial=0.0))
+
+    def exact(j: int) -> float:
+        """The exact maximum over the earlier members the bound cannot rule out (rare; blocked)."""
+        x_j = np.asarray(embeddings[rows[j]], dtype=np.float64)
+        top = -np.inf
+        for c0 in range(0, j, block_rows):
+            earlier = np.asarray(embeddings[rows[c0:min(c0 + block_rows, j)]], dtype=np.float64)
+            for i in np.flatnonzero(earlier @ x_j >= best[j] - 2.0 * bound[j]):
+                top = max(top, exact_dot(earlier[i], x_j))
+        return top
+
+    best32 = settle(best, bound, exact)
+    out[rows] = np.clip(best32.astype(np.float64), FIRST_SCORE, 1.0)  # -inf (first) -> -1; noise > 1 -> 1
 
 
 def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.ndarray, mode: str = "hard",

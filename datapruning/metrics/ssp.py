@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 from ..errors import InputError
-
+from .exact import row_dots, unit_rows
+from .fixed import fixed_sum
 
 
 def prototypicality(embeddings: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> np.ndarray:
-    """``s_i = 1 - <x_i, c_a(i)>``: small = prototypical (easy), large = hard.
+    """``s_i = 1 - <x_i, c_a(i)>``: small = prototypical (easy), large = hard. The inner product is rounded once
+    to float32 whatever the BLAS (``metrics.exact``), so with the cluster stage's assignment this equals its cos_dist.
 
     embeddings [N, d] and centroids [k, d] are L2-normalised; assignment [N] holds cluster ids.
     """
@@ -23,23 +25,19 @@ def prototypicality(embeddings: np.ndarray, centroids: np.ndarray, assignment: n
         raise InputError(f"prototypicality: {len(assignment)} assignments for {len(embeddings)} embeddings")
     if len(assignment) and (assignment.min() < 0 or assignment.max() >= len(centroids)):
         raise InputError(f"prototypicality: assignment outside [0, {len(centroids)})")
-    out = np.empty(len(embeddings), dtype=np.float64)
-    for start in range(0, len(embeddings), 65536):  # bounded temporaries at any N
-        sl = slice(start, start + 65536)
-        dots = np.einsum("ij,ij->i", embeddings[sl], centroids[assignment[sl]])
-        out[sl] = 1.0 - dots.astype(np.float64)
-    return out
+    return (1.0 - row_dots(embeddings, centroids, assignment)).astype(np.float64)  # float32 1 - fl32(x . c): the cluster stage's cos_dist, bit for bit
 
 
 def class_prototypes(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Supervised variant: one normalised mean embedding per label. Returns (prototypes, codes)."""
-    labels = np.asarray(labels)
-    codes, inverse = np.unique(labels, return_inverse=True)
-    sums = np.zeros((len(codes), embeddings.shape[1]), dtype=np.float64)
-    np.add.at(sums, inverse, embeddings)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return (sums / norms).astype(np.float32), inverse
+    codes, inverse = np.unique(np.asarray(labels), return_inverse=True)
+    return prototypes_from_sums(fixed_sum(embeddings, inverse, len(codes))), inverse
+
+
+def prototypes_from_sums(sums: np.ndarray) -> np.ndarray:
+    """Class prototypes from each class's ``fixed_sum`` of embeddings: the normalised means, float32 [C, d]
+    (exact sums, so they do not depend on row order or blocks)."""
+    return unit_rows(np.asarray(sums, dtype=np.float64).astype(np.float32))
 
 
 CDF_BINS = 1 << 16  # histogram bins over the cosine-distance range [0, 2]: a rank resolution of 3e-5

@@ -12,7 +12,7 @@ from functools import partial
 
 import numpy as np
 
-from ..metrics.ssp import distance_histogram, prototypicality, within_source_cdf
+from ..metrics.ssp import distance_histogram, prototypes_from_sums, prototypicality, within_source_cdf
 from ..rows import add
 from ..metrics.fixed import fixed_sum
 from .base import Metric, choice
@@ -39,9 +39,7 @@ def prepare(ctx, params: SSPParams) -> dict:
     if ctx.n_classes == 0:
         raise InputError("score.params.ssp.prototypes=labels needs labels, but the input has none")
     sums, counts = ctx.embedding_rows.reduce(partial(_class_sums, ctx.n_classes), add)
-    protos = sums.astype(np.float64)
-    norms = np.linalg.norm(protos, axis=1, keepdims=True)
-    state = {"prototypes": (protos / np.where(norms > 0, norms, 1.0)).astype(np.float32), "counts": counts}
+    state = {"prototypes": prototypes_from_sums(sums), "counts": counts}
     state["hist"] = ctx.embedding_rows.reduce(partial(_histogram, state), add)
     return state
 
