@@ -12,7 +12,7 @@ from pathlib import PurePosixPath
 from typing import Callable, Iterator
 
 import fsspec
-from ..errors import BadSample, DataPruningError, UnsafeMember
+from ..errors import BadSample, DataPruningError, TruncatedShard, UnsafeMember
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def _read_once(path: str, shard: str, report: OnSkip, fast: bool, safe: bool) ->
         yield from _reread(path, shard, report, state["emitted"], state["reported"])
         return
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        if isinstance(exc, DataPruningError) or transient(exc):
+        if (isinstance(exc, DataPruningError) and not isinstance(exc, TruncatedShard)) or transient(exc):
             raise
         damage = f"{type(exc).__name__}: {exc}"
     if damage is not None:
