@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 from .config import RunConfig
 from .errors import ConfigError
 from .cluster.stage import run_cluster
 from .embed.stage import run_embed
+from .exec import Executor, open_executor
 from .manifest.stage import run_manifest
 from .run import STAGES, Run, locked
 from .score.stage import run_score
@@ -33,23 +35,27 @@ def check_config(cfg: RunConfig) -> None:
     selector_params(cfg)
 
 
-def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):
-    """Run one stage (``embed`` takes ``input_spec``; the others read the run folder)."""
+def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None, executor: Executor | None = None):
+    """Run one stage (``embed`` takes ``input_spec``; the others read the run folder) on ``executor``, or on one
+    opened for this stage."""
     check_config(cfg)
-    run = Run(cfg, Path(output))
     if input_spec is not None and stage != "embed":
         raise ConfigError(f"{stage}: --input is only read by the embed stage")
-    with locked(run.output):  # one writer per run folder; released when the stage ends
-        if stage == "embed":
-            return run_embed(run, input_spec)
-        return {"cluster": run_cluster, "score": run_score, "select": run_select, "manifest": run_manifest}[stage](run)
+    with ExitStack() as stack:
+        ex = executor or stack.enter_context(open_executor(cfg))
+        run = Run(cfg, Path(output), ex)
+        with locked(run.output):  # one writer per run folder; released when the stage ends
+            if stage == "embed":
+                return run_embed(run, input_spec)
+            return {"cluster": run_cluster, "score": run_score, "select": run_select,
+                    "manifest": run_manifest}[stage](run)
 
 
 def run_pipeline(cfg: RunConfig, input_spec, output: str | Path, stages=STAGES) -> dict:
-    """embed -> cluster -> score -> select -> manifest; returns stats.json's content."""
+    """embed -> cluster -> score -> select -> manifest on one executor; returns stats.json's content."""
     stats = None
-    with locked(Path(output)):  # held across the stages, so no other writer slips in between
+    with locked(Path(output)), open_executor(cfg) as ex:  # one writer across the stages; one pool for all
         for stage in stages:
             log.info("stage %s", stage)
-            stats = run_stage(stage, cfg, output, input_spec if stage == "embed" else None)
+            stats = run_stage(stage, cfg, output, input_spec if stage == "embed" else None, ex)
     return stats

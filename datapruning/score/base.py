@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from ..config import typed_params
 from ..errors import ConfigError, InputError
-from ..metrics.random import uid_hash
+from ..hashing import uid_hash
 from ..rows import ArrayRows
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..metrics.el2n import el2n, proxy_el2n, train_proxy_heads
-from ..metrics.random import uid_hash
+from ..hashing import uid_hash
 from .base import Metric, positive
 from .dp4tl import by_name, read_class_names, run_label_names
 from .sample import labelled_sample

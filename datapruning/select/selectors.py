@@ -17,11 +17,11 @@ import numpy as np
 from ..cutoffs import Cutoffs, find_cutoffs
 from ..config import typed_params
 from ..errors import ConfigError
-from ..metrics.ccs import ccs_allocate, ccs_default_beta
+from ..metrics.ccs import ccs_allocate, ccs_default_beta, ccs_strata
 from ..metrics.dbp import dbp_quotas, dbp_shares
 from ..metrics.dp4tl import top_k_groups
-from ..metrics.random import uid_hash
-from ..metrics.ranking import MODES, balanced_quotas
+from ..hashing import uid_hash
+from ..metrics.ranking import MODES, balanced_quotas, floor_quotas
 from ..rows import ArrayRows, add
 from ..score.dbp import cluster_complexity
 from .rules import (any_of, column, count_true, group_sizes, in_groups, in_play, keys_by, n_groups, not_,
@@ -117,33 +117,33 @@ class RankParams:
         _check_share("select.min_per_label", self.min_per_label)
 
 
-def floor_quotas(sizes: np.ndarray, share: float, n: int) -> np.ndarray:
-    """Per-group floor ``min(ceil(share * n / G), size)`` over the G groups with rows in play."""
-    present = sizes > 0
-    if not present.any() or share <= 0:
-        return np.zeros(len(sizes), np.int64)
-    return np.where(present, np.minimum(int(np.ceil(share * n / present.sum())), sizes), 0)
+def rank_with_floors(rows, n: int, score: str, mode: str, floors=()) -> tuple[Callable, dict]:
+    """Keep ``n`` rows by ``score``/``mode``, after floors: for each ``(group column, share)`` every group with rows
+    in play first gets ``min(ceil(share * n / G), size)`` of its best rows. A row meeting any floor is kept;
+    when the floors add up to more than ``n``, the preferred ``n`` of them win."""
+    rules = []
+    for group, share in floors:
+        if share > 0:
+            k = n_groups(rows, group)
+            sizes = rows.reduce(partial(group_sizes, group, k), add)
+            rules.append(top_per_group(rows, score, mode, group, floor_quotas(sizes, share, n), sizes=sizes))
+    if not rules:
+        return top_per_group(rows, score, mode, None, [n]), {}
+    forced = partial(any_of, tuple(rules))
+    n_forced = int(rows.reduce(partial(count_true, forced), add))
+    if n_forced >= n:
+        return top_per_group(rows, score, mode, None, [n], mask=forced), {"floor_rows": n_forced}
+    rest = top_per_group(rows, score, mode, None, [n - n_forced], mask=partial(not_, forced))
+    return partial(any_of, (forced, rest)), {"floor_rows": n_forced}
 
 
 def decide_rank(rows, n: int, p: RankParams, centroids: np.ndarray) -> tuple[Callable, dict]:
     """Global ranking by one metric, after optional floors per cluster and per label."""
-    score = f"score_{p.metric}"
-    floors = []
-    for group, share in (("cluster", p.min_per_cluster), ("label", p.min_per_label)):
-        if share > 0 and (group != "label" or rows.reduce(_has_labels, any)):
-            k = n_groups(rows, group)
-            sizes = rows.reduce(partial(group_sizes, group, k), add)
-            floors.append(top_per_group(rows, score, p.mode, group, floor_quotas(sizes, share, n), sizes=sizes))
-    info = {"metric": p.metric, "mode": p.mode}
-    if not floors:
-        return top_per_group(rows, score, p.mode, None, [n]), info
-    forced = partial(any_of, tuple(floors))
-    n_forced = int(rows.reduce(partial(count_true, forced), add))
-    info["floor_rows"] = n_forced
-    if n_forced >= n:  # floors exceed the budget: the preferred n of the forced rows
-        return top_per_group(rows, score, p.mode, None, [n], mask=forced), info
-    rest = top_per_group(rows, score, p.mode, None, [n - n_forced], mask=partial(not_, forced))
-    return partial(any_of, (forced, rest)), info
+    floors = [("cluster", p.min_per_cluster)]
+    if p.min_per_label > 0 and rows.reduce(_has_labels, any):
+        floors.append(("label", p.min_per_label))
+    rule, info = rank_with_floors(rows, n, f"score_{p.metric}", p.mode, floors)
+    return rule, {"metric": p.metric, "mode": p.mode, **info}
 
 
 def _has_labels(block: dict) -> bool:
@@ -162,14 +162,19 @@ class BalancedParams:
             raise ConfigError(f"select.params.by: expected 'label' or 'cluster', got {self.by!r}")
 
 
+def balanced(rows, n: int, score: str, mode: str, group: str) -> tuple[Callable, np.ndarray]:
+    """The same count per group where sizes allow (``balanced_quotas``), ``mode`` within each group:
+    (rule, quotas)."""
+    sizes = rows.reduce(partial(group_sizes, group, n_groups(rows, group)), add)
+    quotas = balanced_quotas(sizes, n)
+    return top_per_group(rows, score, mode, group, quotas, sizes=sizes), quotas
+
+
 def decide_balanced(rows, n: int, p: BalancedParams, centroids: np.ndarray) -> tuple[Callable, dict]:
     """The same count per group (labels or clusters) where sizes allow, ``mode`` within each group."""
     if p.by == "label" and not rows.reduce(_has_labels, any):
         raise ConfigError("select.params.by=label needs labels, but the input has none")
-    k = n_groups(rows, p.by)
-    sizes = rows.reduce(partial(group_sizes, p.by, k), add)
-    quotas = balanced_quotas(sizes, n)
-    rule = top_per_group(rows, f"score_{p.metric}", p.mode, p.by, quotas, sizes=sizes)
+    rule, quotas = balanced(rows, n, f"score_{p.metric}", p.mode, p.by)
     return rule, {"metric": p.metric, "mode": p.mode, "by": p.by, "quotas": quotas.tolist()}
 
 
@@ -233,11 +238,8 @@ def _merge_range(parts: list) -> tuple:
     return min(p[0] for p in parts), max(p[1] for p in parts)
 
 
-def stratum(score: str, pool: Callable, lo: float, width: float, strata: int, block: dict) -> dict:
-    s = column(block, score)
-    pos = np.floor((s - lo) / width) if width > 0 else np.zeros(len(s))
-    st = np.clip(np.nan_to_num(pos, nan=0.0), 0, strata - 1).astype(np.int64)  # the maximum joins the top stratum
-    return {**block, "stratum": np.where(pool(block), st, -1)}
+def stratum(score: str, pool: Callable, lo: float, hi: float, strata: int, block: dict) -> dict:
+    return {**block, "stratum": np.where(pool(block), ccs_strata(column(block, score), lo, hi, strata), -1)}
 
 
 def decide_ccs(rows, n: int, p: CCSParams, centroids: np.ndarray) -> tuple[Callable, dict]:
@@ -254,12 +256,9 @@ def decide_ccs(rows, n: int, p: CCSParams, centroids: np.ndarray) -> tuple[Calla
     if not 0 <= n <= left:
         raise ConfigError(f"ccs: cannot keep {n} rows: {left} remain after dropping the hardest {n_drop} "
                          f"(beta={beta}) of {total} scored rows")
-    lo, hi = rows.reduce(partial(_range, score, pool), _merge_range)
-    width = (hi - lo) / p.strata if left else 0.0
-    strat = partial(stratum, score, pool, lo, width, int(p.strata))
-    from ..rows import with_columns
-
-    srows = with_columns(rows, strat)
+    lo, hi = rows.reduce(partial(_range, score, pool), _merge_range) if left else (0.0, 0.0)
+    strat = partial(stratum, score, pool, lo, hi, int(p.strata))
+    srows = rows.with_columns(strat)
     sizes = srows.reduce(partial(group_sizes, "stratum", int(p.strata)), add)
     alloc = ccs_allocate(sizes, int(n))
     keys = partial(keys_by, None, "random", "stratum", None)
