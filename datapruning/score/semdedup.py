@@ -12,23 +12,18 @@ import numpy as np
 
 from ..metrics.ranking import MODES
 from ..metrics.semdedup import DEFAULT_EPS, REPORT_KEEP_FRACTIONS, eps_for_keep_fraction, removed_per_eps, semdedup_scores
-from .base import Metric, choice, positive
+from .base import Metric
+from ..params import MAX_INT, setting
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SemDeDupParams:
-    mode: str = "hard"  # which duplicate survives: hard = farthest from the centroid
-    block_rows: int = 2048  # similarity block edge (memory: block_rows**2 float32; 2048 was as fast as 4096 here)
-    eps: tuple = DEFAULT_EPS  # eps values whose removed counts go to stats.json
-    seed: int | None = None
-
-    def check(self):
-        choice("score.params.semdedup.mode", self.mode, MODES)
-        positive("score.params.semdedup.block_rows", self.block_rows)
-        if not isinstance(self.eps, (list, tuple)) or not all(isinstance(e, (int, float)) and e >= 0 for e in self.eps):
-            choice("score.params.semdedup.eps", self.eps, ["a list of numbers >= 0"])
+    mode: str = setting("hard", choices=MODES)  # which duplicate survives: hard = farthest from the centroid
+    block_rows: int = setting(2048, ge=1, le=1 << 16)  # similarity block edge (memory: block_rows**2 float64)
+    eps: tuple[float, ...] = setting(DEFAULT_EPS, ge=0.0, le=2.0)  # eps values whose removed counts go to stats.json
+    seed: int | None = setting(None, ge=0, le=MAX_INT)
 
 
 def score(block: dict, state: dict, params: SemDeDupParams) -> np.ndarray:

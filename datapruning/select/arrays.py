@@ -10,6 +10,7 @@ import numpy as np
 
 from ..hashing import row_hash, uid_hash
 from ..metrics.ranking import balanced_quotas
+from ..params import parse_params
 from ..rows import ArrayRows
 from .rules import top_per_group
 from .selectors import CCSParams, balanced, decide_ccs, rank_with_floors
@@ -75,7 +76,6 @@ def ccs_select(scores, n: int, beta: float = 0.0, n_strata: int = 50, seed: int 
     rows, split the rest's score range into ``n_strata`` equal-width strata, give the budget out from the
     smallest stratum up (``ccs_allocate``) and sample uniformly within each by the tie key. NaN or ineligible
     rows are never kept; a ConfigError when fewer than ``n`` rows remain."""
-    params = CCSParams(metric=SCORE[len("score_"):], beta=beta, strata=n_strata)
-    params.check()
+    params = parse_params(CCSParams, {"metric": SCORE[len("score_"):], "beta": beta, "strata": n_strata}, "ccs_select")
     rows = array_rows(scores, seed, eligible, tie, uid)
     return decide_ccs(rows, int(n), params, None)[0](rows.block)

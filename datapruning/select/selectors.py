@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..cutoffs import Cutoffs, find_cutoffs
-from ..config import typed_params
+from ..params import MAX_INT, parse_params, setting, show
 from ..errors import ConfigError
 from ..metrics.ccs import ccs_allocate, ccs_default_beta, ccs_strata
 from ..metrics.dbp import dbp_quotas, dbp_shares
@@ -74,17 +74,21 @@ class Selector:
     common: tuple = ()
 
     def parse(self, raw: dict, common: dict) -> Any:
+        """Typed parameters from ``select.params`` and the common ``select.*`` keys this selector reads."""
         fields = {f.name for f in dataclasses.fields(self.params)}
-        unknown = sorted(set(raw) - fields)
+        unknown = sorted(set(raw) - fields, key=str)
         if unknown:
-            raise ConfigError(f"select.params: unknown key {unknown[0]!r} for select.method={self.name}; "
-                              f"accepted: {sorted(fields - set(self.common))}")
+            raise ConfigError(f"unknown config key {show('select.params.' + str(unknown[0]))} for "
+                              f"select.method={self.name}; accepted: {sorted(fields - set(self.common))}")
         for key, value in common.items():
             if key not in self.common and value not in (None, 0.0, "hard"):
-                raise ConfigError(f"select.{key}={value!r} means nothing to select.method={self.name}; "
-                                  f"it reads {[f'select.{c}' for c in self.common] or 'none of the common keys'}")
+                unset = f"--set select.{key}={'null' if key == 'metric' else 'hard' if key == 'mode' else 0}"
+                raise ConfigError(f"config key 'select.{key}': {show(value)} means nothing to select.method="
+                                  f"{self.name} (it reads {[f'select.{c}' for c in self.common] or 'none of them'});"
+                                  f" unset it in the config or with {unset}")
         merged = {**{k: v for k, v in common.items() if k in self.common and v is not None}, **raw}
-        return typed_params(self.params, merged, f"select.params for {self.name}")
+        keys = {k: f"select.{k}" for k in self.common if k not in raw}
+        return parse_params(self.params, merged, "select.params", keys)
 
     def __call__(self, inp: SelectInputs, n: int, **raw) -> tuple[np.ndarray, dict]:
         """Select on arrays in memory: the keep mask and info."""
@@ -94,27 +98,12 @@ class Selector:
         return rule(rows.block), info
 
 
-def _check_mode(key: str, mode: str) -> None:
-    if mode not in MODES:
-        raise ConfigError(f"{key}: expected one of {list(MODES)}, got {mode!r}")
-
-
-def _check_share(key: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{key}: a share of the budget in [0, 1], got {value!r}")
-
-
 @dataclass(frozen=True)
 class RankParams:
     metric: str = "ssp"
-    mode: str = "hard"
-    min_per_cluster: float = 0.0  # share of the budget spread evenly over clusters as a floor
-    min_per_label: float = 0.0  # the same over labels
-
-    def check(self):
-        _check_mode("select.mode", self.mode)
-        _check_share("select.min_per_cluster", self.min_per_cluster)
-        _check_share("select.min_per_label", self.min_per_label)
+    mode: str = setting("hard", choices=MODES)
+    min_per_cluster: float = setting(0.0, ge=0.0, le=1.0)  # share of the budget spread evenly over clusters
+    min_per_label: float = setting(0.0, ge=0.0, le=1.0)  # the same over labels
 
 
 def rank_with_floors(rows, n: int, score: str, mode: str, floors=()) -> tuple[Callable, dict]:
@@ -153,13 +142,8 @@ def _has_labels(block: dict) -> bool:
 @dataclass(frozen=True)
 class BalancedParams:
     metric: str = "ssp"
-    mode: str = "hard"
-    by: str = "label"  # label | cluster
-
-    def check(self):
-        _check_mode("select.mode", self.mode)
-        if self.by not in ("label", "cluster"):
-            raise ConfigError(f"select.params.by: expected 'label' or 'cluster', got {self.by!r}")
+    mode: str = setting("hard", choices=MODES)
+    by: str = setting("label", choices=("label", "cluster"))
 
 
 def balanced(rows, n: int, score: str, mode: str, group: str) -> tuple[Callable, np.ndarray]:
@@ -180,18 +164,11 @@ def decide_balanced(rows, n: int, p: BalancedParams, centroids: np.ndarray) -> t
 
 @dataclass(frozen=True)
 class DBPSelectParams:
-    mode: str = "hard"  # within a cluster: hard = farthest from the centroid first (cos_dist), easy, random
-    tau: float = 0.1
-    l: int = 20
-    min_per_cluster: float = 0.0  # share of the budget: every cluster keeps at least floor(share * N / k)
-
-    def check(self):
-        _check_mode("select.mode", self.mode)
-        _check_share("select.min_per_cluster", self.min_per_cluster)
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau > 0:
-            raise ConfigError(f"select.params.tau: must be > 0, got {self.tau!r}")
-        if isinstance(self.l, bool) or not isinstance(self.l, int) or self.l < 1:
-            raise ConfigError(f"select.params.l: must be an integer >= 1, got {self.l!r}")
+    # within a cluster: hard = farthest from the centroid first (cos_dist), easy, random
+    mode: str = setting("hard", choices=MODES)
+    tau: float = setting(0.1, gt=0.0, le=1e6)
+    l: int = setting(20, ge=1, le=MAX_INT)
+    min_per_cluster: float = setting(0.0, ge=0.0, le=1.0)  # every cluster keeps at least floor(share * N / k)
 
 
 def decide_dbp(rows, n: int, p: DBPSelectParams, centroids: np.ndarray) -> tuple[Callable, dict]:
@@ -215,14 +192,8 @@ def decide_dbp(rows, n: int, p: DBPSelectParams, centroids: np.ndarray) -> tuple
 @dataclass(frozen=True)
 class CCSParams:
     metric: str = "el2n"
-    beta: float | None = None  # hardest share dropped first; default from the prune rate (ccs_default_beta)
-    strata: int = 50
-
-    def check(self):
-        if self.beta is not None and not 0.0 <= self.beta < 1.0:
-            raise ConfigError(f"select.params.beta: must be in [0, 1), got {self.beta!r}")
-        if isinstance(self.strata, bool) or not isinstance(self.strata, int) or self.strata < 1:
-            raise ConfigError(f"select.params.strata: must be an integer >= 1, got {self.strata!r}")
+    beta: float | None = setting(None, ge=0.0, lt=1.0)  # hardest share dropped first; default from the prune rate
+    strata: int = setting(50, ge=1, le=1 << 20)
 
 
 def scored(score: str, block: dict) -> np.ndarray:
@@ -284,14 +255,8 @@ def _stratum_keep(strat: Callable, cut: Cutoffs, keys: Callable, block: dict) ->
 @dataclass(frozen=True)
 class GroupsParams:
     metric: str = "dp4tl_lm"
-    by: str = "label"  # label | cluster
-    keep_fraction_groups: float | None = None  # keep this share of the groups instead of a sample budget
-
-    def check(self):
-        if self.by not in ("label", "cluster"):
-            raise ConfigError(f"select.params.by: expected 'label' or 'cluster', got {self.by!r}")
-        if self.keep_fraction_groups is not None:
-            _check_share("select.params.keep_fraction_groups", self.keep_fraction_groups)
+    by: str = setting("label", choices=("label", "cluster"))
+    keep_fraction_groups: float | None = setting(None, ge=0.0, le=1.0)  # keep this share of the groups instead
 
 
 def _group_best(score: str, group: str, k: int, block: dict) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ConfigError, StageError
+from ..params import show
 from ..io.files import is_done, mark_done, write_json, write_parquet
 from ..metrics.ranking import keep_count
 from ..run import Run, prepare_stage, progress, run_rows, timed
@@ -24,7 +25,7 @@ def selector_params(cfg) -> tuple:
     """(Selector, typed params) for ``select.method``; unknown or meaningless keys fail here."""
     scfg = cfg.select
     if scfg.method not in SELECTORS:
-        raise ConfigError(f"select.method: unknown selector {scfg.method!r}; known: {sorted(SELECTORS)}")
+        raise ConfigError(f"config key 'select.method': unknown selector {show(scfg.method)}; known: {sorted(SELECTORS)}")
     selector = SELECTORS[scfg.method]
     return selector, selector.parse(dict(scfg.params), {k: getattr(scfg, k) for k in COMMON})
 
