@@ -82,8 +82,10 @@ def coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
             raise fail(key, f"expected true or false, got {show(value)}")
         return value
     if tp is int:
-        number = _number(value, key) if not isinstance(value, bool) else value
-        if isinstance(number, bool) or (isinstance(number, float) and not number.is_integer()):
+        number = value if isinstance(value, (bool, int, float)) else None
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            number = _number(value, key)
+        if number is None or isinstance(number, bool) or (isinstance(number, float) and not number.is_integer()):
             raise fail(key, f"expected an integer, got {show(value)}")
         return int(number)
     if tp is float:

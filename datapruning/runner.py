@@ -19,9 +19,9 @@ from .select.stage import run_select
 log = logging.getLogger("datapruning")
 
 
-def check_config(cfg: RunConfig) -> None:
-    """Every metric's and the selector's typed parameters, and the rules across them, checked before any stage
-    runs or anything is written: an unknown or meaningless key fails here with the key named."""
+def check_config(cfg: RunConfig, stages=STAGES) -> None:
+    """Every metric's and the selector's typed parameters, and the rules across them for ``stages``, checked before
+    any stage runs or anything is written: an unknown or meaningless key fails here with the key named."""
     from .score import METRICS
     from .select.stage import selector_params
 
@@ -41,7 +41,7 @@ def check_config(cfg: RunConfig) -> None:
         METRICS[name].parse(cfg.score.params.get(name), cfg.seed)
     _, params = selector_params(cfg)
     metric = getattr(params, "metric", None)
-    if metric is not None and metric not in metrics:
+    if "select" in stages and metric is not None and metric not in metrics:
         key = "select.metric" if cfg.select.metric is not None or "metric" not in cfg.select.params else \
             "select.params.metric"
         raise ConfigError(f"config key {key!r}: select.method={cfg.select.method} ranks by {metric!r}, which is not "
@@ -54,7 +54,7 @@ def check_config(cfg: RunConfig) -> None:
 def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None, executor: Executor | None = None):
     """Run one stage (``embed`` takes ``input_spec``; the others read the run folder) on ``executor``, or on one
     opened for this stage."""
-    check_config(cfg)
+    check_config(cfg, (stage,))
     if input_spec is not None and stage != "embed":
         raise ConfigError(f"{stage}: --input is only read by the embed stage")
     with ExitStack() as stack:
@@ -69,7 +69,7 @@ def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None, e
 
 def run_pipeline(cfg: RunConfig, input_spec, output: str | Path, stages=STAGES) -> dict:
     """embed -> cluster -> score -> select -> manifest on one executor; returns stats.json's content."""
-    check_config(cfg)  # before the lock: a wrong setting writes nothing
+    check_config(cfg, stages)  # before the lock: a wrong setting writes nothing
     stats = None
     with locked(Path(output)), open_executor(cfg) as ex:  # one writer across the stages; one pool for all
         for stage in stages:
