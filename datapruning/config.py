@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import abc
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,11 +10,12 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .params import MAX_INT, parse_params, setting, show
 
 
 @dataclass(frozen=True)
 class InputConfig:
-    format: str = "auto"  # auto | webdataset | parquet | clip_retrieval | npy | datacomp (metadata .parquet + .npz)
+    format: str = setting("auto", choices=("auto", "webdataset", "parquet", "clip_retrieval", "npy", "datacomp"))
     id_column: str = "uid"
     embedding_column: str = "embedding"
     label_column: str = "label"
@@ -24,9 +23,10 @@ class InputConfig:
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     text_keys: tuple[str, ...] = ("txt", "json")
     label_key: str = "cls"
-    npz_key: str = "l14_img"  # datacomp: which array of the .npz beside each metadata parquet is the embedding
-    retries: int = 3  # a shard that cannot be reached (network, I/O) is tried again this many times ...
-    retry_backoff_s: float = 1.0  # ... after waits of about this, doubling each time
+    # datacomp: which array of the .npz beside each metadata parquet is the embedding
+    npz_key: str = setting("l14_img", choices=("l14_img", "b32_img", "l14_txt", "b32_txt"))
+    retries: int = setting(3, ge=0, le=100)  # a shard that cannot be reached (network, I/O) is tried again ...
+    retry_backoff_s: float = setting(1.0, ge=0.0, le=600.0)  # ... after waits of about this, doubling each time
     allow_failed_shards: bool = False  # go on without shards still unreachable after the retries
 
 
@@ -37,27 +37,28 @@ class EmbedConfig:
     pretrained: str | None = "laion2b_s34b_b79k"  # open_clip tag or local checkpoint path
     model_config: str | None = None  # JSON file with a custom open_clip architecture
     allow_random_weights: bool = False  # never use random weights unless asked
-    modality: str = "image"  # image | text
+    modality: str = setting("image", choices=("image", "text"))
     module: str | None = None  # torch_module encoder: "package.module:ClassName"
     weights: str | None = None  # torch_module encoder: safetensors file
-    batch_size: int = 256
-    device: str = "auto"  # auto | cpu | cuda
-    decode_workers: int = 2
-    image_decode: str = "auto"  # auto (tensor on CUDA) | tensor (JPEG decode+resize as tensors, nvjpeg on CUDA) | pil
-    store_dtype: str = "float32"  # float32 | float16 (on disk)
+    batch_size: int = setting(256, ge=1, le=MAX_INT)
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
+    decode_workers: int = setting(2, ge=1, le=256)
+    # auto (tensor on CUDA) | tensor (JPEG decode+resize as tensors, nvjpeg on CUDA) | pil
+    image_decode: str = setting("auto", choices=("auto", "tensor", "pil"))
+    store_dtype: str = setting("float32", choices=("float32", "float16"))  # on disk
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    k: int = 100
-    niter: int = 20
-    fit_fraction: float | None = None  # None: k * max_points_per_centroid points
-    max_points_per_centroid: int = 256
-    fit_mib: int = 128  # a larger fit sample is kept on disk and read back each iteration (kmeans_stream)
-    backend: str = "auto"  # auto | faiss | faiss-gpu | torch
-    assign_batch: int = 65536
+    k: int = setting(100, ge=1, le=10_000_000)
+    niter: int = setting(20, ge=1, le=100_000)
+    fit_fraction: float | None = setting(None, ge=0.0, le=1.0)  # None: k * max_points_per_centroid points
+    max_points_per_centroid: int = setting(256, ge=1, le=MAX_INT)
+    fit_mib: int = setting(128, ge=1, le=MAX_INT)  # a larger fit sample is kept on disk (kmeans_stream)
+    backend: str = setting("auto", choices=("auto", "faiss", "faiss-gpu", "torch"))
+    assign_batch: int = setting(65536, ge=1, le=MAX_INT)
     partition: bool = True  # also write the embeddings grouped by cluster (per-cluster metrics need it)
-    partition_mib: int = 256  # float32 embedding bytes per group of clusters (a per-cluster unit of work)
+    partition_mib: int = setting(256, ge=1, le=MAX_INT)  # float32 embedding bytes per group of clusters
 
 
 @dataclass(frozen=True)
@@ -70,28 +71,35 @@ class ScoreConfig:
 class SelectConfig:
     method: str = "rank"  # a key of datapruning.select.SELECTORS
     metric: str | None = None  # the score a selector ranks by (each selector has its default)
-    mode: str = "hard"  # hard | easy | random
-    keep_fraction: float | None = 0.5
-    keep_count: int | None = None
-    min_per_cluster: float = 0.0  # minimum share of the budget spread over clusters
-    min_per_label: float = 0.0
-    dedup_eps: float | None = None  # SemDeDup filter before selection, by eps ...
-    dedup_keep_fraction: float | None = None  # ... or by the kept fraction it should reach
+    mode: str = setting("hard", choices=("hard", "easy", "random"))
+    keep_fraction: float | None = setting(0.5, ge=0.0, le=1.0)
+    keep_count: int | None = setting(None, ge=0, le=2 ** 62)  # takes precedence over keep_fraction when set
+    min_per_cluster: float = setting(0.0, ge=0.0, le=1.0)  # minimum share of the budget spread over clusters
+    min_per_label: float = setting(0.0, ge=0.0, le=1.0)
+    dedup_eps: float | None = setting(None, ge=0.0, le=2.0)  # SemDeDup filter before selection, by eps ...
+    dedup_keep_fraction: float | None = setting(None, ge=0.0, le=1.0)  # ... or by the kept fraction to reach
     params: Mapping[str, Any] = field(default_factory=dict)  # selector-specific (tau, l, beta, ...)
+
+    def check(self):
+        if self.dedup_eps is not None and self.dedup_keep_fraction is not None:
+            raise ConfigError("config keys 'select.dedup_eps' and 'select.dedup_keep_fraction': give one, not both "
+                              "(--set select.dedup_eps=null unsets one)")
+        if self.keep_fraction is None and self.keep_count is None:
+            raise ConfigError("config key 'select.keep_fraction': give select.keep_fraction or select.keep_count")
 
 
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None = None  # None: start a local instance; "auto" or "ray://host:10001"
-    num_cpus: int | None = None
-    embed_gpus: float = 1.0  # GPUs per embedding actor when CUDA is present
+    num_cpus: int | None = setting(None, ge=1, le=1 << 20)
+    embed_gpus: float = setting(1.0, gt=0.0, le=1024.0)  # GPUs per embedding actor when CUDA is present
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    seed: int = 0
-    backend: str = "local"  # local | ray
-    workers: int = 1  # local process pool size over shards
+    seed: int = setting(0, ge=0, le=MAX_INT)
+    backend: str = setting("local", choices=("local", "ray"))
+    workers: int = setting(1, ge=1, le=4096)  # local process pool size over shards
     strict: bool = False  # stop at the first bad sample instead of skipping it
     input: InputConfig = field(default_factory=InputConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -101,40 +109,9 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-CHOICES = {
-    "backend": ("local", "ray"),
-    "input.format": ("auto", "webdataset", "parquet", "clip_retrieval", "npy", "datacomp"),
-    "input.npz_key": ("l14_img", "b32_img", "l14_txt", "b32_txt"),
-    "embed.modality": ("image", "text"),
-    "embed.device": ("auto", "cpu", "cuda"),
-    "embed.image_decode": ("auto", "tensor", "pil"),
-    "embed.store_dtype": ("float32", "float16"),
-    "cluster.backend": ("auto", "faiss", "faiss-gpu", "torch"),
-    "select.mode": ("hard", "easy", "random"),
-}
-POSITIVE = ("workers", "embed.batch_size", "cluster.k", "cluster.niter", "cluster.max_points_per_centroid",
-            "cluster.fit_mib", "cluster.assign_batch", "cluster.partition_mib")
-FRACTIONS = ("cluster.fit_fraction", "select.keep_fraction", "select.min_per_cluster", "select.min_per_label",
-             "select.dedup_keep_fraction")
-
-
 MAX_CONFIG_BYTES = 1 << 20  # a YAML config file
 MAX_SET_BYTES = 64 << 10  # one --set value
 MAX_NODES, MAX_DEPTH = 100_000, 32  # values, and nesting, of a loaded config (alias bombs, recursive aliases)
-MAX_INT = 2 ** 31 - 1  # faiss and torch take these as C ints
-BOUNDS = {"seed": (0, MAX_INT), "workers": (1, 4096), "cluster.k": (1, 10_000_000), "cluster.niter": (1, 100_000),
-          "input.retries": (0, 100), "input.retry_backoff_s": (0.0, 600.0)}
-
-
-def show(value: Any) -> str:
-    """A value for an error message: its repr, at most 200 characters (recursive and huge values too)."""
-    import reprlib
-
-    short = reprlib.Repr()
-    short.maxstring = short.maxother = short.maxlong = 200
-    short.maxlevel = 4
-    text = short.repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def check_size(data: Any, where: str) -> None:
@@ -166,101 +143,6 @@ def safe_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: nested too deep") from None
     check_size(data, where)
     return data
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``, converting lists to tuples; name ``key`` on error."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r}: expected a list, got {show(value)}")
-        return tuple(_coerce(v, args[0], key) for v in value)
-    if origin in (Mapping, abc.Mapping, dict) or tp is Mapping:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key {key!r}: expected a mapping, got {show(value)}")
-        inner = args[1] if len(args) == 2 else Any
-        for name, item in value.items():
-            if typing.get_origin(inner) in (Mapping, abc.Mapping) and not isinstance(item, Mapping):
-                raise ConfigError(f"config key {key + '.' + str(name)!r}: expected a mapping of parameters, "
-                                  f"got {show(item)}")
-        try:
-            return json.loads(json.dumps(value))  # plain, JSON-able, detached copy
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"config key {key!r}: not plain data ({exc})") from None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r}: expected true or false, got {show(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r}: expected an integer, got {show(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r}: expected a number, got {show(value)}")
-        try:
-            value = float(value)
-        except OverflowError:
-            raise ConfigError(f"config key {key!r}: {show(value)} is too large") from None
-        if value != value:
-            raise ConfigError(f"config key {key!r}: expected a number, got nan")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key {key!r}: expected a string, got {show(value)}")
-        return value
-    return value
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {show(data)}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {show(prefix + str(unknown[0]))}; known keys: {sorted(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        key, tp = prefix + name, hints[name]
-        kwargs[name] = _build(tp, value, key + ".") if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
-    return cls(**kwargs)
-
-
-def _validate(cfg: RunConfig) -> None:
-    flat = to_dict(cfg)
-    def get(key):
-        node = flat
-        for part in key.split("."):
-            node = node[part]
-        return node
-    for key, options in CHOICES.items():
-        if get(key) not in options:
-            raise ConfigError(f"config key {key!r}: expected one of {list(options)}, got {show(get(key))}")
-    for key in POSITIVE:
-        if not 1 <= get(key) <= MAX_INT:
-            raise ConfigError(f"config key {key!r}: must be {'>= 1' if get(key) < 1 else f'<= {MAX_INT}'}, "
-                              f"got {show(get(key))}")
-    for key, (lo, hi) in BOUNDS.items():
-        if not lo <= get(key) <= hi:
-            raise ConfigError(f"config key {key!r}: must be in [{lo}, {hi}], got {show(get(key))}")
-    for key in FRACTIONS:
-        value = get(key)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"config key {key!r}: must be in [0, 1], got {value}")
-    if cfg.select.keep_count is not None and cfg.select.keep_count < 0:
-        raise ConfigError(f"config key 'select.keep_count': must be >= 0, got {cfg.select.keep_count}")
-    if cfg.select.dedup_eps is not None and not 0.0 <= cfg.select.dedup_eps <= 2.0:
-        raise ConfigError(f"config key 'select.dedup_eps': must be in [0, 2], got {cfg.select.dedup_eps}")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -301,9 +183,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
                 raise ConfigError(f"--set {show(item)}: {show(part)} is not a section")
             node = nxt
         node[parts[-1]] = value
-    cfg = _build(RunConfig, data)
-    _validate(cfg)
-    return cfg
+    return config_from_dict(data)
 
 
 def _merge(a: dict, b: Mapping) -> dict:
@@ -329,19 +209,5 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
-    cfg = _build(RunConfig, data)
-    _validate(cfg)
-    return cfg
-
-
-def typed_params(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """``cls(**values)`` for a metric's or selector's parameter dataclass, then its ``check()``; a wrong or
-    missing value fails as a ConfigError naming ``where``."""
-    try:
-        params = cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    check = getattr(params, "check", None)
-    if check is not None:
-        check()
-    return params
+    """The config from plain data (a loaded YAML, a stored config.json): every value checked (``parse_params``)."""
+    return parse_params(RunConfig, data, "")

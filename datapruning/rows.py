@@ -11,12 +11,12 @@ absent without labels), ``score_<metric>`` (float64) and whatever a stage derive
 from __future__ import annotations
 
 from functools import partial, reduce
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .exec import map_unordered
-from .metrics.random import row_hash
+from .exec import Executor
+from .hashing import row_hash
 
 
 def _add2(a, b):
@@ -35,8 +35,23 @@ def concat(parts: list) -> tuple:
     return tuple(np.concatenate(cols) for cols in zip(*parts))
 
 
+class Rows(Protocol):
+    """What every stage and importable function reads rows through: ``n`` rows, seen as blocks."""
+
+    n: int
+
+    def reduce(self, fn: Callable[[dict], Any], combine: Callable = add) -> Any:
+        """``combine`` of ``fn(block)`` over every block (small results: counts, histograms, candidates)."""
+
+    def map(self, fn: Callable[[dict], Any]) -> list:
+        """``fn(block)`` for every block, in no particular order (work with side effects, e.g. writers)."""
+
+    def with_columns(self, fn: Callable[[dict], dict]) -> "Rows":
+        """The same rows with ``fn(block)`` (the block, extended) applied to every block first."""
+
+
 class ArrayRows:
-    """In-memory rows: one block holding every column (the importable functions and the tests)."""
+    """In-memory rows: one block holding every column (the importable functions, eval and the tests)."""
 
     def __init__(self, columns: dict[str, np.ndarray], seed: int = 0):
         n = len(next(iter(columns.values()))) if columns else 0
@@ -46,11 +61,15 @@ class ArrayRows:
         self.block, self.n = block, n
 
     def reduce(self, fn: Callable[[dict], Any], combine: Callable = add) -> Any:
-        """``combine([fn(block) for every block])``: here there is one block."""
         return combine([fn(self.block)])
 
     def map(self, fn: Callable[[dict], Any]) -> list:
         return [fn(self.block)]
+
+    def with_columns(self, fn: Callable[[dict], dict]) -> "ArrayRows":
+        out = ArrayRows.__new__(ArrayRows)
+        out.block, out.n = fn(dict(self.block)), self.n
+        return out
 
 
 def _apply(read: Callable[[Any], dict], derive: tuple, fn: Callable, item) -> Any:
@@ -63,17 +82,22 @@ def _apply(read: Callable[[Any], dict], derive: tuple, fn: Callable, item) -> An
 class BlockRows:
     """Rows read block by block with ``read(item)`` for each of ``items`` (the run's shards), each block
     passed through ``derive`` functions (added columns such as an eligibility mask) before ``fn``.
-    The work runs on ``cfg``'s executor: in this process, a process pool, or Ray tasks."""
+    The work runs on ``executor``: in this process, a process pool, or Ray tasks."""
 
-    def __init__(self, read: Callable[[Any], dict], items: list, n: int, cfg, derive: tuple = ()):
-        self.read, self.items, self.n, self.cfg, self.derive = read, list(items), int(n), cfg, tuple(derive)
+    def __init__(self, read: Callable[[Any], dict], items: list, n: int, executor: Executor | None = None,
+                 derive: tuple = ()):
+        self.read, self.items, self.n, self.derive = read, list(items), int(n), tuple(derive)
+        self.executor = executor or Executor()
 
     def with_columns(self, fn: Callable[[dict], dict]) -> "BlockRows":
         """The same rows with ``fn(block)`` applied to every block first (it returns the block, extended)."""
-        return BlockRows(self.read, self.items, self.n, self.cfg, self.derive + (fn,))
+        return BlockRows(self.read, self.items, self.n, self.executor, self.derive + (fn,))
+
+    def _map(self, fn: Callable[[dict], Any]):
+        return self.executor.map_unordered(partial(_apply, self.read, self.derive, fn), self.items, rows=self.n)
 
     def reduce(self, fn: Callable[[dict], Any], combine: Callable = add) -> Any:
-        results = map_unordered(partial(_apply, self.read, self.derive, fn), self.items, self.cfg)
+        results = self._map(fn)
         if combine is concat:  # bounded candidate rows: gather, then one concatenation
             parts = list(results)
             return combine(parts) if parts else None
@@ -84,13 +108,4 @@ class BlockRows:
 
     def map(self, fn: Callable[[dict], Any]) -> list:
         """``fn(block)`` for every block, in no particular order (for work with side effects, e.g. writers)."""
-        return list(map_unordered(partial(_apply, self.read, self.derive, fn), self.items, self.cfg))
-
-
-def with_columns(rows, fn: Callable[[dict], dict]):
-    """``rows`` with ``fn`` applied to each block (works for both kinds)."""
-    if isinstance(rows, ArrayRows):
-        out = ArrayRows.__new__(ArrayRows)
-        out.block, out.n = fn(dict(rows.block)), rows.n
-        return out
-    return rows.with_columns(fn)
+        return list(self._map(fn))

@@ -7,7 +7,7 @@ import logging
 import time
 from contextlib import contextmanager
 from functools import partial
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from .config import RunConfig, changed_keys, config_from_dict, to_dict
 from .io.lock import check_idle, ensure, locked  # noqa: F401 (locked: for callers)
 from .errors import StageError
-from .exec import map_unordered
+from .exec import Executor
 from .io.files import clean_stage, clean_temp, done_path, meta_dir, read_json, stage_marker, write_json
 from .io.tables import INT_LABEL, column_to_matrix, is_int_text, label_sort_key, read_stage
 from .rows import BlockRows
@@ -42,10 +42,14 @@ NOT_RESULT_KEYS = {"embed": ("batch_size", "decode_workers"), "cluster": ("assig
 
 @dataclass(frozen=True)
 class Run:
-    """One run folder and its resolved config."""
+    """One run folder, its resolved config and the command's executor (in this process unless given)."""
 
     cfg: RunConfig
     output: Path
+    executor: Executor = field(default_factory=Executor, compare=False, repr=False)
+
+    def __reduce__(self):  # a worker gets the run without the command's executor: it works in its own process
+        return (Run, (self.cfg, self.output))
 
     def dir(self, stage: str) -> Path:
         return self.output / STAGE_DIRS[stage]
@@ -233,7 +237,7 @@ def label_index(run: Run) -> dict | None:
         index = read_json(path)
         return index if index["names"] else None
     seen: set = set()
-    for distinct in map_unordered(partial(shard_labels, run), [s for s, _ in shard_rows(run)], run.cfg):
+    for distinct in run.executor.map_unordered(partial(shard_labels, run), [s for s, _ in shard_rows(run)]):
         seen.update(distinct)
     index = label_coding(seen)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,4 +316,4 @@ def run_rows(run: Run, **columns):
     """Every row of the run as blocks, one per shard (see ``rows.BlockRows``), on the run's executor;
     ``columns`` are ``read_block``'s options."""
     items = shard_offsets(run)
-    return BlockRows(partial(read_block, run, **columns), items, sum(n for _, _, n in items), run.cfg)
+    return BlockRows(partial(read_block, run, **columns), items, sum(n for _, _, n in items), run.executor)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 from .config import RunConfig
 from .errors import ConfigError
+from .params import show
 from .cluster.stage import run_cluster
 from .embed.stage import run_embed
+from .exec import Executor, open_executor
 from .manifest.stage import run_manifest
 from .run import STAGES, Run, locked
 from .score.stage import run_score
@@ -16,40 +19,60 @@ from .select.stage import run_select
 log = logging.getLogger("datapruning")
 
 
-def check_config(cfg: RunConfig) -> None:
-    """Every metric's and the selector's typed parameters, checked before any stage runs: an unknown or
-    meaningless key fails here with the key and the accepted values named."""
+def check_config(cfg: RunConfig, stages=STAGES) -> None:
+    """Every metric's and the selector's typed parameters, and the rules across them for ``stages``, checked before
+    any stage runs or anything is written: an unknown or meaningless key fails here with the key named."""
     from .score import METRICS
     from .select.stage import selector_params
 
-    unknown = [m for m in cfg.score.metrics if m not in METRICS]
+    metrics = list(cfg.score.metrics)
+    if not metrics:
+        raise ConfigError("config key 'score.metrics': give at least one metric; known: " + str(sorted(METRICS)))
+    unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        raise ConfigError(f"score.metrics: unknown metric {unknown[0]!r}; known: {sorted(METRICS)}")
-    extra = sorted(set(cfg.score.params) - set(cfg.score.metrics))
+        raise ConfigError(f"config key 'score.metrics': unknown metric {show(unknown[0])}; known: {sorted(METRICS)}")
+    if len(set(metrics)) < len(metrics):
+        raise ConfigError(f"config key 'score.metrics': a metric is named twice in {show(metrics)}")
+    extra = sorted(set(cfg.score.params) - set(metrics))
     if extra:
-        raise ConfigError(f"score.params.{extra[0]}: {extra[0]!r} is not in score.metrics {list(cfg.score.metrics)}")
-    for name in cfg.score.metrics:
+        raise ConfigError(f"config key 'score.params.{show(extra[0])[1:-1]}': {extra[0]!r} is not in score.metrics "
+                          f"{metrics}")
+    for name in metrics:
         METRICS[name].parse(cfg.score.params.get(name), cfg.seed)
-    selector_params(cfg)
+    _, params = selector_params(cfg)
+    metric = getattr(params, "metric", None)
+    if "select" in stages and metric is not None and metric not in metrics:
+        key = "select.metric" if cfg.select.metric is not None or "metric" not in cfg.select.params else \
+            "select.params.metric"
+        raise ConfigError(f"config key {key!r}: select.method={cfg.select.method} ranks by {metric!r}, which is not "
+                          f"in score.metrics {metrics}; add it there or set {key} to one of them")
+    if (cfg.select.dedup_eps is not None or cfg.select.dedup_keep_fraction is not None) and "semdedup" not in metrics:
+        raise ConfigError("config key 'select.dedup_eps' / 'select.dedup_keep_fraction': the SemDeDup filter needs "
+                          "semdedup in score.metrics")
 
 
-def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):
-    """Run one stage (``embed`` takes ``input_spec``; the others read the run folder)."""
-    check_config(cfg)
-    run = Run(cfg, Path(output))
+def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None, executor: Executor | None = None):
+    """Run one stage (``embed`` takes ``input_spec``; the others read the run folder) on ``executor``, or on one
+    opened for this stage."""
+    check_config(cfg, (stage,))
     if input_spec is not None and stage != "embed":
         raise ConfigError(f"{stage}: --input is only read by the embed stage")
-    with locked(run.output):  # one writer per run folder; released when the stage ends
-        if stage == "embed":
-            return run_embed(run, input_spec)
-        return {"cluster": run_cluster, "score": run_score, "select": run_select, "manifest": run_manifest}[stage](run)
+    with ExitStack() as stack:
+        ex = executor or stack.enter_context(open_executor(cfg))
+        run = Run(cfg, Path(output), ex)
+        with locked(run.output):  # one writer per run folder; released when the stage ends
+            if stage == "embed":
+                return run_embed(run, input_spec)
+            return {"cluster": run_cluster, "score": run_score, "select": run_select,
+                    "manifest": run_manifest}[stage](run)
 
 
 def run_pipeline(cfg: RunConfig, input_spec, output: str | Path, stages=STAGES) -> dict:
-    """embed -> cluster -> score -> select -> manifest; returns stats.json's content."""
+    """embed -> cluster -> score -> select -> manifest on one executor; returns stats.json's content."""
+    check_config(cfg, stages)  # before the lock: a wrong setting writes nothing
     stats = None
-    with locked(Path(output)):  # held across the stages, so no other writer slips in between
+    with locked(Path(output)), open_executor(cfg) as ex:  # one writer across the stages; one pool for all
         for stage in stages:
             log.info("stage %s", stage)
-            stats = run_stage(stage, cfg, output, input_spec if stage == "embed" else None)
+            stats = run_stage(stage, cfg, output, input_spec if stage == "embed" else None, ex)
     return stats

@@ -22,7 +22,7 @@ def test_defaults_overrides_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("cluster.kk=3", "unknown config key 'cluster.kk'"),
-    ("cluster.k=0", "'cluster.k': must be >= 1"),
+    ("cluster.k=0", "'cluster.k': must be in [1, 10000000], got 0"),
     ("cluster.k=2.5", "'cluster.k': expected an integer"),
     ("select.keep_fraction=2", "'select.keep_fraction': must be in [0, 1]"),
     ("embed.device=tpu", "'embed.device': expected one of"),
@@ -61,11 +61,11 @@ ALIAS_BOMB = ("{a: &a [x,x,x,x,x,x,x,x,x], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], c
     ("embed.model=" + "x" * 120_000, "more than the 65536 allowed"),
     ("seed=1099511627776", "'seed': must be in [0, 2147483647]"),
     ("seed=-1", "'seed': must be in"),
-    ("cluster.niter=100000000000", "'cluster.niter': must be <= 2147483647"),
+    ("cluster.niter=100000000000", "'cluster.niter': must be in [1, 100000]"),
     ("cluster.niter=1000000", "'cluster.niter': must be in [1, 100000]"),
     ("cluster.k=100000000", "'cluster.k': must be in [1, 10000000]"),
     ("score.params.ssp=5", "'score.params.ssp': expected a mapping of parameters, got 5"),
-    ("select.keep_fraction=.nan", "expected a number, got nan"),
+    ("select.keep_fraction=.nan", "expected a finite number, got nan"),
     ("input.retries=-1", "'input.retries': must be in [0, 100]"),
 ])
 def test_bounded_config_values(item, message):

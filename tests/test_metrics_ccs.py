@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from datapruning.metrics.ccs import ccs_allocate, ccs_default_beta, ccs_select
+from datapruning.metrics.ccs import ccs_allocate, ccs_default_beta
+from datapruning.select import ccs_select
 from datapruning.select import SELECTORS, select_ccs
 from datapruning.select import SelectInputs
 

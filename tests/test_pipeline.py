@@ -128,7 +128,7 @@ def test_cli_stage_by_stage_equals_run(parquet_shards, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["run", "--input", "/nonexistent/x.tar", "--output", "OUT"], "no such file or folder"),
-    (["run", "--input", "IN", "--output", "OUT", "--set", "cluster.k=0"], "'cluster.k': must be >= 1"),
+    (["run", "--input", "IN", "--output", "OUT", "--set", "cluster.k=0"], "'cluster.k': must be in [1, 10000000]"),
     (["run", "--input", "IN", "--output", "OUT", "--set", "select.mode=hardest"], "'select.mode'"),
     (["run", "--input", "IN", "--output", "OUT", "--set", "cluster.k=1000", "--set", "embed.encoder=precomputed"],
      "cluster.k=1000 is larger than the 120 samples"),

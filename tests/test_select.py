@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from datapruning.select import (SelectInputs, class_balanced_quotas, keep_by_quota, keep_count, rank_order,
-                                select_rank, select_top, select_with_minimums)
+from datapruning.select import (SelectInputs, ccs_select, class_balanced_quotas, keep_by_quota, keep_count,
+                                rank_order, select_ccs, select_class_balanced, select_rank, select_top,
+                                select_with_minimums)
 
 
 def test_keep_count():
@@ -21,7 +22,7 @@ def test_rank_order_modes_and_nan_last():
     s = np.array([0.3, np.nan, 0.9, 0.1])
     assert rank_order(s, "hard", 0).tolist() == [2, 0, 3, 1]
     assert rank_order(s, "easy", 0).tolist() == [3, 0, 2, 1]
-    assert sorted(rank_order(s, "random", 0).tolist()) == [0, 1, 2, 3]
+    assert sorted(rank_order(s, "random", 0).tolist()) == [0, 1, 2, 3] and rank_order(s, "random", 0)[-1] == 1
     with pytest.raises(ValueError, match="select.mode"):
         rank_order(s, "hardest", 0)
 
@@ -89,3 +90,50 @@ def test_properties_exact_count_floors_and_seed_stability(n_rows, n_groups, shar
             assert keep[groups == g].sum() >= min(floor, (groups == g).sum())
     quotas = class_balanced_quotas(groups, n)
     assert quotas.sum() == n and (quotas <= np.bincount(groups, minlength=len(quotas))).all()
+
+
+def test_nan_scores_go_last_in_every_mode():
+    s = np.where(np.arange(300) % 2 == 0, np.nan, np.arange(300.0))
+    for mode in ("hard", "easy", "random"):
+        keep = select_top(s, 140, mode, 0)
+        assert keep.sum() == 140 and not np.isnan(s[keep]).any(), mode
+
+
+CALLS = {  # every array selection function, called with uids (the seeded uid hash breaks ties)
+    "select_top": lambda s, g, n, uid, mode: select_top(s, n, mode, 3, uid=uid),
+    "keep_by_quota": lambda s, g, n, uid, mode: keep_by_quota(s, g, np.full(g.max() + 1, max(1, n // 4)), mode, 3,
+                                                              uid=uid),
+    "select_with_minimums": lambda s, g, n, uid, mode: select_with_minimums(s, n, mode, 3, g, 0.4,
+                                                                            floors=((g % 2, 0.3),), uid=uid),
+    "select_class_balanced": lambda s, g, n, uid, mode: select_class_balanced(s, n, mode, 3, g, uid=uid),
+    "ccs_select": lambda s, g, n, uid, mode: ccs_select(s, n, beta=0.1, n_strata=7, seed=3, uid=uid),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 6), st.integers(0, 10**6), st.sampled_from(["hard", "easy", "random"]))
+def test_every_array_selector_ignores_row_order(name, n_rows, n_groups, seed, mode):
+    """The same rows in another order keep the same uids: ties break by the seeded uid hash, never by row."""
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.normal(size=n_rows), 1)  # many exact ties
+    scores[rng.random(n_rows) < 0.1] = np.nan
+    groups = rng.integers(n_groups, size=n_rows)
+    uid = np.array([f"u{i}" for i in range(n_rows)], dtype=object)
+    n = int(rng.integers(0, int(0.8 * np.count_nonzero(~np.isnan(scores))) + 1))
+    keep = CALLS[name](scores, groups, n, uid, mode)
+    perm = rng.permutation(n_rows)
+    again = CALLS[name](scores[perm], groups[perm], n, uid[perm], mode)
+    assert set(uid[keep]) == set(uid[perm][again])
+
+
+def test_ccs_equals_the_registered_selector():
+    """``ccs_select`` and ``select.method: ccs`` are one code path (the README's function is the stage's rule)."""
+    rng = np.random.default_rng(0)
+    s = rng.random(2000)
+    uid = np.array([f"id{i}" for i in range(2000)], dtype=object)
+    inp = SelectInputs(uid=uid, cluster=np.zeros(2000, np.int64), cos_dist=s, centroids=np.zeros((1, 2)),
+                       scores={"el2n": s})
+    keep, info = select_ccs(inp, 600, metric="el2n", beta=0.2, strata=50)
+    np.testing.assert_array_equal(keep, ccs_select(s, 600, beta=0.2, n_strata=50, seed=0, uid=uid))
+    assert info["n_kept"] == 600

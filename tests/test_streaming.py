@@ -22,7 +22,9 @@ from datapruning.rows import ArrayRows
 from datapruning.run import Run, load_run_config
 from datapruning.runner import run_pipeline
 from datapruning.score import METRICS, ScoreInputs
-from datapruning.select import SELECTORS, SelectInputs, select_with_minimums
+from datapruning.metrics.ccs import ccs_default_beta
+from datapruning.select import (SELECTORS, SelectInputs, ccs_select, select_class_balanced, select_top,
+                              select_with_minimums)
 
 
 def _keys(block):
@@ -127,6 +129,24 @@ def test_streaming_run_equals_in_memory(tmp_path, monkeypatch, case):
         assert np.array_equal(np.isnan(got), np.isnan(s)) and np.array_equal(got[~np.isnan(s)], s[~np.isnan(s)]), m
     assert (manifest["keep"].to_numpy(zero_copy_only=False) == keep).all()
     assert keep.sum() > 0
+    array_fn = ARRAY_FUNCTIONS.get(case)
+    if array_fn is not None:  # the importable function on the run's arrays keeps what the stage kept
+        n = int(round(cfg.select.keep_fraction * len(uid)))
+        np.testing.assert_array_equal(array_fn(scores, n, uid, manifest), keep)
+
+
+def _labels(manifest) -> np.ndarray:
+    return manifest["label"].to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+ARRAY_FUNCTIONS = {  # case -> the datapruning.select function called as a user would, on the run's arrays
+    "rank_floors": lambda s, n, uid, m: select_with_minimums(
+        s["ssp"], n, "hard", 0, m["cluster"].to_numpy(), 0.3, floors=((_labels(m), 0.2),), uid=uid),
+    "balanced_easy": lambda s, n, uid, m: select_class_balanced(s["ssp"], n, "easy", 0, _labels(m), uid=uid),
+    "ccs_el2n": lambda s, n, uid, m: ccs_select(s["el2n"], n, beta=ccs_default_beta(1 - n / len(uid)), seed=0,
+                                                uid=uid),
+    "random_rank": lambda s, n, uid, m: select_top(s["random"], n, "random", 0, uid=uid),
+}
 
 
 def test_rank_with_floors_equals_the_lexsort_rule(tmp_path):

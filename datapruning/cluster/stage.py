@@ -24,9 +24,8 @@ from .parts import write_parts
 from .unique import check_unique_uids, write_ties
 from ..io.files import atomic_path, check_any_rows, is_done, mark_done, meta_dir, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
-from ..exec import call, map_unordered
 from ..cutoffs import Cutoffs, find_cutoffs
-from ..metrics.random import uid_hash
+from ..hashing import uid_hash
 from ..rows import BlockRows
 from ..run import Rate, Run, log, prepare_stage, progress, shard_offsets, shard_rows, timed
 
@@ -57,7 +56,7 @@ def sample_cut(run: Run, items: list[tuple], size: int) -> Cutoffs:
     """The fit sample: the ``size`` rows with the smallest seeded uid hashes, so it depends on the rows alone,
     not on shard names, shard count or row order (a few passes over the uid column)."""
     n = sum(rows for _, _, rows in items)
-    return find_cutoffs(BlockRows(partial(hash_block, run), items, n, run.cfg), by_hash, np.array([size]),
+    return find_cutoffs(BlockRows(partial(hash_block, run), items, n, run.executor), by_hash, np.array([size]),
                         np.array([n]))
 
 
@@ -212,7 +211,8 @@ def run_cluster(run: Run) -> None:
             items = shard_offsets(run)
             cut = sample_cut(run, items, size)
             resources = fit_resources(run.cfg)
-            centroids, stats, sample_sizes = call(fit_sample, (run.cfg, run.output, items, cut, size), run.cfg, resources)
+            centroids, stats, sample_sizes = run.executor.call(fit_sample, (run.cfg, run.output, items, cut, size),
+                                                               resources)
             if resources:
                 stats["ray"] = resources
             groups = plan_groups(sample_sizes, n, centroids.shape[1], ccfg.partition_mib)
@@ -223,10 +223,10 @@ def run_cluster(run: Run) -> None:
         todo = [({**s, "index": i}, rows) for i, (s, rows) in enumerate(counts) if not is_done(out_dir, s["name"])]
         with progress(len(todo), "cluster") as bar:
             rate = Rate()
-            if run.cfg.backend == "local" and (run.cfg.workers <= 1 or len(todo) == 1):
+            if run.executor.in_process or len(todo) == 1:
                 infos = assign_prefetching(run, todo, out_dir)
             else:
-                infos = map_unordered(partial(assign_one, run), [s for s, _ in todo], run.cfg)
+                infos = run.executor.map_unordered(partial(assign_one, run), [s for s, _ in todo])
             for info in infos:
                 rate.add(bar, info["rows"])
         if not (out_dir / "_unique.json").exists():  # checked once, after every shard is assigned

@@ -15,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import StageError
-from ..exec import map_unordered
 from ..io.files import write_raw
 from ..run import Run, run_rows
 
@@ -66,7 +65,7 @@ def _uids_with(ties: np.ndarray, block: dict) -> list:
 def check_unique_uids(run: Run, n: int) -> None:
     """Stop when a uid repeats across shards (each shard's own repeats were dropped by the embed stage)."""
     names = [s["name"] for s in run.shards]
-    found = list(map_unordered(partial(repeated_in, run, names), hash_ranges(n, UNIQUE_BATCH), run.cfg))
+    found = list(run.executor.map_unordered(partial(repeated_in, run, names), hash_ranges(n, UNIQUE_BATCH)))
     repeated = np.concatenate(found) if found else np.zeros(0, HASH)
     if len(repeated):
         uids = run_rows(run, uid=True).reduce(partial(_uids_with, repeated), lambda parts: sum(parts, []))

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError, InputError
+from ..params import check_fields, setting
 from ..io.files import clean_stage, done_path, is_done, mark_done, read_json, stage_marker, write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -28,13 +29,13 @@ class TeacherConfig:
     """What the teacher is and what it runs on. Class i of the teacher is ``classes[i]``: integer manifest labels
     index the classes directly, string labels are looked up by name."""
 
-    source: str = "zero_shot"  # zero_shot | module | logits
-    top_k: int | None = None  # None: full logits (exact KD); k: opt-in top-k plus a tail bin (very many classes)
-    on: str = "auto"  # auto | embeddings | images: what zero_shot / module teachers read
-    samples: str = "kept"  # kept | all
+    source: str = setting("zero_shot", choices=SOURCES)
+    top_k: int | None = setting(None, ge=1, le=MAX_FULL_CLASSES * 256)  # None: full logits (exact KD); k: opt-in top-k plus a tail bin (very many classes)
+    on: str = setting("auto", choices=("auto", "embeddings", "images"))  # what zero_shot / module teachers read
+    samples: str = setting("kept", choices=("kept", "all"))
     classes: tuple[str, ...] = ()  # class names (zero_shot needs them)
     templates: tuple[str, ...] = ("a photo of a {}.",)  # zero_shot prompts, averaged per class
-    logit_scale: float = 100.0  # zero_shot: logits = scale * cosine (CLIP's trained scale)
+    logit_scale: float = setting(100.0, gt=0.0, le=1e6)  # zero_shot: logits = scale * cosine (CLIP's trained scale)
     model: str | None = None  # zero_shot open_clip model; None: the run's embed.model / model_config / pretrained
     model_config: str | None = None
     pretrained: str | None = None
@@ -42,18 +43,11 @@ class TeacherConfig:
     module: str | None = None  # module: "package.module:ClassName" -> nn.Module returning [n, C] logits
     weights: str | None = None  # module: safetensors state dict
     logits: str | None = None  # logits: parquet (uid, logits list<float>) or .npy [n, C] + same-name parquet (uid)
-    batch_size: int = 256
-    device: str = "auto"
+    batch_size: int = setting(256, ge=1, le=1 << 24)
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
 
     def __post_init__(self):
-        checks = {"teacher.source": (self.source in SOURCES, f"one of {list(SOURCES)}"),
-                  "teacher.on": (self.on in ("auto", "embeddings", "images"), "auto, embeddings or images"),
-                  "teacher.samples": (self.samples in ("kept", "all"), "kept or all"),
-                  "teacher.top_k": (self.top_k is None or self.top_k >= 1, "None (full logits) or >= 1"), "teacher.batch_size": (self.batch_size >= 1, ">= 1"),
-                  "teacher.logit_scale": (self.logit_scale > 0, "> 0")}
-        for key, (ok, want) in checks.items():
-            if not ok:
-                raise ConfigError(f"config key {key!r}: expected {want}, got {getattr(self, key.split('.')[1])!r}")
+        check_fields(self, "teacher")
         need = {"zero_shot": ("classes", "class names (--classes a,b,c or --classes-file)"),
                 "module": ("module", "an import path 'package.module:ClassName'"), "logits": ("logits", "a file")}
         field, what = need[self.source]

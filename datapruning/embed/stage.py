@@ -20,7 +20,6 @@ from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_do
 from ..io.shards import detect_format, expand_input, shard_names
 from ..io.tables import label_strings, label_text, normalise_rows, precomputed_table
 from ..io.webdataset import ShardUnavailable, iter_tar_samples, retrying, skip
-from ..exec import map_unordered, map_with_setup
 from ..run import STAGES, Rate, Run, clear_outputs, log, prepare_stage, progress, save_config, timed
 
 TABLE_FORMATS = ("parquet", "clip_retrieval", "npy", "datacomp")
@@ -201,17 +200,18 @@ def actor_resources(cfg) -> tuple[dict, int]:
     return {"num_cpus": per}, max(1, cluster_cpus(cfg) // per)
 
 
-def embed_shards(cfg, out_dir: Path, shards: list[dict]):
+def embed_shards(run: Run, out_dir: Path, shards: list[dict]):
     """Embed ``shards``: table shards as plain tasks; model shards in workers that build the encoder once
     (Ray actors on ``backend: ray``, else this process or a process pool)."""
+    cfg, ex = run.cfg, run.executor
     models = [s for s in shards if s["format"] not in TABLE_FORMATS]
     tables = [s for s in shards if s["format"] in TABLE_FORMATS]
     if models and cfg.backend == "ray":
         resources, slots = actor_resources(cfg)
-        yield from map_with_setup(partial(build_encoder, cfg.embed), partial(embed_with, cfg, out_dir), models, cfg,
-                                  resources, slots)
+        yield from ex.map_with_setup(partial(build_encoder, cfg.embed), partial(embed_with, cfg, out_dir), models,
+                                     resources, slots)
         models = []
-    yield from map_unordered(partial(embed_one, cfg, out_dir), models + tables, cfg)
+    yield from ex.map_unordered(partial(embed_one, cfg, out_dir), models + tables)
 
 
 def run_embed(run: Run, input_spec=None) -> None:
@@ -227,7 +227,7 @@ def run_embed(run: Run, input_spec=None) -> None:
     log.info("embed: %d shards, %d already done", len(shards), len(shards) - len(todo))
     with timed(run, "embed"), progress(len(todo), "embed") as bar:
         rate = Rate()
-        for info in embed_shards(run.cfg, out_dir, todo):
+        for info in embed_shards(run, out_dir, todo):
             rate.add(bar, info["rows"])
     check_failed(run, out_dir, retry)
     check_any_rows(out_dir, [s["name"] for s in shards])

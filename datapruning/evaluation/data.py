@@ -140,8 +140,8 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
     items = shard_offsets(run)
     n = sum(k for _, _, k in items)
     reader = partial(eval_block, run, label_column, index, test_split)
-    with_emb = BlockRows(partial(reader, True), items, n, run.cfg)
-    meta = BlockRows(partial(reader, False), items, n, run.cfg)
+    with_emb = BlockRows(partial(reader, True), items, n)
+    meta = BlockRows(partial(reader, False), items, n)
     labelled = int(meta.reduce(_labelled, add) or 0)
     if labelled < 4:
         raise StageError(f"eval needs labels: column {label_column!r} of {run.output} has fewer than 4 labelled rows")

@@ -118,13 +118,10 @@ def pick_variants(variants: list[Variant], names: str | None) -> list[Variant]:
 
 
 def dedup_eligible(score: np.ndarray, share: float) -> np.ndarray:
-    """Rows SemDeDup keeps when tuned to keep ``share`` of them (the select stage's own eps search)."""
-    from ..rows import ArrayRows
-    from ..score.semdedup import eps_for_keep_fraction_rows
+    """Rows SemDeDup keeps when tuned to keep ``share`` of them (the select stage's own filter)."""
+    from ..metrics.semdedup import semdedup_filter
 
-    eps = eps_for_keep_fraction_rows(ArrayRows({"score_semdedup": np.asarray(score, np.float64)}),
-                                     "score_semdedup", float(share))
-    return ~(score > 1.0 - eps)
+    return semdedup_filter(score, keep_fraction=float(share))[0]
 
 
 def select_train(data, variant: Variant, fraction: float, seed: int) -> np.ndarray:

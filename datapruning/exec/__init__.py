@@ -2,7 +2,8 @@
 
 They take plain callables (top-level functions, ``functools.partial`` of them) and import no stage. A
 stage decides what one unit of work is (a shard, a group of clusters) and writes its own outputs and
-done markers; an executor only runs the units and hands back each unit's small info dict.
+done markers; an executor only runs the units and hands back each unit's small info dict. A command opens
+one executor (``open_executor``) and passes it to every stage, so a pool or a Ray connection starts once.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing import get_context
 from typing import Any, Callable, Iterable, Iterator
 
@@ -43,52 +45,97 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
                                initargs=(os.getpid(),))
 
 
-def map_unordered(fn: Callable[[Any], Any], items: Iterable, cfg, resources: dict | None = None) -> Iterator:
-    """``fn(item)`` for every item, results yielded as they finish (any order).
+IN_PROCESS_ROWS = 100_000  # a pass over fewer rows runs in this process: a pool's round trips cost more there
 
-    ``cfg.backend`` picks the executor: ``local`` runs in this process (``cfg.workers <= 1``) or a spawn
-    process pool of ``cfg.workers``; ``ray`` runs one Ray task per item with ``resources`` (default one CPU).
-    """
-    items = list(items)
-    if not items:
-        return
-    if cfg.backend == "ray":
-        from .ray import map_tasks
 
-        yield from map_tasks(fn, items, cfg, resources or {"num_cpus": 1})
-    elif cfg.workers <= 1 or len(items) == 1:
+class Executor:
+    """Runs a callable over work items, results as they finish: here, in this process (``workers: 1``).
+
+    One executor serves a whole command (``open_executor``): stages get it from ``Run.executor`` and never
+    start their own. ``rows`` (the rows a pass touches, when known) lets a pool run small passes here."""
+
+    in_process = True  # every item runs in this process (a stage may then overlap reading and computing)
+
+    def map_unordered(self, fn: Callable[[Any], Any], items: Iterable, resources: dict | None = None,
+                      rows: int | None = None) -> Iterator:
         for item in items:
             yield fn(item)
-    else:
-        with process_pool(min(cfg.workers, len(items))) as pool:
-            for fut in as_completed([pool.submit(fn, item) for item in items]):
-                yield fut.result()
+
+    def map_with_setup(self, setup: Callable[[], Any], process: Callable[[Any, Any], Any], items: Iterable,
+                       resources: dict | None = None, slots: int = 1) -> Iterator:
+        """``process(state, item)`` for every item, where ``state = setup()`` is built once per worker (a model)."""
+        items = list(items)
+        if not items:
+            return
+        state = setup()
+        for item in items:
+            yield process(state, item)
+
+    def call(self, fn: Callable, args: tuple, resources: dict | None = None):
+        """``fn(*args)``, here or as one remote task."""
+        return fn(*args)
+
+    def close(self) -> None:
+        pass
 
 
-def map_with_setup(setup: Callable[[], Any], process: Callable[[Any, Any], Any], items: Iterable, cfg,
-                   resources: dict | None = None, slots: int = 1) -> Iterator:
-    """``process(state, item)`` for every item, where ``state = setup()`` is built once per worker (a model).
+class PoolExecutor(Executor):
+    """A spawn process pool of ``workers``, started at the first pass that needs it and kept for the command."""
 
-    Locally the state is built once in this process. On Ray, ``slots`` actors with ``resources`` each
-    build their own state, then take items from a shared queue until none is left (NeMo Curator's
-    setup/process/teardown lifecycle)."""
-    items = list(items)
-    if not items:
-        return
-    if cfg.backend == "ray":
+    in_process = False
+
+    def __init__(self, workers: int):
+        self.workers, self._pool = int(workers), None
+
+    def map_unordered(self, fn, items, resources=None, rows=None) -> Iterator:
+        items = list(items)
+        if len(items) <= 1 or (rows is not None and rows < IN_PROCESS_ROWS):
+            yield from super().map_unordered(fn, items)
+            return
+        if self._pool is None:
+            self._pool = process_pool(self.workers)
+        for fut in as_completed([self._pool.submit(fn, item) for item in items]):
+            yield fut.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class RayExecutor(Executor):
+    """Ray tasks (``resources`` each, default one CPU) and model-holding actors on ``cfg.ray``'s cluster."""
+
+    in_process = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def map_unordered(self, fn, items, resources=None, rows=None) -> Iterator:
+        from .ray import map_tasks
+
+        items = list(items)
+        if items:
+            yield from map_tasks(fn, items, self.cfg, resources or {"num_cpus": 1})
+
+    def map_with_setup(self, setup, process, items, resources=None, slots=1) -> Iterator:
         from .ray import map_actors
 
-        yield from map_actors(setup, process, items, cfg, resources or {"num_cpus": 1}, slots)
-        return
-    state = setup()
-    for item in items:
-        yield process(state, item)
+        items = list(items)
+        if items:
+            yield from map_actors(setup, process, items, self.cfg, resources or {"num_cpus": 1}, slots)
 
-
-def call(fn: Callable, args: tuple, cfg, resources: dict | None = None):
-    """``fn(*args)`` here, or as one Ray task with ``resources`` on ``backend: ray``."""
-    if cfg.backend == "ray":
+    def call(self, fn, args, resources=None):
         from .ray import run_task
 
-        return run_task(fn, args, cfg, resources or {"num_cpus": 1})
-    return fn(*args)
+        return run_task(fn, args, self.cfg, resources or {"num_cpus": 1})
+
+
+@contextmanager
+def open_executor(cfg) -> Iterator[Executor]:
+    """The command's one executor, from ``cfg.backend`` and ``cfg.workers``; closed (the pool stopped) at exit."""
+    ex = RayExecutor(cfg) if cfg.backend == "ray" else PoolExecutor(cfg.workers) if cfg.workers > 1 else Executor()
+    try:
+        yield ex
+    finally:
+        ex.close()

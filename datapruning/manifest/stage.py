@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 
 from ..config import to_dict
 from ..errors import StageError
-from ..exec import map_unordered
 from ..io.files import atomic_path, done_path, is_done, mark_done, meta_dir, read_json, write_json, write_parquet
 from ..run import LABEL_INDEX, Run, load_columns, prepare_stage, progress, timed
 
@@ -174,7 +173,8 @@ def run_manifest(run: Run) -> dict:
         raise StageError("manifest: the run has no shards")
     with timed(run, "manifest"), progress(len(names), "manifest") as bar:
         counts = None
-        for c in map_unordered(partial(manifest_shard, run, integer_labels(run), optional_columns(run)), names, run.cfg):
+        for c in run.executor.map_unordered(partial(manifest_shard, run, integer_labels(run), optional_columns(run)),
+                                            names):
             counts = add_counts(counts, c)
             bar.update(1)
         write_kept(run, names)

@@ -5,12 +5,15 @@ See docs/methods.md#semdedup-semantic-deduplication.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .exact import dot_bound, exact_dot, row_norms, settle
-from .ranking import rank_order
+from .ranking import order_key, rank_order
+from ..cutoffs import ALL, find_cutoffs
+from ..rows import ArrayRows, add
 from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -18,6 +21,7 @@ log = logging.getLogger(__name__)
 FIRST_SCORE = -1.0  # the first member of a cluster (in keep order) has no earlier member to duplicate
 DEFAULT_EPS = (0.0001, 0.00095, 0.005, 0.01, 0.03, 0.05, 0.1)
 REPORT_KEEP_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5)
+COLUMN = "score_semdedup"  # the run's column of duplicate scores
 PROGRESS_MIN_ROWS = 200_000  # show a progress bar above this many rows to compare
 
 
@@ -104,7 +108,8 @@ def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.nd
 
 
 def removal_mask(scores: np.ndarray, eps: float) -> np.ndarray:
-    """Rows SemDeDup removes at ``eps``: ``score > 1 - eps`` (NaN scores are never removed)."""
+    """Rows SemDeDup removes at ``eps``: ``score > 1 - eps`` (NaN scores are never removed). The one rule:
+    every eps search, count and filter below applies it."""
     if not eps >= 0:
         raise ConfigError(f"semdedup: eps must be >= 0, got {eps}")
     with np.errstate(invalid="ignore"):
@@ -117,41 +122,105 @@ def semdedup_masks(scores: np.ndarray, eps_list) -> tuple[dict[float, np.ndarray
     return masks, {e: int(m.sum()) for e, m in masks.items()}
 
 
-def removed_counts(scores: np.ndarray, eps_list) -> dict[float, int]:
-    """Removed count per eps without materialising masks (one sort)."""
-    s = np.sort(np.asarray(scores, dtype=np.float64)[~np.isnan(scores)])
-    return {float(e): int(len(s) - np.searchsorted(s, 1.0 - float(e), side="right")) for e in eps_list}
+# ---- over rows seen block by block (a run's shards, or arrays in memory as one block) -------------------
+
+def as_rows(scores_or_rows, column: str = COLUMN):
+    """Rows as they are, or an array of scores as in-memory rows holding ``column``."""
+    if hasattr(scores_or_rows, "reduce"):
+        return scores_or_rows
+    return ArrayRows({column: np.asarray(scores_or_rows, dtype=np.float64)})
 
 
-def eps_for_keep_fraction(scores: np.ndarray, target_keep_fraction: float) -> float:
-    """The largest eps that still keeps at least ``ceil(target * N)`` rows, i.e. the smallest amount of
-    deduplication that reaches the target. Ties in the scores can make the kept fraction overshoot;
-    below the reachable minimum (one row per cluster is never removed at eps <= 2) the eps that keeps
-    that minimum is returned. Check the result with ``removal_mask``."""
+def _removed(column: str, eps: tuple, block: dict) -> np.ndarray:
+    """Per eps the rows removed, then the scored rows (one small array per block)."""
+    s = block[column]
+    return np.array([np.count_nonzero(removal_mask(s, e)) for e in eps] + [np.count_nonzero(~np.isnan(s))])
+
+
+def _score_keys(column: str, block: dict) -> tuple:
+    s = block[column]
+    return np.where(np.isnan(s), -1, 0), order_key(s, "easy"), block["tie"], block["pos"].astype(np.uint64)
+
+
+def key_to_score(key: np.uint64) -> float:
+    """The score whose ``order_key(., "easy")`` is ``key`` (the inverse of that encoding)."""
+    top = np.uint64(1 << 63)
+    bits = np.uint64(key) ^ top if np.uint64(key) & top else ~np.uint64(key)
+    return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
+
+
+def _max_score(column: str, block: dict) -> float:
+    s = block[column]
+    return float(np.nanmax(s)) if np.any(~np.isnan(s)) else -np.inf
+
+
+def _last_kept(keys, cut, block: dict) -> np.uint64:
+    g, k0, k1, k2 = keys(block)
+    kept = cut.keep(g, k0, k1, k2)
+    return k0[kept].max() if kept.any() else np.uint64(0)
+
+
+def eps_for_keep_fraction(scores, target_keep_fraction: float, column: str = COLUMN) -> float:
+    """The largest eps that still keeps at least ``ceil(target * N)`` of the N scored rows, i.e. the smallest
+    amount of deduplication that reaches the target. ``scores``: an array, or rows (a run's, block by block,
+    with ``column``). Ties in the scores can make the kept fraction overshoot; below the reachable minimum (one
+    row per cluster is never removed at eps <= 2) the eps that keeps that minimum is returned."""
     if not 0.0 <= target_keep_fraction <= 1.0:
         raise ConfigError(f"semdedup: keep fraction must be in [0, 1], got {target_keep_fraction}")
-    s = np.sort(np.asarray(scores, dtype=np.float64)[~np.isnan(scores)])
-    if len(s) == 0:
+    rows = as_rows(scores, column)
+    counts = rows.reduce(partial(_removed, column, ()), add)
+    n = int(counts[-1]) if counts is not None else 0
+    if n == 0:
         return 0.0
-    want = min(max(int(np.ceil(target_keep_fraction * len(s) - 1e-9)), 1), len(s))
-    eps = max(0.0, 1.0 - s[want - 1])  # threshold t = s_(want): rows with s <= t stay
-    while eps > 0 and np.count_nonzero(s <= 1.0 - eps) < want:  # undo float round-off in 1 - (1 - s)
-        eps = float(np.nextafter(eps, 0.0))
+    want = min(max(int(np.ceil(target_keep_fraction * n - 1e-9)), 1), n)
+    keys = partial(_score_keys, column)
+    cut = find_cutoffs(rows, keys, np.array([want]), np.array([n]))
+    if cut.kind[0] == ALL:  # every scored row kept: the threshold is the largest score
+        want_score = rows.reduce(partial(_max_score, column), max)
+    else:
+        want_score = key_to_score(rows.reduce(partial(_last_kept, keys, cut), max))
+    eps = max(0.0, 1.0 - want_score)  # threshold t = s_(want): rows with s <= t stay
+    while eps > 0 and n - int(rows.reduce(partial(_removed, column, (eps,)), add)[0]) < want:
+        eps = float(np.nextafter(eps, 0.0))  # undo float round-off in 1 - (1 - s)
     return float(eps)
+
+
+def removed_per_eps(rows, eps, column: str = COLUMN) -> dict:
+    """``{str(eps): rows removed}`` for each eps (one pass)."""
+    counts = as_rows(rows, column).reduce(partial(_removed, column, tuple(eps)), add)
+    return {str(e): int(c) for e, c in zip(eps, counts[:-1])}
+
+
+def not_duplicate(eps: float, column: str, block: dict) -> dict:
+    """The block with ``eligible``: rows still in play that SemDeDup keeps at ``eps``."""
+    keep = ~removal_mask(block[column], eps)
+    return {**block, "eligible": keep & block["eligible"] if "eligible" in block else keep}
+
+
+def _eligible(block: dict) -> int:
+    return int(np.count_nonzero(block["eligible"]))
+
+
+def dedup_step(rows, eps: float | None = None, keep_fraction: float | None = None, column: str = COLUMN):
+    """The SemDeDup filter before a selector: give ``eps``, or ``keep_fraction`` to tune it. Returns
+    ``(step, info)``: ``step(block)`` adds ``eligible``; info holds the eps and the kept/removed counts."""
+    if (eps is None) == (keep_fraction is None):
+        raise ConfigError("semdedup filter: give exactly one of eps (select.dedup_eps) or keep_fraction "
+                          "(select.dedup_keep_fraction)")
+    if eps is None:
+        eps = eps_for_keep_fraction(rows, keep_fraction, column)
+    step = partial(not_duplicate, float(eps), column)
+    kept = int(rows.with_columns(step).reduce(_eligible, add) or 0)
+    info = {"eps": float(eps), "kept": kept, "removed": rows.n - kept,
+            "kept_fraction": kept / rows.n if rows.n else 0.0}
+    if keep_fraction is not None:
+        info["target_keep_fraction"] = float(keep_fraction)
+    return step, info
 
 
 def semdedup_filter(scores: np.ndarray, eps: float | None = None,
                     keep_fraction: float | None = None) -> tuple[np.ndarray, dict]:
-    """Eligible mask for the select stage: give ``eps`` directly, or ``keep_fraction`` to tune eps.
-    Returns ``(eligible, info)`` with the eps used and the kept/removed counts."""
-    if (eps is None) == (keep_fraction is None):
-        raise ConfigError("semdedup filter: give exactly one of eps or keep_fraction")
-    if eps is None:
-        eps = eps_for_keep_fraction(scores, keep_fraction)
-    eligible = ~removal_mask(scores, eps)
-    kept = int(eligible.sum())
-    info = {"eps": float(eps), "kept": kept, "removed": int(len(eligible) - kept),
-            "kept_fraction": kept / len(eligible) if len(eligible) else 0.0}
-    if keep_fraction is not None:
-        info["target_keep_fraction"] = float(keep_fraction)
-    return eligible, info
+    """``dedup_step`` on an array of scores: ``(eligible mask, info)``."""
+    rows = as_rows(scores)
+    step, info = dedup_step(rows, eps, keep_fraction)
+    return step(rows.block)["eligible"], info

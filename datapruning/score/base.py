@@ -17,9 +17,9 @@ import numpy as np
 
 import pyarrow as pa
 
-from ..config import typed_params
-from ..errors import ConfigError, InputError
-from ..metrics.random import uid_hash
+from ..params import parse_params
+from ..errors import InputError
+from ..hashing import uid_hash
 from ..rows import ArrayRows
 
 @dataclass(frozen=True)
@@ -82,30 +82,15 @@ class Metric:
         return frozenset(self.reads(params) if callable(self.reads) else self.reads)
 
     def parse(self, raw: dict | None, seed: int) -> Any:
-        """Typed parameters from ``score.params.<name>``; unknown keys and wrong types fail with the key named."""
+        """Typed parameters from ``score.params.<name>`` (``params.parse_params``); the run seed by default."""
         raw = dict(raw or {})
-        fields = {f.name: f for f in dataclasses.fields(self.params)}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise ConfigError(f"score.params.{self.name}: unknown key {unknown[0]!r}; accepted: {sorted(fields)}")
-        if "seed" in fields and raw.get("seed") is None:
+        if "seed" in {f.name for f in dataclasses.fields(self.params)} and raw.get("seed") is None:
             raw["seed"] = seed
-        return typed_params(self.params, raw, f"score.params.{self.name}")
+        return parse_params(self.params, raw, f"score.params.{self.name}")
 
     def __call__(self, inp: ScoreInputs, **params) -> MetricOutput:
         """Score whole arrays in memory (the importable route; the stage streams the same functions)."""
         return score_in_memory(self, inp, params)
-
-
-def choice(name: str, value, options) -> None:
-    """A parameter check: ``value`` must be one of ``options`` (message names the key and the options)."""
-    if value not in options:
-        raise ConfigError(f"{name}: expected one of {list(options)}, got {value!r}")
-
-
-def positive(name: str, value, minimum=1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise ConfigError(f"{name}: must be a number >= {minimum}, got {value!r}")
 
 
 # ---- the same steps on whole arrays in memory ---------------------------------------------------------

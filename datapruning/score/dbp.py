@@ -13,18 +13,14 @@ import numpy as np
 from ..metrics.dbp import complexity, d_inter, d_intra_from_sums, dbp_shares
 from ..metrics.fixed import fixed_sum
 from ..rows import add
-from .base import Metric, positive
+from .base import Metric
+from ..params import MAX_INT, setting
 
 
 @dataclass(frozen=True)
 class DBPParams:
-    tau: float = 0.1  # softmax temperature of the reported shares (the selector has its own select.params.tau)
-    l: int = 20  # nearest other centroids in d_inter
-
-    def check(self):
-        positive("score.params.dbp.l", self.l)
-        if not self.tau > 0:
-            positive("score.params.dbp.tau", self.tau, 1e-12)
+    tau: float = setting(0.1, gt=0.0, le=1e6)  # softmax temperature of the reported shares (the selector has its own)
+    l: int = setting(20, ge=1, le=MAX_INT)  # nearest other centroids in d_inter
 
 
 def cluster_sums(k: int, block: dict) -> tuple:

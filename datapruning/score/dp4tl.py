@@ -16,7 +16,8 @@ import numpy as np
 from ..io.tables import read_embeddings
 from ..metrics.dp4tl import (feature_mapping_assign, feature_mapping_freq, label_mapping_freq,
                              lm_predictions_from_logits, train_linear_source_classifier, zero_shot_predictions)
-from .base import Metric, choice, positive
+from .base import Metric
+from ..params import MAX_INT, setting
 from .sample import labelled_sample
 from ..errors import ConfigError, InputError
 
@@ -24,17 +25,16 @@ from ..errors import ConfigError, InputError
 @dataclass(frozen=True)
 class LMParams:
     target: str | None = None  # target embeddings (.npy, or parquet file/folder with an embedding column)
-    route: str = "linear"  # linear (a classifier trained on the source) | logits | zeroshot
+    # linear: a classifier trained on the source | logits: the user's classifier | zeroshot: class-name text
+    route: str = setting("linear", choices=("linear", "logits", "zeroshot"))
     logits: str | None = None  # route logits: .npy [n_target, C] of a source classifier on the target
     class_text: str | None = None  # route zeroshot: .npy [C, d] text embeddings of the class names
     classes: str | None = None  # logits/zeroshot with string labels: .txt (one per line) or .npy names of columns
-    epochs: int = 10
-    max_samples: int | None = 200_000  # the linear route trains on at most this many source rows (stratified)
-    seed: int | None = None
+    epochs: int = setting(10, ge=0, le=100_000)
+    max_samples: int | None = setting(200_000, ge=1, le=MAX_INT)  # the linear route trains on at most this many rows
+    seed: int | None = setting(None, ge=0, le=MAX_INT)
 
     def check(self):
-        choice("score.params.dp4tl_lm.route", self.route, ("linear", "logits", "zeroshot"))
-        positive("score.params.dp4tl_lm.epochs", self.epochs, 0)
         need = {"logits": "logits", "zeroshot": "class_text"}.get(self.route)
         if need and getattr(self, need) is None:
             raise ConfigError(f"dp4tl_lm route={self.route} needs score.params.dp4tl_lm.{need}")

@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from ..metrics.el2n import el2n, proxy_el2n, train_proxy_heads
-from ..metrics.random import uid_hash
-from .base import Metric, positive
+from ..hashing import uid_hash
+from .base import Metric
+from ..params import MAX_INT, setting
 from .dp4tl import by_name, read_class_names, run_label_names
 from .sample import labelled_sample
 from ..errors import ConfigError, InputError
@@ -29,21 +30,17 @@ class EL2NParams:
     logits_uids: str | None = None  # .npy of strings or parquet with a uid column: row r of logits is uid r
     from_logits: bool = True  # False: the file holds probabilities
     classes: str | None = None  # string labels: .txt (one per line) or .npy names of the logits columns
-    n_models: int = 10
-    epochs: int = 5
-    hidden: int = 0
-    lr: float = 1e-2
-    max_train: int | None = 200_000  # proxy heads train on at most this many labelled rows (stratified)
-    seed: int | None = None
+    n_models: int = setting(10, ge=1, le=1000)
+    epochs: int = setting(5, ge=0, le=100_000)
+    hidden: int = setting(0, ge=0, le=1 << 20)
+    lr: float = setting(1e-2, gt=0.0, le=1e3)
+    max_train: int | None = setting(200_000, ge=1, le=MAX_INT)  # proxy heads train on at most this many rows
+    seed: int | None = setting(None, ge=0, le=MAX_INT)
 
     def check(self):
-        for key in ("n_models", "epochs"):
-            positive(f"score.params.el2n.{key}", getattr(self, key), 1 if key == "n_models" else 0)
-        positive("score.params.el2n.hidden", self.hidden, 0)
-        if self.max_train is not None:
-            positive("score.params.el2n.max_train", self.max_train)
         if self.logits is not None and self.logits_uids is None:
-            raise InputError("score.params.el2n.logits needs logits_uids: rows are matched by uid, never by order")
+            raise ConfigError("config key 'score.params.el2n.logits_uids': score.params.el2n.logits needs it: rows "
+                              "are matched by uid, never by order")
 
 
 def read_uids(path: str | Path) -> pa.Array:

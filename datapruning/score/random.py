@@ -7,11 +7,12 @@ import numpy as np
 
 from ..metrics.random import random_scores
 from .base import Metric
+from ..params import MAX_INT, setting
 
 
 @dataclass(frozen=True)
 class RandomParams:
-    seed: int | None = None  # default: the run seed
+    seed: int | None = setting(None, ge=0, le=MAX_INT)  # default: the run seed
 
 
 def score(block: dict, state: dict, params: RandomParams) -> np.ndarray:

@@ -15,16 +15,14 @@ import numpy as np
 from ..metrics.ssp import distance_histogram, prototypes_from_sums, prototypicality, within_source_cdf
 from ..rows import add
 from ..metrics.fixed import fixed_sum
-from .base import Metric, choice
+from .base import Metric
+from ..params import setting
 from ..errors import InputError
 
 
 @dataclass(frozen=True)
 class SSPParams:
-    prototypes: str = "clusters"  # clusters (self-supervised) | labels (class means)
-
-    def check(self):
-        choice("score.params.ssp.prototypes", self.prototypes, ("clusters", "labels"))
+    prototypes: str = setting("clusters", choices=("clusters", "labels"))  # self-supervised | class means
 
 
 def _class_sums(n_classes: int, block: dict):

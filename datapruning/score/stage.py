@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import StageError
-from ..exec import map_unordered
 from ..io.files import atomic_path, is_done, meta_dir, mark_done, read_json, write_json, write_parquet
 from ..cluster.parts import read_group
 from ..run import Run, label_index, log, prepare_stage, progress, read_block, run_rows, shard_offsets, timed
@@ -137,14 +136,14 @@ def run_score(run: Run) -> None:
             if metric.unit == "cluster":
                 todo = [g for g in range(n_groups) if not is_done(parts_dir(run, name), f"g{g:05d}")]
                 with progress(len(todo), f"score {name} (cluster groups)") as bar:
-                    for _ in map_unordered(partial(score_group, run, name, params, state, offsets), todo, run.cfg):
+                    for _ in run.executor.map_unordered(partial(score_group, run, name, params, state, offsets), todo):
                         bar.update(1)
             plan.append((name, metric, params, state))
             timings[name] = time.perf_counter() - start
         todo = [it for it in items if not is_done(out_dir, it[0]["name"])]
         start = time.perf_counter()
         with progress(len(todo), "score") as bar:
-            for _ in map_unordered(partial(score_shard, run, plan, labels), todo, run.cfg):
+            for _ in run.executor.map_unordered(partial(score_shard, run, plan, labels), todo):
                 bar.update(1)
         rows = run_rows(run, scores=True)
         infos = {}

@@ -15,13 +15,13 @@ from typing import Any, Callable
 import numpy as np
 
 from ..cutoffs import Cutoffs, find_cutoffs
-from ..config import typed_params
+from ..params import MAX_INT, parse_params, setting, show
 from ..errors import ConfigError
-from ..metrics.ccs import ccs_allocate, ccs_default_beta
+from ..metrics.ccs import ccs_allocate, ccs_default_beta, ccs_strata
 from ..metrics.dbp import dbp_quotas, dbp_shares
 from ..metrics.dp4tl import top_k_groups
-from ..metrics.random import uid_hash
-from ..metrics.ranking import MODES, balanced_quotas
+from ..hashing import uid_hash
+from ..metrics.ranking import MODES, balanced_quotas, floor_quotas
 from ..rows import ArrayRows, add
 from ..score.dbp import cluster_complexity
 from .rules import (any_of, column, count_true, group_sizes, in_groups, in_play, keys_by, n_groups, not_,
@@ -74,17 +74,21 @@ class Selector:
     common: tuple = ()
 
     def parse(self, raw: dict, common: dict) -> Any:
+        """Typed parameters from ``select.params`` and the common ``select.*`` keys this selector reads."""
         fields = {f.name for f in dataclasses.fields(self.params)}
-        unknown = sorted(set(raw) - fields)
+        unknown = sorted(set(raw) - fields, key=str)
         if unknown:
-            raise ConfigError(f"select.params: unknown key {unknown[0]!r} for select.method={self.name}; "
-                              f"accepted: {sorted(fields - set(self.common))}")
+            raise ConfigError(f"unknown config key {show('select.params.' + str(unknown[0]))} for "
+                              f"select.method={self.name}; accepted: {sorted(fields - set(self.common))}")
         for key, value in common.items():
             if key not in self.common and value not in (None, 0.0, "hard"):
-                raise ConfigError(f"select.{key}={value!r} means nothing to select.method={self.name}; "
-                                  f"it reads {[f'select.{c}' for c in self.common] or 'none of the common keys'}")
+                unset = f"--set select.{key}={'null' if key == 'metric' else 'hard' if key == 'mode' else 0}"
+                raise ConfigError(f"config key 'select.{key}': {show(value)} means nothing to select.method="
+                                  f"{self.name} (it reads {[f'select.{c}' for c in self.common] or 'none of them'});"
+                                  f" unset it in the config or with {unset}")
         merged = {**{k: v for k, v in common.items() if k in self.common and v is not None}, **raw}
-        return typed_params(self.params, merged, f"select.params for {self.name}")
+        keys = {k: f"select.{k}" for k in self.common if k not in raw}
+        return parse_params(self.params, merged, "select.params", keys)
 
     def __call__(self, inp: SelectInputs, n: int, **raw) -> tuple[np.ndarray, dict]:
         """Select on arrays in memory: the keep mask and info."""
@@ -94,56 +98,41 @@ class Selector:
         return rule(rows.block), info
 
 
-def _check_mode(key: str, mode: str) -> None:
-    if mode not in MODES:
-        raise ConfigError(f"{key}: expected one of {list(MODES)}, got {mode!r}")
-
-
-def _check_share(key: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{key}: a share of the budget in [0, 1], got {value!r}")
-
-
 @dataclass(frozen=True)
 class RankParams:
     metric: str = "ssp"
-    mode: str = "hard"
-    min_per_cluster: float = 0.0  # share of the budget spread evenly over clusters as a floor
-    min_per_label: float = 0.0  # the same over labels
-
-    def check(self):
-        _check_mode("select.mode", self.mode)
-        _check_share("select.min_per_cluster", self.min_per_cluster)
-        _check_share("select.min_per_label", self.min_per_label)
+    mode: str = setting("hard", choices=MODES)
+    min_per_cluster: float = setting(0.0, ge=0.0, le=1.0)  # share of the budget spread evenly over clusters
+    min_per_label: float = setting(0.0, ge=0.0, le=1.0)  # the same over labels
 
 
-def floor_quotas(sizes: np.ndarray, share: float, n: int) -> np.ndarray:
-    """Per-group floor ``min(ceil(share * n / G), size)`` over the G groups with rows in play."""
-    present = sizes > 0
-    if not present.any() or share <= 0:
-        return np.zeros(len(sizes), np.int64)
-    return np.where(present, np.minimum(int(np.ceil(share * n / present.sum())), sizes), 0)
+def rank_with_floors(rows, n: int, score: str, mode: str, floors=()) -> tuple[Callable, dict]:
+    """Keep ``n`` rows by ``score``/``mode``, after floors: for each ``(group column, share)`` every group with rows
+    in play first gets ``min(ceil(share * n / G), size)`` of its best rows. A row meeting any floor is kept;
+    when the floors add up to more than ``n``, the preferred ``n`` of them win."""
+    rules = []
+    for group, share in floors:
+        if share > 0:
+            k = n_groups(rows, group)
+            sizes = rows.reduce(partial(group_sizes, group, k), add)
+            rules.append(top_per_group(rows, score, mode, group, floor_quotas(sizes, share, n), sizes=sizes))
+    if not rules:
+        return top_per_group(rows, score, mode, None, [n]), {}
+    forced = partial(any_of, tuple(rules))
+    n_forced = int(rows.reduce(partial(count_true, forced), add))
+    if n_forced >= n:
+        return top_per_group(rows, score, mode, None, [n], mask=forced), {"floor_rows": n_forced}
+    rest = top_per_group(rows, score, mode, None, [n - n_forced], mask=partial(not_, forced))
+    return partial(any_of, (forced, rest)), {"floor_rows": n_forced}
 
 
 def decide_rank(rows, n: int, p: RankParams, centroids: np.ndarray) -> tuple[Callable, dict]:
     """Global ranking by one metric, after optional floors per cluster and per label."""
-    score = f"score_{p.metric}"
-    floors = []
-    for group, share in (("cluster", p.min_per_cluster), ("label", p.min_per_label)):
-        if share > 0 and (group != "label" or rows.reduce(_has_labels, any)):
-            k = n_groups(rows, group)
-            sizes = rows.reduce(partial(group_sizes, group, k), add)
-            floors.append(top_per_group(rows, score, p.mode, group, floor_quotas(sizes, share, n), sizes=sizes))
-    info = {"metric": p.metric, "mode": p.mode}
-    if not floors:
-        return top_per_group(rows, score, p.mode, None, [n]), info
-    forced = partial(any_of, tuple(floors))
-    n_forced = int(rows.reduce(partial(count_true, forced), add))
-    info["floor_rows"] = n_forced
-    if n_forced >= n:  # floors exceed the budget: the preferred n of the forced rows
-        return top_per_group(rows, score, p.mode, None, [n], mask=forced), info
-    rest = top_per_group(rows, score, p.mode, None, [n - n_forced], mask=partial(not_, forced))
-    return partial(any_of, (forced, rest)), info
+    floors = [("cluster", p.min_per_cluster)]
+    if p.min_per_label > 0 and rows.reduce(_has_labels, any):
+        floors.append(("label", p.min_per_label))
+    rule, info = rank_with_floors(rows, n, f"score_{p.metric}", p.mode, floors)
+    return rule, {"metric": p.metric, "mode": p.mode, **info}
 
 
 def _has_labels(block: dict) -> bool:
@@ -153,40 +142,33 @@ def _has_labels(block: dict) -> bool:
 @dataclass(frozen=True)
 class BalancedParams:
     metric: str = "ssp"
-    mode: str = "hard"
-    by: str = "label"  # label | cluster
+    mode: str = setting("hard", choices=MODES)
+    by: str = setting("label", choices=("label", "cluster"))
 
-    def check(self):
-        _check_mode("select.mode", self.mode)
-        if self.by not in ("label", "cluster"):
-            raise ConfigError(f"select.params.by: expected 'label' or 'cluster', got {self.by!r}")
+
+def balanced(rows, n: int, score: str, mode: str, group: str) -> tuple[Callable, np.ndarray]:
+    """The same count per group where sizes allow (``balanced_quotas``), ``mode`` within each group:
+    (rule, quotas)."""
+    sizes = rows.reduce(partial(group_sizes, group, n_groups(rows, group)), add)
+    quotas = balanced_quotas(sizes, n)
+    return top_per_group(rows, score, mode, group, quotas, sizes=sizes), quotas
 
 
 def decide_balanced(rows, n: int, p: BalancedParams, centroids: np.ndarray) -> tuple[Callable, dict]:
     """The same count per group (labels or clusters) where sizes allow, ``mode`` within each group."""
     if p.by == "label" and not rows.reduce(_has_labels, any):
         raise ConfigError("select.params.by=label needs labels, but the input has none")
-    k = n_groups(rows, p.by)
-    sizes = rows.reduce(partial(group_sizes, p.by, k), add)
-    quotas = balanced_quotas(sizes, n)
-    rule = top_per_group(rows, f"score_{p.metric}", p.mode, p.by, quotas, sizes=sizes)
+    rule, quotas = balanced(rows, n, f"score_{p.metric}", p.mode, p.by)
     return rule, {"metric": p.metric, "mode": p.mode, "by": p.by, "quotas": quotas.tolist()}
 
 
 @dataclass(frozen=True)
 class DBPSelectParams:
-    mode: str = "hard"  # within a cluster: hard = farthest from the centroid first (cos_dist), easy, random
-    tau: float = 0.1
-    l: int = 20
-    min_per_cluster: float = 0.0  # share of the budget: every cluster keeps at least floor(share * N / k)
-
-    def check(self):
-        _check_mode("select.mode", self.mode)
-        _check_share("select.min_per_cluster", self.min_per_cluster)
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau > 0:
-            raise ConfigError(f"select.params.tau: must be > 0, got {self.tau!r}")
-        if isinstance(self.l, bool) or not isinstance(self.l, int) or self.l < 1:
-            raise ConfigError(f"select.params.l: must be an integer >= 1, got {self.l!r}")
+    # within a cluster: hard = farthest from the centroid first (cos_dist), easy, random
+    mode: str = setting("hard", choices=MODES)
+    tau: float = setting(0.1, gt=0.0, le=1e6)
+    l: int = setting(20, ge=1, le=MAX_INT)
+    min_per_cluster: float = setting(0.0, ge=0.0, le=1.0)  # every cluster keeps at least floor(share * N / k)
 
 
 def decide_dbp(rows, n: int, p: DBPSelectParams, centroids: np.ndarray) -> tuple[Callable, dict]:
@@ -210,14 +192,8 @@ def decide_dbp(rows, n: int, p: DBPSelectParams, centroids: np.ndarray) -> tuple
 @dataclass(frozen=True)
 class CCSParams:
     metric: str = "el2n"
-    beta: float | None = None  # hardest share dropped first; default from the prune rate (ccs_default_beta)
-    strata: int = 50
-
-    def check(self):
-        if self.beta is not None and not 0.0 <= self.beta < 1.0:
-            raise ConfigError(f"select.params.beta: must be in [0, 1), got {self.beta!r}")
-        if isinstance(self.strata, bool) or not isinstance(self.strata, int) or self.strata < 1:
-            raise ConfigError(f"select.params.strata: must be an integer >= 1, got {self.strata!r}")
+    beta: float | None = setting(None, ge=0.0, lt=1.0)  # hardest share dropped first; default from the prune rate
+    strata: int = setting(50, ge=1, le=1 << 20)
 
 
 def scored(score: str, block: dict) -> np.ndarray:
@@ -233,11 +209,8 @@ def _merge_range(parts: list) -> tuple:
     return min(p[0] for p in parts), max(p[1] for p in parts)
 
 
-def stratum(score: str, pool: Callable, lo: float, width: float, strata: int, block: dict) -> dict:
-    s = column(block, score)
-    pos = np.floor((s - lo) / width) if width > 0 else np.zeros(len(s))
-    st = np.clip(np.nan_to_num(pos, nan=0.0), 0, strata - 1).astype(np.int64)  # the maximum joins the top stratum
-    return {**block, "stratum": np.where(pool(block), st, -1)}
+def stratum(score: str, pool: Callable, lo: float, hi: float, strata: int, block: dict) -> dict:
+    return {**block, "stratum": np.where(pool(block), ccs_strata(column(block, score), lo, hi, strata), -1)}
 
 
 def decide_ccs(rows, n: int, p: CCSParams, centroids: np.ndarray) -> tuple[Callable, dict]:
@@ -254,12 +227,9 @@ def decide_ccs(rows, n: int, p: CCSParams, centroids: np.ndarray) -> tuple[Calla
     if not 0 <= n <= left:
         raise ConfigError(f"ccs: cannot keep {n} rows: {left} remain after dropping the hardest {n_drop} "
                          f"(beta={beta}) of {total} scored rows")
-    lo, hi = rows.reduce(partial(_range, score, pool), _merge_range)
-    width = (hi - lo) / p.strata if left else 0.0
-    strat = partial(stratum, score, pool, lo, width, int(p.strata))
-    from ..rows import with_columns
-
-    srows = with_columns(rows, strat)
+    lo, hi = rows.reduce(partial(_range, score, pool), _merge_range) if left else (0.0, 0.0)
+    strat = partial(stratum, score, pool, lo, hi, int(p.strata))
+    srows = rows.with_columns(strat)
     sizes = srows.reduce(partial(group_sizes, "stratum", int(p.strata)), add)
     alloc = ccs_allocate(sizes, int(n))
     keys = partial(keys_by, None, "random", "stratum", None)
@@ -285,14 +255,8 @@ def _stratum_keep(strat: Callable, cut: Cutoffs, keys: Callable, block: dict) ->
 @dataclass(frozen=True)
 class GroupsParams:
     metric: str = "dp4tl_lm"
-    by: str = "label"  # label | cluster
-    keep_fraction_groups: float | None = None  # keep this share of the groups instead of a sample budget
-
-    def check(self):
-        if self.by not in ("label", "cluster"):
-            raise ConfigError(f"select.params.by: expected 'label' or 'cluster', got {self.by!r}")
-        if self.keep_fraction_groups is not None:
-            _check_share("select.params.keep_fraction_groups", self.keep_fraction_groups)
+    by: str = setting("label", choices=("label", "cluster"))
+    keep_fraction_groups: float | None = setting(None, ge=0.0, le=1.0)  # keep this share of the groups instead
 
 
 def _group_best(score: str, group: str, k: int, block: dict) -> np.ndarray:

@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ConfigError, StageError
+from ..params import show
 from ..io.files import is_done, mark_done, write_json, write_parquet
 from ..metrics.ranking import keep_count
-from ..rows import add
 from ..run import Run, prepare_stage, progress, run_rows, timed
-from ..score.semdedup import eps_for_keep_fraction_rows
+from ..metrics.semdedup import dedup_step
 from . import SELECTORS
 
 COMMON = ("metric", "mode", "min_per_cluster", "min_per_label")
@@ -25,19 +25,9 @@ def selector_params(cfg) -> tuple:
     """(Selector, typed params) for ``select.method``; unknown or meaningless keys fail here."""
     scfg = cfg.select
     if scfg.method not in SELECTORS:
-        raise ConfigError(f"select.method: unknown selector {scfg.method!r}; known: {sorted(SELECTORS)}")
+        raise ConfigError(f"config key 'select.method': unknown selector {show(scfg.method)}; known: {sorted(SELECTORS)}")
     selector = SELECTORS[scfg.method]
     return selector, selector.parse(dict(scfg.params), {k: getattr(scfg, k) for k in COMMON})
-
-
-def not_duplicate(eps: float, block: dict) -> dict:
-    """The block with ``eligible``: rows SemDeDup keeps at ``eps`` (score <= 1 - eps; unscored rows stay)."""
-    with np.errstate(invalid="ignore"):
-        return {**block, "eligible": ~(block["score_semdedup"] > 1.0 - eps)}
-
-
-def _eligible(block: dict) -> int:
-    return int(np.count_nonzero(block["eligible"]))
 
 
 def _has_semdedup(block: dict) -> bool:
@@ -48,20 +38,9 @@ def dedup_filter(rows, cfg) -> tuple:
     """The eligibility step for ``select.dedup_eps`` / ``dedup_keep_fraction`` (None without one) and its info."""
     if cfg.dedup_eps is None and cfg.dedup_keep_fraction is None:
         return None, {}
-    if cfg.dedup_eps is not None and cfg.dedup_keep_fraction is not None:
-        raise ConfigError("select: give one of select.dedup_eps and select.dedup_keep_fraction, not both")
     if rows.n and not rows.reduce(_has_semdedup, all):
         raise StageError("select.dedup_eps / dedup_keep_fraction need the semdedup metric in score.metrics")
-    eps = cfg.dedup_eps
-    if eps is None:
-        eps = eps_for_keep_fraction_rows(rows, "score_semdedup", cfg.dedup_keep_fraction)
-    step = partial(not_duplicate, float(eps))
-    kept = int(rows.with_columns(step).reduce(_eligible, add) or 0)
-    info = {"eps": float(eps), "kept": kept, "removed": rows.n - kept,
-            "kept_fraction": kept / rows.n if rows.n else 0.0}
-    if cfg.dedup_keep_fraction is not None:
-        info["target_keep_fraction"] = float(cfg.dedup_keep_fraction)
-    return step, info
+    return dedup_step(rows, cfg.dedup_eps, cfg.dedup_keep_fraction)
 
 
 def write_keep(run: Run, rule, names: list[str], block: dict) -> dict:
