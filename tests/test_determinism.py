@@ -50,6 +50,18 @@ def test_semdedup_equals_the_exact_definition_and_ignores_summation_order():
         np.testing.assert_array_equal(got, ref)
 
 
+def test_semdedup_on_exact_duplicates_takes_the_float64_block_path_and_stays_exact():
+    """A cluster of exact copies makes every entry a near-tie (exact.row_max recomputes whole blocks in float64)."""
+    base = unit_rows(np.random.default_rng(6).normal(size=(3, 20)).astype(np.float32))
+    x = np.repeat(base, 40, axis=0)
+    cluster = np.zeros(len(x), np.int64)
+    cos_dist = np.random.default_rng(7).random(len(x)).astype(np.float32)
+    ref = semdedup_scores(x, cluster, cos_dist, block_rows=16)
+    order = np.lexsort((np.arange(len(x)), -cos_dist.astype(np.float64)))
+    np.testing.assert_array_equal(ref, brute_semdedup(x, cluster, order))
+    np.testing.assert_array_equal(semdedup_scores(x, cluster, cos_dist, block_rows=2048), ref)
+
+
 def test_settle_recomputes_exactly_where_the_bound_leaves_the_rounding_open():
     rng = np.random.default_rng(5)
     a = rng.normal(size=(50, 32)).astype(np.float32)

@@ -64,6 +64,43 @@ def row_dots(a: np.ndarray, b: np.ndarray, b_rows: np.ndarray | None = None) -> 
     return out
 
 
+NEAR_TIES = 8  # more float32 candidates than this per row: recompute the whole block in float64 instead
+
+
+def row_max(a: np.ndarray, b: np.ndarray, exclude: np.ndarray | None = None, a_norms: np.ndarray | None = None,
+            b_norm: float | None = None) -> np.ndarray:
+    """``max_j a_i . b_j`` for every row of ``a`` (float64 [n], ``-inf`` where every entry is excluded), within
+    ``dot_bound`` of the exact maximum. A float32 GEMM proposes; the entries its error bound cannot rule out (the
+    argmax, and near-ties) are recomputed in float64, or the whole block at once where near-ties are everywhere
+    (duplicates). ``exclude``: a bool mask [n, m] of entries to leave out; the norms, when known, save a pass."""
+    a32, b32 = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    s = a32 @ b32.T
+    if exclude is not None:
+        np.putmask(s, exclude, -np.inf)
+    a_norms = row_norms(a32) if a_norms is None else a_norms
+    b_norm = float(row_norms(b32).max(initial=0.0)) if b_norm is None else b_norm
+    arg = s.argmax(axis=1) if s.shape[1] else np.zeros(len(s), np.int64)
+    top = s[np.arange(len(s)), arg] if s.shape[1] else np.full(len(s), -np.inf, np.float32)
+    thresh = top - 2.0 * dot_bound(a32.shape[1], a_norms, b_norm, U32)
+    near = s >= thresh[:, None]
+    count = np.count_nonzero(near, axis=1) * np.isfinite(top)
+    if count.sum() > NEAR_TIES * len(a32):  # near-ties everywhere: one float64 GEMM is cheaper than gathers
+        s64 = a32.astype(np.float64) @ b32.astype(np.float64).T
+        if exclude is not None:
+            np.putmask(s64, exclude, -np.inf)
+        return s64.max(axis=1, initial=-np.inf)
+    out = np.full(len(a32), -np.inf)
+    one = np.flatnonzero(count == 1)
+    out[one] = np.einsum("ij,ij->i", a32[one].astype(np.float64), b32[arg[one]].astype(np.float64))
+    many = np.flatnonzero(count > 1)
+    if len(many):
+        r, cols = np.nonzero(near[many])
+        v = np.einsum("ij,ij->i", a32[many[r]].astype(np.float64), b32[cols].astype(np.float64))
+        starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # np.nonzero is row-major: rows ascend
+        out[many[r[starts]]] = np.maximum.reduceat(v, starts)
+    return out
+
+
 def unit_rows(c: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (all-zero rows stay zero), float32: ``c / sqrt(fl32(c . c))``, the same bits
     on every machine."""

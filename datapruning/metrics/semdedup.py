@@ -10,7 +10,7 @@ from functools import partial
 import numpy as np
 from tqdm.auto import tqdm
 
-from .exact import dot_bound, exact_dot, row_norms, settle
+from .exact import dot_bound, exact_dot, row_max, row_norms, settle
 from .ranking import order_key, rank_order
 from ..cutoffs import ALL, find_cutoffs
 from ..rows import ArrayRows, add
@@ -40,23 +40,23 @@ def cluster_ranges(cluster: np.ndarray, order: np.ndarray | None = None):
 
 def _max_sim_to_earlier(embeddings, rows: np.ndarray, block_rows: int, upper: np.ndarray, out: np.ndarray) -> None:
     """``out[rows[j]] = max_{i<j} <x_rows[i], x_rows[j]>`` with at most ``block_rows``² similarities at once.
-    ``upper`` is a square bool mask, True on and above the diagonal, at least one block wide. The products are
-    float64 and each maximum is rounded once to float32 (``exact.settle``), so the score's bits do not depend
-    on the BLAS build, the thread count or the block size."""
+    ``upper`` is a square bool mask, True on and above the diagonal, at least one block wide. Each maximum is
+    found within float64 precision (``exact.row_max``) and rounded once to float32 (``exact.settle``), so the
+    score's bits do not depend on the BLAS build, the thread count or the block size."""
     m = len(rows)
     best, norms = np.full(m, -np.inf), np.empty(m)
+    for r0 in range(0, m, block_rows):  # every row's norm first: they bound the float32 GEMM's error
+        norms[r0:r0 + block_rows] = row_norms(np.asarray(embeddings[rows[r0:r0 + block_rows]], dtype=np.float32))
+    top = float(norms.max(initial=0.0))
     for r0 in range(0, m, block_rows):
         r1 = min(r0 + block_rows, m)
-        x_r = np.asarray(embeddings[rows[r0:r1]], dtype=np.float64)
-        norms[r0:r1] = row_norms(x_r)
+        x_r = np.asarray(embeddings[rows[r0:r1]], dtype=np.float32)
         for c0 in range(0, r1, block_rows):  # column blocks up to and including the diagonal block
             c1 = min(c0 + block_rows, m)
-            x_c = x_r if c0 == r0 else np.asarray(embeddings[rows[c0:c1]], dtype=np.float64)
-            sims = x_r @ x_c.T
-            if c0 == r0:  # diagonal block: only strictly earlier members count
-                np.putmask(sims, upper[: r1 - r0, : r1 - r0], -np.inf)
-            np.maximum(best[r0:r1], sims.max(axis=1), out=best[r0:r1])
-    bound = dot_bound(embeddings.shape[1], norms, norms.max(initial=0.0))
+            x_c = x_r if c0 == r0 else np.asarray(embeddings[rows[c0:c1]], dtype=np.float32)
+            diagonal = upper[: r1 - r0, : r1 - r0] if c0 == r0 else None  # only strictly earlier members count
+            np.maximum(best[r0:r1], row_max(x_r, x_c, diagonal, norms[r0:r1], top), out=best[r0:r1])
+    bound = dot_bound(embeddings.shape[1], norms, top)
 
     def exact(j: int) -> float:
         """The exact maximum over the earlier members the bound cannot rule out (rare; blocked)."""
