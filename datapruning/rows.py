@@ -94,7 +94,7 @@ class BlockRows:
         return BlockRows(self.read, self.items, self.n, self.executor, self.derive + (fn,))
 
     def _map(self, fn: Callable[[dict], Any]):
-        return self.executor.map_unordered(partial(_apply, self.read, self.derive, fn), self.items, rows=self.n)
+        return self.executor.map_unordered(partial(_apply, self.read, self.derive, fn), self.items)
 
     def reduce(self, fn: Callable[[dict], Any], combine: Callable = add) -> Any:
         results = self._map(fn)

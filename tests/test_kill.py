@@ -153,7 +153,7 @@ def kill_parent_of_blocked_workers(tmp_path: Path, args: list[str], workers: int
     block.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(BLOCK_HOOK)
     env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "BLOCK_DIR": str(block)}
+           "BLOCK_DIR": str(block), "DATAPRUNING_POOL_AFTER_S": "0"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(list(block.iterdir())) < workers and time.time() < deadline and proc.poll() is None:

@@ -45,19 +45,19 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
                                initargs=(os.getpid(),))
 
 
-IN_PROCESS_ROWS = 100_000  # a pass over fewer rows runs in this process: a pool's round trips cost more there
+POOL_AFTER_S = 1.0  # a pass whose items would take less than this in all runs here: a pool would cost more
+POOL_AFTER_ENV = "DATAPRUNING_POOL_AFTER_S"  # overrides it (0: start the pool at the first pass of several items)
 
 
 class Executor:
     """Runs a callable over work items, results as they finish: here, in this process (``workers: 1``).
 
     One executor serves a whole command (``open_executor``): stages get it from ``Run.executor`` and never
-    start their own. ``rows`` (the rows a pass touches, when known) lets a pool run small passes here."""
+    start their own."""
 
     in_process = True  # every item runs in this process (a stage may then overlap reading and computing)
 
-    def map_unordered(self, fn: Callable[[Any], Any], items: Iterable, resources: dict | None = None,
-                      rows: int | None = None) -> Iterator:
+    def map_unordered(self, fn: Callable[[Any], Any], items: Iterable, resources: dict | None = None) -> Iterator:
         for item in items:
             yield fn(item)
 
@@ -80,19 +80,29 @@ class Executor:
 
 
 class PoolExecutor(Executor):
-    """A spawn process pool of ``workers``, started at the first pass that needs it and kept for the command."""
+    """A spawn process pool of ``workers``, started once, by the first pass whose work pays for it, and kept for the
+    command. Until then a pass runs its first item here and goes on here when all of its items would take less
+    than ``POOL_AFTER_S`` (a 600-row run never starts the pool; a run of 50,000-row shards does at once)."""
 
     in_process = False
 
     def __init__(self, workers: int):
         self.workers, self._pool = int(workers), None
+        self.after_s = float(os.environ.get(POOL_AFTER_ENV, POOL_AFTER_S))
 
-    def map_unordered(self, fn, items, resources=None, rows=None) -> Iterator:
+    def map_unordered(self, fn, items, resources=None) -> Iterator:
         items = list(items)
-        if len(items) <= 1 or (rows is not None and rows < IN_PROCESS_ROWS):
-            yield from super().map_unordered(fn, items)
-            return
         if self._pool is None:
+            if len(items) <= 1:
+                yield from super().map_unordered(fn, items)
+                return
+            if self.after_s > 0:
+                start = time.perf_counter()
+                yield fn(items[0])
+                items = items[1:]
+            if self.after_s > 0 and (time.perf_counter() - start) * len(items) < self.after_s:
+                yield from super().map_unordered(fn, items)
+                return
             self._pool = process_pool(self.workers)
         for fut in as_completed([self._pool.submit(fn, item) for item in items]):
             yield fut.result()
@@ -111,7 +121,7 @@ class RayExecutor(Executor):
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def map_unordered(self, fn, items, resources=None, rows=None) -> Iterator:
+    def map_unordered(self, fn, items, resources=None) -> Iterator:
         from .ray import map_tasks
 
         items = list(items)
