@@ -293,6 +293,7 @@ def test_kd_from_cached_teacher(planted_run, tmp_path, capsys):
     with a cached teacher that is always one class off, the distilled student follows it, while the probe teacher's
     student is right; the plain curve is the same fit either way; missing teacher output is a one-line error."""
     from datapruning.evaluation.kd import cached_teacher_logits
+    from datapruning.run import label_coding
 
     run = tmp_path / "run"
     shutil.copytree(planted_run[0], run)
@@ -310,7 +311,8 @@ def test_kd_from_cached_teacher(planted_run, tmp_path, capsys):
     assert cli.main(["teacher", str(run), "--source", "logits", "--logits", str(tmp_path / "wrong.parquet"),
                      "--all"]) == 0
     capsys.readouterr()
-    stored = cached_teacher_logits(run, np.array(uids[::-1], dtype=object), CLASSES)  # looked up by uid
+    coding = label_coding({str(c) for c in range(CLASSES)})
+    stored = cached_teacher_logits(run, np.array(uids[::-1], dtype=object), coding)  # looked up by uid
     np.testing.assert_array_equal(stored.argmax(1), off[::-1])
     accuracy = {}
     for teacher in ("probe", "cached"):

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from ..errors import StageError
 from ..io.files import is_done
+from ..io.tables import label_strings
 from ..rows import BlockRows, add, concat
 from ..run import Run, encode_labels, label_coding, label_index, load_run_config, read_block, shard_offsets
 from ..score.sample import labelled_sample
@@ -43,6 +44,7 @@ class EvalData:
     split_source: str = ""
     labelled_rows: int = 0
     max_rows: int | None = None
+    label_coding: dict | None = None  # ``labels``' coding (``run.label_coding``): code c is names[c]
 
     @property
     def n_classes(self) -> int:
@@ -79,7 +81,7 @@ def column_index(run: Run, column: str) -> dict | None:
         col = _column(run, shard["name"], uid, column)
         if col is None:
             return None
-        seen.update(pc.unique(col.cast(pa.string()).drop_null()).to_pylist())
+        seen.update(pc.unique(label_strings(col)[0].drop_null()).to_pylist())
     index = label_coding(seen)
     return index if index["names"] else None
 
@@ -92,7 +94,7 @@ def eval_block(run: Run, column: str, index: dict, test_split: str | None, embed
     uid = block["uid"]
     if column != "label":
         col = _column(run, item[0]["name"], uid, column)
-        block["label"] = encode_labels(col.cast(pa.string()), index) if col is not None else np.full(len(uid), -1)
+        block["label"] = encode_labels(label_strings(col)[0], index) if col is not None else np.full(len(uid), -1)
     split = _column(run, item[0]["name"], uid, "split")
     if split is None:
         block["split"] = np.full(len(uid), -1, np.int8)
@@ -136,7 +138,7 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
     if index is None:
         raise StageError(f"eval needs labels: no column {label_column!r} in {run.dir('embed')} or the manifest "
                          f"of {run.output}; pass --label-column NAME")
-    n_classes = max(int(v) for v in index["names"]) + 1 if index["integer"] else len(index["names"])
+    n_classes = len(index["names"])
     items = shard_offsets(run)
     n = sum(k for _, _, k in items)
     reader = partial(eval_block, run, label_column, index, test_split)
@@ -158,7 +160,7 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
     return EvalData(uid=uid, embeddings=emb, labels=labels, test=test, cluster=cluster, cos_dist=cos_dist,
                     centroids=np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False), scores=scores,
                     select_labels=None if (sel < 0).all() else sel, seed=run.cfg.seed, split_source=source,
-                    labelled_rows=labelled, max_rows=max_rows)
+                    labelled_rows=labelled, max_rows=max_rows, label_coding=index)
 
 
 def _el2n_without_heldout(run: Run, x: np.ndarray, labels: np.ndarray, test: np.ndarray, stored: np.ndarray):
