@@ -161,7 +161,7 @@ def write_outputs(tmp: Path, out: Path, run_dir: Path, data: EvalData, table: pd
     """Write curves.parquet, curves.png, recommended.yaml and summary.json into ``tmp`` (to become ``out``)."""
     sample = {"rows": int(len(data.uid)), "labelled_rows": data.labelled_rows, "max_rows": max_rows,
               "train_rows": int((~data.test).sum()), "test_rows": int(data.test.sum()),
-              "how": "seeded, label-stratified (by the uid tie hash), in row order"}
+              "how": "seeded, label-stratified (by the uid tie hash), in uid-hash order"}
     table["sample_rows"] = sample["rows"]
     write_parquet(tmp / "curves.parquet", pa.Table.from_pandas(table, preserve_index=False))
     plot_curves(table, rec, tmp / "curves.png", f"pruning curves: {run_dir.resolve().parent.name}/{run_dir.name} "

@@ -1,6 +1,8 @@
 """The evaluation's input: a bounded, seeded, label-stratified sample of a run's labelled rows.
 
-At most ``max_rows`` rows, read shard by shard, with the held-out split, clusters and scores."""
+At most ``max_rows`` rows, read shard by shard, with the held-out split, clusters and scores, in uid-hash
+order: the sample, the held-out split and every probe fit are the same whatever the row order, shard names or
+shard count."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -149,8 +151,9 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
         raise StageError(f"eval needs labels: column {label_column!r} of {run.output} has fewer than 4 labelled rows")
     pos, labels, emb = labelled_sample(with_emb, n_classes, max_rows)
     p2, cluster, cos_dist, split, sel, uid, names, score_mat = meta.reduce(partial(_pick, pos), _combine)
-    order = np.argsort(p2, kind="stable")
-    if not np.array_equal(p2[order], pos):
+    by_pos = np.argsort(p2, kind="stable")
+    order = by_pos[np.minimum(np.searchsorted(p2[by_pos], pos), max(len(p2) - 1, 0))]  # the sample's (hash) order
+    if len(p2) != len(pos) or not np.array_equal(p2[order], pos):
         raise StageError("eval: the sampled rows changed between two reads of the run; is a stage still writing?")
     cluster, cos_dist, split, sel, uid, score_mat = (a[order] for a in (cluster, cos_dist, split, sel, uid, score_mat))
     test, source = heldout(split, labels, test_split, test_fraction, run.cfg.seed)
