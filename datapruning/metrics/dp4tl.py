@@ -129,6 +129,21 @@ def label_mapping_freq(pred: np.ndarray, n_classes: int) -> np.ndarray:
 feature_mapping_freq = label_mapping_freq  # hits per source cluster: the same count
 
 
+GROUPINGS = {"label": "whole source classes", "cluster": "whole k-means clusters"}
+NATIVE_GROUPING = {"dp4tl_lm": "label", "dp4tl_fm": "cluster"}  # the groups each DP4TL variant scores
+
+
+def grouping_note(metric: str, by: str) -> tuple[str, bool]:
+    """What a DP4TL group selection keeps, in words (for stats.json and the log), and whether ``by`` is not the
+    grouping ``metric`` scores (label mapping scores classes, feature mapping scores clusters)."""
+    native = NATIVE_GROUPING.get(metric)
+    note = f"by: {by}: keeps {GROUPINGS[by]}, ranked by their best member's {metric} score"
+    if native is not None and native != by:
+        note += (f"; {metric} scores {GROUPINGS[native]}, so the published rule is by: {native} (set "
+                 f"select.params.by={native}); see docs/methods.md#dp4tl-group-selection")
+    return note, native is not None and native != by
+
+
 def group_order(freq: np.ndarray) -> np.ndarray:
     """Group ids by descending hit count, ties by ascending id (zero-hit groups come last)."""
     freq = np.asarray(freq, dtype=np.float64)

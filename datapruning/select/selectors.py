@@ -19,7 +19,7 @@ from ..config import typed_params
 from ..errors import ConfigError
 from ..metrics.ccs import ccs_allocate, ccs_default_beta
 from ..metrics.dbp import dbp_quotas, dbp_shares
-from ..metrics.dp4tl import top_k_groups
+from ..metrics.dp4tl import grouping_note, top_k_groups
 from ..metrics.random import uid_hash
 from ..metrics.ranking import MODES, balanced_quotas
 from ..rows import ArrayRows, add
@@ -321,7 +321,9 @@ def decide_groups(rows, n: int, p: GroupsParams, centroids: np.ndarray) -> tuple
               else {"sample_budget": int(n)})
     local, info = top_k_groups(best[present], group_sizes=sizes[present], **budget)
     kept = present[local]
-    info.update({"metric": p.metric, "by": p.by, "kept_ids": kept.tolist(), "n_requested": int(n),
+    note, foreign = grouping_note(p.metric, p.by)
+    log.log(logging.WARNING if foreign else logging.INFO, "select groups: %s", note)
+    info.update({"metric": p.metric, "by": p.by, "grouping": note, "kept_ids": kept.tolist(), "n_requested": int(n),
                  "samples_kept": int(sizes[kept].sum())})
     return partial(in_groups, p.by, kept), info
 
