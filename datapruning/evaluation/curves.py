@@ -146,7 +146,7 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
             more, _ = evaluate_curves(data, extra, fractions, probe, kd_settings, bar, fitter)
             table = pd.concat([table, more], ignore_index=True)
             variants = variants + extra
-    rec = recommend(table, full, tolerance)
+    rec = recommend(table, full, tolerance, kd_settings.teacher)
     out = run_dir / "eval"
     with atomic_dir(out) as tmp:  # every file of eval/ from this run, or none (a killed rerun leaves the old set)
         summary = write_outputs(tmp, out, run_dir, data, table, rec, variants, kd_settings, {
@@ -168,7 +168,7 @@ def write_outputs(tmp: Path, out: Path, run_dir: Path, data: EvalData, table: pd
                 f"({sample['train_rows']} training rows, {sample['test_rows']} held out; sample of "
                 f"{sample['rows']} of {data.labelled_rows} labelled rows)")
     by_name = {v.name: v for v in variants}
-    recipe = write_recommended(run_dir, tmp / "recommended.yaml", by_name.get(rec["variant"]), rec, kd_settings,
+    recipe = write_recommended(run_dir, tmp / "recommended.yaml", by_name, rec, kd_settings,
                                shown=out / "recommended.yaml")
     summary = {**rec, **settings, "sample": sample, "train_rows": sample["train_rows"],
                "test_rows": sample["test_rows"],
