@@ -262,10 +262,12 @@ def value_codes(values: np.ndarray) -> tuple[dict | None, np.ndarray]:
     return (label_coding({str(v) for v in classes.tolist()}) if len(classes) else None), codes
 
 
-def label_columns(index: dict, n_columns: int, column_names: list[str] | None, key: str) -> np.ndarray:
+def label_columns(index: dict, n_columns: int, column_names: list[str] | None, key: str,
+                  fix: str | None = None) -> np.ndarray:
     """The column of a supplied classifier (logits, class text, teacher) for each label code, int64 [C]: an
     integer label is its own column (label 999 is column 999); string labels are matched by name to
-    ``column_names`` (the classifier's column names), never by their sorted rank. ``key`` names the setting."""
+    ``column_names`` (the classifier's column names), never by their sorted rank. ``key`` names the setting,
+    ``fix`` how to name the columns (default: set ``key``.classes)."""
     names = list(index["names"])
     if index["integer"]:
         columns = np.array([int(v) for v in names], dtype=np.int64)
@@ -274,8 +276,8 @@ def label_columns(index: dict, n_columns: int, column_names: list[str] | None, k
                              f"{names[-1]} (an integer label is its own column)")
         return columns
     if column_names is None:
-        raise ConfigError(f"{key}: the labels are strings, so the classifier's columns must be named; set "
-                          f"{key}.classes (a .txt with one name per line, or a .npy of names)")
+        raise ConfigError(f"{key}: the labels are strings, so the classifier's columns must be named; "
+                          + (fix or f"set {key}.classes (a .txt with one name per line, or a .npy of names)"))
     if len(column_names) != n_columns:
         raise InputError(f"{key}: classes names {len(column_names)} columns, the classifier has {n_columns}")
     where = {str(name): i for i, name in enumerate(column_names)}

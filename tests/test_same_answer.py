@@ -225,3 +225,38 @@ def test_dp4tl_groups_state_their_grouping(cli_runs, tmp_path, caplog):
         said = [r for r in caplog.records if "select groups: by: " + by in r.getMessage()]
         assert [r.levelno for r in said] == [level]
         assert ("published rule is by: label" in stats["grouping"]) == (by == "cluster")
+
+
+# ---------------------------------------------------------------- a cached teacher's columns are the labels'
+
+def _teacher_folder(run: Path, uids, table, n_classes: int, classes=()) -> None:
+    (run / "teacher").mkdir(parents=True)
+    pq.write_table(table, run / "teacher" / "00000.parquet")
+    (run / "teacher" / "_info.json").write_text(json.dumps({"num_classes": n_classes, "classes": list(classes)}))
+
+
+def test_cached_teacher_columns_follow_the_labels(tmp_path):
+    """`eval --teacher cached` reads teacher column 999 for label 999 (code 2 of {3, 17, 999}), full or top-k,
+    and matches string labels to the teacher's class names; unnamed columns for string labels are refused."""
+    from datapruning.consumers.teacher import full_table, shifted, topk_table
+    from datapruning.evaluation.kd import cached_teacher_logits
+    from datapruning.run import label_coding
+
+    rng = np.random.default_rng(0)
+    uids = [f"u{i}" for i in range(6)]
+    logits = rng.normal(size=(6, 1000)).astype(np.float32) * 3
+    logits[:, [3, 17, 999]] += 20.0  # the labels' columns hold the largest logits (top-k keeps them)
+    want = shifted(logits).astype(np.float16).astype(np.float32)[:, [3, 17, 999]]
+    ints = label_coding({"3", "17", "999"})
+    for name, table in (("full", full_table(uids, logits)), ("topk", topk_table(uids, logits, 5))):
+        _teacher_folder(tmp_path / name, uids, table, 1000)
+        got = cached_teacher_logits(tmp_path / name, np.array(uids[::-1], dtype=object), ints)
+        np.testing.assert_array_equal(got, want[::-1])
+    columns = ["moth", "zebra", "cat", "ant"]
+    _teacher_folder(tmp_path / "names", uids, full_table(uids, logits[:, :4]), 4, columns)
+    names = label_coding({"zebra", "ant", "moth"})  # codes: ant 0, moth 1, zebra 2
+    got = cached_teacher_logits(tmp_path / "names", np.array(uids, dtype=object), names)
+    np.testing.assert_array_equal(got, shifted(logits[:, :4]).astype(np.float16).astype(np.float32)[:, [3, 0, 1]])
+    _teacher_folder(tmp_path / "unnamed", uids, full_table(uids, logits[:, :4]), 4)
+    with pytest.raises(ValueError, match="--classes"):
+        cached_teacher_logits(tmp_path / "unnamed", np.array(uids, dtype=object), names)

@@ -42,7 +42,8 @@ def cached_teacher_logits(run_dir: Path, uids: np.ndarray, labels: dict) -> np.n
     if not files or not (folder / "_info.json").exists():
         raise StageError(f"eval: --teacher cached needs {folder}; run 'datapruning teacher {run_dir} --all' first")
     info = read_json(folder / "_info.json")
-    columns = label_columns(labels, int(info["num_classes"]), info.get("classes") or None, "eval --teacher cached")
+    columns = label_columns(labels, int(info["num_classes"]), info.get("classes") or None, "eval --teacher cached",
+                            f"rerun 'datapruning teacher {run_dir}' with the teacher's class names (--classes)")
     code_of = np.full(int(info["num_classes"]), -1, np.int64)
     code_of[columns] = np.arange(len(columns))
     where = {str(u): i for i, u in enumerate(uids)}

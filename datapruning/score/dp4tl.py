@@ -80,8 +80,7 @@ def prepare_lm(ctx, params: LMParams) -> dict:
     pred, n_columns = lm_predictions(ctx, params)
     freq = label_mapping_freq(pred, n_columns)
     if params.route != "linear":  # the classifier's columns -> the run's label codes
-        freq = freq[label_columns(ctx.labels, n_columns, read_class_names(params.classes),
-                                  f"score.params.dp4tl_lm (route {params.route})")]
+        freq = freq[label_columns(ctx.labels, n_columns, read_class_names(params.classes), "score.params.dp4tl_lm")]
     return {"freq": freq, "n_target": np.int64(len(pred))}
 
 
