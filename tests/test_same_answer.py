@@ -76,6 +76,8 @@ def test_metrics_in_memory_code_label_values(tmp_path):
     np.save(tmp_path / "logits.npy", logits)
     got = METRICS["dp4tl_lm"](_inputs(x, INTS[y]), route="logits", logits=str(tmp_path / "logits.npy")).scores
     np.testing.assert_array_equal(got, np.array([0.0, 40.0, 20.0])[y])
+    with pytest.raises(ValueError, match="no row has one"):  # every row unlabelled: nothing to code
+        METRICS["el2n"](_inputs(x, np.full(len(x), -1)), n_models=1, epochs=1)
 
 
 # ---------------------------------------------------------------- the CLI: labels, row order, shard names and count

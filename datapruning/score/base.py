@@ -153,6 +153,8 @@ def score_in_memory(metric: Metric, inp: ScoreInputs, raw_params: dict) -> Metri
     labels = None
     if "label" in block:  # label values -> codes 0..C-1 in value order, as a run codes them
         labels, block["label"] = value_codes(block["label"])
+        if labels is None and "label" in metric.wants(params):
+            raise InputError(f"{metric.name} needs labels, but no row has one (all are -1)")
     rows = ArrayRows({k: v for k, v in block.items() if k not in ("uid", "embedding")})
     emb_rows = ArrayRows({k: v for k, v in block.items() if k != "uid"})
     ctx = Context(rows=rows, embedding_rows=emb_rows, centroids=np.asarray(inp.centroids, dtype=np.float32),
