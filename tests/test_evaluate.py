@@ -13,6 +13,7 @@ import pytest
 from datapruning import cli
 from datapruning.config import load_config
 from datapruning.evaluation.curves import Variant, default_variants, evaluate_curves, format_table, recommend, run_eval
+from datapruning.evaluation.confidence import TEACHERS
 from datapruning.evaluation.data import load_eval_data
 from datapruning.evaluation.probe import probe_accuracy, stratified_split
 from datapruning.runner import run_pipeline
@@ -112,6 +113,38 @@ def test_recommended_yaml_is_a_runnable_config(planted_eval):
     text = open(rec["config"]).read()
     assert text.startswith("# datapruning eval recommendation") and "datapruning run" in text
     assert ("--kd" in text) == variant["kd"]
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    with_kd = next(line for line in header if line.startswith("# with KD, which presumes a teacher trained on all"))
+    without = next(line for line in header if line.startswith("# without KD: "))
+    for line, side in ((with_kd, summary["with_kd"]), (without, summary["without_kd"])):
+        if side["variant"] is not None:
+            assert f"keep {side['fraction']:g} with {side['variant']}, probe accuracy {side['accuracy']:.3f} " \
+                   f"[{side['acc_lo']:.3f}, {side['acc_hi']:.3f}]" in line
+    if variant["kd"] and summary["without_kd"]["variant"] is not None:  # the no-KD recipe, ready to paste
+        block = load_config(None, [], base={"select": rec["without_kd_select"]}).select
+        assert block.keep_fraction == summary["without_kd"]["fraction"] and "its select block: {select: " in text
+
+
+def test_recommended_yaml_of_a_kd_recipe_names_the_recipe_without_kd(planted_run, planted_eval, tmp_path):
+    """When the recommendation distils, recommended.yaml says so, names the teacher it presumes and carries the
+    best recipe without KD as a one-line select block; the file still loads as a config."""
+    from datapruning.evaluation.kd import KDSettings
+    from datapruning.evaluation.recommended import write_recommended
+
+    table, summary = planted_eval["table"], planted_eval["summary"]
+    plain = table["variant"] == "semdedup→el2n/ccs"  # a long select block (dedup, ccs params)
+    rec = recommend(table[table["kd"] | (plain & (table["fraction"] >= 0.5))], summary["full_accuracy"], 1.0)
+    assert rec["variant"].endswith("+kd") and rec["without_kd"]["fraction"] == 0.5
+    variants = {v["name"]: Variant(**v) for v in summary["curves"]}
+    out = write_recommended(planted_run[0], tmp_path / "r.yaml", variants, rec, KDSettings())
+    text = (tmp_path / "r.yaml").read_text()
+    assert load_config(str(tmp_path / "r.yaml")).select.keep_fraction == rec["fraction"]
+    assert "# with KD, which presumes a teacher trained on all the data (in this eval: the probe fitted" in text
+    plain = rec["without_kd"]
+    assert f"# without KD: keep 0.5 with {plain['variant']}, probe accuracy {plain['accuracy']:.3f}" in text
+    header = text[:text.index("\nseed:")].splitlines()
+    assert all(line.startswith("#") for line in header) and any("its select block: {select: " in h for h in header)
+    assert load_config(None, [], base={"select": out["without_kd_select"]}).select.method == "ccs"
 
 
 def test_planted_noise_keep_easy_and_ccs_beat_keep_hard(planted_eval):
@@ -136,6 +169,8 @@ def expected_recommendation(table: pd.DataFrame, full: float, tol: float):
 
 
 def test_recommendation_is_computed_from_the_lower_bounds(planted_eval):
+    """The recommendation, and the best recipes with and without KD it names (issue 21: the KD twin presumes a
+    teacher trained on all the data), each from the lower bounds of their own curves."""
     table, summary = planted_eval["table"], planted_eval["summary"]
     full = summary["full_accuracy"]
     assert (summary["fraction"], summary.get("accuracy")) == expected_recommendation(table, full, 0.01)
@@ -143,6 +178,13 @@ def test_recommendation_is_computed_from_the_lower_bounds(planted_eval):
         rec = recommend(table, full, tol)
         frac, best = expected_recommendation(table, full, tol)
         assert rec["fraction"] == frac and rec.get("accuracy") == best
+        for side, rows in (("with_kd", table[table["kd"]]), ("without_kd", table[~table["kd"]])):
+            assert (rec[side]["fraction"], rec[side].get("accuracy")) == expected_recommendation(rows, full, tol)
+            named = f"keep {rec[side]['fraction']:.0%} with {rec[side]['variant']}, " if rec[side]["variant"] else \
+                "keep all the data (no curve's lower bound"
+            said = (f"with KD, which needs a teacher trained on all the data (in this eval: {TEACHERS['probe']}): "
+                    if side == "with_kd" else "without KD: ")
+            assert said + named in rec["line"]
         if rec["variant"] is not None:
             assert rec["line"].startswith(f"recommendation: keep {frac:.0%}")
             rnd = table[(table["variant"] == "random") & (table["fraction"] == frac)].iloc[0]
@@ -293,6 +335,7 @@ def test_kd_from_cached_teacher(planted_run, tmp_path, capsys):
     with a cached teacher that is always one class off, the distilled student follows it, while the probe teacher's
     student is right; the plain curve is the same fit either way; missing teacher output is a one-line error."""
     from datapruning.evaluation.kd import cached_teacher_logits
+    from datapruning.run import label_coding
 
     run = tmp_path / "run"
     shutil.copytree(planted_run[0], run)
@@ -310,7 +353,8 @@ def test_kd_from_cached_teacher(planted_run, tmp_path, capsys):
     assert cli.main(["teacher", str(run), "--source", "logits", "--logits", str(tmp_path / "wrong.parquet"),
                      "--all"]) == 0
     capsys.readouterr()
-    stored = cached_teacher_logits(run, np.array(uids[::-1], dtype=object), CLASSES)  # looked up by uid
+    coding = label_coding({str(c) for c in range(CLASSES)})
+    stored = cached_teacher_logits(run, np.array(uids[::-1], dtype=object), coding)  # looked up by uid
     np.testing.assert_array_equal(stored.argmax(1), off[::-1])
     accuracy = {}
     for teacher in ("probe", "cached"):

@@ -1,5 +1,4 @@
 """EL2N: the formula on logits/probabilities, the proxy heads, and the adapter's uid alignment."""
-import contextlib
 import importlib
 
 import numpy as np
@@ -156,16 +155,23 @@ def test_el2n_logits_column_is_the_label(tmp_path):
     assert max(got.values()) < 1e-6
 
 
-def test_proxy_flushes_denormals_only_while_training(monkeypatch):
-    """Proxy training flushes denormal floats (10-100x slower CPU arithmetic) and turns flushing off again;
-    scores differ from a run without flushing only at float noise."""
+def test_proxy_trains_in_float64_with_ieee_arithmetic_on_every_thread(monkeypatch):
+    """The heads train in float64 and denormals are not flushed (torch would flush on the calling thread only,
+    which makes a result depend on the thread count); a small step runs on one thread, restored afterwards."""
     import torch
 
-    x, y, _ = _blobs()
-    tiny = torch.tensor([1e-39], dtype=torch.float32)
-    assert float(tiny * 1.0) != 0.0  # torch's default: denormals kept
-    flushed = el2n_proxy(x, y, n_models=2, epochs=8, seed=0)
-    assert float(tiny * 1.0) != 0.0  # restored
-    monkeypatch.setattr(el2n_mod, "torch_threads_for", lambda macs: contextlib.nullcontext())
-    kept = el2n_proxy(x, y, n_models=2, epochs=8, seed=0)
-    np.testing.assert_allclose(flushed, kept, atol=1e-6)
+    seen = []
+    forward = el2n_mod._forward
+
+    def spy(params, x):
+        tiny = torch.tensor([1e-39], dtype=torch.float32)
+        threads = torch.get_num_threads() if params[0].requires_grad else "scoring"
+        seen.append((params[0].dtype, x.dtype, float(tiny * 1.0) != 0.0, threads))
+        return forward(params, x)
+
+    x, y, _ = _blobs(n=300)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(el2n_mod, "_forward", spy)
+    el2n_proxy(x, y, n_models=2, epochs=1, seed=0)
+    assert set(seen) == {(torch.float64, torch.float64, True, 1), (torch.float64, torch.float64, True, "scoring")}
+    assert torch.get_num_threads() == before

@@ -45,27 +45,62 @@ def cell_stats(boot: Bootstrap, correct: np.ndarray, full_correct: np.ndarray,
             "diff_lo": dlo, "diff_hi": dhi}
 
 
-def recommend(table: pd.DataFrame, full_accuracy: float, tolerance: float) -> dict:
+TEACHERS = {"probe": "the probe fitted on every training row of the sample",
+            "cached": "the logits cached in RUN/teacher by 'datapruning teacher'"}
+CELL_KEYS = ("acc_lo", "acc_hi", "diff_lo", "diff_hi")
+
+
+def _best(table: pd.DataFrame, full_accuracy: float, tolerance: float, order: dict):
+    """The best curve (by mean accuracy, ties: the earlier curve) at the smallest fraction below 1 where some
+    curve's lower bound stays within ``tolerance`` of the full data; None when no curve does."""
+    low = table["diff_lo"] if "diff_lo" in table else table["accuracy"] - full_accuracy
+    ok = table[(table["fraction"] < 1.0) & (low >= -tolerance - 1e-12)]
+    return None if ok.empty else _top(ok[ok["fraction"] == ok["fraction"].min()], order)
+
+
+def _top(rows: pd.DataFrame, order: dict):
+    ranked = rows.assign(order=rows["variant"].map(order)).sort_values(["accuracy", "order"], ascending=[False, True])
+    return None if ranked.empty else ranked.iloc[0]
+
+
+def _recipe(row) -> dict:
+    """One cell as the summary records it: curve, fraction, mean accuracy and its intervals."""
+    out = {"variant": str(row["variant"]), "fraction": float(row["fraction"]), "accuracy": float(row["accuracy"])}
+    return out | {key: float(row[key]) for key in CELL_KEYS if key in row}
+
+
+def recommend(table: pd.DataFrame, full_accuracy: float, tolerance: float, teacher: str = "probe") -> dict:
     """The smallest fraction below 1 at which some curve's lower bound stays within ``tolerance`` of the full data
     (``diff_lo >= -tolerance``, the paired interval; the mean accuracy where a table has no intervals), the best
     curve there by mean accuracy (ties: the earlier curve), whether it beats random there (intervals apart),
-    and random (+kd) at that fraction."""
-    low = table["diff_lo"] if "diff_lo" in table else table["accuracy"] - full_accuracy
-    ok = table[(table["fraction"] < 1.0) & (low >= -tolerance - 1e-12)]
+    and random (+kd) at that fraction. When KD curves were evaluated it also names, each with its interval, the
+    best recipe with KD (``with_kd``, with the full-data teacher it presumes: ``teacher`` is the eval's
+    --teacher) and the best without (``without_kd``, and the best without KD at the KD recipe's fraction)."""
+    order = {name: i for i, name in enumerate(dict.fromkeys(table["variant"]))}
+    kd = table["kd"].astype(bool) if "kd" in table else table["variant"].str.endswith("+kd")
     rec = {"full_accuracy": full_accuracy, "tolerance": tolerance, "fraction": 1.0, "variant": None,
            "criterion": f"lower end of the {LEVEL:.0%} interval of (accuracy - full-data accuracy) >= -tolerance"}
-    if ok.empty:
+    sides = ""
+    if kd.any():
+        distilled, plain = _best(table[kd], full_accuracy, tolerance, order), _best(table[~kd], full_accuracy,
+                                                                                     tolerance, order)
+        presumes = f"a teacher trained on all the data (in this eval: {TEACHERS.get(teacher, teacher)})"
+        rec["with_kd"] = {**(_recipe(distilled) if distilled is not None else {"variant": None, "fraction": 1.0}),
+                          "teacher": presumes}
+        rec["without_kd"] = _recipe(plain) if plain is not None else {"variant": None, "fraction": 1.0}
+        sides = f"; with KD, which needs {presumes}: {_side(distilled, tolerance)}; without KD: {_side(plain, tolerance)}"
+        if distilled is not None and (plain is None or plain["fraction"] != distilled["fraction"]):
+            at = _top(table[~kd & (table["fraction"] == distilled["fraction"])], order)
+            if at is not None:
+                rec["without_kd"]["at_kd_fraction"] = _recipe(at)
+                sides += f" (the best without KD at {distilled['fraction']:.0%}: {at['variant']} {_cell(at)})"
+    best = _best(table, full_accuracy, tolerance, order)
+    if best is None:
         rec["line"] = (f"recommendation: keep all the data: no curve's lower bound stays within {tolerance:.3f} of "
-                       f"the full-data accuracy {full_accuracy:.3f} below fraction 1.0")
+                       f"the full-data accuracy {full_accuracy:.3f} below fraction 1.0{sides}")
         return rec
-    frac = float(ok["fraction"].min())
-    order = {name: i for i, name in enumerate(dict.fromkeys(table["variant"]))}
-    at = ok[ok["fraction"] == frac]
-    best = at.assign(order=at["variant"].map(order)).sort_values(["accuracy", "order"], ascending=[False, True]).iloc[0]
-    rec.update(fraction=frac, variant=str(best["variant"]), accuracy=float(best["accuracy"]))
-    for key in ("acc_lo", "acc_hi", "diff_lo", "diff_hi"):
-        if key in best:
-            rec[key] = float(best[key])
+    frac = float(best["fraction"])
+    rec.update(_recipe(best))
     versus = ""
     for name in ("random", "random+kd"):
         rnd = table[(table["variant"] == name) & (table["fraction"] == frac)]
@@ -82,8 +117,14 @@ def recommend(table: pd.DataFrame, full_accuracy: float, tolerance: float) -> di
                    else "; not distinguishable from random (intervals overlap)")
     rec["line"] = (f"recommendation: keep {frac:.0%} with {best['variant']}: probe accuracy {_cell(best)} vs "
                    f"{full_accuracy:.3f} on all training rows (tolerance {tolerance:.3f} on the lower bound)"
-                   f"{verdict}{versus}")
+                   f"{verdict}{versus}{sides}")
     return rec
+
+
+def _side(row, tolerance: float) -> str:
+    if row is None:
+        return f"keep all the data (no curve's lower bound within {tolerance:.3f} below 1.0)"
+    return f"keep {row['fraction']:.0%} with {row['variant']}, {_cell(row)}"
 
 
 def _cell(row) -> str:

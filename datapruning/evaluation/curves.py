@@ -146,7 +146,7 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
             more, _ = evaluate_curves(data, extra, fractions, probe, kd_settings, bar, fitter)
             table = pd.concat([table, more], ignore_index=True)
             variants = variants + extra
-    rec = recommend(table, full, tolerance)
+    rec = recommend(table, full, tolerance, kd_settings.teacher)
     out = run_dir / "eval"
     with atomic_dir(out) as tmp:  # every file of eval/ from this run, or none (a killed rerun leaves the old set)
         summary = write_outputs(tmp, out, run_dir, data, table, rec, variants, kd_settings, {
@@ -161,14 +161,14 @@ def write_outputs(tmp: Path, out: Path, run_dir: Path, data: EvalData, table: pd
     """Write curves.parquet, curves.png, recommended.yaml and summary.json into ``tmp`` (to become ``out``)."""
     sample = {"rows": int(len(data.uid)), "labelled_rows": data.labelled_rows, "max_rows": max_rows,
               "train_rows": int((~data.test).sum()), "test_rows": int(data.test.sum()),
-              "how": "seeded, label-stratified (by the uid tie hash), in row order"}
+              "how": "seeded, label-stratified (by the uid tie hash), in uid-hash order"}
     table["sample_rows"] = sample["rows"]
     write_parquet(tmp / "curves.parquet", pa.Table.from_pandas(table, preserve_index=False))
     plot_curves(table, rec, tmp / "curves.png", f"pruning curves: {run_dir.resolve().parent.name}/{run_dir.name} "
                 f"({sample['train_rows']} training rows, {sample['test_rows']} held out; sample of "
                 f"{sample['rows']} of {data.labelled_rows} labelled rows)")
     by_name = {v.name: v for v in variants}
-    recipe = write_recommended(run_dir, tmp / "recommended.yaml", by_name.get(rec["variant"]), rec, kd_settings,
+    recipe = write_recommended(run_dir, tmp / "recommended.yaml", by_name, rec, kd_settings,
                                shown=out / "recommended.yaml")
     summary = {**rec, **settings, "sample": sample, "train_rows": sample["train_rows"],
                "test_rows": sample["test_rows"],

@@ -1,6 +1,8 @@
 """The evaluation's input: a bounded, seeded, label-stratified sample of a run's labelled rows.
 
-At most ``max_rows`` rows, read shard by shard, with the held-out split, clusters and scores."""
+At most ``max_rows`` rows, read shard by shard, with the held-out split, clusters and scores, in uid-hash
+order: the sample, the held-out split and every probe fit are the same whatever the row order, shard names or
+shard count."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ import pyarrow.parquet as pq
 
 from ..errors import StageError
 from ..io.files import is_done
+from ..io.tables import label_strings
 from ..rows import BlockRows, add, concat
 from ..run import Run, encode_labels, label_coding, label_index, load_run_config, read_block, shard_offsets
 from ..score.sample import labelled_sample
@@ -43,6 +46,7 @@ class EvalData:
     split_source: str = ""
     labelled_rows: int = 0
     max_rows: int | None = None
+    label_coding: dict | None = None  # ``labels``' coding (``run.label_coding``): code c is names[c]
 
     @property
     def n_classes(self) -> int:
@@ -79,7 +83,7 @@ def column_index(run: Run, column: str) -> dict | None:
         col = _column(run, shard["name"], uid, column)
         if col is None:
             return None
-        seen.update(pc.unique(col.cast(pa.string()).drop_null()).to_pylist())
+        seen.update(pc.unique(label_strings(col)[0].drop_null()).to_pylist())
     index = label_coding(seen)
     return index if index["names"] else None
 
@@ -92,7 +96,7 @@ def eval_block(run: Run, column: str, index: dict, test_split: str | None, embed
     uid = block["uid"]
     if column != "label":
         col = _column(run, item[0]["name"], uid, column)
-        block["label"] = encode_labels(col.cast(pa.string()), index) if col is not None else np.full(len(uid), -1)
+        block["label"] = encode_labels(label_strings(col)[0], index) if col is not None else np.full(len(uid), -1)
     split = _column(run, item[0]["name"], uid, "split")
     if split is None:
         block["split"] = np.full(len(uid), -1, np.int8)
@@ -136,7 +140,7 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
     if index is None:
         raise StageError(f"eval needs labels: no column {label_column!r} in {run.dir('embed')} or the manifest "
                          f"of {run.output}; pass --label-column NAME")
-    n_classes = max(int(v) for v in index["names"]) + 1 if index["integer"] else len(index["names"])
+    n_classes = len(index["names"])
     items = shard_offsets(run)
     n = sum(k for _, _, k in items)
     reader = partial(eval_block, run, label_column, index, test_split)
@@ -147,8 +151,9 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
         raise StageError(f"eval needs labels: column {label_column!r} of {run.output} has fewer than 4 labelled rows")
     pos, labels, emb = labelled_sample(with_emb, n_classes, max_rows)
     p2, cluster, cos_dist, split, sel, uid, names, score_mat = meta.reduce(partial(_pick, pos), _combine)
-    order = np.argsort(p2, kind="stable")
-    if not np.array_equal(p2[order], pos):
+    by_pos = np.argsort(p2, kind="stable")
+    order = by_pos[np.minimum(np.searchsorted(p2[by_pos], pos), max(len(p2) - 1, 0))]  # the sample's (hash) order
+    if len(p2) != len(pos) or not np.array_equal(p2[order], pos):
         raise StageError("eval: the sampled rows changed between two reads of the run; is a stage still writing?")
     cluster, cos_dist, split, sel, uid, score_mat = (a[order] for a in (cluster, cos_dist, split, sel, uid, score_mat))
     test, source = heldout(split, labels, test_split, test_fraction, run.cfg.seed)
@@ -158,7 +163,7 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
     return EvalData(uid=uid, embeddings=emb, labels=labels, test=test, cluster=cluster, cos_dist=cos_dist,
                     centroids=np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False), scores=scores,
                     select_labels=None if (sel < 0).all() else sel, seed=run.cfg.seed, split_source=source,
-                    labelled_rows=labelled, max_rows=max_rows)
+                    labelled_rows=labelled, max_rows=max_rows, label_coding=index)
 
 
 def _el2n_without_heldout(run: Run, x: np.ndarray, labels: np.ndarray, test: np.ndarray, stored: np.ndarray):

@@ -74,7 +74,7 @@ class CurveFitter:
         if self._teacher is None:
             if self.kd.teacher == "cached":
                 self._teacher = cached_teacher_logits(self._run_dir, self._data.uid[self.train],
-                                                      self._data.n_classes)
+                                                      self._data.label_coding)
             else:  # the full-data probe, fitted once for ``full``: the same fit, not a second one
                 self.full  # noqa: B018 (fits it if nothing has yet)
                 self._teacher = self._full_fit.logits(self.x_train)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import StageError
+from ..io.files import read_json
 
 @dataclass(frozen=True)
 class KDSettings:
@@ -29,30 +30,38 @@ class KDSettings:
                 "teacher": self.teacher}
 
 
-def cached_teacher_logits(run_dir: Path, uids: np.ndarray, n_classes: int) -> np.ndarray:
-    """Teacher logits [len(uids), n_classes] from RUN/teacher/*.parquet: a full ``logits`` column, or top-k
-    ``topk_values``/``topk_indices`` (the other classes get the smallest stored logit minus 20)."""
+def cached_teacher_logits(run_dir: Path, uids: np.ndarray, labels: dict) -> np.ndarray:
+    """Teacher logits [len(uids), C] for the eval's label codes (``labels``: their ``run.label_coding``) from
+    RUN/teacher/*.parquet: a full ``logits`` column, or top-k ``topk_values``/``topk_indices`` (the other
+    classes get the smallest stored logit minus 20). The teacher's column of each code is ``run.label_columns``':
+    an integer label is its own column, string labels are matched to the teacher's ``classes`` by name."""
+    from ..run import label_columns
+
     folder = Path(run_dir) / "teacher"
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
+    if not files or not (folder / "_info.json").exists():
         raise StageError(f"eval: --teacher cached needs {folder}; run 'datapruning teacher {run_dir} --all' first")
+    info = read_json(folder / "_info.json")
+    columns = label_columns(labels, int(info["num_classes"]), info.get("classes") or None, "eval --teacher cached",
+                            f"rerun 'datapruning teacher {run_dir}' with the teacher's class names (--classes)")
+    code_of = np.full(int(info["num_classes"]), -1, np.int64)
+    code_of[columns] = np.arange(len(columns))
     where = {str(u): i for i, u in enumerate(uids)}
-    out = np.full((len(uids), n_classes), np.nan, np.float32)
+    out = np.full((len(uids), len(columns)), np.nan, np.float32)
     for path in files:
         table = pq.read_table(path)
-        rows = np.array([where.get(u, -1) for u in table["uid"].to_pylist()])
+        rows = np.array([where.get(u, -1) for u in table["uid"].to_pylist()], dtype=np.int64)
         hit = rows >= 0
         if not hit.any():
             continue
         if "logits" in table.column_names:
-            mat = np.asarray(table["logits"].combine_chunks().flatten(), np.float32).reshape(table.num_rows, -1)
-            out[rows[hit], :mat.shape[1]] = mat[hit][:, :n_classes]
+            out[rows[hit]] = _matrix(table["logits"])[hit][:, columns]
             continue
         vals = _matrix(table["topk_values"])[hit]
-        idx = _matrix(table["topk_indices"]).astype(np.int64)[hit]
-        block = np.repeat(vals.min(axis=1, keepdims=True) - 20.0, n_classes, axis=1)
-        np.put_along_axis(block, np.minimum(idx, n_classes - 1), vals, axis=1)
-        out[rows[hit]] = block
+        idx = code_of[_matrix(table["topk_indices"]).astype(np.int64)[hit]]
+        block = np.repeat(vals.min(axis=1, keepdims=True) - 20.0, len(columns) + 1, axis=1)
+        np.put_along_axis(block, np.where(idx >= 0, idx, len(columns)), vals, axis=1)  # other classes: a spare column
+        out[rows[hit]] = block[:, :len(columns)]
     missing = int(np.isnan(out).any(axis=1).sum())
     if missing:
         raise StageError(f"eval: the cached teacher has no logits for {missing} of {len(uids)} sampled training "

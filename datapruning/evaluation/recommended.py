@@ -42,9 +42,21 @@ def recommended_config(run_dir, variant, fraction: float) -> dict:
     return to_dict(load_config(None, [], base=data))
 
 
-def write_recommended(run_dir, path: Path, variant, rec: dict, kd, shown: Path | None = None) -> dict:
-    """Write ``path`` (when there is a recommendation below 1.0) and return what the summary records; ``shown``:
-    the path to record, where ``path`` is a temporary one that will be renamed."""
+def _named(side: dict | None, label: str) -> str:
+    """One header line naming the best recipe of one side (with or without KD) and its interval."""
+    if side is None:
+        return ""
+    if side.get("variant") is None:
+        return f"# {label}: no curve stays within the tolerance below 1.0: keep all the data\n"
+    cell = f"{side['accuracy']:.3f}" + (f" [{side['acc_lo']:.3f}, {side['acc_hi']:.3f}]" if "acc_lo" in side else "")
+    return f"# {label}: keep {side['fraction']:g} with {side['variant']}, probe accuracy {cell}\n"
+
+
+def write_recommended(run_dir, path: Path, variants: dict, rec: dict, kd, shown: Path | None = None) -> dict:
+    """Write ``path`` (when there is a recommendation below 1.0) and return what the summary records; ``variants``:
+    the eval's curves by name; ``shown``: the path to record, where ``path`` is a temporary one that will be
+    renamed. The header names the best recipe with KD (and the full-data teacher it presumes) and without."""
+    variant = variants.get(rec["variant"])
     if variant is None:
         return {"config": None, "note": "no curve qualified below fraction 1.0: keep all the data"}
     from ..consumers.kd import alpha_schedule
@@ -67,9 +79,18 @@ def write_recommended(run_dir, path: Path, variant, rec: dict, kd, shown: Path |
                    f"# kd: {{alpha: {alpha:.4f}, T: {kd.T:g}}}   (alpha = alpha_schedule({frac:g}) unless set)"]
     else:
         header += ["#   python pipelines/train.py runs/pruned        # no KD: the recipe was best without it"]
-    text = "\n".join(header) + "\n" + yaml.safe_dump(cfg, sort_keys=False)
+    plain = rec.get("without_kd")
+    other = variants.get(plain.get("variant")) if plain and variant.kd else None
+    sides = _named(rec.get("with_kd"), "with KD, which presumes " + rec.get("with_kd", {}).get("teacher", "")) \
+        + _named(plain, "without KD")
+    if other is not None:  # the KD recipe is the config below: the no-KD one as a select block to paste
+        block = yaml.safe_dump({"select": select_section(other, plain["fraction"])}, default_flow_style=True,
+                               width=1 << 20).strip()  # one line: it stays a comment
+        sides += f"#   its select block: {block}\n"
+    text = "\n".join(header) + "\n" + sides + yaml.safe_dump(cfg, sort_keys=False)
     write_bytes(path, text.encode("utf-8"))
     path = shown or path
     return {"config": str(path), "variant": variant.name, "fraction": frac, "select": cfg["select"], "train": train,
             "commands": [f"datapruning run {path} --input YOUR_SHARDS --output runs/pruned",
-                         f"python pipelines/train.py runs/pruned{kd_flags}"]}
+                         f"python pipelines/train.py runs/pruned{kd_flags}"],
+            **({"without_kd_select": select_section(other, plain["fraction"])} if other is not None else {})}

@@ -15,17 +15,19 @@ from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-BLOCK_ELEMS = 1 << 24  # 16M float32 scores per block
+BLOCK_ELEMS = 1 << 23  # 8M float64 scores (64 MB) per block
 
 
 def _blocked_argmax(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """``argmax_c (x @ w.T + bias)`` per row, over row blocks of at most ``BLOCK_ELEMS`` scores."""
+    """``argmax_c (x @ w.T + bias)`` per row: exact without a bias (``exact.argmax_dots``), else in float64 (a
+    near-tie is not decided by the BLAS build's summation order), over row blocks of at most ``BLOCK_ELEMS``."""
     if bias is None:
         return argmax_dots(x, w)
     out = np.empty(len(x), dtype=np.int64)
+    w = np.asarray(w, dtype=np.float64)
     step = max(1, BLOCK_ELEMS // max(1, len(w)))
     for r0 in range(0, len(x), step):
-        s = np.asarray(x[r0:r0 + step], dtype=np.float32) @ w.T
+        s = np.asarray(x[r0:r0 + step], dtype=np.float64) @ w.T
         out[r0:r0 + step] = np.argmax(s + bias, axis=1)
     return out
 
@@ -45,46 +47,52 @@ def lm_predictions_from_logits(logits: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LinearClassifier:
-    """Multinomial logistic regression ``argmax(x @ weight.T + bias)``; classes are label codes 0..C-1."""
+    """Multinomial logistic regression: ``predict`` is ``classes[argmax(x @ weight.T + bias)]``."""
 
-    weight: np.ndarray  # float32 [C, d]
-    bias: np.ndarray  # float32 [C]
+    weight: np.ndarray  # float64 [C, d]
+    bias: np.ndarray  # float64 [C]
+    classes: np.ndarray  # int64 [C]: the label of each output
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return _blocked_argmax(x, self.weight, self.bias)
+        return self.classes[_blocked_argmax(x, self.weight, self.bias)]
 
 
 def train_linear_source_classifier(source_emb: np.ndarray, source_labels: np.ndarray, seed: int = 0,
                                    epochs: int = 10, lr: float = 0.01, batch_size: int = 256,
                                    max_samples: int | None = 200_000, n_classes: int | None = None) -> LinearClassifier:
-    """Train a linear source classifier with torch (CPU, Adam, seeded init and batch order).
-    Rows with a negative label are ignored; at most ``max_samples`` rows (a seeded uniform sample)
-    are used, which is plenty for a linear probe and bounds the cost at any N."""
+    """Train a linear source classifier with torch (CPU, float64, Adam, seeded init and batch order over the
+    rows in the order given: the pipeline gives them in uid-hash order). Rows with a negative label are
+    ignored. Its outputs are the codes 0..C-1 of the labels present, in sorted order (labels {3, 17, 999}
+    make a 3-way head), or of ``range(n_classes)`` when given (labels must then be codes below it). At most
+    ``max_samples`` rows (a seeded uniform sample by position) are used, which is plenty for a linear probe
+    and bounds the cost at any N."""
     import torch
 
     labels = np.asarray(source_labels, dtype=np.int64)
     rows = np.flatnonzero(labels >= 0)
     if len(rows) == 0:
         raise InputError("dp4tl: the source has no labelled rows to train a classifier on")
+    classes = np.arange(int(n_classes)) if n_classes else np.unique(labels[rows])
+    if labels[rows].max() > classes[-1]:
+        raise InputError(f"dp4tl: label code {labels[rows].max()} is not below n_classes={n_classes}")
     rng = np.random.default_rng(seed)
     if max_samples is not None and len(rows) > max_samples:
         rows = np.sort(rng.choice(rows, int(max_samples), replace=False))
     x = torch.from_numpy(np.ascontiguousarray(source_emb[rows], dtype=np.float32))
-    y = torch.from_numpy(labels[rows])
-    n_classes = max(int(labels.max()) + 1, int(n_classes or 0))
+    y = torch.from_numpy(np.searchsorted(classes, labels[rows]))
     gen = torch.Generator().manual_seed(int(seed))
-    model = torch.nn.Linear(x.shape[1], n_classes)
+    model = torch.nn.Linear(x.shape[1], len(classes), dtype=torch.float64)
     with torch.no_grad():
-        model.weight.copy_(torch.randn(model.weight.shape, generator=gen) * 0.01)
+        model.weight.copy_(torch.randn(model.weight.shape, generator=gen, dtype=torch.float64) * 0.01)
         model.bias.zero_()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    with torch_threads_for(int(batch_size) * x.shape[1] * n_classes):
+    with torch_threads_for(int(batch_size) * x.shape[1] * len(classes)):
         for _ in range(int(epochs)):
             for batch in torch.randperm(len(x), generator=gen).split(int(batch_size)):
                 opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+                torch.nn.functional.cross_entropy(model(x[batch].double()), y[batch]).backward()
                 opt.step()
-    return LinearClassifier(model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy())
+    return LinearClassifier(model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy(), classes)
 
 
 def zero_shot_predictions(target_emb: np.ndarray, class_text_emb: np.ndarray) -> np.ndarray:
@@ -116,6 +124,21 @@ def label_mapping_freq(pred: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 feature_mapping_freq = label_mapping_freq  # hits per source cluster: the same count
+
+
+GROUPINGS = {"label": "whole source classes", "cluster": "whole k-means clusters"}
+NATIVE_GROUPING = {"dp4tl_lm": "label", "dp4tl_fm": "cluster"}  # the groups each DP4TL variant scores
+
+
+def grouping_note(metric: str, by: str) -> tuple[str, bool]:
+    """What a DP4TL group selection keeps, in words (for stats.json and the log), and whether ``by`` is not the
+    grouping ``metric`` scores (label mapping scores classes, feature mapping scores clusters)."""
+    native = NATIVE_GROUPING.get(metric)
+    note = f"by: {by}: keeps {GROUPINGS[by]}, ranked by their best member's {metric} score"
+    if native is not None and native != by:
+        note += (f"; {metric} scores {GROUPINGS[native]}, so the published rule is by: {native} (set "
+                 f"select.params.by={native}); see docs/methods.md#dp4tl-group-selection")
+    return note, native is not None and native != by
 
 
 def group_order(freq: np.ndarray) -> np.ndarray:

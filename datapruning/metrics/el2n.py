@@ -20,22 +20,35 @@ SMALL_STEP_MACS = 1 << 24  # below this many multiply-adds per step, extra torch
 
 @contextmanager
 def torch_threads_for(step_macs: int):
-    """Run small training steps on one torch thread (restored afterwards); big steps keep the default.
-    Denormal floats are flushed to zero meanwhile: as the heads fit, values in the training step fall below
-    1.2e-38, and CPU arithmetic on them is 10-100x slower (measured: 122 ms per batched step at 100k x 512,
-    100 classes, instead of about 5)."""
+    """Run small training steps on one torch thread (restored afterwards); big steps keep the default. The
+    thread count never changes a result: the models train in float64, with no flush of denormals
+    (torch flushes only on the calling thread, so flushing would make the result depend on the thread count)."""
     import torch
 
     before = torch.get_num_threads()
     if step_macs < SMALL_STEP_MACS:
         torch.set_num_threads(1)
-    flushed = torch.set_flush_denormal(True)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-        if flushed:
-            torch.set_flush_denormal(False)  # torch's default; it has no getter to restore from
+
+
+def stored_score(scores: np.ndarray) -> np.ndarray:
+    """A score computed in float64, rounded once to float32 precision (24 significant bits) and returned as
+    float64: sums in another order (another thread count, BLAS build or CPU kernel) move a float64 result by
+    about 1e-16 relative, which changes the rounded value only when it lies that close to a float32 rounding
+    midpoint (a few scores in 10**9). See docs/methods.md#same-data-same-answer."""
+    return np.asarray(scores, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+def label_codes(labels: np.ndarray) -> np.ndarray:
+    """Class values -> int64 codes 0..C-1 in sorted order (``{3, 17, 999}`` -> ``{0, 1, 2}``; strings too), so a
+    model's size and its scores do not depend on the values. Negative integers (unlabelled) are refused."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu" and len(labels) and labels.min() < 0:
+        raise ConfigError("el2n: labels must be >= 0; drop unlabelled rows first")
+    return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
 def _check_labels(labels: np.ndarray, n: int, n_classes: int) -> np.ndarray:
@@ -57,11 +70,11 @@ def _el2n_block(out: np.ndarray, labels: np.ndarray, from_logits: bool) -> np.nd
         p = out
     p_y = np.take_along_axis(p, labels[None, :, None], axis=2)[..., 0]
     sq = np.einsum("mbc,mbc->mb", p, p) - 2.0 * p_y + 1.0
-    return np.sqrt(np.maximum(sq, 0.0)).mean(axis=0)
+    return stored_score(np.sqrt(np.maximum(sq, 0.0)).mean(axis=0))
 
 
 def el2n(outputs: np.ndarray, labels: np.ndarray, from_logits: bool = True) -> np.ndarray:
-    """``EL2N(x, y) = mean_m || softmax(f_m(x)) - onehot(y) ||_2``, float64 [n].
+    """``EL2N(x, y) = mean_m || softmax(f_m(x)) - onehot(y) ||_2``, float64 [n] at float32 precision.
 
     ``outputs``: logits (or probabilities with ``from_logits=False``) [M, n, C], or [n, C] for one
     model; a ``np.memmap`` is read in row blocks. ``labels``: int [n] in [0, C)."""
@@ -90,8 +103,8 @@ def _head_params(n_models: int, d: int, n_classes: int, hidden: int, seed: int):
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), m]).generate_state(1)[0]))
         for layer, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
             bound = 1.0 / np.sqrt(fan_in)  # nn.Linear's default uniform init
-            params[2 * layer].append((torch.rand(fan_in, fan_out, generator=gen) * 2 - 1) * bound)
-            params[2 * layer + 1].append((torch.rand(1, fan_out, generator=gen) * 2 - 1) * bound)
+            params[2 * layer].append((torch.rand(fan_in, fan_out, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
+            params[2 * layer + 1].append((torch.rand(1, fan_out, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
     return [torch.stack(p).requires_grad_(True) for p in params]
 
 
@@ -111,8 +124,9 @@ def train_proxy_heads(embeddings: np.ndarray, labels: np.ndarray, n_classes: int
                       epochs: int = 5, hidden: int = 0, seed: int = 0, lr: float = 1e-2,
                       batch_size: int = 256) -> list[np.ndarray]:
     """Train ``n_models`` independently seeded heads (linear, or a ``hidden``-unit MLP) on the embeddings
-    for ``epochs`` epochs (Adam, torch CPU; each head has its own init and batch order). Returns the
-    stacked weights as numpy arrays (``proxy_el2n`` scores with them)."""
+    for ``epochs`` epochs (Adam, torch CPU, float64; each head has its own init and batch order, drawn over
+    the rows in the order given: the pipeline gives them in uid-hash order). ``labels`` are codes in
+    [0, n_classes). Returns the stacked float64 weights (``proxy_el2n`` scores with them)."""
     import torch
 
     x_np = np.asarray(embeddings, dtype=np.float32)
@@ -122,7 +136,7 @@ def train_proxy_heads(embeddings: np.ndarray, labels: np.ndarray, n_classes: int
     labels = _check_labels(labels, len(x_np), n_classes)
     if n_classes == 1:
         log.warning("el2n_proxy: one class only; every EL2N score is 0")
-    x, y = torch.from_numpy(x_np), torch.from_numpy(labels)
+    x, y = torch.from_numpy(x_np), torch.from_numpy(labels)  # float32 rows, widened one batch at a time
     params = _head_params(int(n_models), x.shape[1], n_classes, int(hidden), seed)
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(int(seed))
@@ -133,7 +147,7 @@ def train_proxy_heads(embeddings: np.ndarray, labels: np.ndarray, n_classes: int
             perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(n_models)])  # [M, n]
             for b0 in range(0, n, int(batch_size)):
                 idx = perms[:, b0:b0 + int(batch_size)]
-                logits = _forward(params, x[idx])
+                logits = _forward(params, x[idx].double())
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[2]), y[idx].reshape(-1))
                 opt.zero_grad()
                 (loss * n_models).backward()  # sum over heads, so each head's gradient is its own mean loss
@@ -142,10 +156,11 @@ def train_proxy_heads(embeddings: np.ndarray, labels: np.ndarray, n_classes: int
 
 
 def proxy_el2n(heads: list[np.ndarray], embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """EL2N of each row under the trained ``heads`` (from ``train_proxy_heads``); labels in [0, C)."""
+    """EL2N of each row under the trained ``heads`` (from ``train_proxy_heads``); labels in [0, C).
+    Float64 throughout, the score rounded once to float32 precision (``stored_score``)."""
     import torch
 
-    params = [torch.from_numpy(np.asarray(h)) for h in heads]
+    params = [torch.from_numpy(np.asarray(h, dtype=np.float64)) for h in heads]
     n_models, n_classes = params[0].shape[0], params[-1].shape[-1]
     x = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
     labels = _check_labels(labels, len(x), n_classes)
@@ -153,7 +168,7 @@ def proxy_el2n(heads: list[np.ndarray], embeddings: np.ndarray, labels: np.ndarr
     step = max(1, BLOCK_ELEMS // (n_models * max(n_classes, params[0].shape[-1], 1)))
     with torch.no_grad():
         for r0 in range(0, len(x), step):
-            xb = x[r0:r0 + step].expand(n_models, -1, -1)
+            xb = x[r0:r0 + step].double().expand(n_models, -1, -1)
             scores[r0:r0 + step] = _el2n_block(_forward(params, xb).numpy(), labels[r0:r0 + step], True)
     return scores
 
@@ -161,7 +176,10 @@ def proxy_el2n(heads: list[np.ndarray], embeddings: np.ndarray, labels: np.ndarr
 def el2n_proxy(embeddings: np.ndarray, labels: np.ndarray, n_models: int = 10, epochs: int = 5,
                hidden: int = 0, seed: int = 0, lr: float = 1e-2, batch_size: int = 256) -> np.ndarray:
     """Proxy EL2N: train ``n_models`` seeded heads on the embeddings (``train_proxy_heads``), then score
-    every row with ``el2n``. Labels are codes in [0, C); the heads run batched."""
-    n_classes = int(np.asarray(labels).max(initial=-1)) + 1
-    heads = train_proxy_heads(embeddings, labels, n_classes, n_models, epochs, hidden, seed, lr, batch_size)
-    return proxy_el2n(heads, embeddings, labels)
+    every row with ``el2n``. ``labels``: any class values (non-negative integers, or strings); the heads see
+    them as codes 0..C-1 in sorted order (``label_codes``), so relabelling the classes in the same order
+    gives the same scores. The heads run batched."""
+    codes = label_codes(labels)
+    n_classes = int(codes.max(initial=-1)) + 1
+    heads = train_proxy_heads(embeddings, codes, n_classes, n_models, epochs, hidden, seed, lr, batch_size)
+    return proxy_el2n(heads, embeddings, codes)

@@ -21,14 +21,16 @@ from ..params import parse_params
 from ..errors import InputError
 from ..hashing import uid_hash
 from ..rows import ArrayRows
+from ..run import value_codes
 
 @dataclass(frozen=True)
 class ScoreInputs:
     """Whole arrays for scoring in memory, aligned by row (row i is ``uid[i]``).
 
     embeddings: float32 [N, d], L2-normalised. cluster: int64 [N]. cos_dist: float32 [N],
-    ``1 - <x_i, c_a(i)>``. centroids: float32 [k, d], normalised. labels: int64 [N] codes with
-    -1 for unknown (code c is class c), or None when the input has no labels.
+    ``1 - <x_i, c_a(i)>``. centroids: float32 [k, d], normalised. labels: int64 [N] class values with
+    -1 for unknown, or None when the input has no labels: models see them coded 0..C-1 in value order (as a
+    run codes its labels), and label c is column c of a supplied classifier.
     """
 
     uid: np.ndarray
@@ -53,7 +55,8 @@ class MetricOutput:
 class Context:
     """What ``prepare`` and ``summarize`` may use. ``rows``: numeric blocks (pos, cluster, cos_dist, tie,
     label) of every row; ``embedding_rows``: the same with ``embedding`` (float32 [n, d]); ``centroids``;
-    ``n_classes`` (0 without labels); ``seed``; ``state_dir`` for files a metric keeps between steps."""
+    ``n_classes`` (0 without labels); ``seed``; ``state_dir`` for files a metric keeps between steps; ``labels``:
+    the label coding (``run.label_coding``: code c is ``labels["names"][c]``), None without labels."""
 
     rows: Any
     embedding_rows: Any
@@ -61,6 +64,7 @@ class Context:
     n_classes: int
     seed: int
     state_dir: Any = None
+    labels: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -131,11 +135,15 @@ def score_in_memory(metric: Metric, inp: ScoreInputs, raw_params: dict) -> Metri
     if "label" in metric.wants(params) and inp.labels is None:
         raise InputError(f"{metric.name} needs labels, but the input has none")
     block = array_block(inp, inp.seed)
+    labels = None
+    if "label" in block:  # label values -> codes 0..C-1 in value order, as a run codes them
+        labels, block["label"] = value_codes(block["label"])
+        if labels is None and "label" in metric.wants(params):
+            raise InputError(f"{metric.name} needs labels, but no row has one (all are -1)")
     rows = ArrayRows({k: v for k, v in block.items() if k not in ("uid", "embedding")})
     emb_rows = ArrayRows({k: v for k, v in block.items() if k != "uid"})
-    n_classes = int(block["label"].max(initial=-1)) + 1 if "label" in block else 0
     ctx = Context(rows=rows, embedding_rows=emb_rows, centroids=np.asarray(inp.centroids, dtype=np.float32),
-                  n_classes=n_classes, seed=inp.seed)
+                  n_classes=len(labels["names"]) if labels else 0, seed=inp.seed, labels=labels)
     state = metric.prepare(ctx, params) if metric.prepare else {}
     scores = score_block(metric, block, state, params)
     info = metric.summarize(ArrayRows({**rows.block, f"score_{metric.name}": scores}), params, state) \

@@ -2,9 +2,9 @@
 
 See docs/methods.md#dp4tl-transfer-aware-pruning. Every source sample scores the number of target samples that
 map to its source class (label mapping, LM) or source cluster (feature mapping, FM). The mapping runs once in
-``prepare``; scoring a shard is a lookup. Integer labels keep their value as the code, so label 999 is column
-999 of a supplied classifier; string labels are matched to the classifier's columns (or text rows) by name
-through ``classes``, never by their sorted rank.
+``prepare``; scoring a shard is a lookup. The linear route's classifier sees the run's label codes 0..C-1; a
+supplied classifier's columns (or text rows) are mapped to them by ``run.label_columns``: an integer label is its
+own column (label 999 is column 999), string labels are matched by name through ``classes``.
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import numpy as np
 from ..io.tables import read_embeddings
 from ..metrics.dp4tl import (feature_mapping_assign, feature_mapping_freq, label_mapping_freq,
                              lm_predictions_from_logits, train_linear_source_classifier, zero_shot_predictions)
+from ..run import label_columns
 from .base import Metric
 from ..params import MAX_INT, setting
 from .sample import labelled_sample
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -66,48 +67,21 @@ def lm_predictions(ctx, params: LMParams) -> tuple[np.ndarray, int]:
     return clf.predict(target_emb), len(clf.bias)
 
 
-def run_label_names(ctx) -> list[str] | None:
-    """The run's string label names (code c is names[c]); None for integer labels or arrays in memory."""
-    from ..io.files import read_json
-    from ..run import LABEL_INDEX
-
-    if ctx.state_dir is None or not (Path(ctx.state_dir).parent / LABEL_INDEX).exists():
+def read_class_names(path: str | None) -> list[str] | None:
+    """The column names of a supplied classifier: a .txt (one per line) or .npy of names; None without a path."""
+    if path is None:
         return None
-    index = read_json(Path(ctx.state_dir).parent / LABEL_INDEX)
-    return None if index["integer"] else list(index["names"])
-
-
-def read_class_names(path: str) -> list[str]:
     if path.endswith(".npy"):
         return [str(v) for v in np.load(path, allow_pickle=False).tolist()]
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def by_name(per_column: np.ndarray, columns: list[str], names: list[str]) -> np.ndarray:
-    """``per_column`` values per label code (hits, or the column index itself), matching labels to columns by name."""
-    if len(columns) != len(per_column):
-        raise InputError(f"classes names {len(columns)} columns, the classifier has {len(per_column)}")
-    where = {name: i for i, name in enumerate(columns)}
-    missing = [n for n in names if n not in where]
-    if missing:
-        raise InputError(f"source label {missing[0]!r} is not one of the classifier's classes "
-                         f"({len(missing)} missing)")
-    return per_column[[where[n] for n in names]]
-
-
 def prepare_lm(ctx, params: LMParams) -> dict:
-    pred, n_classes = lm_predictions(ctx, params)
-    names = run_label_names(ctx)
-    if names is not None and params.route != "linear":
-        if params.classes is None:
-            raise ConfigError(f"dp4tl_lm route={params.route}: the source labels are strings, so the classifier's "
-                             "columns must be named; set score.params.dp4tl_lm.classes (a .txt or .npy of names)")
-        freq = by_name(label_mapping_freq(pred, n_classes), read_class_names(params.classes), names)
-        return {"freq": freq, "n_target": np.int64(len(pred))}
-    if ctx.n_classes > n_classes:
-        raise InputError(f"dp4tl_lm: the {params.route} classifier has {n_classes} classes but source label codes "
-                         f"go up to {ctx.n_classes - 1}")
-    return {"freq": label_mapping_freq(pred, n_classes), "n_target": np.int64(len(pred))}
+    pred, n_columns = lm_predictions(ctx, params)
+    freq = label_mapping_freq(pred, n_columns)
+    if params.route != "linear":  # the classifier's columns -> the run's label codes
+        freq = freq[label_columns(ctx.labels, n_columns, read_class_names(params.classes), "score.params.dp4tl_lm")]
+    return {"freq": freq, "n_target": np.int64(len(pred))}
 
 
 def prepare_fm(ctx, params: FMParams) -> dict:

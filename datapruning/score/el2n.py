@@ -2,8 +2,9 @@
 
 See docs/methods.md#el2n-error-l2-norm-scores. User logits are matched to rows by uid; proxy heads are trained
 once on a bounded, seeded, label-stratified sample of the embeddings and then applied shard by shard.
-Unlabelled rows, and rows without logits, score NaN. Logits column c is integer label c; string labels are
-matched to the columns by name through ``classes``.
+Unlabelled rows, and rows without logits, score NaN. The proxy heads see the label codes 0..C-1; a logits
+column is mapped to a label by ``run.label_columns`` (integer label c is column c; string labels by name
+through ``classes``).
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import pyarrow as pa
 
 from ..metrics.el2n import el2n, proxy_el2n, train_proxy_heads
 from ..hashing import uid_hash
+from ..run import label_columns
 from .base import Metric
 from ..params import MAX_INT, setting
-from .dp4tl import by_name, read_class_names, run_label_names
+from .dp4tl import read_class_names
 from .sample import labelled_sample
 from ..errors import ConfigError, InputError
 
@@ -68,12 +70,8 @@ def prepare(ctx, params: EL2NParams) -> dict:
         index = logits_index(params.logits_uids)
         if len(index["row"]) != arr.shape[-2]:
             raise InputError(f"el2n: {len(index['row'])} logits uids for {arr.shape[-2]} logits rows")
-        names = run_label_names(ctx)
-        if names is not None:
-            if params.classes is None:
-                raise ConfigError("el2n: the labels are strings, so the logits columns must be named; set "
-                                 "score.params.el2n.classes (a .txt or .npy of names)")
-            index["column"] = by_name(np.arange(arr.shape[-1]), read_class_names(params.classes), names)
+        index["column"] = label_columns(ctx.labels, arr.shape[-1], read_class_names(params.classes),
+                                        "score.params.el2n")
         return index
     _, labels, emb = labelled_sample(ctx.embedding_rows, ctx.n_classes, params.max_train)
     heads = train_proxy_heads(emb, labels, ctx.n_classes, params.n_models, params.epochs, params.hidden,
@@ -95,8 +93,7 @@ def score(block: dict, state: dict, params: EL2NParams) -> np.ndarray:
     if len(state["h1"]):  # two uids sharing h1 (about n**2 / 2**64 pairs) would be missed, never mixed up
         at = np.minimum(np.searchsorted(state["h1"], h1), len(state["h1"]) - 1)
         found = (state["h1"][at] == h1) & (state["h2"][at] == h2)
-    if "column" in state:  # label code -> logits column, matched by name
-        labels = np.where(labels >= 0, state["column"][np.maximum(labels, 0)], -1)
+    labels = np.where(labels >= 0, state["column"][np.maximum(labels, 0)], -1)  # label code -> logits column
     rows = np.flatnonzero(found & (labels >= 0))
     src = state["row"][at[rows]]
     order = np.argsort(src, kind="stable")  # read the memmap in ascending row order

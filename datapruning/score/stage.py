@@ -26,11 +26,9 @@ def configured(run: Run) -> list[tuple]:
 
 def context(run: Run, labels: dict | None) -> Context:
     centroids = np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False)
-    n_classes = 0
-    if labels is not None:
-        n_classes = (max(int(v) for v in labels["names"]) + 1) if labels["integer"] else len(labels["names"])
     return Context(rows=run_rows(run, labels=labels), embedding_rows=run_rows(run, labels=labels, embeddings=True),
-                   centroids=centroids, n_classes=n_classes, seed=run.cfg.seed, state_dir=meta_dir(run.dir("score")) / "state")
+                   centroids=centroids, n_classes=len(labels["names"]) if labels else 0, seed=run.cfg.seed,
+                   state_dir=meta_dir(run.dir("score")) / "state", labels=labels)
 
 
 def save_state(path, state: dict) -> None:

@@ -19,7 +19,7 @@ from ..params import MAX_INT, parse_params, setting, show
 from ..errors import ConfigError
 from ..metrics.ccs import ccs_allocate, ccs_default_beta, ccs_strata
 from ..metrics.dbp import dbp_quotas, dbp_shares
-from ..metrics.dp4tl import top_k_groups
+from ..metrics.dp4tl import grouping_note, top_k_groups
 from ..hashing import uid_hash
 from ..metrics.ranking import MODES, balanced_quotas, floor_quotas
 from ..rows import ArrayRows, add
@@ -285,7 +285,9 @@ def decide_groups(rows, n: int, p: GroupsParams, centroids: np.ndarray) -> tuple
               else {"sample_budget": int(n)})
     local, info = top_k_groups(best[present], group_sizes=sizes[present], **budget)
     kept = present[local]
-    info.update({"metric": p.metric, "by": p.by, "kept_ids": kept.tolist(), "n_requested": int(n),
+    note, foreign = grouping_note(p.metric, p.by)
+    log.log(logging.WARNING if foreign else logging.INFO, "select groups: %s", note)
+    info.update({"metric": p.metric, "by": p.by, "grouping": note, "kept_ids": kept.tolist(), "n_requested": int(n),
                  "samples_kept": int(sizes[kept].sum())})
     return partial(in_groups, p.by, kept), info
 
