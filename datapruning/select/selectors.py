@@ -255,7 +255,7 @@ def _stratum_keep(strat: Callable, cut: Cutoffs, keys: Callable, block: dict) ->
 @dataclass(frozen=True)
 class GroupsParams:
     metric: str = "dp4tl_lm"
-    by: str = setting("label", choices=("label", "cluster"))
+    by: str | None = setting(None, choices=("label", "cluster"))  # default: what the metric scores (fm: cluster)
     keep_fraction_groups: float | None = setting(None, ge=0.0, le=1.0)  # keep this share of the groups instead
 
 
@@ -273,7 +273,10 @@ def _max_arrays(parts: list) -> np.ndarray:
 
 def decide_groups(rows, n: int, p: GroupsParams, centroids: np.ndarray) -> tuple[Callable, dict]:
     """DP4TL: keep WHOLE groups (labels or clusters) by their best member score until the sample budget
-    ``n`` (``top_k_groups``' rule), or the top ``keep_fraction_groups`` of the groups."""
+    ``n`` (``top_k_groups``' rule), or the top ``keep_fraction_groups`` of the groups. ``by`` defaults to the
+    grouping the metric scores: clusters for ``dp4tl_fm``, labels otherwise."""
+    if p.by is None:
+        p = dataclasses.replace(p, by="cluster" if p.metric == "dp4tl_fm" else "label")
     if p.by == "label" and not rows.reduce(_has_labels, any):
         raise ConfigError("select.params.by=label needs labels, but the input has none")
     score = f"score_{p.metric}"
