@@ -37,13 +37,14 @@ class EmbedConfig:
     pretrained: str | None = "laion2b_s34b_b79k"  # open_clip tag or local checkpoint path
     model_config: str | None = None  # JSON file with a custom open_clip architecture
     allow_random_weights: bool = False  # never use random weights unless asked
-    modality: str = "image"  # image | text
+    modality: str = "image"  # image | text | pair (image-text: both open_clip towers, or precomputed pairs)
     module: str | None = None  # torch_module encoder: "package.module:ClassName"
     weights: str | None = None  # torch_module encoder: safetensors file
     batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda
-    decode_workers: int = 2
-    image_decode: str = "auto"  # auto (tensor on CUDA) | tensor (JPEG decode+resize as tensors, nvjpeg on CUDA) | pil
+    decode_workers: int = 2  # threads decoding batches ahead of the model (0: on the model's thread)
+    prefetch: int = 2  # batches decoded ahead of the model, per decode thread
+    image_decode: str = "auto"  # auto (dali, else tensor, on CUDA) | tensor (nvjpeg on CUDA) | dali | pil
     store_dtype: str = "float32"  # float32 | float16 (on disk)
 
 
@@ -105,9 +106,9 @@ CHOICES = {
     "backend": ("local", "ray"),
     "input.format": ("auto", "webdataset", "parquet", "clip_retrieval", "npy", "datacomp"),
     "input.npz_key": ("l14_img", "b32_img", "l14_txt", "b32_txt"),
-    "embed.modality": ("image", "text"),
+    "embed.modality": ("image", "text", "pair"),
     "embed.device": ("auto", "cpu", "cuda"),
-    "embed.image_decode": ("auto", "tensor", "pil"),
+    "embed.image_decode": ("auto", "tensor", "dali", "pil"),
     "embed.store_dtype": ("float32", "float16"),
     "cluster.backend": ("auto", "faiss", "faiss-gpu", "torch"),
     "select.mode": ("hard", "easy", "random"),
@@ -123,7 +124,8 @@ MAX_SET_BYTES = 64 << 10  # one --set value
 MAX_NODES, MAX_DEPTH = 100_000, 32  # values, and nesting, of a loaded config (alias bombs, recursive aliases)
 MAX_INT = 2 ** 31 - 1  # faiss and torch take these as C ints
 BOUNDS = {"seed": (0, MAX_INT), "workers": (1, 4096), "cluster.k": (1, 10_000_000), "cluster.niter": (1, 100_000),
-          "input.retries": (0, 100), "input.retry_backoff_s": (0.0, 600.0)}
+          "input.retries": (0, 100), "input.retry_backoff_s": (0.0, 600.0), "embed.decode_workers": (0, 256),
+          "embed.prefetch": (1, 1024)}
 
 
 def show(value: Any) -> str:

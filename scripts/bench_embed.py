@@ -9,8 +9,8 @@ ours >= 0.85 x bare and >= 10,000 images/s for ViT-B-32 bf16.
     python scripts/bench_embed.py                          # ViT-B-32, 375x500 JPEGs (~90 KB), device auto
     python scripts/bench_embed.py --image-decode pil --decode-workers 15
     python scripts/bench_embed.py --quick                  # tiny random model, 64 images (CI)
-    python scripts/bench_embed.py --variants "threads=1;threads=2;threads=2,cpu_share=0.3"
-                                                           # the stage again per decode setting
+    python scripts/bench_embed.py --variants "workers=1;workers=2,prefetch=4;workers=2,cpu_share=0.3"
+                                                           # the tensor path again per decode setting
     python scripts/bench_embed.py --check                  # correctness on this device: decode vs PIL,
                                                            # the whole pipeline here vs on the CPU
 
@@ -54,14 +54,15 @@ def parse(argv=None):
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--image-decode", default="auto", choices=("auto", "tensor", "pil"))
+    p.add_argument("--image-decode", default="auto", choices=("auto", "tensor", "dali", "pil"))
     p.add_argument("--decode-workers", type=int, default=2)
     p.add_argument("--workdir", help="folder for the shards and the run (default: a temporary folder)")
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--quick", action="store_true", help="tiny random model and 64 small images (CI)")
     p.add_argument("--variants", default="",
-                   help="';'-separated decode settings to run the stage with again, e.g. 'threads=1;cpu_share=0.3' "
-                        "(gpu_decode.DECODE_THREADS, CPU_DECODE_SHARE, CPU_DECODE_WORKERS)")
+                   help="';'-separated decode settings to run the tensor path with again, e.g. "
+                        "'workers=1;workers=2,prefetch=4;cpu_share=0.3,cpu_workers=4' (embed.decode_workers, "
+                        "embed.prefetch, TensorDecoder's cpu_share and cpu_workers)")
     p.add_argument("--check", action="store_true",
                    help="correctness instead of speed: tensor-path decode vs open_clip's PIL preprocess, and the "
                         "whole pipeline (ssp recipe) on --device against the CPU path")
@@ -150,57 +151,45 @@ def decode_rates(encoder, spec, datas: list[bytes], count: int, batch_size: int,
     return out
 
 
-def parse_variant(text: str) -> dict:
-    """'threads=2,cpu_share=0.3' -> {'DECODE_THREADS': 2, 'CPU_DECODE_SHARE': 0.3}."""
-    names = {"threads": ("DECODE_THREADS", int), "cpu_share": ("CPU_DECODE_SHARE", float),
-             "cpu_workers": ("CPU_DECODE_WORKERS", int), "prefetch": ("PREFETCH", int)}
-    out = {}
+def parse_variant(text: str) -> tuple[list[str], dict]:
+    """'workers=2,prefetch=4,cpu_share=0.3' -> (config overrides, TensorDecoder parameters)."""
+    keys = {"workers": ("embed.decode_workers", int), "threads": ("embed.decode_workers", int),
+            "prefetch": ("embed.prefetch", int), "cpu_share": ("cpu_share", float), "cpu_workers": ("cpu_workers", int)}
+    overrides, params = [], {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
-        attr, kind = names[key.strip()]
-        out[attr] = kind(value)
-    return out
+        name, kind = keys[key.strip()]
+        if name.startswith("embed."):
+            overrides.append(f"{name}={kind(value)}")
+        else:
+            params[name] = kind(value)
+    return overrides, params
 
 
-def run_variants(spec_text: str, cfg, work: Path, bare: float) -> dict:
-    """The stage again, once per decode setting (module knobs of gpu_decode), on the same shards."""
-    from datapruning.embed import gpu_decode
-    from datapruning.io.files import read_json
-    from datapruning.runner import run_stage
+def run_variants(spec_text: str, base: list[str], encoder, work: Path, bare: float) -> dict:
+    """The embed step again, once per decode setting (config keys and TensorDecoder parameters), on the same
+    shards with the same built encoder."""
+    from datapruning.config import load_config
+    from datapruning.embed.gpu_decode import TensorDecoder, tensor_decode_spec
+    from datapruning.embed.stage import embed_tar_shard
 
-    import logging
-    import re
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            m = re.search(r"busy ([0-9.]+)s, waited for decode ([0-9.]+)s", record.getMessage())
-            if m:
-                self.busy += float(m.group(1))
-                self.wait += float(m.group(2))
-
-    grab = Grab()
-    logger = logging.getLogger("datapruning.embed.gpu_decode")
-    logger.addHandler(grab)
-    logger.setLevel(logging.INFO)
     out = {}
+    shards = sorted((work / "shards").glob("*.tar"))
     for i, text in enumerate(filter(None, (t.strip() for t in spec_text.split(";")))):
-        grab.busy = grab.wait = 0.0
-        knobs = parse_variant(text)
-        saved = {k: getattr(gpu_decode, k) for k in knobs}
-        try:
-            for k, v in knobs.items():
-                setattr(gpu_decode, k, v)
-            start = time.perf_counter()
-            run_stage("embed", cfg, work / f"run-v{i}", str(work / "shards"))
-            seconds = time.perf_counter() - start
-        finally:
-            for k, v in saved.items():
-                setattr(gpu_decode, k, v)
-        done = [read_json(p) for p in (work / f"run-v{i}" / "_meta" / "embeddings").glob("_*.done.json")]
-        rows = sum(d["rows"] for d in done)
+        overrides, params = parse_variant(text)
+        cfg = load_config(None, base + overrides)
+        out_dir = work / f"run-v{i}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        start, rows, busy, wait = time.perf_counter(), 0, 0.0, 0.0
+        for path in shards:
+            decoder = TensorDecoder(tensor_decode_spec(cfg, encoder), str(encoder.device), cfg.embed.modality,
+                                    cfg.input, **params)
+            info = embed_tar_shard(cfg, str(path), path.stem, out_dir, encoder, decoder)
+            rows, busy, wait = rows + info["rows"], busy + info["model_busy_s"], wait + info["model_wait_s"]
+        seconds = time.perf_counter() - start
         out[text] = {"img_s": round(rows / seconds, 1), "ratio": round(rows / seconds / bare, 3),
-                     "stage_s": round(seconds, 2), "model_thread_busy_s": round(grab.busy, 2),
-                     "model_thread_wait_s": round(grab.wait, 2)}
+                     "stage_s": round(seconds, 2), "model_thread_busy_s": round(busy, 2),
+                     "model_thread_wait_s": round(wait, 2)}
         print(f"variant {text}: {rows / seconds:.0f} img/s", file=sys.stderr)
     return out
 
@@ -335,6 +324,7 @@ def main(argv=None) -> dict:
     import torch
 
     from datapruning.config import load_config
+    from datapruning.embed.decoders import choose_decoder
     from datapruning.embed.gpu_decode import tensor_decode_spec
     from datapruning.io.files import read_json
     from datapruning.runner import run_stage
@@ -366,6 +356,7 @@ def main(argv=None) -> dict:
         write_shards(work / "shards", datas, images, args.shards)
         encoder = get_encoder(cfg)  # built once; the stage below reuses it (as a worker would)
         spec = tensor_decode_spec(cfg, encoder)
+        path_name = choose_decoder(cfg, encoder).name
         from datapruning.embed import decode_input
 
         pre = torch.stack([encoder.prepare(decode_input({"jpg": d}, "image", ("jpg",), ())) for d in datas])
@@ -376,10 +367,10 @@ def main(argv=None) -> dict:
         rows = sum(read_json(p)["rows"] for p in (work / "run" / "_meta" / "embeddings").glob("_*.done.json"))
         decode = decode_rates(encoder, spec, datas, min(images, 4096), args.batch_size, args.decode_workers)
         ours = rows / ours_s
-        variants = run_variants(args.variants, cfg, work, bare) if spec is not None else {}
+        variants = run_variants(args.variants, overrides, encoder, work, bare) if spec is not None else {}
         result = {
             "model": Path(cfg.embed.model_config).stem if args.quick else args.model, "random_weights": True,
-            "device": device, "bf16_autocast": device == "cuda", "image_decode": "tensor" if spec else "pil",
+            "device": device, "bf16_autocast": device == "cuda", "image_decode": path_name,
             "decode_workers": args.decode_workers, "batch_size": args.batch_size, "images": images,
             "rows_written": rows, "jpeg_kb": round(float(np.mean([len(d) for d in datas])) / 1024, 1),
             "jpeg_size": "mixed 200..640" if args.mixed_sizes else [args.height, args.width], "ours_img_s": round(ours, 1), "bare_img_s": round(bare, 1),

@@ -1,4 +1,4 @@
-"""What both image paths (PIL and tensor/nvjpeg) and the table path share: sample fields and the shard writer."""
+"""What every embed path (PIL, tensor, DALI, tables) shares: sample fields, pair members, the shard writer."""
 from __future__ import annotations
 
 import json
@@ -13,13 +13,29 @@ from ..io.tables import embedding_column
 from .encoders import decode_input
 
 
-def embedding_table(rows: dict, matrix: np.ndarray, dtype: str) -> pa.Table:
+def _empty_safe(matrix: np.ndarray) -> np.ndarray:
+    return matrix.reshape(0, max(matrix.shape[1] if matrix.ndim == 2 else 0, 1)) if matrix.size == 0 else matrix
+
+
+def embedding_table(rows: dict, matrix: np.ndarray, dtype: str, text_matrix: np.ndarray | None = None) -> pa.Table:
+    """Our embeddings table: the row columns (strings unless given as arrow arrays), ``embedding``, and for
+    image-text pairs ``text_embedding`` and ``clip_score`` (the cosine of the two, float32, from the stored
+    float32 rows; ``rows`` may hold a precomputed ``clip_score`` instead, as DataComp's metadata does)."""
     cols = {name: values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=pa.string())
             for name, values in rows.items()}
-    if matrix.size == 0:
-        matrix = matrix.reshape(0, max(matrix.shape[1] if matrix.ndim == 2 else 0, 1))
-    cols["embedding"] = embedding_column(matrix.astype(dtype))
+    cols["embedding"] = embedding_column(_empty_safe(matrix).astype(dtype))
+    if text_matrix is not None:
+        cols["text_embedding"] = embedding_column(_empty_safe(text_matrix).astype(dtype))
+        if "clip_score" not in cols:
+            cols["clip_score"] = pa.array(clip_scores(matrix, text_matrix), pa.float32())
     return pa.table(cols)
+
+
+def clip_scores(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """The CLIP score of each pair: the cosine of its L2-normalised image and caption embeddings."""
+    if image.size == 0:
+        return np.zeros(0, np.float32)
+    return np.einsum("ij,ij->i", image.astype(np.float32), text.astype(np.float32))
 
 
 ROW_NAMES = ("uid", "shard", "key", "label", "text", "source_uid")  # per-sample columns of a tar shard
@@ -54,13 +70,41 @@ def caption(sample: dict, text_keys) -> str | None:
 
 
 def write_shard(cfg, out_dir: Path, shard: str, rows: dict, matrix: np.ndarray, skipped: Counter, encoder: str,
-                nan_labels: int = 0) -> dict:
+                nan_labels: int = 0, text_matrix: np.ndarray | None = None) -> dict:
     if isinstance(rows.get("source_uid"), list) and all(v is None for v in rows["source_uid"]):
         rows = {name: values for name, values in rows.items() if name != "source_uid"}
-    write_parquet(out_dir / f"{shard}.parquet", embedding_table(rows, matrix, cfg.embed.store_dtype))
+    if text_matrix is None and cfg.embed.modality == "pair":  # a shard with no good pair: the columns still exist
+        text_matrix = np.zeros((0, 1), np.float32)
+    write_parquet(out_dir / f"{shard}.parquet", embedding_table(rows, matrix, cfg.embed.store_dtype, text_matrix))
     info = {"rows": len(rows["uid"]), "dim": int(matrix.shape[1]) if len(rows["uid"]) else None,
             "skipped": dict(sorted(skipped.items())), "encoder": encoder}
     if nan_labels:
         info["nan_labels"] = nan_labels  # kept with label null (missing), not skipped
     mark_done(out_dir, shard, info)
     return info
+
+
+def sample_caption(sample: dict, icfg) -> str:
+    """The caption of an image-text pair (raises BadSample: missing_text, bad_text_encoding, bad_json)."""
+    return decode_input(sample, "text", icfg.text_keys, icfg.text_keys)
+
+
+def image_bytes(sample: dict, icfg) -> bytes | str:
+    """The encoded image of a sample, or the reason ``missing_image``."""
+    ext = next((k for k in icfg.image_keys if k in sample), None)
+    return sample[ext] if ext else "missing_image"
+
+
+def pair_reasons(batch: list, icfg) -> tuple[list, list]:
+    """Per sample: its caption (None when the sample has a reason) and the reason it is no pair (missing
+    image first, then a caption that is missing or unreadable), or None."""
+    texts, reasons = [], []
+    for _, sample in batch:
+        reason = "missing_image" if isinstance(image_bytes(sample, icfg), str) else None
+        try:
+            text = sample_caption(sample, icfg)
+        except ValueError as exc:
+            text, reason = None, reason or str(exc)
+        texts.append(text)
+        reasons.append(reason)
+    return texts, reasons

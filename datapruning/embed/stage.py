@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -12,14 +11,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .encoders import Encoder, build_encoder, decode_input
-from .samples import ROW_NAMES, caption, embedding_table, source_uid, text_field, write_shard
+from .decoders import choose_decoder
+from .encoders import Encoder, build_encoder
+from .pipeline import embed_chain
+from .samples import embedding_table, write_shard
 from ..errors import InputError, StageError
 from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, read_json, write_json,
                         write_parquet)
 from ..io.shards import detect_format, expand_input, shard_names
-from ..io.tables import label_strings, label_text, normalise_rows, precomputed_table
-from ..io.webdataset import ShardUnavailable, iter_tar_samples, retrying, skip
+from ..io.tables import label_strings, normalise_rows, precomputed_table
+from ..io.webdataset import ShardUnavailable, retrying, skip
 from ..exec import map_unordered, map_with_setup
 from ..run import STAGES, Rate, Run, clear_outputs, log, prepare_stage, progress, save_config, timed
 
@@ -36,19 +37,6 @@ def discover(run: Run, input_spec) -> list[dict]:
     return shards
 
 
-SORT_WINDOW_BATCHES = 64  # length-sorted encoders: sort up to this many batches at once (a usual shard whole)
-
-
-def encode_sorted(encoder: Encoder, items: list, batch_size: int) -> np.ndarray:
-    """Embed ``items`` in batches of similar ``encoder.length`` (longest first, as sentence-transformers does),
-    less padding than file order; the rows come back in the order of ``items``."""
-    order = np.argsort([-encoder.length(x) for x in items], kind="stable")
-    parts = [encoder.forward([items[i] for i in order[s:s + batch_size]]) for s in range(0, len(items), batch_size)]
-    out = np.empty((len(items), parts[0].shape[1]), np.float32)
-    out[order] = np.concatenate(parts)
-    return out
-
-
 _ENCODER_CACHE: dict[str, Encoder] = {}
 
 
@@ -60,65 +48,14 @@ def get_encoder(cfg) -> Encoder:
     return _ENCODER_CACHE[key]
 
 
-def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder) -> dict:
-    """Read one webdataset tar, embed its samples in batches (text: length-sorted within a window of the shard,
-    rows back in file order), write parquet + done marker."""
-    from .gpu_decode import embed_tar_shard_tensors, tensor_decode_spec
-
-    spec = tensor_decode_spec(cfg, encoder)  # embed.image_decode: JPEG decode + resize as tensors (CUDA)
-    if spec is not None:
-        return embed_tar_shard_tensors(cfg, path, shard, out_dir, encoder, spec)
-    icfg, ecfg, skipped = cfg.input, cfg.embed, Counter()
-    rows = {name: [] for name in ROW_NAMES}
-    chunks: list[np.ndarray] = []
-    batch_items, batch_meta, pending = [], [], []  # pending: prepared inputs not yet embedded, in file order
-    window = ecfg.batch_size * SORT_WINDOW_BATCHES if encoder.length else 0
-    pool = ThreadPoolExecutor(max(1, ecfg.decode_workers))
-
-    def prepare(sample):
-        try:
-            item = decode_input(sample, ecfg.modality, icfg.image_keys, icfg.text_keys)
-            return encoder.prepare(item), None
-        except ValueError as exc:
-            return None, str(exc)
-
-    def encode():
-        if pending:
-            chunks.append(encode_sorted(encoder, pending, ecfg.batch_size) if window else encoder.forward(pending))
-            pending.clear()
-
-    def flush():
-        prepared = list(pool.map(prepare, batch_items))
-        for (sample_meta, (item, err)) in zip(batch_meta, prepared):
-            if err is not None:
-                skip(skipped, err, shard, sample_meta[2], err.replace("_", " "), cfg.strict)
-                continue
-            pending.append(item)
-            for name, value in zip(ROW_NAMES, sample_meta):
-                rows[name].append(value)
-        if len(pending) >= window:
-            encode()
-        batch_items.clear()
-        batch_meta.clear()
-
+def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder, decoder=None) -> dict:
+    """Read one webdataset tar, embed its samples in batches through the chain (``embed.pipeline``) with the
+    decode step ``embed.image_decode`` picks (or ``decoder``), write parquet + done marker."""
+    decoder = decoder or choose_decoder(cfg, encoder)
     try:
-        for sample in iter_tar_samples(path, shard, skipped, cfg.strict):
-            key = sample["__key__"]  # unique: the reader counts and drops repeated keys
-            label = label_text(text_field(sample.get(icfg.label_key)))
-            text = caption(sample, icfg.text_keys) if ecfg.modality == "image" else None
-            batch_items.append(sample)
-            batch_meta.append((f"{shard}/{key}", shard, key, label, text, source_uid(sample)))
-            if len(batch_items) >= ecfg.batch_size:
-                flush()
-        if batch_items:
-            flush()
-        encode()
+        return embed_chain(cfg, path, shard, out_dir, encoder, decoder, decoder.name, decoder.fast)
     finally:
-        pool.shutdown()
-    matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
-    if not any(v is not None for v in rows["text"]):
-        rows.pop("text")
-    return write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
+        getattr(decoder, "close", lambda: None)()
 
 
 def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> dict:
