@@ -78,6 +78,7 @@ class SelectConfig:
     min_per_label: float = 0.0
     dedup_eps: float | None = None  # SemDeDup filter before selection, by eps ...
     dedup_keep_fraction: float | None = None  # ... or by the kept fraction it should reach
+    filters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # {metric: {threshold | keep_fraction}}
     params: Mapping[str, Any] = field(default_factory=dict)  # selector-specific (tau, l, beta, ...)
 
 

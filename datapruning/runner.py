@@ -20,6 +20,7 @@ def check_config(cfg: RunConfig) -> None:
     """Every metric's and the selector's typed parameters, checked before any stage runs: an unknown or
     meaningless key fails here with the key and the accepted values named."""
     from .score import METRICS
+    from .select.filters import parse_filters
     from .select.stage import selector_params
 
     unknown = [m for m in cfg.score.metrics if m not in METRICS]
@@ -31,6 +32,7 @@ def check_config(cfg: RunConfig) -> None:
     for name in cfg.score.metrics:
         METRICS[name].parse(cfg.score.params.get(name), cfg.seed)
     selector_params(cfg)
+    parse_filters(cfg.select.filters, cfg.score.metrics)
 
 
 def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):

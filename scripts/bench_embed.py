@@ -17,6 +17,7 @@ ours >= 0.85 x bare and >= 10,000 images/s for ViT-B-32 bf16.
 The decode ceilings are measured alone: nvjpeg decode only, and decode + resize + crop + normalise.
     python scripts/bench_embed.py --modality text          # packaged MiniLM, 6,000 real texts, target >= 0.9 x
                                                            # a bare SentenceTransformer.encode on the same texts
+    python scripts/bench_embed.py --modality pair          # the text tower's cost: both towers vs image only
 """
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ TARGET_RATIO, TARGET_IMG_S, TARGET_TEXT_RATIO = 0.85, 10_000, 0.9
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modality", default="image", choices=("image", "text"))
+    p.add_argument("--modality", default="image", choices=("image", "text", "pair"),
+                   help="pair: the text tower's cost, the stage with both towers against the image-only stage")
     p.add_argument("--texts", type=int, help="--modality text: real texts (default 6000)")
-    p.add_argument("--repeat", type=int, default=1, help="--modality text: alternate bare/ours, best of each")
+    p.add_argument("--repeat", type=int, default=1, help="--modality text/pair: alternate runs, best of each")
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--images", type=int, help="samples in the shards (default 30000 on CUDA, 384 on CPU)")
     p.add_argument("--distinct", type=int, default=64, help="distinct JPEGs, cycled through the shards")
@@ -319,6 +321,51 @@ def text_bench(args, device: str) -> dict:
     return result
 
 
+def pair_bench(args, device: str) -> dict:
+    """The cost of the text tower: the embed stage with embed.modality image and pair on the same image-text
+    shards (alternating, best of --repeat), and each tower's bare forward on prepared inputs."""
+    import torch
+
+    from datapruning.config import load_config
+    from datapruning.embed import decode_input
+    from datapruning.embed.stage import get_encoder
+    from datapruning.runner import run_stage
+
+    images = args.images or 256
+    with scratch(args.workdir, "bench_embed_pair_") as work:
+        base = [f"embed.model={args.model}", "embed.pretrained=", "embed.allow_random_weights=true",
+                f"embed.device={device}", f"embed.batch_size={args.batch_size}", f"embed.image_decode={args.image_decode}",
+                f"embed.decode_workers={args.decode_workers}"]
+        if args.quick:
+            (work / "tiny-bench-clip.json").write_text(json.dumps(TINY_CLIP))
+            base.append(f"embed.model_config={work / 'tiny-bench-clip.json'}")
+        rng = np.random.default_rng(0)
+        datas = [jpeg_bytes(rng, args.height, args.width) for _ in range(args.distinct)]
+        texts = real_texts(images)
+        write_tar_shards(work / "shards", images, args.shards,
+                         lambda i: (("jpg", datas[i % len(datas)]), ("txt", texts[i].encode())))
+        cfgs = {m: load_config(None, base + [f"embed.modality={m}"]) for m in ("image", "pair")}
+        encoder = get_encoder(cfgs["pair"])
+        pre = torch.stack([encoder.prepare(decode_input({"jpg": d}, "image", ("jpg",), ())) for d in datas])
+        best = {"bare_image": bare_rate(encoder, pre.to(device), images, args.batch_size),
+                "bare_text": bare_rate(encoder.text, texts, images, args.batch_size), "image": 0.0, "pair": 0.0}
+        for r in range(args.repeat):
+            for m, cfg in cfgs.items():
+                start = time.perf_counter()
+                run_stage("embed", cfg, work / f"run-{m}-{r}", str(work / "shards"))
+                best[m] = max(best[m], images / (time.perf_counter() - start))
+    result = {"modality": "pair", "model": "tiny (random init)" if args.quick else f"{args.model} (random init)",
+              "device": device, "images": images, "batch_size": args.batch_size, "texts": "WordNet glosses",
+              **{f"{k}_per_s": round(v, 1) for k, v in best.items()},
+              "pair_over_image_time": round(best["image"] / best["pair"], 3),
+              "bare_text_over_image_time": round(best["bare_image"] / best["bare_text"], 3), "quick": args.quick,
+              "load_avg_1m": round(__import__("os").getloadavg()[0], 2)}
+    print(f"embed stage: image only {best['image']:.0f}/s, image+text {best['pair']:.0f}/s "
+          f"({result['pair_over_image_time']:.2f}x the time)", file=sys.stderr)
+    report("bench_embed", result, args.json)
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     import torch
@@ -335,6 +382,8 @@ def main(argv=None) -> dict:
     images = args.images or (30000 if device == "cuda" else 384)
     if args.modality == "text":
         return text_bench(args, device)
+    if args.modality == "pair":
+        return pair_bench(args, device)
     if args.check:
         result = check(args, device)
         print(json.dumps(result), file=sys.stderr)

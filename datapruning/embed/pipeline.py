@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .samples import ROW_NAMES, caption, source_uid, text_field, write_shard
+from .samples import ROW_NAMES, caption, json_fields, text_field, write_shard
 from ..io.tables import label_text
 from ..io.webdataset import iter_tar_samples, skip
 
@@ -51,12 +51,13 @@ def tar_samples(path: str, shard: str, skipped: Counter, strict: bool, fast: boo
 
 
 def with_meta(samples: Iterable[dict], icfg, shard: str, captions: bool) -> Iterator[tuple[tuple, dict]]:
-    """(row values in ``ROW_NAMES`` order, sample): uid, shard, key, label, caption (when ``captions``), source uid."""
+    """(row values in ``ROW_NAMES`` order, sample): uid, shard, key, label, caption (when ``captions``), and
+    the ``.json``'s source uid and original image size."""
     for sample in samples:
         key = sample["__key__"]  # unique: the reader counts and drops repeated keys
         label = label_text(text_field(sample.get(icfg.label_key)))
         text = caption(sample, icfg.text_keys) if captions else None
-        yield (f"{shard}/{key}", shard, key, label, text, source_uid(sample)), sample
+        yield (f"{shard}/{key}", shard, key, label, text, *json_fields(sample)), sample
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:

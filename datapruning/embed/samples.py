@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from ..io.files import mark_done, write_parquet
 from ..io.tables import embedding_column
+from ..metrics.datacomp import clip_scores
 from .encoders import decode_input
 
 
@@ -21,7 +22,8 @@ def embedding_table(rows: dict, matrix: np.ndarray, dtype: str, text_matrix: np.
     """Our embeddings table: the row columns (strings unless given as arrow arrays), ``embedding``, and for
     image-text pairs ``text_embedding`` and ``clip_score`` (the cosine of the two, float32, from the stored
     float32 rows; ``rows`` may hold a precomputed ``clip_score`` instead, as DataComp's metadata does)."""
-    cols = {name: values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=pa.string())
+    cols = {name: values if isinstance(values, (pa.Array, pa.ChunkedArray))
+            else pa.array(values, type=pa.int64() if name in SIZE_NAMES else pa.string())
             for name, values in rows.items()}
     cols["embedding"] = embedding_column(_empty_safe(matrix).astype(dtype))
     if text_matrix is not None:
@@ -31,23 +33,24 @@ def embedding_table(rows: dict, matrix: np.ndarray, dtype: str, text_matrix: np.
     return pa.table(cols)
 
 
-def clip_scores(image: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """The CLIP score of each pair: the cosine of its L2-normalised image and caption embeddings."""
-    if image.size == 0:
-        return np.zeros(0, np.float32)
-    return np.einsum("ij,ij->i", image.astype(np.float32), text.astype(np.float32))
+SIZE_NAMES = ("original_width", "original_height")  # the image's size before any resize (DataComp, img2dataset)
+ROW_NAMES = ("uid", "shard", "key", "label", "text", "source_uid", *SIZE_NAMES)  # per-sample columns of a tar shard
+OPTIONAL_ROWS = ("source_uid", *SIZE_NAMES)  # left out of a shard's table where no sample has them
 
 
-ROW_NAMES = ("uid", "shard", "key", "label", "text", "source_uid")  # per-sample columns of a tar shard
-
-
-def source_uid(sample: dict) -> str | None:
-    """The dataset's own id of a sample: the ``uid`` in its ``.json`` (DataComp, img2dataset), else None."""
+def json_fields(sample: dict) -> tuple:
+    """From a sample's ``.json`` (DataComp, img2dataset): the dataset's own ``uid`` (a string) and the image's
+    ``original_width`` and ``original_height`` (integers); None for each one missing."""
     try:
-        value = json.loads(sample["json"]).get("uid")
-    except (KeyError, ValueError, AttributeError, TypeError):
-        return None
-    return None if value is None else str(value)
+        obj = json.loads(sample["json"])
+    except (KeyError, ValueError, TypeError):
+        return None, None, None
+    if not isinstance(obj, dict):
+        return None, None, None
+    uid = obj.get("uid")
+    sizes = [obj.get(k) if isinstance(obj.get(k), int) and not isinstance(obj.get(k), bool) else None
+             for k in SIZE_NAMES]
+    return (None if uid is None else str(uid)), *sizes
 
 
 def text_field(data: bytes | None) -> str | None:
@@ -71,8 +74,8 @@ def caption(sample: dict, text_keys) -> str | None:
 
 def write_shard(cfg, out_dir: Path, shard: str, rows: dict, matrix: np.ndarray, skipped: Counter, encoder: str,
                 nan_labels: int = 0, text_matrix: np.ndarray | None = None) -> dict:
-    if isinstance(rows.get("source_uid"), list) and all(v is None for v in rows["source_uid"]):
-        rows = {name: values for name, values in rows.items() if name != "source_uid"}
+    rows = {name: values for name, values in rows.items()
+            if not (name in OPTIONAL_ROWS and isinstance(values, list) and all(v is None for v in values))}
     if text_matrix is None and cfg.embed.modality == "pair":  # a shard with no good pair: the columns still exist
         text_matrix = np.zeros((0, 1), np.float32)
     write_parquet(out_dir / f"{shard}.parquet", embedding_table(rows, matrix, cfg.embed.store_dtype, text_matrix))

@@ -14,12 +14,13 @@ import pyarrow.compute as pc
 from .decoders import choose_decoder
 from .encoders import Encoder, build_encoder
 from .pipeline import embed_chain
-from .samples import embedding_table, write_shard
+from .samples import SIZE_NAMES, embedding_table, write_shard
 from ..errors import InputError, StageError
 from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, read_json, write_json,
                         write_parquet)
 from ..io.shards import detect_format, expand_input, shard_names
-from ..io.tables import label_strings, normalise_rows, precomputed_table
+from ..io.tables import label_strings, normalise_rows, npz_key_for, precomputed_pair, precomputed_table
+from ..metrics.datacomp import clip_scores
 from ..io.webdataset import ShardUnavailable, retrying, skip
 from ..exec import map_unordered, map_with_setup
 from ..run import STAGES, Rate, Run, clear_outputs, log, prepare_stage, progress, save_config, timed
@@ -29,7 +30,7 @@ TABLE_FORMATS = ("parquet", "clip_retrieval", "npy", "datacomp")
 
 def discover(run: Run, input_spec) -> list[dict]:
     """Resolve the input into shards.json (path, name, format); a rerun must name the same input."""
-    paths = expand_input(input_spec)
+    paths = expand_input(input_spec, side="text_emb" if run.cfg.embed.modality == "text" else "img_emb")
     fmt = detect_format(paths, run.cfg.input.format)
     shards = [{"path": p, "name": n, "format": fmt} for p, n in zip(paths, shard_names(paths))]
     run.output.mkdir(parents=True, exist_ok=True)
@@ -61,10 +62,18 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder,
 def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> dict:
     """Copy one precomputed-embedding shard into our layout, L2-normalised, bad rows counted.
     Columnar throughout (no per-row Python): a 1M-row shard is dominated by parquet I/O."""
-    icfg, skipped = cfg.input, Counter()
-    meta, matrix = precomputed_table(path, fmt, icfg)
+    icfg, skipped, pair = cfg.input, Counter(), cfg.embed.modality == "pair"
+    if pair:
+        meta, matrix, text, score_col = precomputed_pair(path, fmt, icfg)
+    else:
+        meta, matrix = precomputed_table(path, fmt, icfg)
     uid = pc.cast(meta[icfg.id_column], pa.string()).combine_chunks()
     ok = normalise_rows(matrix, shard, skipped, uid, cfg.strict)
+    if pair:  # a row whose image is already skipped is not counted again for its caption
+        rows_ok = np.flatnonzero(ok)
+        sub = text[rows_ok]
+        ok[rows_ok] = normalise_rows(sub, shard, skipped, uid.take(pa.array(rows_ok)), cfg.strict, "text_embedding")
+        text[rows_ok] = sub
     duplicate = np.zeros(len(ok), dtype=bool)
     duplicate[ok] = pd.Index(uid.filter(pa.array(ok)).to_numpy(zero_copy_only=False)).duplicated()
     for i in np.flatnonzero(duplicate):  # the first valid copy of a uid stays
@@ -80,9 +89,30 @@ def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> di
                       ("text", "text"), ("uid", "source_uid")):  # "uid": DataComp's own id column
         if src in meta.column_names and name not in rows:
             rows[name] = pc.cast(meta[src], pa.string()).filter(pa.array(ok))
+    for name in SIZE_NAMES:
+        if name in meta.column_names and pa.types.is_integer(meta[name].type):
+            rows[name] = pc.cast(meta[name], pa.int64()).filter(pa.array(ok))
     for name in ("uid", "shard", "key"):
         rows[name] = rows[name].filter(pa.array(ok))
-    return write_shard(cfg, out_dir, shard, rows, matrix[ok], skipped, "precomputed", nan_labels=nan_labels)
+    if pair and score_col is not None:
+        rows["clip_score"] = stored_clip_score(meta[score_col].filter(pa.array(ok)), matrix[ok], text[ok],
+                                               f"shard {shard}, {score_col}")
+    return write_shard(cfg, out_dir, shard, rows, matrix[ok], skipped, "precomputed", nan_labels=nan_labels,
+                       text_matrix=text[ok] if pair else None)
+
+
+def stored_clip_score(given, image: np.ndarray, text: np.ndarray, where: str) -> pa.Array:
+    """The metadata's CLIP score (DataComp's, from the float32 embeddings before they were stored as float16),
+    checked against the cosine of the stored embeddings: a gap above 0.01 is logged (input.npz_key of another
+    model?). A missing value is replaced by the cosine."""
+    values = np.asarray(pc.fill_null(pc.cast(given, pa.float64()), np.nan).to_numpy(), dtype=np.float64)
+    cos = clip_scores(image, text).astype(np.float64)
+    known = np.isfinite(values)
+    gap = float(np.abs(values[known] - cos[known]).max(initial=0.0))
+    if gap > 0.01:
+        log.warning("%s differs from the cosine of the stored embeddings by up to %.3f; are they from the same "
+                    "model (input.npz_key)?", where, gap)
+    return pa.array(np.where(known, values, cos).astype(np.float32), pa.float32())
 
 
 def embed_one(cfg, out_dir: Path, shard: dict, encoder: Encoder | None = None) -> dict:
@@ -158,6 +188,8 @@ def run_embed(run: Run, input_spec=None) -> None:
     shards = run.shards
     if any(s["format"] not in TABLE_FORMATS for s in shards) and run.cfg.embed.encoder == "precomputed":
         raise InputError("embed.encoder=precomputed, but the input is webdataset shards; choose an encoder")
+    if any(s["format"] == "datacomp" for s in shards):
+        npz_key_for(run.cfg.input.npz_key, run.cfg.embed.modality)
     out_dir = prepare_stage(run, "embed")
     retry = failed_shards(out_dir, shards)
     todo = [s for s in shards if not is_done(out_dir, s["name"]) or s["name"] in retry]
