@@ -293,7 +293,7 @@ def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None 
         cols = [c for c in ("uid", "label", "embedding") if c in have
                 and (c != "embedding" or embeddings) and (c != "label" or labels is not None)]
         emb = read_stage(path, columns=cols + [c for c in columns if c in have and c not in cols])
-        block.update(block_columns(emb, columns))
+        block.update(block_columns(emb, columns, str(path)))
         _check_uids(cl["uid"].combine_chunks(), emb["uid"].combine_chunks(), str(path))
         if labels is not None:
             block["label"] = (encode_labels(emb["label"], labels) if "label" in emb.column_names

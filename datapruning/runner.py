@@ -33,6 +33,9 @@ def check_config(cfg: RunConfig) -> None:
         METRICS[name].parse(cfg.score.params.get(name), cfg.seed)
     selector_params(cfg)
     parse_filters(cfg.select.filters, cfg.score.metrics)
+    if "clip_score" in cfg.score.metrics and cfg.embed.modality != "pair":
+        raise ConfigError("score.metrics: clip_score compares a sample's image and caption embeddings; set "
+                          "embed.modality=pair")
 
 
 def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):

@@ -123,3 +123,30 @@ def test_dali_pair_keeps_captions_in_step(tmp_path):
     out = DaliDecoder(spec, "cpu", "pair", InputConfig())(batch)
     assert out.reasons == [None, "missing_text", "missing_image", None]
     assert out.texts == ["a dog", "a cat"] and out.inputs.shape[0] == 2
+
+
+@pytest.mark.gpu
+def test_dali_on_cuda_matches_pil_rows_and_pixels(tmp_path, tiny_clip_config):
+    """device="mixed": the hardware JPEG decoder and nvjpeg with fancy upsampling (measured by gpu_check.sh)."""
+    from datapruning.embed.dali_decode import DaliDecoder
+
+    rng = np.random.default_rng(11)
+    datas = jpegs(rng, [(375, 500)] * 8)  # 4:2:0, PIL's default
+    pre = open_clip_preprocess()
+    spec = spec_from_transform(pre)
+    out = DaliDecoder(spec, "cuda", "image", InputConfig())(batch_of(datas))
+    assert out.inputs.is_cuda and out.ready is not None
+    out.ready.synchronize()
+    ref = torch.stack([pre(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas])
+    levels = ((out.inputs.cpu() - ref) * torch.tensor(spec.std).view(1, 3, 1, 1) * 255).abs()
+    assert float(torch.quantile(levels.flatten()[::5], 0.999)) <= 2.01  # issue 25's parity bar
+    shards = make_jpeg_shards(tmp_path / "jpg")
+    tables = {}
+    for mode, dev in (("pil", "cpu"), ("dali", "cuda")):
+        cfg = load_config(None, tiny_clip_overrides(tiny_clip_config) + ["embed.batch_size=5", f"embed.device={dev}",
+                                                                         f"embed.image_decode={mode}"])
+        run_stage("embed", cfg, tmp_path / mode, str(shards))
+        tables[mode] = pq.read_table(tmp_path / mode / "embeddings")
+    assert tables["dali"]["uid"].equals(tables["pil"]["uid"])
+    a, b = (np.stack(t["embedding"].to_numpy(zero_copy_only=False)) for t in (tables["dali"], tables["pil"]))
+    assert np.einsum("ij,ij->i", a, b).min() > 0.98  # bf16 autocast and nvjpeg vs fp32 and PIL

@@ -191,11 +191,13 @@ def test_filters_in_memory_follow_datacomps_rule():
     ({"select.filters.clip_score.keep_fraction": "1.5"}, "must be in \\[0, 1\\]"),
     ({"select.filters.clip_score.top": "0.5"}, "unknown key 'top'"),
     ({"select.method": "threshold"}, "needs a finite number"),
+    ({"embed.modality": "image"}, "set embed.modality=pair"),
 ])
 def test_filter_and_threshold_settings_are_checked_before_any_stage(tmp_path, bad, message):
     from datapruning.runner import check_config
 
-    cfg = load_config(None, ["score.metrics=[clip_score]"] + [f"{k}={v}" for k, v in bad.items()])
+    cfg = load_config(None, ["score.metrics=[clip_score]", "embed.modality=pair"] +
+                      [f"{k}={v}" for k, v in bad.items()])
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)
 

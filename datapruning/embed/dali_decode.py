@@ -9,9 +9,10 @@ decode whole (a corrupt image) is decoded by the tensor step instead, which name
 """
 from __future__ import annotations
 
+import atexit
 import io
 import logging
-import threading
+import queue
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +99,8 @@ def to_torch(out, device: str):
 
 @dataclass
 class DaliDecoder:
-    """The decode step on DALI; one pipeline per decode thread, built on first use."""
+    """The decode step on DALI: built pipelines are kept for reuse (one per decode thread at a time), across
+    shards when the decoder is (``stage.get_decoder``)."""
 
     spec: PreprocessSpec
     device: str
@@ -107,17 +109,30 @@ class DaliDecoder:
     workers: int = 1
     name: str = "dali"
     fast: bool = True  # io.tarstream reads the tar: one Python thread must keep up with the GPU
-    _local: Any = field(default_factory=threading.local, repr=False)
+    _free: Any = field(default_factory=queue.SimpleQueue, repr=False)
 
     def __post_init__(self):
         import_dali()
         self._fallback = TensorDecoder(self.spec, self.device, self.modality, self.icfg)
+        atexit.register(self.close)  # DALI's pipelines must go before the interpreter tears its modules down
 
-    def pipeline(self, batch_size: int):
-        have = getattr(self._local, "pipe", None)
+    def close(self) -> None:
+        """Drop the kept pipelines."""
+        while True:
+            try:
+                self._free.get_nowait()
+            except queue.Empty:
+                return
+
+    def pipeline(self, batch_size: int) -> tuple:
+        """(max batch size, pipeline): a free one large enough, else a new one."""
+        try:
+            have = self._free.get_nowait()
+        except queue.Empty:
+            have = None
         if have is None or have[0] < batch_size:
-            self._local.pipe = (batch_size, build_pipeline(self.spec, self.device, batch_size))
-        return self._local.pipe[1]
+            have = (batch_size, build_pipeline(self.spec, self.device, batch_size))
+        return have
 
     def __call__(self, batch: list) -> Decoded:
         if self.modality == "pair":
@@ -131,7 +146,7 @@ class DaliDecoder:
         rows = [i for i, r in enumerate(reasons) if r is None]
         if not rows:
             return Decoded([m for m, _ in batch], reasons)
-        pipe = self.pipeline(len(batch))
+        size, pipe = self.pipeline(len(batch))
         try:
             pipe.feed_input("data", [np.frombuffer(raw[i], np.uint8) for i in rows])
             pipe.feed_input("size", [np.array(geo[i][0], np.float32) for i in rows])
@@ -141,7 +156,7 @@ class DaliDecoder:
         except Exception as exc:  # noqa: BLE001 - DALI reports a bad image as a generic error for the batch
             log.info("DALI could not decode a batch (%s); decoding it with the tensor step",
                      str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-            self._local.pipe = None  # a failed run leaves the pipeline unusable
-            return self._fallback(batch)
+            return self._fallback(batch)  # a failed run leaves the pipeline unusable: it is not kept
+        self._free.put((size, pipe))
         pair_texts = [texts[i] for i in rows] if self.modality == "pair" else None
         return Decoded([m for m, _ in batch], reasons, x, pair_texts, ready)

@@ -49,14 +49,22 @@ def get_encoder(cfg) -> Encoder:
     return _ENCODER_CACHE[key]
 
 
+_DECODER_CACHE: dict[tuple, tuple] = {}
+
+
+def get_decoder(cfg, encoder: Encoder):
+    """The decode step for ``encoder``, built once per worker process and kept (DALI pipelines, CPU pools)."""
+    key = (repr(cfg.embed), repr(cfg.input), id(encoder))
+    if key not in _DECODER_CACHE:  # the entry holds the encoder too, so its id is not reused while cached
+        _DECODER_CACHE[key] = (encoder, choose_decoder(cfg, encoder))
+    return _DECODER_CACHE[key][1]
+
+
 def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder, decoder=None) -> dict:
     """Read one webdataset tar, embed its samples in batches through the chain (``embed.pipeline``) with the
     decode step ``embed.image_decode`` picks (or ``decoder``), write parquet + done marker."""
-    decoder = decoder or choose_decoder(cfg, encoder)
-    try:
-        return embed_chain(cfg, path, shard, out_dir, encoder, decoder, decoder.name, decoder.fast)
-    finally:
-        getattr(decoder, "close", lambda: None)()
+    decoder = decoder or get_decoder(cfg, encoder)
+    return embed_chain(cfg, path, shard, out_dir, encoder, decoder, decoder.name, decoder.fast)
 
 
 def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> dict:

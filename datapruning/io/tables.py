@@ -176,12 +176,18 @@ def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:
     return meta, np.array(matrix, dtype=np.float32)
 
 
-def block_columns(table: pa.Table, columns) -> dict:
+MAY_LACK = ("text", "original_width", "original_height")  # metadata a shard may not have (missing: NaN / None)
+
+
+def block_columns(table: pa.Table, columns, where: str = "embeddings") -> dict:
     """Columns of an embeddings table as a block holds them: numbers as float64 (null: NaN), strings as a list
-    (null: None); a column the table lacks is all missing (a metric reading it scores NaN)."""
+    (null: None). A ``MAY_LACK`` column the table lacks is all missing (a metric reading it scores NaN)."""
     out = {}
     for name in columns:
         if name not in table.column_names:
+            if name not in MAY_LACK:
+                raise InputError(f"{where}: no {name!r} column (clip_score and text_embedding come with "
+                                 "embed.modality=pair)")
             out[name] = np.full(table.num_rows, np.nan) if name != "text" else [None] * table.num_rows
             continue
         col = table[name]
