@@ -106,7 +106,6 @@ class DaliDecoder:
     device: str
     modality: str
     icfg: Any
-    workers: int = 1
     name: str = "dali"
     fast: bool = True  # io.tarstream reads the tar: one Python thread must keep up with the GPU
     _free: Any = field(default_factory=queue.SimpleQueue, repr=False)

@@ -6,15 +6,12 @@ CUDA, else PIL.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .encoders import decode_input
 from .pipeline import Decoded
 from .samples import sample_caption
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,7 +51,7 @@ def choose_decoder(cfg, encoder):
     if spec is not None and (mode == "dali" or (mode == "auto" and cuda and dali_available())):
         from .dali_decode import DaliDecoder
 
-        return DaliDecoder(spec, str(encoder.device), cfg.embed.modality, cfg.input, cfg.embed.decode_workers)
+        return DaliDecoder(spec, str(encoder.device), cfg.embed.modality, cfg.input)
     if spec is not None and (mode == "tensor" or (mode == "auto" and cuda)):
         return TensorDecoder(spec, str(encoder.device), cfg.embed.modality, cfg.input)
     return PilDecoder(encoder.prepare, cfg.embed.modality, cfg.input,

@@ -66,6 +66,8 @@ class TextMatchParams:
     def check(self):
         if not isinstance(self.names, (list, tuple)) or not all(isinstance(n, str) for n in self.names):
             raise ConfigError(f"score.params.text_match.names: a list of class names, got {self.names!r}")
+        if self.names_file is not None and not isinstance(self.names_file, str):
+            raise ConfigError(f"score.params.text_match.names_file: a path, got {self.names_file!r}")
         if self.names_from is not None and self.names_from not in NAME_SETS:
             raise ConfigError(f"score.params.text_match.names_from: one of {list(NAME_SETS)}, got {self.names_from!r}")
         if not self.names and self.names_file is None and self.names_from is None:
