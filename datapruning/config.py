@@ -37,14 +37,16 @@ class EmbedConfig:
     pretrained: str | None = "laion2b_s34b_b79k"  # open_clip tag or local checkpoint path
     model_config: str | None = None  # JSON file with a custom open_clip architecture
     allow_random_weights: bool = False  # never use random weights unless asked
-    modality: str = setting("image", choices=("image", "text"))
+    # pair: both open_clip towers on every sample (image-text), or precomputed pairs
+    modality: str = setting("image", choices=("image", "text", "pair"))
     module: str | None = None  # torch_module encoder: "package.module:ClassName"
     weights: str | None = None  # torch_module encoder: safetensors file
     batch_size: int = setting(256, ge=1, le=MAX_INT)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
-    decode_workers: int = setting(2, ge=1, le=256)
-    # auto (tensor on CUDA) | tensor (JPEG decode+resize as tensors, nvjpeg on CUDA) | pil
-    image_decode: str = setting("auto", choices=("auto", "tensor", "pil"))
+    decode_workers: int = setting(2, ge=0, le=256)  # threads decoding batches ahead of the model (0: on its thread)
+    prefetch: int = setting(2, ge=1, le=1024)  # batches decoded ahead of the model, per decode thread
+    # auto (dali, else tensor, on CUDA) | tensor (JPEG decode+resize as tensors, nvjpeg on CUDA) | dali | pil
+    image_decode: str = setting("auto", choices=("auto", "tensor", "dali", "pil"))
     store_dtype: str = setting("float32", choices=("float32", "float16"))  # on disk
 
 
@@ -78,6 +80,7 @@ class SelectConfig:
     min_per_label: float = setting(0.0, ge=0.0, le=1.0)
     dedup_eps: float | None = setting(None, ge=0.0, le=2.0)  # SemDeDup filter before selection, by eps ...
     dedup_keep_fraction: float | None = setting(None, ge=0.0, le=1.0)  # ... or by the kept fraction to reach
+    filters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # {metric: {threshold | keep_fraction}}
     params: Mapping[str, Any] = field(default_factory=dict)  # selector-specific (tau, l, beta, ...)
 
     def check(self):

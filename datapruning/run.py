@@ -21,7 +21,7 @@ from .io.lock import check_idle, ensure, locked  # noqa: F401 (locked: for calle
 from .errors import ConfigError, InputError, StageError
 from .exec import Executor
 from .io.files import clean_stage, clean_temp, done_path, meta_dir, read_json, stage_marker, write_json
-from .io.tables import column_to_matrix, is_int_text, label_sort_key, read_stage
+from .io.tables import block_columns, column_to_matrix, is_int_text, label_sort_key, read_stage
 from .rows import BlockRows
 
 log = logging.getLogger("datapruning")
@@ -310,14 +310,15 @@ def encode_labels(labels: pa.Array | pa.ChunkedArray, index: dict | None) -> np.
 
 
 def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None = None,
-               embeddings: bool = False, uid: bool = False) -> dict:
+               embeddings: bool = False, uid: bool = False, columns: tuple = ()) -> dict:
     """One shard's numeric columns: pos, shard, cluster, cos_dist, tie (cluster stage); with ``scores`` the
     score stage's label codes and score_<metric> columns; with a ``labels`` index the label codes from the
-    embeddings; ``embeddings``: the float32 [n, d] matrix; ``uid``: the Arrow uid array.
+    embeddings; ``embeddings``: the float32 [n, d] matrix; ``uid``: the Arrow uid array; ``columns``: more
+    columns of the embeddings table (``io.tables.block_columns``: text, clip_score, original_width, ...).
     ``item`` is (shard, offset, rows) from ``shard_offsets``."""
     shard, offset, _ = item
     name = shard["name"]
-    need_uid = uid or labels is not None or embeddings  # strings are read only when asked for or checked
+    need_uid = uid or labels is not None or embeddings or bool(columns)  # strings only when asked for or checked
     cl = read_stage(run.dir("cluster") / f"{name}.parquet",
                     columns=["uid", "cluster", "cos_dist", "tie"] if need_uid else ["cluster", "cos_dist", "tie"])
     n = cl.num_rows
@@ -326,11 +327,13 @@ def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None 
              "cos_dist": cl["cos_dist"].to_numpy().astype(np.float64), "tie": cl["tie"].to_numpy()}
     if uid:
         block["uid"] = cl["uid"].combine_chunks()
-    if labels is not None or embeddings:
+    if labels is not None or embeddings or columns:
         path = run.dir("embed") / f"{name}.parquet"
-        cols = [c for c in ("uid", "label", "embedding") if c in pq.read_schema(path).names
+        have = pq.read_schema(path).names
+        cols = [c for c in ("uid", "label", "embedding") if c in have
                 and (c != "embedding" or embeddings) and (c != "label" or labels is not None)]
-        emb = read_stage(path, columns=cols)
+        emb = read_stage(path, columns=cols + [c for c in columns if c in have and c not in cols])
+        block.update(block_columns(emb, columns, str(path)))
         _check_uids(cl["uid"].combine_chunks(), emb["uid"].combine_chunks(), str(path))
         if labels is not None:
             block["label"] = (encode_labels(emb["label"], labels) if "label" in emb.column_names

@@ -23,6 +23,7 @@ def check_config(cfg: RunConfig, stages=STAGES) -> None:
     """Every metric's and the selector's typed parameters, and the rules across them for ``stages``, checked before
     any stage runs or anything is written: an unknown or meaningless key fails here with the key named."""
     from .score import METRICS
+    from .select.filters import parse_filters
     from .select.stage import selector_params
 
     metrics = list(cfg.score.metrics)
@@ -49,6 +50,10 @@ def check_config(cfg: RunConfig, stages=STAGES) -> None:
     if (cfg.select.dedup_eps is not None or cfg.select.dedup_keep_fraction is not None) and "semdedup" not in metrics:
         raise ConfigError("config key 'select.dedup_eps' / 'select.dedup_keep_fraction': the SemDeDup filter needs "
                           "semdedup in score.metrics")
+    parse_filters(cfg.select.filters, cfg.score.metrics)
+    if "clip_score" in metrics and cfg.embed.modality != "pair":
+        raise ConfigError("config key 'score.metrics': clip_score compares a sample's image and caption embeddings; "
+                          "set embed.modality=pair")
 
 
 def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None, executor: Executor | None = None):

@@ -63,10 +63,16 @@ def test_bench_embed_text_quick(tmp_path):
     assert r["same_keys"] and r["max_abs_diff_vs_bare"] < 1e-5  # real MiniLM rows in file order, same as bare
 
 
+def test_bench_embed_pair_quick(tmp_path):
+    r = run_bench("bench_embed", tmp_path, "--modality", "pair")
+    assert r["modality"] == "pair" and r["images"] > 0 and r["image_per_s"] > 0 and r["pair_per_s"] > 0
+    assert r["pair_over_image_time"] > 0 and r["bare_text_per_s"] > 0
+
+
 @pytest.mark.gpu
 def test_bench_embed_quick_on_cuda(tmp_path):
     r = run_bench("bench_embed", tmp_path, "--device", "cuda")
-    assert r["device"] == "cuda" and r["image_decode"] == "tensor"
+    assert r["device"] == "cuda" and r["image_decode"] in ("tensor", "dali")  # dali where it is installed
 
 
 def test_bench_el2n_quick(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from datapruning.config import load_config
 from datapruning.embed import build_encoder
-from datapruning.embed import stage
+from datapruning.embed import pipeline, stage
 from datapruning.embed.encoders import Encoder
 from datapruning.errors import EncoderError
 from datapruning.runner import run_pipeline
@@ -37,7 +37,7 @@ def embed_shard(tmp_path, path, encoder, batch_size: int):
 
 
 def test_text_batches_are_length_sorted_and_rows_come_back_in_file_order(tmp_path, monkeypatch):
-    monkeypatch.setattr(stage, "SORT_WINDOW_BATCHES", 3)  # 101 texts in windows of 12: several windows
+    monkeypatch.setattr(pipeline, "SORT_WINDOW_BATCHES", 3)  # 101 texts in windows of 12: several windows
     texts = text_shard(tmp_path / "in.tar", 101, bad={5, 77})
     batches = []
 

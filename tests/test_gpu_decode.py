@@ -178,9 +178,9 @@ def test_cuda_decode_matches_cpu_decode():
 def test_cuda_embed_takes_the_tensor_path(tmp_path, tiny_clip_config, caplog):
     shards = make_jpeg_shards(tmp_path / "jpg")
     cpu, _ = embed_run(tmp_path, "cpu", shards, tiny_clip_config, ["embed.image_decode=pil"])
-    with caplog.at_level("INFO", logger="datapruning.embed.gpu_decode"):
+    with caplog.at_level("INFO", logger="datapruning.embed.pipeline"):
         gpu, _ = embed_run(tmp_path, "gpu", shards, tiny_clip_config, ["embed.device=cuda"])
-    assert "tensor path on cuda" in caplog.text
+    assert "tensor decode on cuda" in caplog.text
     assert gpu["uid"].equals(cpu["uid"])
     a = np.stack(gpu["embedding"].to_numpy(zero_copy_only=False))
     b = np.stack(cpu["embedding"].to_numpy(zero_copy_only=False))

@@ -45,7 +45,7 @@ def api() -> dict[str, dict]:
         exec(compile(part, "README.md", "exec"), namespace)  # noqa: S102 - the README of this repository
         title = part.split()[1].rstrip(":,") if part.startswith("# ") else "setup"
         snapshots[title] = dict(namespace)
-    assert set(snapshots) == {"setup", "SSP", "SemDeDup", "DBP", "DP4TL", "EL2N", "Random"}, sorted(snapshots)
+    assert set(snapshots) == {"setup", "SSP", "SemDeDup", "DBP", "DP4TL", "EL2N", "Random", "CLIP"}, sorted(snapshots)
     return snapshots
 
 
@@ -150,3 +150,11 @@ def test_trainer_loaders_see_the_kept_samples(demo_run, monkeypatch):
     assert len(hf) == stats["kept"] and set(hf["uid"]) == kept_uids(demo_run)
     assert len(df) == stats["samples_in"] and int(df["keep"].sum()) == stats["kept"]
     assert {"uid", "shard", "key", "cluster", "cos_dist", "keep"} <= set(df.columns)
+
+
+def test_api_clip_score_and_datacomps_top_fraction(api):
+    ns = api["CLIP"]
+    x, t, clip, keep = ns["x"], ns["t"], ns["clip"], ns["keep"]
+    assert np.allclose(clip, np.sum(x * t, axis=1), atol=1e-5) and 0.5 < clip.mean() < 1
+    threshold = -np.sort(-clip)[int(0.3 * len(clip))]  # DataComp's get_threshold
+    assert np.array_equal(keep, clip >= threshold) and keep.sum() == int(0.3 * len(clip)) + 1

@@ -37,15 +37,20 @@ class Encoder:
     forward_fn: Callable[[list], Any]
     device: str = "cpu"
     length: Callable[[Any], int] | None = None
+    text: "Encoder | None" = None  # embed.modality=pair: the caption tower (same model), beside this image one
 
-    def forward(self, batch: list) -> np.ndarray:
+    def embed(self, batch):
+        """L2-normalised float32 rows as a torch tensor left on the device (no copy to the host, so the next
+        batch can be queued before this one ends). ``batch``: a list of prepared inputs, or a [B, ...] tensor."""
         import torch
 
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
-            out = self.forward_fn(batch)
+            out = self.forward_fn(batch if isinstance(batch, list) else list(batch))
         out = out.float()
-        out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return out.cpu().numpy().astype(np.float32)
+        return out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def forward(self, batch: list) -> np.ndarray:
+        return self.embed(batch).cpu().numpy().astype(np.float32)
 
 
 def _stack(batch: list, device: str):
@@ -84,10 +89,13 @@ def build_open_clip(cfg) -> Encoder:
         raise EncoderError(f"open_clip {model_name} pretrained={pretrained!r} could not be loaded: {first}.{hint}") from None
     model.eval()
     label = f"open_clip:{model_name}:" + (Path(pretrained).name if pretrained else "RANDOM-INIT")
-    if cfg.modality == "image":
-        return Encoder(label, "image", preprocess, lambda b: model.encode_image(_stack(b, device)), device)
-    tokenizer = open_clip.get_tokenizer(model_name)  # pads every text to the context length: no sort helps
-    return Encoder(label, "text", lambda s: s, lambda b: model.encode_text(tokenizer(b).to(device)), device)
+    text = None
+    if cfg.modality != "image":
+        tokenizer = open_clip.get_tokenizer(model_name)  # pads every text to the context length: no sort helps
+        text = Encoder(label, "text", lambda s: s, lambda b: model.encode_text(tokenizer(b).to(device)), device)
+        if cfg.modality == "text":
+            return text
+    return Encoder(label, "image", preprocess, lambda b: model.encode_image(_stack(b, device)), device, text=text)
 
 
 def build_sentence_transformers(cfg) -> Encoder:
@@ -142,6 +150,9 @@ def build_torch_module(cfg) -> Encoder:
     ``transform(pil_image) -> tensor``; its forward returns [n, d] features."""
     from safetensors.torch import load_file
 
+    if cfg.modality == "pair":
+        raise EncoderError("embed.encoder=torch_module has one tower; embed.modality=pair needs open_clip (both "
+                           "towers) or precomputed pairs")
     cls = load_object(cfg.module)
     if not cfg.weights and not cfg.allow_random_weights:
         raise EncoderError("embed.weights is empty, which means random weights; give a safetensors file "

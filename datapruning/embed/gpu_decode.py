@@ -1,36 +1,28 @@
-"""Tensor image path for open_clip image encoders: batched JPEG decode, resize, crop, normalise as tensors.
+"""The tensor decode step for open_clip image encoders: batched JPEG decode, resize, crop, normalise as tensors.
 
-Decoding is nvjpeg on CUDA (libjpeg on CPU) on background threads, so the model does not wait; the
-preprocessing math is ``embed.preprocess``. Chosen by ``embed.image_decode``: ``auto`` uses it when the
-encoder runs on CUDA, ``tensor`` forces it (also on CPU), ``pil`` keeps the PIL path with its thread pool.
+Decoding is nvjpeg on CUDA (libjpeg on CPU), each decode thread on its own CUDA stream, so the model does not
+wait; the preprocessing math is ``embed.preprocess``. Chosen by ``embed.image_decode`` (see ``decoders``).
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import time
 import warnings
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from .pipeline import Decoded
 from .preprocess import PreprocessSpec, preprocess_images, spec_from_transform
+from .samples import image_bytes, pair_reasons
 from ..errors import BadSample
 
 log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-PREFETCH = 3  # batches decoded ahead of the model, per decode thread
-DECODE_THREADS = 2  # decode threads, each on its own CUDA stream (batches dealt round robin, order kept);
-# 0 decodes on the model's thread (the GPU still overlaps: the model runs while the next batch decodes)
-CPU_DECODE_SHARE = 0.0  # share of each batch's JPEGs decoded by libjpeg on CPU threads beside nvjpeg
-CPU_DECODE_WORKERS = 8
-
-
 
 
 def _pil_to_tensor(data: bytes):
@@ -106,192 +98,81 @@ def decode_images(datas: list[bytes], device: str, cpu_pool=None, cpu_share: flo
     return out
 
 
-class _Stop:
-    """End of stream marker (or the producer's exception) on the queues."""
-
-    def __init__(self, error: BaseException | None = None):
-        self.error = error
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put unless the consumer has stopped (then give up instead of blocking forever)."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _get(q: queue.Queue, stop: threading.Event):
-    while not stop.is_set():
-        try:
-            return q.get(timeout=0.1)
-        except queue.Empty:
-            continue
-    return _Stop()
-
-
-def _read_batches(cfg, path: str, shard: str, skipped: Counter, outs: list, stop: threading.Event):
-    """Reader thread: tar samples -> batches of (meta, image bytes or reason) in sample order, dealt round
-    robin to the decode threads' queues ``outs``; then an end marker to each."""
-    from ..io.webdataset import iter_tar_samples, skip
-    from ..io.tables import label_text
-    from .samples import caption, source_uid, text_field
-
-    icfg, batch, seen, n = cfg.input, [], set(), 0
-    try:
-        for sample in iter_tar_samples(path, shard, skipped, cfg.strict, fast=True):
-            key = sample["__key__"]
-            if key in seen:
-                skip(skipped, "duplicate_key", shard, key, "key repeats within the shard", cfg.strict)
-                continue
-            seen.add(key)
-            meta = (f"{shard}/{key}", shard, key, label_text(text_field(sample.get(icfg.label_key))),
-                    caption(sample, icfg.text_keys), source_uid(sample))
-            ext = next((k for k in icfg.image_keys if k in sample), None)
-            batch.append((meta, sample[ext] if ext else "missing_image"))
-            if len(batch) >= cfg.embed.batch_size:
-                if not _put(outs[n % len(outs)], batch, stop):
-                    return
-                batch, n = [], n + 1
-        if batch:
-            _put(outs[n % len(outs)], batch, stop)
-            n += 1
-        for j in range(len(outs)):
-            _put(outs[(n + j) % len(outs)], _Stop(), stop)
-    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-        for j in range(len(outs)):
-            _put(outs[(n + j) % len(outs)], _Stop(exc), stop)
-
-
-def _decode_one(spec, device: str, batch: list, stream, cpu_pool=None):
-    """One byte batch -> (metas, reasons, model input, ready event), the GPU work queued on ``stream``."""
-    import torch
-
-    with torch.cuda.stream(stream) if stream is not None else nullcontext():
-        datas = [d for _, d in batch if isinstance(d, bytes)]
-        decoded = iter(decode_images(datas, device, cpu_pool, CPU_DECODE_SHARE))
-        items = [next(decoded) if isinstance(d, bytes) else d for _, d in batch]
-        good = [t for t in items if not isinstance(t, str)]
-        x = preprocess_images(good, spec) if good else None
-        ready = torch.cuda.Event() if stream is not None else None
-        if ready is not None:
-            ready.record(stream)
-    reasons = [t if isinstance(t, str) else None for t in items]
-    return [m for m, _ in batch], reasons, x, ready
-
-
-def _decode_batches(spec, device: str, inp: queue.Queue, out: queue.Queue, stop: threading.Event, cpu_pool=None):
-    """Decode thread: byte batches -> (metas, reasons, model input, ready event) on its own CUDA stream.
-    The model's stream waits on the event instead of this thread blocking until the batch is done."""
-    import torch
-
-    stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
-    try:
-        while True:
-            batch = _get(inp, stop)
-            if isinstance(batch, _Stop):
-                _put(out, batch, stop)
-                return
-            if not _put(out, _decode_one(spec, device, batch, stream, cpu_pool), stop):
-                return
-    except BaseException as exc:  # noqa: BLE001
-        _put(out, _Stop(exc), stop)
-
-
-def _forward(encoder, x):
-    """``Encoder.forward`` without its copy to the host: L2-normalised float32 rows left on the device, so
-    the next batch is queued before this one finishes."""
-    import torch
-
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-        out = encoder.forward_fn(list(x)).float()
-    return out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def tensor_decode_spec(cfg, encoder) -> PreprocessSpec | None:
-    """The preprocess spec when this shard should take the tensor path, else None (PIL path)."""
-    mode = getattr(cfg.embed, "image_decode", "auto")
-    if mode == "pil":
+    """The preprocess spec the tensor and DALI decode steps reproduce; None where only PIL can (text, a
+    preprocess other than Resize/CenterCrop/Normalize, ``pil``, or ``auto`` off CUDA)."""
+    mode = cfg.embed.image_decode
+    if mode == "pil" or cfg.embed.modality == "text":
         return None
-    is_clip_image = cfg.embed.encoder == "open_clip" and cfg.embed.modality == "image"
+    is_clip_image = cfg.embed.encoder == "open_clip" and cfg.embed.modality in ("image", "pair")
     spec = spec_from_transform(encoder.prepare) if is_clip_image else None
-    if mode == "tensor" and spec is None:
+    if mode in ("tensor", "dali") and spec is None:
         from ..errors import EncoderError
 
-        raise EncoderError("embed.image_decode=tensor needs an open_clip image encoder whose preprocess is "
+        raise EncoderError(f"embed.image_decode={mode} needs an open_clip image encoder whose preprocess is "
                            "Resize/CenterCrop/Normalize; set embed.image_decode=auto or pil")
     if mode == "auto" and not str(encoder.device).startswith("cuda"):
         return None
     return spec
 
 
-def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, spec: PreprocessSpec) -> dict:
-    """``embed_tar_shard`` on the tensor path: a reader thread and a decode thread run ahead of the model."""
+_STREAMS = threading.local()  # each decode thread's own CUDA stream
+
+
+def thread_stream(device: str):
+    """This thread's CUDA stream on ``device`` (None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
     import torch
 
-    from ..io.webdataset import skip
-    from .samples import ROW_NAMES, write_shard
+    stream = getattr(_STREAMS, "stream", None)
+    if stream is None:
+        stream = _STREAMS.stream = torch.cuda.Stream(device)
+    return stream
 
-    device = str(encoder.device)
-    skipped, read_skipped = Counter(), Counter()  # one counter per thread, merged at the end
-    rows = {name: [] for name in ROW_NAMES}
-    chunks: list = []
-    n_dec = max(1, DECODE_THREADS)
-    inline = DECODE_THREADS <= 0
-    raw_qs = [queue.Queue(maxsize=PREFETCH) for _ in range(n_dec)]
-    ready_qs = raw_qs if inline else [queue.Queue(maxsize=PREFETCH) for _ in range(n_dec)]
-    stop = threading.Event()
-    cpu_pool = (ThreadPoolExecutor(CPU_DECODE_WORKERS) if CPU_DECODE_SHARE > 0 and device.startswith("cuda")
-                else None)
-    threads = [threading.Thread(target=_read_batches, args=(cfg, path, shard, read_skipped, raw_qs, stop), daemon=True)]
-    threads += [] if inline else [threading.Thread(target=_decode_batches, daemon=True,
-                                                   args=(spec, device, raw_qs[j], ready_qs[j], stop, cpu_pool))
-                                  for j in range(n_dec)]
-    for t in threads:
-        t.start()
-    waited = busy = 0.0
-    n = 0
-    try:
-        while True:
-            t0 = time.perf_counter()
-            item = ready_qs[n % n_dec].get()
-            n += 1
-            t1 = time.perf_counter()
-            waited += t1 - t0
-            if isinstance(item, _Stop):
-                if item.error is not None:
-                    raise item.error
-                break
-            if inline:
-                item = _decode_one(spec, device, item, None, cpu_pool)
-            metas, reasons, x, ready = item
-            for meta, reason in zip(metas, reasons):
-                if reason is not None:
-                    skip(skipped, reason, shard, meta[2], reason.replace("_", " "), cfg.strict)
-                    continue
-                for name, value in zip(ROW_NAMES, meta):
-                    rows[name].append(value)
-            if x is not None:
-                if ready is not None:  # made on a decode stream, read on this one: wait for it, keep it from early reuse
-                    torch.cuda.current_stream(x.device).wait_event(ready)
-                    x.record_stream(torch.cuda.current_stream(x.device))
-                chunks.append(_forward(encoder, x))
-            busy += time.perf_counter() - t1
-        if chunks:
-            chunks = [torch.cat(chunks).cpu().numpy().astype(np.float32)]
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=5)
-        if cpu_pool is not None:
-            cpu_pool.shutdown()
-    skipped.update(read_skipped)
-    matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
-    if not any(v is not None for v in rows["text"]):
-        rows.pop("text")
-    info = write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
-    log.info("embed %s: tensor path on %s, model busy %.2fs, waited for decode %.2fs", shard, device, busy, waited)
-    return {**info, "model_busy_s": round(busy, 3), "model_wait_s": round(waited, 3)}
+
+@dataclass
+class TensorDecoder:
+    """Batched decode (nvjpeg on CUDA, libjpeg on CPU, PIL for the rest) and the open_clip preprocess as tensor
+    ops, queued on the calling thread's CUDA stream. ``cpu_share``: the share of each batch's JPEGs decoded by
+    libjpeg on ``cpu_workers`` CPU threads beside nvjpeg (CUDA only)."""
+
+    spec: PreprocessSpec
+    device: str
+    modality: str
+    icfg: Any
+    cpu_share: float = 0.0
+    cpu_workers: int = 8
+    name: str = "tensor"
+    fast: bool = True  # io.tarstream reads the tar: one Python thread must keep up with the GPU
+    _pool: Any = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.cpu_share > 0 and self.device.startswith("cuda"):
+            self._pool = ThreadPoolExecutor(self.cpu_workers)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def __call__(self, batch: list) -> Decoded:
+        import torch
+
+        if self.modality == "pair":
+            texts, reasons = pair_reasons(batch, self.icfg)
+        else:
+            texts, reasons = [None] * len(batch), [None] * len(batch)
+        stream = thread_stream(self.device)
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            raw = [image_bytes(sample, self.icfg) for _, sample in batch]
+            datas = [d for d in raw if isinstance(d, bytes)]
+            decoded = iter(decode_images(datas, self.device, self._pool, self.cpu_share))
+            items = [next(decoded) if isinstance(d, bytes) else d for d in raw]
+            reasons = [t if isinstance(t, str) else r for t, r in zip(items, reasons)]  # the image's reason first
+            good = [t for t, r in zip(items, reasons) if r is None]
+            x = preprocess_images(good, self.spec) if good else None
+            ready = torch.cuda.Event() if stream is not None else None
+            if ready is not None:
+                ready.record(stream)
+        pair_texts = [t for t, r in zip(texts, reasons) if r is None] if self.modality == "pair" and good else None
+        return Decoded([m for m, _ in batch], reasons, x, pair_texts, ready)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -12,14 +11,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .encoders import Encoder, build_encoder, decode_input
-from .samples import ROW_NAMES, caption, embedding_table, source_uid, text_field, write_shard
+from .decoders import choose_decoder
+from .encoders import Encoder, build_encoder
+from .pipeline import embed_chain
+from .samples import SIZE_NAMES, embedding_table, write_shard
 from ..errors import InputError, StageError
 from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, read_json, write_json,
                         write_parquet)
 from ..io.shards import detect_format, expand_input, shard_names
-from ..io.tables import label_strings, label_text, normalise_rows, precomputed_table
-from ..io.webdataset import ShardUnavailable, iter_tar_samples, retrying, skip
+from ..io.tables import label_strings, normalise_rows, npz_key_for, precomputed_pair, precomputed_table
+from ..metrics.datacomp import clip_scores
+from ..io.webdataset import ShardUnavailable, retrying, skip
 from ..run import STAGES, Rate, Run, clear_outputs, log, prepare_stage, progress, save_config, timed
 
 TABLE_FORMATS = ("parquet", "clip_retrieval", "npy", "datacomp")
@@ -27,25 +29,12 @@ TABLE_FORMATS = ("parquet", "clip_retrieval", "npy", "datacomp")
 
 def discover(run: Run, input_spec) -> list[dict]:
     """Resolve the input into shards.json (path, name, format); a rerun must name the same input."""
-    paths = expand_input(input_spec)
+    paths = expand_input(input_spec, side="text_emb" if run.cfg.embed.modality == "text" else "img_emb")
     fmt = detect_format(paths, run.cfg.input.format)
     shards = [{"path": p, "name": n, "format": fmt} for p, n in zip(paths, shard_names(paths))]
     run.output.mkdir(parents=True, exist_ok=True)
     write_json(run.output / "shards.json", {"shards": shards})
     return shards
-
-
-SORT_WINDOW_BATCHES = 64  # length-sorted encoders: sort up to this many batches at once (a usual shard whole)
-
-
-def encode_sorted(encoder: Encoder, items: list, batch_size: int) -> np.ndarray:
-    """Embed ``items`` in batches of similar ``encoder.length`` (longest first, as sentence-transformers does),
-    less padding than file order; the rows come back in the order of ``items``."""
-    order = np.argsort([-encoder.length(x) for x in items], kind="stable")
-    parts = [encoder.forward([items[i] for i in order[s:s + batch_size]]) for s in range(0, len(items), batch_size)]
-    out = np.empty((len(items), parts[0].shape[1]), np.float32)
-    out[order] = np.concatenate(parts)
-    return out
 
 
 _ENCODER_CACHE: dict[str, Encoder] = {}
@@ -59,74 +48,39 @@ def get_encoder(cfg) -> Encoder:
     return _ENCODER_CACHE[key]
 
 
-def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder) -> dict:
-    """Read one webdataset tar, embed its samples in batches (text: length-sorted within a window of the shard,
-    rows back in file order), write parquet + done marker."""
-    from .gpu_decode import embed_tar_shard_tensors, tensor_decode_spec
+_DECODER_CACHE: dict[tuple, tuple] = {}
 
-    spec = tensor_decode_spec(cfg, encoder)  # embed.image_decode: JPEG decode + resize as tensors (CUDA)
-    if spec is not None:
-        return embed_tar_shard_tensors(cfg, path, shard, out_dir, encoder, spec)
-    icfg, ecfg, skipped = cfg.input, cfg.embed, Counter()
-    rows = {name: [] for name in ROW_NAMES}
-    chunks: list[np.ndarray] = []
-    batch_items, batch_meta, pending = [], [], []  # pending: prepared inputs not yet embedded, in file order
-    window = ecfg.batch_size * SORT_WINDOW_BATCHES if encoder.length else 0
-    pool = ThreadPoolExecutor(max(1, ecfg.decode_workers))
 
-    def prepare(sample):
-        try:
-            item = decode_input(sample, ecfg.modality, icfg.image_keys, icfg.text_keys)
-            return encoder.prepare(item), None
-        except ValueError as exc:
-            return None, str(exc)
+def get_decoder(cfg, encoder: Encoder):
+    """The decode step for ``encoder``, built once per worker process and kept (DALI pipelines, CPU pools)."""
+    key = (repr(cfg.embed), repr(cfg.input), id(encoder))
+    if key not in _DECODER_CACHE:  # the entry holds the encoder too, so its id is not reused while cached
+        _DECODER_CACHE[key] = (encoder, choose_decoder(cfg, encoder))
+    return _DECODER_CACHE[key][1]
 
-    def encode():
-        if pending:
-            chunks.append(encode_sorted(encoder, pending, ecfg.batch_size) if window else encoder.forward(pending))
-            pending.clear()
 
-    def flush():
-        prepared = list(pool.map(prepare, batch_items))
-        for (sample_meta, (item, err)) in zip(batch_meta, prepared):
-            if err is not None:
-                skip(skipped, err, shard, sample_meta[2], err.replace("_", " "), cfg.strict)
-                continue
-            pending.append(item)
-            for name, value in zip(ROW_NAMES, sample_meta):
-                rows[name].append(value)
-        if len(pending) >= window:
-            encode()
-        batch_items.clear()
-        batch_meta.clear()
-
-    try:
-        for sample in iter_tar_samples(path, shard, skipped, cfg.strict):
-            key = sample["__key__"]  # unique: the reader counts and drops repeated keys
-            label = label_text(text_field(sample.get(icfg.label_key)))
-            text = caption(sample, icfg.text_keys) if ecfg.modality == "image" else None
-            batch_items.append(sample)
-            batch_meta.append((f"{shard}/{key}", shard, key, label, text, source_uid(sample)))
-            if len(batch_items) >= ecfg.batch_size:
-                flush()
-        if batch_items:
-            flush()
-        encode()
-    finally:
-        pool.shutdown()
-    matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
-    if not any(v is not None for v in rows["text"]):
-        rows.pop("text")
-    return write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
+def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder, decoder=None) -> dict:
+    """Read one webdataset tar, embed its samples in batches through the chain (``embed.pipeline``) with the
+    decode step ``embed.image_decode`` picks (or ``decoder``), write parquet + done marker."""
+    decoder = decoder or get_decoder(cfg, encoder)
+    return embed_chain(cfg, path, shard, out_dir, encoder, decoder, decoder.name, decoder.fast)
 
 
 def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> dict:
     """Copy one precomputed-embedding shard into our layout, L2-normalised, bad rows counted.
     Columnar throughout (no per-row Python): a 1M-row shard is dominated by parquet I/O."""
-    icfg, skipped = cfg.input, Counter()
-    meta, matrix = precomputed_table(path, fmt, icfg)
+    icfg, skipped, pair = cfg.input, Counter(), cfg.embed.modality == "pair"
+    if pair:
+        meta, matrix, text, score_col = precomputed_pair(path, fmt, icfg)
+    else:
+        meta, matrix = precomputed_table(path, fmt, icfg)
     uid = pc.cast(meta[icfg.id_column], pa.string()).combine_chunks()
     ok = normalise_rows(matrix, shard, skipped, uid, cfg.strict)
+    if pair:  # a row whose image is already skipped is not counted again for its caption
+        rows_ok = np.flatnonzero(ok)
+        sub = text[rows_ok]
+        ok[rows_ok] = normalise_rows(sub, shard, skipped, uid.take(pa.array(rows_ok)), cfg.strict, "text_embedding")
+        text[rows_ok] = sub
     duplicate = np.zeros(len(ok), dtype=bool)
     duplicate[ok] = pd.Index(uid.filter(pa.array(ok)).to_numpy(zero_copy_only=False)).duplicated()
     for i in np.flatnonzero(duplicate):  # the first valid copy of a uid stays
@@ -142,9 +96,30 @@ def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> di
                       ("text", "text"), ("uid", "source_uid")):  # "uid": DataComp's own id column
         if src in meta.column_names and name not in rows:
             rows[name] = pc.cast(meta[src], pa.string()).filter(pa.array(ok))
+    for name in SIZE_NAMES:
+        if name in meta.column_names and pa.types.is_integer(meta[name].type):
+            rows[name] = pc.cast(meta[name], pa.int64()).filter(pa.array(ok))
     for name in ("uid", "shard", "key"):
         rows[name] = rows[name].filter(pa.array(ok))
-    return write_shard(cfg, out_dir, shard, rows, matrix[ok], skipped, "precomputed", nan_labels=nan_labels)
+    if pair and score_col is not None:
+        rows["clip_score"] = stored_clip_score(meta[score_col].filter(pa.array(ok)), matrix[ok], text[ok],
+                                               f"shard {shard}, {score_col}")
+    return write_shard(cfg, out_dir, shard, rows, matrix[ok], skipped, "precomputed", nan_labels=nan_labels,
+                       text_matrix=text[ok] if pair else None)
+
+
+def stored_clip_score(given, image: np.ndarray, text: np.ndarray, where: str) -> pa.Array:
+    """The metadata's CLIP score (DataComp's, from the float32 embeddings before they were stored as float16),
+    checked against the cosine of the stored embeddings: a gap above 0.01 is logged (input.npz_key of another
+    model?). A missing value is replaced by the cosine."""
+    values = np.asarray(pc.fill_null(pc.cast(given, pa.float64()), np.nan).to_numpy(), dtype=np.float64)
+    cos = clip_scores(image, text).astype(np.float64)
+    known = np.isfinite(values)
+    gap = float(np.abs(values[known] - cos[known]).max(initial=0.0))
+    if gap > 0.01:
+        log.warning("%s differs from the cosine of the stored embeddings by up to %.3f; are they from the same "
+                    "model (input.npz_key)?", where, gap)
+    return pa.array(np.where(known, values, cos).astype(np.float32), pa.float32())
 
 
 def embed_one(cfg, out_dir: Path, shard: dict, encoder: Encoder | None = None) -> dict:
@@ -221,6 +196,8 @@ def run_embed(run: Run, input_spec=None) -> None:
     shards = run.shards
     if any(s["format"] not in TABLE_FORMATS for s in shards) and run.cfg.embed.encoder == "precomputed":
         raise InputError("embed.encoder=precomputed, but the input is webdataset shards; choose an encoder")
+    if any(s["format"] == "datacomp" for s in shards):
+        npz_key_for(run.cfg.input.npz_key, run.cfg.embed.modality)
     out_dir = prepare_stage(run, "embed")
     retry = failed_shards(out_dir, shards)
     todo = [s for s in shards if not is_done(out_dir, s["name"]) or s["name"] in retry]

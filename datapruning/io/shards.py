@@ -1,7 +1,8 @@
 """Shard discovery: local folders, globs, brace patterns ('shards/{00000..00099}.tar') and fsspec URLs.
 
 Local paths come back absolute, so a run works from any directory; an img2dataset / DataComp download folder
-(``{:08d}.tar`` beside ``.parquet``, ``_stats.json`` and ``.json`` side files) lists only its tars."""
+(``{:08d}.tar`` beside ``.parquet``, ``_stats.json`` and ``.json`` side files) lists only its tars, an img2dataset
+``files`` folder its subfolders, and DataComp's resharder output its tars (not ``sample_ids.npy``)."""
 from __future__ import annotations
 
 import glob
@@ -29,10 +30,11 @@ def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def expand_input(spec: str | list[str]) -> list[str]:
+def expand_input(spec: str | list[str], side: str = "img_emb") -> list[str]:
     """All shard paths named by ``spec``, in a stable order, local ones absolute. A folder lists its shards (or
-    is a clip-retrieval output folder); brace patterns and globs expand; URLs go through fsspec. Side files
-    (a .parquet or .json with the stem of a .tar or .npy beside it) are metadata and are dropped."""
+    is a clip-retrieval output folder, read from its ``side``: img_emb or text_emb); brace patterns and globs
+    expand; URLs go through fsspec. Side files (a .parquet or .json with the stem of a .tar or .npy beside it)
+    are metadata and are dropped."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for item in specs:
@@ -53,13 +55,13 @@ def expand_input(spec: str | list[str]) -> list[str]:
                 continue
             path = path[len("file://"):] if path.startswith("file://") else path
             if os.path.isdir(path):
-                out.extend(_list_folder(os.path.abspath(path)))
+                out.extend(_list_folder(os.path.abspath(path), side))
             elif os.path.exists(path):  # a literal name wins over a glob reading of '[' '*' '?'
                 out.append(os.path.abspath(path))
             elif any(ch in path for ch in "*?["):
                 for found in without_side_files(_glob(path)):
                     found = os.path.abspath(found)
-                    out.extend(_list_folder(found) if os.path.isdir(found) else [found])
+                    out.extend(_list_folder(found, side) if os.path.isdir(found) else [found])
             else:
                 raise InputError(f"input {path}: no such file or folder")
         if len(out) == before:  # one pattern of several matching nothing is a mistake too, not a smaller input
@@ -92,24 +94,61 @@ def _check_protocol(url: str) -> str:
     return protocol
 
 
-def _list_folder(folder: str) -> list[str]:
-    for emb in ("img_emb", "text_emb"):  # a clip-retrieval output folder: one shard per .npy part
-        if os.path.isdir(os.path.join(folder, emb)):
-            parts = sorted(glob.glob(os.path.join(glob.escape(folder), emb, "*.npy")), key=_natural)
-            if not parts:
-                raise InputError(f"input folder {folder}: {emb}/ holds no .npy files")
-            return parts
+def _list_folder(folder: str, side: str = "img_emb") -> list[str]:
+    parts = _clip_retrieval_parts(folder, side)
+    if parts is not None:
+        return parts
     files = sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "*")) if os.path.isfile(p))
-    found = without_side_files([p for p in files if shard_suffix(p) in SUFFIXES])
+    subs = _files_shards(folder, files)  # img2dataset files: a folder per shard, its .parquet is metadata
+    found = [p for p in without_side_files([p for p in files if shard_suffix(p) in SUFFIXES]) if not _loose_npy(p)
+             and _stem(p) not in subs] + subs
+    loose = [Path(p).name for p in files if _loose_npy(p) and Path(p).name not in DATACOMP_FILES]
+    if not found and loose:
+        raise InputError(f"input folder {folder}: {loose[0]} has no {Path(loose[0]).stem}.parquet beside it; an "
+                         "embeddings .npy needs one with a uid per row (input.id_column)")
     if not found:
         raise InputError(f"input folder {folder}: holds no .tar, .tar.gz, .parquet or .npy files")
     stems = {_stem(f) for f in found}
-    left = [Path(p).name for p in files if shard_suffix(p) not in SUFFIXES and not Path(p).name.startswith(("_", "."))
-            and not (Path(p).suffix in SIDE_FILES and _stem(p) in stems)]
+    left = [Path(p).name for p in files if p not in found and not Path(p).name.startswith(("_", "."))
+            and not (Path(p).suffix in SIDE_FILES + (".npz",) and _stem(p) in stems)
+            and Path(p).name not in DATACOMP_FILES]
     if left:
         log.warning("input folder %s: left out %d file(s) that are not shards: %s", folder, len(left),
                     ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""))
     return found
+
+
+DATACOMP_FILES = ("sample_ids.npy", "meta.json", "sizes.json")  # what DataComp's resharder writes beside its tars
+
+
+def _loose_npy(path: str) -> bool:
+    """A .npy that is no shard: an embeddings .npy comes with a same-stem .parquet of ids (DataComp's
+    resharder leaves its subset file, ``sample_ids.npy``, beside its tars)."""
+    return path.endswith(".npy") and not os.path.exists(path[:-len(".npy")] + ".parquet")
+
+
+def _clip_retrieval_parts(folder: str, side: str) -> list[str] | None:
+    """A clip-retrieval output folder's ``side`` parts (img_emb/ for images and pairs, text_emb/ for texts);
+    None for another kind of folder. A folder without the side asked for is refused, naming it."""
+    have = [emb for emb in ("img_emb", "text_emb") if os.path.isdir(os.path.join(folder, emb))]
+    if not have:
+        return None
+    if side not in have:
+        modality = "text" if side == "text_emb" else "image (or pair)"
+        raise InputError(f"input folder {folder}: a clip-retrieval folder without {side}/ (it has "
+                         f"{', '.join(h + '/' for h in have)}); embed.modality={modality.split()[0]} reads {side}/")
+    parts = sorted(glob.glob(os.path.join(glob.escape(folder), side, "*.npy")), key=_natural)
+    if not parts:
+        raise InputError(f"input folder {folder}: {side}/ holds no .npy files")
+    return parts
+
+
+def _files_shards(folder: str, files: list[str]) -> list[str]:
+    """img2dataset's ``--output_format files``: one subfolder of ``{key}.{ext}`` files per shard, beside its
+    ``{shard}.parquet`` and ``{shard}_stats.json``; the subfolders are the shards."""
+    stems = {_stem(f) for f in files if f.endswith((".parquet", "_stats.json"))}
+    subs = sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "*")) if os.path.isdir(p))
+    return [d for d in subs if d in stems]
 
 
 def shard_suffix(path: str) -> str:
@@ -137,7 +176,9 @@ def detect_format(paths: list[str], declared: str = "auto") -> str:
         return declared
     kinds = set()
     for p in paths:
-        if Path(p).parent.name in ("img_emb", "text_emb") and Path(p).parent.parent.joinpath("metadata").is_dir():
+        if not _is_url(p) and os.path.isdir(p):
+            kinds.add("webdataset")  # an img2dataset files folder, read as the tar it would have been
+        elif Path(p).parent.name in ("img_emb", "text_emb") and Path(p).parent.parent.joinpath("metadata").is_dir():
             kinds.add("clip_retrieval")
         elif p.endswith(".parquet") and not _is_url(p) and os.path.exists(p[:-len(".parquet")] + ".npz"):
             kinds.add("datacomp")  # DataComp's metadata: uid, url, text, ... plus same-name .npz embeddings

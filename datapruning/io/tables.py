@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..metrics.exact import unit_rows
 from .webdataset import skip
 
@@ -47,16 +47,17 @@ def column_to_matrix(column: pa.ChunkedArray | pa.Array, where: str) -> np.ndarr
     return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, d)
 
 
-def normalise_rows(matrix: np.ndarray, where: str, skipped: Counter, keys, strict: bool) -> np.ndarray:
-    """L2-normalise rows; NaN/inf or all-zero rows are skipped (counted) or raise in strict mode.
-    Returns the mask of rows kept; ``matrix`` is normalised in place."""
+def normalise_rows(matrix: np.ndarray, where: str, skipped: Counter, keys, strict: bool,
+                   what: str = "embedding") -> np.ndarray:
+    """L2-normalise rows; NaN/inf or all-zero rows are skipped (counted as non_finite_<what> / zero_<what>) or
+    raise in strict mode. Returns the mask of rows kept; ``matrix`` is normalised in place."""
     finite = np.isfinite(matrix).all(axis=1)
     # scaled by the largest |value| first: the float32 norm of finite values near 1e38 overflows to inf
     scale = np.abs(np.where(finite[:, None], matrix, 0)).max(axis=1, initial=0)
     ok = finite & (scale > 0)
     for i in np.flatnonzero(~ok):
-        skip(skipped, "non_finite_embedding" if not finite[i] else "zero_embedding", where, str(keys[i]),
-             "embedding has NaN/inf" if not finite[i] else "embedding is all zeros", strict)
+        skip(skipped, f"non_finite_{what}" if not finite[i] else f"zero_{what}", where, str(keys[i]),
+             f"{what} has NaN/inf" if not finite[i] else f"{what} is all zeros", strict)
     matrix[ok] = unit_rows(matrix[ok] / scale[ok, None])
     return ok
 
@@ -137,7 +138,7 @@ def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:
         table = read_parquet(path)
         for col in (cfg.id_column, cfg.embedding_column):
             if col not in table.column_names:
-                raise InputError(f"{path}: missing column {col!r} (have {table.column_names})")
+                raise InputError(missing_column(path, col, table.column_names))
         matrix = column_to_matrix(table[cfg.embedding_column], path)
         meta = table.drop_columns([cfg.embedding_column])
     elif fmt == "clip_retrieval":
@@ -173,6 +174,78 @@ def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:
     if meta[cfg.id_column].null_count:
         raise InputError(f"{path}: column {cfg.id_column!r} has nulls")
     return meta, np.array(matrix, dtype=np.float32)
+
+
+MAY_LACK = ("text", "original_width", "original_height")  # metadata a shard may not have (missing: NaN / None)
+
+
+def block_columns(table: pa.Table, columns, where: str = "embeddings") -> dict:
+    """Columns of an embeddings table as a block holds them: numbers as float64 (null: NaN), strings as a list
+    (null: None). A ``MAY_LACK`` column the table lacks is all missing (a metric reading it scores NaN)."""
+    out = {}
+    for name in columns:
+        if name not in table.column_names:
+            if name not in MAY_LACK:
+                raise InputError(f"{where}: no {name!r} column (clip_score and text_embedding come with "
+                                 "embed.modality=pair)")
+            out[name] = np.full(table.num_rows, np.nan) if name != "text" else [None] * table.num_rows
+            continue
+        col = table[name]
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            out[name] = col.to_pylist()
+        else:
+            out[name] = np.asarray(pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy(), dtype=np.float64)
+    return out
+
+
+DATACOMP_COLUMNS = {"uid", "url", "text", "original_width", "original_height"}  # DataComp's metadata parquet
+
+
+def missing_column(path: str, col: str, have: list) -> str:
+    """The message for a parquet input without the id or embedding column: what it looks like and the fix."""
+    if DATACOMP_COLUMNS <= set(have) or any(c.endswith("_similarity_score") for c in have):
+        npz = Path(path).with_suffix(".npz").name
+        return (f"{path}: DataComp metadata without its embeddings: {npz} is missing beside it (download the "
+                "metadata with --download_npz, or embed the images from the shards instead)")
+    return (f"{path}: missing column {col!r} (have {have[:20]}); name the columns with input.id_column and "
+            "input.embedding_column (NeMo Curator writes 'id' and 'embeddings')")
+
+
+def npz_key_for(npz_key: str, modality: str) -> str:
+    """The .npz array of DataComp's metadata the ``embedding`` column comes from: ``input.npz_key`` itself, which
+    must be a caption array (``*_txt``) for embed.modality=text and an image array otherwise."""
+    want = "_txt" if modality == "text" else "_img"
+    if not npz_key.endswith(want):
+        raise ConfigError(f"input.npz_key={npz_key} is {'an image' if want == '_txt' else 'a caption'} array, but "
+                         f"embed.modality={modality} embeds {'captions' if want == '_txt' else 'images'}; set "
+                         f"input.npz_key={npz_key.split('_')[0]}{want}")
+    return npz_key
+
+
+def precomputed_pair(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray, np.ndarray, str | None]:
+    """One precomputed image-text shard -> (metadata, image [n, d], caption [n, d], the metadata's CLIP score
+    column or None): DataComp's .npz ``{arch}_img`` / ``{arch}_txt`` (``input.npz_key`` names the image array;
+    ``clip_{arch}_similarity_score`` where the metadata has it), clip-retrieval's img_emb/ and text_emb/ parts,
+    or a parquet's embedding and ``text_embedding`` columns."""
+    meta, image = precomputed_table(path, fmt, cfg)
+    score = None
+    if fmt == "datacomp":
+        arch = cfg.npz_key.split("_")[0]
+        text_path, text = path[:-len(".parquet")] + ".npz", load_npz(path[:-len(".parquet")] + ".npz", f"{arch}_txt")
+        score = f"clip_{arch}_similarity_score" if f"clip_{arch}_similarity_score" in meta.column_names else None
+    elif fmt == "clip_retrieval":
+        part = Path(path).stem.split("_")[-1]
+        text_path = str(Path(path).parent.parent / "text_emb" / f"text_emb_{part}.npy")
+        text = load_npy(text_path)
+    elif fmt == "parquet" and "text_embedding" in meta.column_names:
+        text_path, text = path, column_to_matrix(meta["text_embedding"], path)
+        meta = meta.drop_columns(["text_embedding"])
+    else:
+        raise InputError(f"{path}: embed.modality=pair reads DataComp metadata (.parquet + .npz), clip-retrieval "
+                         "folders (img_emb/ + text_emb/) or parquet with embedding and text_embedding columns")
+    if text.ndim != 2 or len(text) != len(image):
+        raise InputError(f"{text_path}: caption embeddings of shape {text.shape} for {len(image)} images")
+    return meta, image, np.array(text, dtype=np.float32), score
 
 
 def read_stage(path: str | Path, columns=None) -> pa.Table:

@@ -1,13 +1,14 @@
-"""The one webdataset tar reader: members grouped into samples by key, bad members counted, not fatal."""
+"""The one webdataset reader (tars, and img2dataset's files folders): samples by key, bad members counted."""
 from __future__ import annotations
 
 import gzip
 import logging
 import random
+import stat
 import tarfile
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import PurePosixPath
 from typing import Callable, Iterator
 
@@ -64,6 +65,24 @@ def _tarfile_members(raw, shard: str, safe: bool) -> Iterator[tuple[str, tarfile
                 check_member(member, shard)
             if member.isfile():
                 yield member.name, member, tar.extractfile(member).read()
+
+
+def _folder_members(folder: str, shard: str, safe: bool) -> Iterator[tuple[str, tarfile.TarInfo, bytes]]:
+    """(name, header, bytes) of the files of an img2dataset ``--output_format files`` shard folder, in name
+    order (so a sample's files are consecutive, as in a tar); links are refused with ``safe``, else skipped."""
+    import os
+
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            if safe and stat.S_ISLNK(st.st_mode):
+                raise UnsafeMember(f"shard {shard}: {name!r} is a link; refusing to copy it")
+            continue
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), st.st_mode & 0o777
+        with open(path, "rb") as fh:
+            yield name, info, fh.read()
 
 
 def _fast_members(raw) -> Iterator[tuple[str, None, bytes]]:
@@ -196,8 +215,9 @@ def _read_once(path: str, shard: str, report: OnSkip, fast: bool, safe: bool) ->
 
     damage = None
     try:
-        with fsspec.open(path, "rb") as raw:
-            members = _fast_members(raw) if fast and not safe else _tarfile_members(raw, shard, safe)
+        with nullcontext() if is_folder(path) else fsspec.open(path, "rb") as raw:
+            members = (_folder_members(path, shard, safe) if raw is None
+                       else _fast_members(raw) if fast and not safe else _tarfile_members(raw, shard, safe))
             for group in _group(members, counted, state):
                 state["emitted"] += 1
                 yield group
@@ -215,6 +235,13 @@ def _read_once(path: str, shard: str, report: OnSkip, fast: bool, safe: bool) ->
         return  # the partial last sample is dropped: it may be missing members
     if state["members"]:
         yield state["key"], state["members"]
+
+
+def is_folder(path: str) -> bool:
+    """A local folder: an img2dataset ``files`` shard, read as the tar it would have been."""
+    import os
+
+    return "://" not in str(path) and os.path.isdir(path)
 
 
 def _reread(path: str, shard: str, on_skip: OnSkip, emitted: int, reported: int):

@@ -7,6 +7,7 @@ The formulas, defaults and their sources are in docs/methods.md. The pipeline ru
 from __future__ import annotations
 
 from .ccs import ccs_allocate, ccs_default_beta, ccs_strata
+from .datacomp import caption_passes, clip_scores, contains_names, size_passes
 from .dbp import complexity, d_inter, d_intra, dbp_quotas, dbp_shares, project_capped_simplex
 from .dp4tl import (feature_mapping_assign, feature_mapping_freq, label_mapping_freq, lm_predictions_from_logits,
                     top_k_groups, train_linear_source_classifier, zero_shot_predictions)
@@ -22,4 +23,5 @@ __all__ = [
     "lm_predictions_from_logits", "train_linear_source_classifier", "zero_shot_predictions", "label_mapping_freq",
     "top_k_groups", "feature_mapping_assign", "feature_mapping_freq",
     "el2n", "el2n_proxy", "ccs_default_beta", "ccs_allocate", "ccs_strata",
+    "clip_scores", "caption_passes", "size_passes", "contains_names",
 ]

@@ -41,6 +41,7 @@ class ScoreInputs:
     labels: np.ndarray | None = None
     label_names: tuple = ()
     seed: int = 0
+    columns: dict = field(default_factory=dict)  # more per-row columns a metric reads (text, clip_score, ...)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def array_block(inp: ScoreInputs, seed: int) -> dict:
         block["uid"] = uid
     if inp.embeddings is not None:
         block["embedding"] = np.asarray(inp.embeddings, dtype=np.float32)
+    block.update(inp.columns)
     return block
 
 

@@ -90,8 +90,9 @@ def gather_parts(run: Run, name: str, shard_index: int, n: int) -> np.ndarray:
 def score_shard(run: Run, plan: list[tuple], labels: dict | None, item: tuple) -> dict:
     """Every metric's scores for one shard: shard-unit metrics computed here, cluster-unit ones gathered."""
     shard = item[0]
-    wants_emb = any(m.unit == "shard" and "embedding" in m.wants(p) for _, m, p, _ in plan)
-    block = read_block(run, item, labels=labels, embeddings=wants_emb, uid=True)
+    wants = set().union(*(m.wants(p) for _, m, p, _ in plan if m.unit == "shard"))
+    block = read_block(run, item, labels=labels, embeddings="embedding" in wants, uid=True,
+                       columns=tuple(sorted(wants - {"embedding", "label"})))
     cols = {"uid": block["uid"]}
     if labels is not None:
         cols["label"] = pa.array(block["label"].astype(np.int32))

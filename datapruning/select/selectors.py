@@ -24,6 +24,7 @@ from ..hashing import uid_hash
 from ..metrics.ranking import MODES, balanced_quotas, floor_quotas
 from ..rows import ArrayRows, add
 from ..score.dbp import cluster_complexity
+from .threshold import ThresholdParams, decide_threshold
 from .rules import (any_of, column, count_true, group_sizes, in_groups, in_play, keys_by, n_groups, not_,
                     top_per_group)
 
@@ -301,4 +302,5 @@ SELECTORS: dict[str, Selector] = {
     "dbp": Selector("dbp", DBPSelectParams, decide_dbp, ("mode", "min_per_cluster")),
     "ccs": Selector("ccs", CCSParams, decide_ccs, ("metric",)),
     "groups": Selector("groups", GroupsParams, decide_groups, ("metric",)),
+    "threshold": Selector("threshold", ThresholdParams, decide_threshold, ("metric",)),
 }

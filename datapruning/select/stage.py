@@ -17,6 +17,7 @@ from ..metrics.ranking import keep_count
 from ..run import Run, prepare_stage, progress, run_rows, timed
 from ..metrics.semdedup import dedup_step
 from . import SELECTORS
+from .filters import with_filters
 
 COMMON = ("metric", "mode", "min_per_cluster", "min_per_label")
 
@@ -64,12 +65,13 @@ def run_select(run: Run) -> None:
     with timed(run, "select"):
         rows = run_rows(run, scores=True)
         step, dedup_info = dedup_filter(rows, scfg)
+        step, filter_info = with_filters(rows, scfg, run.cfg.score.metrics, step)  # select.filters
         if step is not None:
             rows = rows.with_columns(step)
         n_total = rows.n
         n_keep = keep_count(n_total, None if scfg.keep_count is not None else scfg.keep_fraction, scfg.keep_count)
         if step is not None:
-            n_keep = min(n_keep, dedup_info["kept"])
+            n_keep = min(n_keep, filter_info.get("kept", dedup_info.get("kept")))
         centroids = np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False)
         rule, info = selector.decide(rows, n_keep, params, centroids)
         names = [s["name"] for s in run.shards]
@@ -87,5 +89,6 @@ def run_select(run: Run) -> None:
                                                                        "keep": pa.array([], pa.bool_())}))
                 mark_done(out_dir, name, {"rows": 0, "kept": 0})
         info = {"method": scfg.method, "n_total": n_total, "n_keep_target": n_keep, "kept": kept,
-                **({"dedup": dedup_info} if dedup_info else {}), **info}
+                **({"dedup": dedup_info} if dedup_info else {}), **({"filters": filter_info} if filter_info else {}),
+                **info}
         write_json(run.info_path("select"), info)  # written last: the stage's done marker
