@@ -16,10 +16,13 @@ from datapruning.runner import check_config, run_pipeline
 from datapruning.score import METRICS
 from datapruning.select import SELECTORS
 
+METRIC_NEEDS = {"clip_score": ["embed.modality=pair"], "text_match": ["score.params.text_match.names=[cat]"]}
 NEEDS = {  # settings a metric needs to be valid at all (so the field under test is the only wrong one)
     "dp4tl_lm": {"target": "t.npy"}, "dp4tl_fm": {"target": "t.npy"}, "el2n": {},
 }
-SELECTOR_METRIC = {"rank": "ssp", "balanced": "ssp", "ccs": "el2n", "groups": "dp4tl_lm", "dbp": None}
+SELECTOR_METRIC = {"rank": "ssp", "balanced": "ssp", "ccs": "el2n", "groups": "dp4tl_lm", "dbp": None,
+                   "threshold": "clip_score"}
+SELECTOR_NEEDS = {"threshold": ["embed.modality=pair", "select.params.threshold=0.28"]}
 
 
 def yaml_value(value) -> str:
@@ -72,14 +75,14 @@ def cases():
         for v in wrong_values(tp, meta):
             yield [f"{key}={yaml_value(v)}"], key
     for name, metric in METRICS.items():
-        base = [f"score.metrics=[{name}]", "select.method=dbp"]
+        base = [f"score.metrics=[{name}]", "select.method=dbp", *METRIC_NEEDS.get(name, [])]
         base += [f"score.params.{name}.{k}={yaml_value(v)}" for k, v in NEEDS.get(name, {}).items()]
         for key, tp, meta in fields_of(metric.params):
             for v in wrong_values(tp, meta):
                 yield base + [f"score.params.{name}.{key}={yaml_value(v)}"], f"score.params.{name}.{key}"
     for name, selector in SELECTORS.items():
         metric = SELECTOR_METRIC[name]
-        base = [f"select.method={name}", f"score.metrics=[{metric or 'ssp'}]"]
+        base = [f"select.method={name}", f"score.metrics=[{metric or 'ssp'}]", *SELECTOR_NEEDS.get(name, [])]
         base += [f"score.params.{metric}.{k}={yaml_value(v)}" for k, v in NEEDS.get(metric, {}).items()]
         for key, tp, meta in fields_of(selector.params):
             full = f"select.{key}" if key in selector.common else f"select.params.{key}"
