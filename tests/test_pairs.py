@@ -189,14 +189,14 @@ def test_filters_in_memory_follow_datacomps_rule():
     ({"select.filters.ssp.threshold": "1"}, "'ssp' is not in score.metrics"),
     ({"select.filters.clip_score.threshold": "1", "select.filters.clip_score.keep_fraction": "0.5"}, "give one of"),
     ({"select.filters.clip_score.keep_fraction": "1.5"}, "must be in \\[0, 1\\]"),
-    ({"select.filters.clip_score.top": "0.5"}, "unknown key 'top'"),
-    ({"select.method": "threshold"}, "needs a finite number"),
+    ({"select.filters.clip_score.top": "0.5"}, "unknown config key 'select.filters.clip_score.top'"),
+    ({"select.method": "threshold"}, "select.method=threshold needs a number"),
     ({"embed.modality": "image"}, "set embed.modality=pair"),
 ])
 def test_filter_and_threshold_settings_are_checked_before_any_stage(tmp_path, bad, message):
     from datapruning.runner import check_config
 
-    cfg = load_config(None, ["score.metrics=[clip_score]", "embed.modality=pair"] +
+    cfg = load_config(None, ["score.metrics=[clip_score]", "embed.modality=pair", "select.method=dbp"] +
                       [f"{k}={v}" for k, v in bad.items()])
     with pytest.raises(ConfigError, match=message):
         check_config(cfg)

@@ -35,12 +35,17 @@ def parse_filters(raw, metrics) -> dict[str, FilterParams]:
         if name not in metrics:
             raise ConfigError(f"config key {show(where)}: {show(name)} is not in score.metrics {list(metrics)}; "
                               "add it there")
-        out[name] = parse_params(FilterParams, params, where)
-        given = [k for k in ("threshold", "keep_fraction") if getattr(out[name], k) is not None]
-        if len(given) != 1:
-            raise ConfigError(f"config key {show(where)}: give one of threshold and keep_fraction, got "
-                              f"{given or 'neither'}")
+        out[name] = filter_params(params, where)
     return out
+
+
+def filter_params(raw, where: str) -> FilterParams:
+    """One filter's typed parameters: exactly one of ``threshold`` and ``keep_fraction``."""
+    p = parse_params(FilterParams, raw, where)
+    given = [k for k in ("threshold", "keep_fraction") if getattr(p, k) is not None]
+    if len(given) != 1:
+        raise ConfigError(f"config key {show(where)}: give one of threshold and keep_fraction, got {given or 'neither'}")
+    return p
 
 
 def scored(score: str, block: dict) -> np.ndarray:
@@ -114,8 +119,7 @@ def filter_mask(scores, threshold: float | None = None, keep_fraction: float | N
     """One filter on an array in memory (the stage's code over one block): True where a score passes."""
     from ..rows import ArrayRows
 
-    p = FilterParams(threshold, keep_fraction)
-    p.check("filter_mask")
+    filter_params({"threshold": threshold, "keep_fraction": keep_fraction}, "filter_mask")
     s = np.asarray(scores, dtype=np.float64)
     rows = ArrayRows({"score_x": s})
     t = float(threshold) if threshold is not None else fraction_threshold(rows, "score_x", keep_fraction)
