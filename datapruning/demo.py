@@ -138,6 +138,7 @@ def run_demo(output: str | Path, overrides=()) -> dict:
     from sklearn.datasets import load_digits
     from sklearn.metrics import normalized_mutual_info_score
 
+    from .run import RunLayout
     from .runner import run_pipeline
 
     output = Path(output)
@@ -151,10 +152,11 @@ def run_demo(output: str | Path, overrides=()) -> dict:
         log.info("demo: encoder trained: %s", info)
     base = {**DEMO_CONFIG, "embed": {**DEMO_CONFIG["embed"], "weights": str(weights)}}
     cfg = load_config(None, list(overrides), base=base)
-    stats = run_pipeline(cfg, [str(p) for p in shards], output / "run")
+    run = RunLayout(output / "run")
+    stats = run_pipeline(cfg, [str(p) for p in shards], run.root)
     import pyarrow.parquet as pq
 
-    manifest = pq.read_table(output / "run" / "manifest")
+    manifest = pq.read_table(run.dir("manifest"))
     nmi = normalized_mutual_info_score(manifest["label"].to_numpy(), manifest["cluster"].to_numpy())
     lines = [
         f"datapruning demo: {stats['samples_in']} real digit images (scikit-learn) in {len(shards)} webdataset shards",
@@ -164,14 +166,14 @@ def run_demo(output: str | Path, overrides=()) -> dict:
         f"metric {cfg.select.metric}, mode {cfg.select.mode}",
         f"  manifest  {stats['manifest']}",
         f"  kept list {stats['kept_list']}",
-        f"  stats     {output / 'run' / 'stats.json'}",
+        f"  stats     {run.stats}",
     ]
     from .evaluation.curves import run_eval
     from .evaluation.report import build_report
 
-    evaluation = run_eval(output / "run")  # pruning curves: which metric and fraction suit these digits
-    report = build_report(output / "run")
-    lines += [f"  curves    {evaluation['dir'] / 'curves.png'}",
+    evaluation = run_eval(run.root)  # pruning curves: which metric and fraction suit these digits
+    report = build_report(run.root)
+    lines += [f"  curves    {run.curves_png}",
               f"  {evaluation['summary']['line']}",
               f"  report    {report.resolve()}  (open it in a browser)"]
     print("\n".join(lines))

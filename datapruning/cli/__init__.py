@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..config import load_config, to_dict
 from ..errors import DataPruningError
-from ..run import STAGES, load_run_config, locked
+from ..run import STAGES, RunLayout, load_run_config, locked
 from .tools import add_commands
 
 
@@ -27,8 +27,7 @@ def resolve_config(args):
     """The CLI's config: the file given, else the run folder's stored one, else defaults; then --set."""
     if getattr(args, "config", None):
         return load_config(args.config, args.set)
-    stored = Path(args.output) / "config.json"
-    if stored.exists():
+    if RunLayout(args.output).config.exists():
         return load_config(None, args.set, base=to_dict(load_run_config(Path(args.output))))
     return load_config(None, args.set)
 
@@ -47,10 +46,9 @@ def cmd_run(args) -> int:
 def report_failed(output) -> None:
     """Name the shards left out because they could not be read (only with --allow-failed-shards)."""
     from ..embed.stage import failed_shards
-    from ..io.files import read_json
 
-    shards = read_json(Path(output) / "shards.json")["shards"]
-    failed = failed_shards(Path(output) / "embeddings", shards)
+    layout = RunLayout(output)
+    failed = failed_shards(layout.dir("embed"), layout.read_shards())
     if failed:
         print(f"left out {len(failed)} shard(s) that could not be read (a rerun retries them): "
               + ", ".join(sorted(failed)[:20]) + (" ..." if len(failed) > 20 else ""))

@@ -9,6 +9,7 @@ def cmd_eval(args) -> int:
     from ..evaluation.curves import DEFAULT_FRACTIONS, format_table, run_eval
     from ..evaluation.kd import KDSettings
     from ..evaluation.probe import ProbeSettings
+    from ..run import RunLayout
 
     fractions = parse_fractions(args.fractions) if args.fractions else DEFAULT_FRACTIONS
     kd = KDSettings(alpha=None if args.kd_alpha == "auto" else float(args.kd_alpha), T=args.kd_T, teacher=args.teacher)
@@ -23,7 +24,8 @@ def cmd_eval(args) -> int:
           f"({s['split']}), by keep fraction of {s['train_rows']} training rows:")
     print(format_table(result["table"]))
     print(s["line"])
-    print(f"table: {result['dir'] / 'curves.parquet'}   plot: {result['dir'] / 'curves.png'}   "
+    layout = RunLayout(args.run_dir)
+    print(f"table: {layout.curves}   plot: {layout.curves_png}   "
           f"recipe: {s['recommended'].get('config')}   ({s['wall_s']} s)")
     return 0
 
@@ -156,12 +158,13 @@ def config_from_args(args):
 
 
 def cmd_teacher(args) -> int:
-    from ..consumers.teacher import TEACHER_DIR, run_teacher
+    from ..consumers.teacher import run_teacher
+    from ..run import RunLayout
 
     info = run_teacher(args.run_dir, config_from_args(args))
     kept = "all" if info["top_k"] is None else f"top-{info['top_k']} of"
     print(f"teacher {info['teacher']}: {kept} {info['num_classes']} classes for {info['rows']} "
-          f"{info['samples']} samples in {Path(args.run_dir) / TEACHER_DIR}")
+          f"{info['samples']} samples in {RunLayout(args.run_dir).dir('teacher')}")
     return 0
 
 

@@ -22,7 +22,7 @@ from .kmeans import assign, fit_kmeans, resolve_backend, sample_indices
 from .kmeans_stream import CHUNK_BYTES, chunks, stream_kmeans
 from .parts import write_parts
 from .unique import check_unique_uids, write_ties
-from ..io.files import atomic_path, check_any_rows, is_done, mark_done, meta_dir, write_json, write_npy, write_parquet
+from ..io.files import atomic_path, check_any_rows, is_done, mark_done, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from ..exec import call, map_unordered
 from ..metrics.random import uid_hash
@@ -34,7 +34,7 @@ PREFETCH_BYTES = 512 << 20  # decoded shards held ahead of the assignment
 
 def read_matrix(run: Run, shard: str) -> np.ndarray:
     """One shard's float32 [n, d] embedding matrix (only that column is read)."""
-    table = read_stage(run.dir("embed") / f"{shard}.parquet", columns=["embedding"])
+    table = read_stage(run.layout.shard_file("embed", shard), columns=["embedding"])
     return column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
 
 
@@ -84,7 +84,7 @@ def fit_sample(cfg, output: Path, counts: list[tuple[dict, int]], idx: np.ndarra
         centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, backend)
         sample_sizes = np.bincount(assign(x, centroids, ccfg.assign_batch, backend)[0], minlength=ccfg.k)
     else:
-        path = meta_dir(run.dir("cluster")) / "fit_sample.f32"
+        path = run.layout.fit_sample
         gather_to_file(blocks, path)
         centroids, stats = stream_kmeans(path, len(idx), d, ccfg.k, ccfg.niter, cfg.seed, backend, ccfg.assign_batch)
         sample_sizes = np.zeros(ccfg.k, np.int64)
@@ -123,7 +123,7 @@ def fit_resources(cfg) -> dict | None:
 
 def read_uid_matrix(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
     """One shard's uid and embedding columns (as stored) and its float32 [n, d] matrix."""
-    table = read_stage(run.dir("embed") / f"{shard}.parquet", columns=["uid", "embedding"])
+    table = read_stage(run.layout.shard_file("embed", shard), columns=["uid", "embedding"])
     return table, column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
 
 
@@ -137,7 +137,7 @@ def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, table: pa
     write_ties(run, shard["name"], tie)
     if groups is not None:
         write_parts(run, shard["name"], matrix, cluster, cos_dist, tie, groups)
-    write_parquet(out_dir / f"{shard['name']}.parquet",
+    write_parquet(run.layout.shard_file("cluster", shard["name"]),
                   pa.table({"uid": table["uid"], "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist,
                             "tie": pa.array(tie)}))
     info = {"rows": len(cluster), "seconds": round(time.perf_counter() - start, 3)}
@@ -147,10 +147,9 @@ def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, table: pa
 
 def load_fit(run: Run) -> tuple[np.ndarray, np.ndarray | None]:
     """The stored centroids and cluster -> group map (None when partitions are off)."""
-    out_dir = run.dir("cluster")
-    groups = out_dir / "groups.npy"
-    return (np.load(out_dir / "centroids.npy", allow_pickle=False),
-            np.load(groups, allow_pickle=False) if run.cfg.cluster.partition else None)
+    layout = run.layout
+    return (np.load(layout.centroids, allow_pickle=False),
+            np.load(layout.groups, allow_pickle=False) if run.cfg.cluster.partition else None)
 
 
 def assign_one(run: Run, shard: dict) -> dict:
@@ -181,10 +180,10 @@ def run_cluster(run: Run) -> None:
     ccfg = run.cfg.cluster
     counts = shard_rows(run)
     check_any_rows(run.dir("embed"), [s["name"] for s, _ in counts])  # else "k larger than the 0 samples"
-    out_dir = prepare_stage(run, "cluster")
+    out_dir, layout = prepare_stage(run, "cluster"), run.layout
     n = sum(c for _, c in counts)
     with timed(run, "cluster"):
-        if not (out_dir / "fit.json").exists():
+        if not layout.fit_info.exists():
             idx = sample_indices(n, ccfg.k, ccfg.fit_fraction, ccfg.max_points_per_centroid, run.cfg.seed)
             log.info("cluster: fitting k=%d on %d of %d samples", ccfg.k, len(idx), n)
             resources = fit_resources(run.cfg)
@@ -193,9 +192,9 @@ def run_cluster(run: Run) -> None:
                 stats["ray"] = resources
             groups = plan_groups(sample_sizes, n, centroids.shape[1], ccfg.partition_mib)
             stats["groups"] = int(groups.max()) + 1
-            write_npy(out_dir / "centroids.npy", centroids)
-            write_npy(out_dir / "groups.npy", groups)
-            write_json(out_dir / "fit.json", stats)  # written last: the fit's done marker
+            write_npy(layout.centroids, centroids)
+            write_npy(layout.groups, groups)
+            write_json(layout.fit_info, stats)  # written last: the fit's done marker
         todo = [({**s, "index": i}, rows) for i, (s, rows) in enumerate(counts) if not is_done(out_dir, s["name"])]
         with progress(len(todo), "cluster") as bar:
             rate = Rate()
@@ -205,6 +204,6 @@ def run_cluster(run: Run) -> None:
                 infos = map_unordered(partial(assign_one, run), [s for s, _ in todo], run.cfg)
             for info in infos:
                 rate.add(bar, info["rows"])
-        if not (out_dir / "_unique.json").exists():  # checked once, after every shard is assigned
+        if not layout.unique.exists():  # checked once, after every shard is assigned
             check_unique_uids(run, n)
-            write_json(out_dir / "_unique.json", {"unique_uids": True})
+            write_json(layout.unique, {"unique_uids": True})

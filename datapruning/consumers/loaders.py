@@ -22,14 +22,15 @@ from ..io.files import is_done, read_json
 from ..io.shards import shard_names
 from ..io.webdataset import iter_tar_samples
 from .reshard import input_path, kept_keys, manifest_shard, run_shards
-from .teacher import TEACHER_DIR
+from ..run import RunLayout
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- tables: pyarrow, pandas, Hugging Face datasets
 def manifest_files(run_dir: str | Path) -> list[str]:
-    return [str(Path(run_dir) / "manifest" / f"{s['name']}.parquet") for s in run_shards(run_dir)]
+    layout = RunLayout(run_dir)
+    return [str(layout.shard_file("manifest", s["name"])) for s in run_shards(run_dir)]
 
 
 def read_manifest(run_dir: str | Path, kept_only: bool = False, columns=None) -> pa.Table:
@@ -60,7 +61,7 @@ def load_embeddings(run_dir: str | Path, select: str | Collection[str] = "kept")
     select = _as_selection(select)
     uids, mats, labels = [], [], []
     for shard in run_shards(run_dir):
-        path = Path(run_dir) / "embeddings" / f"{shard['name']}.parquet"
+        path = RunLayout(run_dir).shard_file("embed", shard["name"])
         emb = pds.dataset(str(path)).to_table(columns=["uid", "embedding"])
         man = manifest_shard(run_dir, shard["name"], present_columns(run_dir, shard["name"], ("uid", "keep", "label")))
         if not emb["uid"].equals(man["uid"]):
@@ -76,7 +77,7 @@ def load_embeddings(run_dir: str | Path, select: str | Collection[str] = "kept")
 
 
 def present_columns(run_dir, shard: str, columns) -> tuple:
-    names = pq.read_schema(Path(run_dir) / "manifest" / f"{shard}.parquet").names
+    names = pq.read_schema(RunLayout(run_dir).shard_file("manifest", shard)).names
     return tuple(c for c in columns if c in names)
 
 
@@ -259,8 +260,8 @@ def _dist() -> tuple[int, int]:
 
 # ---------------------------------------------------------------- cached teacher outputs (datapruning teacher)
 def teacher_info(run_dir: str | Path) -> dict:
-    """teacher/_info.json: the teacher's name, classes (class i = classes[i]), num_classes, format, top_k, samples."""
-    path = Path(run_dir) / TEACHER_DIR / "_info.json"
+    """The teacher's info: its name, classes (class i = classes[i]), num_classes, format, top_k, samples."""
+    path = RunLayout(run_dir).check().teacher_info
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no teacher outputs; run 'datapruning teacher {run_dir} ...' first")
     info = read_json(path)
@@ -282,7 +283,7 @@ def _matrix(table: pa.Table, col: str) -> np.ndarray:
 def read_teacher_shard(run_dir: str | Path, shard: str) -> tuple[list[str], dict[str, np.ndarray]]:
     """(uids, arrays) of one shard. Full logits: {"logits": float16 [m, C]}; top-k: {"topk_values": float16
     [m, k], "topk_indices": int32 [m, k], "tail_lse": float32 [m, temperatures]} (no tail_lse in older outputs)."""
-    path = Path(run_dir) / TEACHER_DIR / f"{shard}.parquet"
+    path = RunLayout(run_dir).shard_file("teacher", shard)
     if not is_done(path.parent, shard):
         raise FileNotFoundError(f"{path}: teacher outputs missing; run 'datapruning teacher {run_dir} ...' first")
     table = pq.read_table(path)

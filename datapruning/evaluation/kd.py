@@ -32,7 +32,9 @@ class KDSettings:
 def cached_teacher_logits(run_dir: Path, uids: np.ndarray, n_classes: int) -> np.ndarray:
     """Teacher logits [len(uids), n_classes] from RUN/teacher/*.parquet: a full ``logits`` column, or top-k
     ``topk_values``/``topk_indices`` (the other classes get the smallest stored logit minus 20)."""
-    folder = Path(run_dir) / "teacher"
+    from ..run import RunLayout
+
+    folder = RunLayout(run_dir).dir("teacher")
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
         raise StageError(f"eval: --teacher cached needs {folder}; run 'datapruning teacher {run_dir} --all' first")
