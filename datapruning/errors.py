@@ -5,6 +5,9 @@ the built-in keeps working. Messages name the file, shard, key or config key, an
 """
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class DataPruningError(Exception):
     """Base of every error raised on purpose by datapruning; its message is one line meant for the user."""
@@ -55,3 +58,20 @@ class UidNotFound(DataPruningError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+# DataPruningError: every error raised on purpose (readers wrap a library's error on bad input in one, naming
+# the file); OSError: the system said no (a full disk, a permission). Anything else is a bug: a traceback.
+EXPECTED_ERRORS = (DataPruningError, OSError)
+
+
+def run_command(prog: str, fn: Callable[[], int], verbose: bool = False) -> int:
+    """``fn()`` for a shell (the CLI, the recipes, the trainer): an expected error prints as one line on stderr,
+    ``<prog>: error: <message>``, and exits 2 (``verbose`` re-raises it with its traceback)."""
+    try:
+        return fn()
+    except EXPECTED_ERRORS as exc:
+        if verbose:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2

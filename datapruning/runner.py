@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import RunConfig
+from .config import RunConfig, absolute_paths, config_from_dict, to_dict
 from .errors import ConfigError
 from .cluster.stage import run_cluster
 from .embed.stage import run_embed
@@ -33,10 +33,21 @@ def check_config(cfg: RunConfig) -> None:
     selector_params(cfg)
 
 
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every local file it names, the metrics' parameters included, absolute and normalised: what
+    config.json records, so the run (and recommended.yaml) work from any directory."""
+    from .score import METRICS
+
+    data = absolute_paths(to_dict(cfg), RunConfig)
+    data["score"]["params"] = {name: absolute_paths(raw, METRICS[name].params) if name in METRICS else raw
+                               for name, raw in data["score"]["params"].items()}
+    return config_from_dict(data)
+
+
 def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):
     """Run one stage (``embed`` takes ``input_spec``; the others read the run folder)."""
     check_config(cfg)
-    run = Run(cfg, Path(output))
+    run = Run(with_absolute_paths(cfg), Path(output))
     if input_spec is not None and stage != "embed":
         raise ConfigError(f"{stage}: --input is only read by the embed stage")
     with locked(run.output):  # one writer per run folder; released when the stage ends

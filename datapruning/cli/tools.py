@@ -1,6 +1,7 @@
 """Subcommands around a finished run: eval, report, reshard, export-datacomp, teacher (parsing and printing only)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -168,6 +169,40 @@ def cmd_teacher(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- shipped configs and the reference trainer
+def add_configs(sub) -> None:
+    p = sub.add_parser("configs", help="list the shipped configs; 'configs show NAME' prints one (> my.yaml)")
+    p.add_argument("action", nargs="?", choices=("list", "show", "path"), default="list")
+    p.add_argument("name", nargs="?", help="a shipped config (show, path)")
+    p.set_defaults(func=cmd_configs)
+    p = sub.add_parser("train", add_help=False, help="the reference trainer on a run ('datapruning train --help')")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_configs(args) -> int:
+    from ..errors import ConfigError
+    from ..presets import named_configs, summary
+
+    named = named_configs()
+    if args.action == "list":
+        width = max(map(len, named))
+        print("\n".join(f"{name:<{width}}  {summary(path)}" for name, path in named.items()))
+        return 0
+    if args.name not in named:
+        raise ConfigError(f"configs {args.action}: name one of {', '.join(named)} (got {str(args.name)[:200]!r})")
+    print(named[args.name].read_text(encoding="utf-8") if args.action == "show" else named[args.name], end=
+          "" if args.action == "show" else "\n")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..pipelines.train import main
+
+    main(args.args)
+    return 0
+
+
 def add_commands(sub) -> None:
-    for add in (add_eval, add_report, add_reshard, add_teacher):
+    for add in (add_eval, add_report, add_reshard, add_teacher, add_configs):
         add(sub)

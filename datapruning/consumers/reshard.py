@@ -259,7 +259,7 @@ def reshard(run_dir: str | Path, output: str | Path, samples_per_shard: int, wor
         raise ConfigError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if keys not in ("uid", "original"):
         raise ConfigError(f"keys must be 'uid' or 'original', got {keys!r}")
-    run_dir, out_dir = Path(run_dir).absolute(), Path(output).absolute()
+    run_dir, out_dir = RunLayout(run_dir).root, Path(os.path.abspath(output))  # absolute, no ".." left
     tasks, total, digest = plan_tasks(run_dir, out_dir, samples_per_shard, keys == "uid", name_format)
     if keys == "original":
         _check_original_keys(tasks, samples_per_shard)

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import FILE, FILE_OR_NAME, absolute_paths
 from ..errors import ConfigError, InputError
 from ..io.files import (clean_stage, done_path, is_done, mark_done, match_empty_schemas, read_json, write_json,
                         write_parquet)
@@ -37,12 +38,12 @@ class TeacherConfig:
     templates: tuple[str, ...] = ("a photo of a {}.",)  # zero_shot prompts, averaged per class
     logit_scale: float = 100.0  # zero_shot: logits = scale * cosine (CLIP's trained scale)
     model: str | None = None  # zero_shot open_clip model; None: the run's embed.model / model_config / pretrained
-    model_config: str | None = None
-    pretrained: str | None = None
+    model_config: FILE | None = None
+    pretrained: FILE_OR_NAME | None = None
     allow_random_weights: bool | None = None
     module: str | None = None  # module: "package.module:ClassName" -> nn.Module returning [n, C] logits
-    weights: str | None = None  # module: safetensors state dict
-    logits: str | None = None  # logits: parquet (uid, logits list<float>) or .npy [n, C] + same-name parquet (uid)
+    weights: FILE | None = None  # module: safetensors state dict
+    logits: FILE | None = None  # logits: parquet (uid, logits list<float>) or .npy [n, C] + same-name parquet (uid)
     batch_size: int = 256
     device: str = "auto"
 
@@ -318,7 +319,7 @@ def run_teacher(run_dir: str | Path, tcfg: TeacherConfig) -> dict:
     from .reshard import run_shards
     from ..run import load_run_config, progress
 
-    layout = RunLayout(run_dir)
+    layout, tcfg = RunLayout(run_dir), TeacherConfig(**absolute_paths(dataclasses.asdict(tcfg), TeacherConfig))
     run_dir, out = layout.root, layout.dir("teacher")
     run_cfg, shards = load_run_config(run_dir), run_shards(run_dir)
     fp = fingerprint(tcfg, run_dir)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import FILE
 from ..io.tables import read_embeddings
 from ..metrics.dp4tl import (feature_mapping_assign, feature_mapping_freq, label_mapping_freq,
                              lm_predictions_from_logits, train_linear_source_classifier, zero_shot_predictions)
@@ -23,11 +24,11 @@ from ..errors import ConfigError, InputError
 
 @dataclass(frozen=True)
 class LMParams:
-    target: str | None = None  # target embeddings (.npy, or parquet file/folder with an embedding column)
+    target: FILE | None = None  # target embeddings (.npy, or parquet file/folder with an embedding column)
     route: str = "linear"  # linear (a classifier trained on the source) | logits | zeroshot
-    logits: str | None = None  # route logits: .npy [n_target, C] of a source classifier on the target
-    class_text: str | None = None  # route zeroshot: .npy [C, d] text embeddings of the class names
-    classes: str | None = None  # logits/zeroshot with string labels: .txt (one per line) or .npy names of columns
+    logits: FILE | None = None  # route logits: .npy [n_target, C] of a source classifier on the target
+    class_text: FILE | None = None  # route zeroshot: .npy [C, d] text embeddings of the class names
+    classes: FILE | None = None  # logits/zeroshot with string labels: .txt (one per line) or .npy names of columns
     epochs: int = 10
     max_samples: int | None = 200_000  # the linear route trains on at most this many source rows (stratified)
     seed: int | None = None
@@ -44,7 +45,7 @@ class LMParams:
 
 @dataclass(frozen=True)
 class FMParams:
-    target: str | None = None  # target embeddings
+    target: FILE | None = None  # target embeddings
 
     def check(self):
         if self.target is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..config import FILE
 from ..metrics.el2n import el2n, proxy_el2n, train_proxy_heads
 from ..metrics.random import uid_hash
 from .base import Metric, positive
@@ -25,10 +26,10 @@ H1, H2 = 0x5EED1, 0x5EED2  # two independent 64-bit uid hashes: a 128-bit match 
 
 @dataclass(frozen=True)
 class EL2NParams:
-    logits: str | None = None  # .npy [M, n, C] or [n, C] of your models' outputs
-    logits_uids: str | None = None  # .npy of strings or parquet with a uid column: row r of logits is uid r
+    logits: FILE | None = None  # .npy [M, n, C] or [n, C] of your models' outputs
+    logits_uids: FILE | None = None  # .npy of strings or parquet with a uid column: row r of logits is uid r
     from_logits: bool = True  # False: the file holds probabilities
-    classes: str | None = None  # string labels: .txt (one per line) or .npy names of the logits columns
+    classes: FILE | None = None  # string labels: .txt (one per line) or .npy names of the logits columns
     n_models: int = 10
     epochs: int = 5
     hidden: int = 0
