@@ -41,7 +41,7 @@ STAGE_KEYS = {
 NOT_RESULT_KEYS = {"embed": ("batch_size", "decode_workers"), "cluster": ("assign_batch", "partition_mib"),
                    "input": ("retries", "retry_backoff_s", "allow_failed_shards")}
 LABEL_INDEX = "labels.json"  # the run's label coding, in the score stage's meta folder (read by dp4tl via state_dir)
-OLD_LAYOUT = ("clusters/centroids.npy", "clusters/fit.json", "teacher/_info.json")  # non-data files of 0.1 runs
+OLD_LAYOUT = ("clusters/centroids.npy", "clusters/fit.json", "teacher/_info.json")  # non-data files of older runs
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,11 @@ class RunLayout:
         raise AttributeError(name)
 
     def check(self) -> "RunLayout":
-        """Refuse a run folder written by datapruning 0.1 (non-data files inside its data folders)."""
+        """Refuse a run folder of the older layout (non-data files inside its data folders)."""
         for rel in OLD_LAYOUT:
             if (self.root / rel).exists():
-                raise RunNotReady(f"{self.root}: written by datapruning 0.1 ({rel} inside a data folder), which 0.2 "
-                                  "does not read; rerun 'datapruning run' with a new --output")
+                raise RunNotReady(f"{self.root}: written by an older datapruning ({rel} inside a data folder), "
+                                  "which this version does not read; rerun 'datapruning run' with a new --output")
         return self
 
     def read_shards(self) -> list[dict]:

@@ -226,12 +226,7 @@ def test_integer_labels_are_teacher_columns(tmp_path):
     """Labels {3, 17, 999} with a 1000-class teacher: label c is teacher column c, as in DP4TL (issue 12)."""
     from datapruning.config import load_config
     from datapruning.runner import run_pipeline
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("reference_train", Path(__file__).parent.parent / "pipelines/train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    from datapruning.pipelines import train
 
     n = 30
     labels = np.array([3, 17, 999] * 10)

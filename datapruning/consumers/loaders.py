@@ -172,14 +172,23 @@ class ManifestDataset(IterableDataset):
     Each sample is the webdataset dict (``__key__`` and raw member bytes by extension) plus ``uid``, ``shard``,
     the manifest ``columns`` (default: label and split where present) and, with ``teacher=True``, the cached
     teacher arrays as ``teacher_<name>`` (``teacher_logits`` float16 [C], or ``teacher_topk_values``,
-    ``teacher_topk_indices`` and ``teacher_tail_lse`` for a top-k teacher); ``transform`` maps it to what you want.
+    ``teacher_topk_indices`` and ``teacher_tail_lse`` for a top-k teacher). With ``decode=None``,
+    ``transform(sample)`` maps that dict to what you want. With ``decode="pil"`` (RGB) or ``"tensor"`` (uint8
+    [3, H, W]) the raw members are replaced by ``image`` = ``transform(decoded image)`` (an open_clip or
+    torchvision transform plugs in) and ``text`` (the caption, when there is one), so the default collate batches it.
     Shards are split over DataLoader workers and distributed ranks (rank-major), so every selected sample is
     read exactly once per epoch. ``shuffle_shards`` reorders shards per ``set_epoch`` (same order in all workers).
     """
 
     def __init__(self, run_dir: str | Path, select: str | Collection[str] = "kept", columns=None,
-                 teacher: bool = False, transform: Callable | None = None, shuffle_shards: bool = False, seed: int = 0):
-        self.run_dir = str(run_dir)
+                 teacher: bool = False, transform: Callable | None = None, shuffle_shards: bool = False, seed: int = 0,
+                 decode: str | None = None):
+        from ..run import load_run_config
+
+        if decode not in DECODE:
+            raise ConfigError(f"decode must be one of {list(DECODE)}, got {decode!r}")
+        self.run_dir, self.decode = str(run_dir), decode
+        self.keys = load_run_config(Path(run_dir)).input if decode else None  # image_keys, text_keys
         shards = run_shards(run_dir)
         bad = [s for s in shards if s["format"] != "webdataset"]
         if bad:
@@ -231,12 +240,34 @@ class ManifestDataset(IterableDataset):
                 continue
             sample.update(uid=uids[i], shard=shard["name"], **{c: v[i] for c, v in extra.items()})
             sample.update({f"teacher_{c}": a[i] for c, a in teacher.items()})
-            yield self.transform(sample) if self.transform is not None else sample
+            yield self._finish(sample)
             if not index:
                 break  # every selected sample found: the rest of the tar is not read
         if index:
             raise InputError(f"shard {shard['name']} ({shard['path']}): {len(index)} selected samples are not in the "
                              f"tar (first key {next(iter(index))!r}); did the shard change since the run?")
+
+
+    def _finish(self, sample: dict):
+        if self.decode is None:
+            return self.transform(sample) if self.transform is not None else sample
+        from ..embed import decode_input
+        from ..embed.samples import caption
+
+        image = decode_input(sample, "image", self.keys.image_keys, ())
+        if self.decode == "tensor":
+            from torchvision.transforms.functional import pil_to_tensor
+
+            image = pil_to_tensor(image)
+        out = {k: v for k, v in sample.items() if not isinstance(v, bytes)}
+        out["image"] = self.transform(image) if self.transform is not None else image
+        text = caption(sample, self.keys.text_keys)
+        if text is not None:
+            out["text"] = text
+        return out
+
+
+DECODE = (None, "pil", "tensor")
 
 
 def _teacher_rows(run_dir: str, shard: str, uids: list[str]) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ stable hash share (--holdout) of all samples, kept or not; training uses the sel
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import zlib
 
@@ -38,7 +39,7 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 # ---------------------------------------------------------------- which samples, which classes
 def split_uids(run_dir: str, select: str, holdout: float):
-    """(train uids, held-out uids, kept fraction, label by uid) from the manifest."""
+    """(train uids, held-out uids, kept fraction, label by uid, samples not held out) from the manifest."""
     man = read_manifest(run_dir)
     uids, keep = man["uid"].to_pylist(), man["keep"].to_numpy(zero_copy_only=False).astype(bool)
     if "label" not in man.column_names:
@@ -51,7 +52,7 @@ def split_uids(run_dir: str, select: str, holdout: float):
     chosen = keep if select == "kept" else np.ones(len(uids), bool)
     uid_arr = np.asarray(uids, dtype=object)
     labels = dict(zip(uids, man["label"].to_pylist()))
-    return uid_arr[chosen & ~held].tolist(), uid_arr[held].tolist(), float(keep.mean()), labels
+    return uid_arr[chosen & ~held].tolist(), uid_arr[held].tolist(), float(keep.mean()), labels, int((~held).sum())
 
 
 def label_space(labels: list, classes: list[str]) -> tuple[list[str] | None, int]:
@@ -121,6 +122,16 @@ def image_batches(run_dir, uids, names, kd, batch_size, seed, workers, size):
 
 
 # ---------------------------------------------------------------- training
+BASE_EPOCHS = 20  # auto: the samples seen equal this many epochs of every training sample (kept or not) ...
+KD_STEPS = 2  # ... times this with KD
+
+
+def auto_epochs(n_train: int, n_all: int, kd: bool) -> int:
+    """Epochs over ``n_train`` samples that see as many samples as BASE_EPOCHS epochs of ``n_all`` (x KD_STEPS
+    with KD): a pruned set gets the full set's training budget, not a fraction of it."""
+    return max(1, math.ceil(BASE_EPOCHS * (KD_STEPS if kd else 1) * n_all / max(n_train, 1)))
+
+
 def accuracy(model, batches) -> float | None:
     model.eval()
     right = total = 0
@@ -176,7 +187,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--kd", action="store_true", help="distil from the cached teacher outputs (datapruning teacher)")
     p.add_argument("--alpha", default="auto", help="KD weight, or 'auto': datapruning.consumers.kd.alpha_schedule(kept fraction)")
     p.add_argument("--T", type=float, default=4.0, help="KD temperature")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", default="auto", help=f"passes over the training samples, or auto (the default): "
+                   f"as many samples as {BASE_EPOCHS} epochs of all of them, so a kept fraction f trains {BASE_EPOCHS}/f "
+                   f"epochs, and {KD_STEPS}x that with --kd (a student learns more from each soft target, and longer)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="default 1e-2 (head), 3e-3 (cnn)")
     p.add_argument("--holdout", type=float, default=0.2)
@@ -187,7 +200,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--save-logits", help="after training, write every sample's logits (parquet) for use as a teacher")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    train_uids, held_uids, kept_fraction, labels = split_uids(args.run_dir, args.select, args.holdout)
+    train_uids, held_uids, kept_fraction, labels, n_all = split_uids(args.run_dir, args.select, args.holdout)
+    epochs = auto_epochs(len(train_uids), n_all, args.kd) if args.epochs == "auto" else int(args.epochs)
     info = teacher_info(args.run_dir) if args.kd else {"classes": [], "num_classes": 0}
     names, c = label_space(list(labels.values()), info["classes"])
     if args.kd:  # the student predicts the teacher's classes
@@ -207,11 +221,13 @@ def main(argv=None) -> list[dict]:
                              args.image_size) if held_uids else None
         model = small_cnn(c)
     print(f"training {args.model} on {len(train_uids)} samples ({args.select}; kept fraction {kept_fraction:.2f}), "
-          f"{len(held_uids)} held out; " + (f"KD alpha={alpha:.2f} T={args.T}" if args.kd else "no KD"), flush=True)
+          f"{len(held_uids)} held out; {epochs} epochs; " + (f"KD alpha={alpha:.2f} T={args.T}" if args.kd else "no KD"),
+          flush=True)
     lr = args.lr or (1e-2 if args.model == "head" else 3e-3)
-    history = fit(model, train, held, args.epochs, lr, alpha, args.T, args.kd)
+    history = fit(model, train, held, epochs, lr, alpha, args.T, args.kd)
     if args.metrics:
-        write_json(args.metrics, {"args": vars(args), "alpha": alpha if args.kd else None, "history": history})
+        write_json(args.metrics, {"args": vars(args), "epochs": epochs, "alpha": alpha if args.kd else None,
+                                  "history": history})
     if args.save_logits:
         save_logits(model, args, names, args.save_logits)
     return history
