@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import load_config
+from .errors import require
 from .io.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,7 @@ def stored_image(digit: np.ndarray):
 
 def write_digit_shards(folder: Path) -> list[Path]:
     """scikit-learn's digits (1,797 real 8x8 scans) as PNG webdataset shards with a ``cls`` label."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = require("sklearn.datasets", "demo", "the demo").load_digits()
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for s, rows in enumerate(np.array_split(np.arange(len(digits.images)), N_SHARDS)):
@@ -135,8 +134,8 @@ def train_encoder(images: np.ndarray, path: Path, epochs: int = 30, seed: int = 
 
 def run_demo(output: str | Path, overrides=()) -> dict:
     """Build the digits shards, train the encoder (once), run the pipeline, print a summary."""
-    from sklearn.datasets import load_digits
-    from sklearn.metrics import normalized_mutual_info_score
+    load_digits = require("sklearn.datasets", "demo", "the demo").load_digits
+    normalized_mutual_info_score = require("sklearn.metrics", "demo", "the demo").normalized_mutual_info_score
 
     from .run import RunLayout
     from .runner import run_pipeline

@@ -53,6 +53,21 @@ class WriteFailed(DataPruningError, OSError):
     """Writing an output failed (disk full, permissions, ...); the message names the file."""
 
 
+class MissingExtra(DataPruningError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def require(module: str, extra: str, what: str):
+    """``importlib.import_module(module)``, or MissingExtra: ``<what> needs <package>: pip install
+    'datapruning[<extra>]'``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtra(f"{what} needs {module.split('.')[0]}: pip install 'datapruning[{extra}]'") from exc
+
+
 class UidNotFound(DataPruningError, KeyError):
     """Asked-for uids are not in the manifest or the teacher outputs; the message names the first one."""
 

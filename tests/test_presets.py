@@ -71,3 +71,23 @@ def test_version():
     proc = subprocess.run([sys.executable, "-m", "datapruning", "--version"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == f"datapruning {__version__}"
+
+
+def test_a_missing_extra_is_named(monkeypatch):
+    """Without matplotlib (core install), eval's plots fail in one line naming the extra that installs it."""
+    import builtins
+
+    from datapruning.errors import DataPruningError
+    from datapruning.evaluation.plots import plot_curves
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.delitem(sys.modules, "matplotlib.figure", raising=False)
+    with pytest.raises(DataPruningError, match=r"eval's curves needs matplotlib: pip install 'datapruning\[report\]'"):
+        plot_curves(None, {"full_accuracy": 1.0, "tolerance": 0.01}, Path("x.png"))

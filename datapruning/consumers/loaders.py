@@ -17,7 +17,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..errors import ConfigError, InputError, RunNotReady, UidNotFound
+from ..errors import ConfigError, InputError, RunNotReady, UidNotFound, require
 from ..io.files import is_done, read_json
 from ..io.shards import shard_names
 from ..io.webdataset import iter_tar_samples
@@ -46,10 +46,7 @@ def manifest_dataframe(run_dir: str | Path, kept_only: bool = False, columns=Non
 
 def load_manifest_hf(run_dir: str | Path, kept_only: bool = False, columns=None, cache_dir: str | None = None):
     """The manifest as a Hugging Face ``datasets.Dataset`` (memory-mapped Arrow, built by ``Dataset.from_parquet``)."""
-    try:
-        import datasets
-    except ImportError as exc:
-        raise ImportError("load_manifest_hf needs Hugging Face datasets: pip install datasets") from exc
+    datasets = require("datasets", "hf", "load_manifest_hf")
     return datasets.Dataset.from_parquet(manifest_files(run_dir), columns=list(columns) if columns else None,
                                          filters=[("keep", "==", True)] if kept_only else None, cache_dir=cache_dir)
 

@@ -27,9 +27,9 @@ MAX_THUMB_PIXELS = 50_000_000  # below PIL's bomb limit (179M, a warning from 89
 
 # ---------------------------------------------------------------- plots (matplotlib, no pyplot state)
 def _figure(w: float, h: float):
-    from matplotlib.figure import Figure
+    from ..errors import require
 
-    return Figure(figsize=(w, h), dpi=100, layout="constrained")
+    return require("matplotlib.figure", "report", "the report").Figure(figsize=(w, h), dpi=100, layout="constrained")
 
 
 def png_uri(fig_or_bytes) -> str:
