@@ -125,8 +125,12 @@ def hub_out_of_reach(pretrained: str | None) -> bool:
     can only come from the local cache."""
     import os
 
+    if not pretrained or os.path.exists(pretrained):
+        return False
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True  # offline by choice: no probe
     proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    return bool(pretrained) and not os.path.exists(pretrained) and not proxied and not host_reachable("huggingface.co")
+    return not proxied and not host_reachable("huggingface.co")
 
 
 def hub_cache_has_open_clip() -> bool:
