@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import yaml
 
 from .errors import ConfigError
 from .params import MAX_INT, parse_params, setting, show
+
+# Config fields that name local files are recorded absolute and normalised (``absolute_paths``), so a run
+# folder's config.json, and recommended.yaml made from it, work from any directory.
+FILE = Annotated[str, "file"]  # always a local path
+FILE_OR_NAME = Annotated[str, "file or name"]  # a path when it exists or starts with /, ./, ../ or ~; else a name
 
 
 @dataclass(frozen=True)
@@ -33,14 +40,14 @@ class InputConfig:
 @dataclass(frozen=True)
 class EmbedConfig:
     encoder: str = "open_clip"  # a key of datapruning.embed.ENCODERS
-    model: str = "ViT-B-32"
-    pretrained: str | None = "laion2b_s34b_b79k"  # open_clip tag or local checkpoint path
-    model_config: str | None = None  # JSON file with a custom open_clip architecture
+    model: FILE_OR_NAME = "ViT-B-32"  # open_clip model name, or a sentence-transformers folder
+    pretrained: FILE_OR_NAME | None = "laion2b_s34b_b79k"  # open_clip tag or local checkpoint path
+    model_config: FILE | None = None  # JSON file with a custom open_clip architecture
     allow_random_weights: bool = False  # never use random weights unless asked
     # pair: both open_clip towers on every sample (image-text), or precomputed pairs
     modality: str = setting("image", choices=("image", "text", "pair"))
     module: str | None = None  # torch_module encoder: "package.module:ClassName"
-    weights: str | None = None  # torch_module encoder: safetensors file
+    weights: FILE | None = None  # torch_module encoder: safetensors file
     batch_size: int = setting(256, ge=1, le=MAX_INT)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
     decode_workers: int = setting(2, ge=0, le=256)  # threads decoding batches ahead of the model (0: on its thread)
@@ -194,6 +201,27 @@ def _merge(a: dict, b: Mapping) -> dict:
     for key, value in b.items():
         out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
     return out
+
+
+def absolute_paths(data: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """A copy of ``data`` (the fields of dataclass ``cls``, nested ones too) with each FILE value, and each
+    FILE_OR_NAME value that is a path, absolute and normalised against the working directory; URLs are kept."""
+    hints, out = typing.get_type_hints(cls, include_extras=True), dict(data)
+    for f in dataclasses.fields(cls):
+        value, kinds = out.get(f.name), _path_kinds(hints[f.name])
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, Mapping):
+            out[f.name] = absolute_paths(value, hints[f.name])
+        elif isinstance(value, str) and value and kinds and "://" not in value and ("file" in kinds or (
+                os.path.exists(value) or value.startswith(("/", "./", "../", "~")))):
+            out[f.name] = os.path.abspath(os.path.expanduser(value))
+    return out
+
+
+def _path_kinds(tp: Any) -> tuple:
+    """The FILE / FILE_OR_NAME marks of an annotation (inside ``| None`` too)."""
+    if typing.get_origin(tp) is Annotated:
+        return tuple(m for m in tp.__metadata__ if m in ("file", "file or name"))
+    return sum((_path_kinds(a) for a in typing.get_args(tp)), ())
 
 
 def changed_keys(old: Any, new: dict, sections: tuple) -> list[str]:

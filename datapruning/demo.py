@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import load_config
+from .errors import require
 from .io.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,7 @@ def stored_image(digit: np.ndarray):
 
 def write_digit_shards(folder: Path) -> list[Path]:
     """scikit-learn's digits (1,797 real 8x8 scans) as PNG webdataset shards with a ``cls`` label."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = require("sklearn.datasets", "demo", "the demo").load_digits()
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for s, rows in enumerate(np.array_split(np.arange(len(digits.images)), N_SHARDS)):
@@ -135,9 +134,10 @@ def train_encoder(images: np.ndarray, path: Path, epochs: int = 30, seed: int = 
 
 def run_demo(output: str | Path, overrides=()) -> dict:
     """Build the digits shards, train the encoder (once), run the pipeline, print a summary."""
-    from sklearn.datasets import load_digits
-    from sklearn.metrics import normalized_mutual_info_score
+    load_digits = require("sklearn.datasets", "demo", "the demo").load_digits
+    normalized_mutual_info_score = require("sklearn.metrics", "demo", "the demo").normalized_mutual_info_score
 
+    from .run import RunLayout
     from .runner import run_pipeline
 
     output = Path(output)
@@ -151,10 +151,11 @@ def run_demo(output: str | Path, overrides=()) -> dict:
         log.info("demo: encoder trained: %s", info)
     base = {**DEMO_CONFIG, "embed": {**DEMO_CONFIG["embed"], "weights": str(weights)}}
     cfg = load_config(None, list(overrides), base=base)
-    stats = run_pipeline(cfg, [str(p) for p in shards], output / "run")
+    run = RunLayout(output / "run")
+    stats = run_pipeline(cfg, [str(p) for p in shards], run.root)
     import pyarrow.parquet as pq
 
-    manifest = pq.read_table(output / "run" / "manifest")
+    manifest = pq.read_table(run.dir("manifest"))
     nmi = normalized_mutual_info_score(manifest["label"].to_numpy(), manifest["cluster"].to_numpy())
     lines = [
         f"datapruning demo: {stats['samples_in']} real digit images (scikit-learn) in {len(shards)} webdataset shards",
@@ -164,14 +165,14 @@ def run_demo(output: str | Path, overrides=()) -> dict:
         f"metric {cfg.select.metric}, mode {cfg.select.mode}",
         f"  manifest  {stats['manifest']}",
         f"  kept list {stats['kept_list']}",
-        f"  stats     {output / 'run' / 'stats.json'}",
+        f"  stats     {run.stats}",
     ]
     from .evaluation.curves import run_eval
     from .evaluation.report import build_report
 
-    evaluation = run_eval(output / "run")  # pruning curves: which metric and fraction suit these digits
-    report = build_report(output / "run")
-    lines += [f"  curves    {evaluation['dir'] / 'curves.png'}",
+    evaluation = run_eval(run.root)  # pruning curves: which metric and fraction suit these digits
+    report = build_report(run.root)
+    lines += [f"  curves    {run.curves_png}",
               f"  {evaluation['summary']['line']}",
               f"  report    {report.resolve()}  (open it in a browser)"]
     print("\n".join(lines))

@@ -5,6 +5,9 @@ the built-in keeps working. Messages name the file, shard, key or config key, an
 """
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class DataPruningError(Exception):
     """Base of every error raised on purpose by datapruning; its message is one line meant for the user."""
@@ -50,8 +53,40 @@ class WriteFailed(DataPruningError, OSError):
     """Writing an output failed (disk full, permissions, ...); the message names the file."""
 
 
+class MissingExtra(DataPruningError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def require(module: str, extra: str, what: str):
+    """``importlib.import_module(module)``, or MissingExtra: ``<what> needs <package>: pip install
+    'datapruning[<extra>]'``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtra(f"{what} needs {module.split('.')[0]}: pip install 'datapruning[{extra}]'") from exc
+
+
 class UidNotFound(DataPruningError, KeyError):
     """Asked-for uids are not in the manifest or the teacher outputs; the message names the first one."""
 
     def __str__(self) -> str:  # KeyError would show the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+# DataPruningError: every error raised on purpose (readers wrap a library's error on bad input in one, naming
+# the file); OSError: the system said no (a full disk, a permission). Anything else is a bug: a traceback.
+EXPECTED_ERRORS = (DataPruningError, OSError)
+
+
+def run_command(prog: str, fn: Callable[[], int], verbose: bool = False) -> int:
+    """``fn()`` for a shell (the CLI, the recipes, the trainer): an expected error prints as one line on stderr,
+    ``<prog>: error: <message>``, and exits 2 (``verbose`` re-raises it with its traceback)."""
+    try:
+        return fn()
+    except EXPECTED_ERRORS as exc:
+        if verbose:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from .config import RunConfig, changed_keys, config_from_dict, to_dict
 from .io.lock import check_idle, ensure, locked  # noqa: F401 (locked: for callers)
-from .errors import ConfigError, InputError, StageError
+from .errors import ConfigError, InputError, RunNotReady, StageError
 from .exec import Executor
 from .io.files import clean_stage, clean_temp, done_path, meta_dir, read_json, stage_marker, write_json
 from .io.tables import block_columns, column_to_matrix, is_int_text, label_sort_key, read_stage
@@ -27,7 +28,8 @@ from .rows import BlockRows
 log = logging.getLogger("datapruning")
 
 STAGES = ("embed", "cluster", "score", "select", "manifest")
-STAGE_DIRS = {"embed": "embeddings", "cluster": "clusters", "score": "scores", "select": "select", "manifest": "manifest"}
+STAGE_DIRS = {"embed": "embeddings", "cluster": "clusters", "score": "scores", "select": "select", "manifest": "manifest",
+              "teacher": "teacher"}
 # config sections whose values change each stage's output (cumulative down the pipeline)
 STAGE_KEYS = {
     "embed": ("input", "embed"),
@@ -38,11 +40,78 @@ STAGE_KEYS = {
 }
 NOT_RESULT_KEYS = {"embed": ("batch_size", "decode_workers"), "cluster": ("assign_batch", "partition_mib"),
                    "input": ("retries", "retry_backoff_s", "allow_failed_shards")}
+LABEL_INDEX = "labels.json"  # the run's label coding, in the score stage's meta folder (read by dp4tl via state_dir)
+OLD_LAYOUT = ("clusters/centroids.npy", "clusters/fit.json", "teacher/_info.json")  # non-data files of older runs
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where every file of a run folder lives: the one place a run path is spelled, config-free.
+
+    A stage's data folder (``embeddings/``, ``clusters/``, ``scores/``, ``select/``, ``manifest/``, ``teacher/``)
+    holds only its per-shard parquet files, so any parquet reader takes it as one table. Everything else of
+    folder X (done markers, fingerprint, info, the k-means fit, the cluster partitions) is in ``_meta/X/``."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(os.path.abspath(self.root)))  # absolute and normalised
+
+    def dir(self, stage: str) -> Path:
+        return self.root / STAGE_DIRS[stage]
+
+    def meta(self, stage: str) -> Path:
+        return meta_dir(self.dir(stage))
+
+    def shard_file(self, stage: str, shard: str) -> Path:
+        return self.dir(stage) / f"{shard}.parquet"
+
+    def info(self, stage: str) -> Path:
+        """The stage's summary (written last)."""
+        return self.meta(stage) / "info.json"
+
+    def marker(self, stage: str) -> Path:
+        """The stage's fingerprint (which config and inputs its outputs belong to)."""
+        return stage_marker(self.dir(stage))
+
+    def __getattr__(self, name: str) -> Path:
+        if name in FILES:
+            where, rel = FILES[name]
+            return (self.root if where is None else self.meta(where)) / rel
+        raise AttributeError(name)
+
+    def check(self) -> "RunLayout":
+        """Refuse a run folder of the older layout (non-data files inside its data folders)."""
+        for rel in OLD_LAYOUT:
+            if (self.root / rel).exists():
+                raise RunNotReady(f"{self.root}: written by an older datapruning ({rel} inside a data folder), "
+                                  "which this version does not read; rerun 'datapruning run' with a new --output")
+        return self
+
+    def read_shards(self) -> list[dict]:
+        """The run's input shards (path, name, format) from shards.json, in order."""
+        self.check()
+        if not self.shards.exists():
+            raise RunNotReady(f"{self.root}: no shards.json; run 'datapruning embed' (or 'run') with --input first")
+        return read_json(self.shards)["shards"]
+
+
+# name -> (stage whose _meta folder holds it, or None for the run folder; relative path)
+FILES = {"config": (None, "config.json"), "shards": (None, "shards.json"), "stats": (None, "stats.json"),
+         "kept": (None, "kept.parquet"), "timings": (None, "timings.json"), "report": (None, "report.html"),
+         "eval": (None, "eval"), "curves": (None, "eval/curves.parquet"), "curves_png": (None, "eval/curves.png"),
+         "eval_summary": (None, "eval/summary.json"), "recommended": (None, "eval/recommended.yaml"),
+         "centroids": ("cluster", "centroids.npy"), "groups": ("cluster", "groups.npy"),
+         "fit_info": ("cluster", "fit.json"), "fit_sample": ("cluster", "fit_sample.f32"),
+         "unique": ("cluster", "unique.json"), "parts": ("cluster", "parts"), "ties": ("cluster", "ties"),
+         "labels": ("score", LABEL_INDEX), "score_state": ("score", "state"), "score_parts": ("score", "parts"),
+         "teacher_info": ("teacher", "info.json")}
 
 
 @dataclass(frozen=True)
 class Run:
-    """One run folder, its resolved config and the command's executor (in this process unless given)."""
+    """One run folder (its layout), its resolved config and the command's executor (in this process unless
+    given)."""
 
     cfg: RunConfig
     output: Path
@@ -51,27 +120,19 @@ class Run:
     def __reduce__(self):  # a worker gets the run without the command's executor: it works in its own process
         return (Run, (self.cfg, self.output))
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.output)
+
     def dir(self, stage: str) -> Path:
-        return self.output / STAGE_DIRS[stage]
+        return self.layout.dir(stage)
 
     def info_path(self, stage: str) -> Path:
-        """The stage's info file (its summary, written last), outside its data folder."""
-        return meta_dir(self.dir(stage)) / "info.json"
-
-    @property
-    def kept_path(self) -> Path:
-        return self.output / "kept.parquet"
-
-    @property
-    def stats_path(self) -> Path:
-        return self.output / "stats.json"
+        return self.layout.info(stage)
 
     @property
     def shards(self) -> list[dict]:
-        path = self.output / "shards.json"
-        if not path.exists():
-            raise StageError(f"{self.output}: no shards.json; run 'datapruning embed' (or 'run') with --input first")
-        return read_json(path)["shards"]
+        return self.layout.read_shards()
 
 
 def result_config(data: dict) -> dict:
@@ -97,7 +158,7 @@ def prepare_stage(run: Run, stage: str) -> Path:
     inputs = [s["path"] for s in run.shards]
     check_upstream(run, stage, inputs)
     want = fingerprint(run.cfg, stage, inputs)
-    marker = stage_marker(folder)
+    marker = run.layout.marker(stage)
     if marker.exists() and read_json(marker).get("fingerprint") != want:
         log.warning("%s: config or input changed since the last run; redoing this stage and the ones after it", stage)
         clear_outputs(run)
@@ -115,7 +176,7 @@ def prepare_stage(run: Run, stage: str) -> Path:
 def check_upstream(run: Run, stage: str, inputs: list[str]) -> None:
     """Stop when a stage that ``stage`` reads ran with another config (or input) than this run's."""
     for earlier in STAGES[:STAGES.index(stage)]:
-        marker = stage_marker(run.dir(earlier))
+        marker = run.layout.marker(earlier)
         stored = read_json(marker) if marker.exists() else {}  # a missing one: the reader names it
         if stored and stored.get("fingerprint") != fingerprint(run.cfg, earlier, inputs):
             changed = changed_keys(stored.get("config"), to_dict(run.cfg), STAGE_KEYS[earlier])
@@ -124,20 +185,18 @@ def check_upstream(run: Run, stage: str, inputs: list[str]) -> None:
                              f"'datapruning {earlier}' with this config first (or 'datapruning run')")
 
 
-TOP_OUTPUTS = ("kept.parquet", "stats.json", "report.html")  # and eval/: all made from the stages' outputs
-
-
 def clear_outputs(run: Run) -> None:
     """Remove the top-level outputs made from an older config (before any stage output changes)."""
-    for name in TOP_OUTPUTS:
-        (run.output / name).unlink(missing_ok=True)
-    clean_stage(run.output / "eval")
+    layout = run.layout
+    for path in (layout.kept, layout.stats, layout.report):
+        path.unlink(missing_ok=True)
+    clean_stage(layout.eval)
 
 
 def save_config(run: Run) -> None:
     """Store the config this run's stages run with (config.json); outputs of another config are cleared first."""
     ensure(run.output)
-    path = run.output / "config.json"
+    path = run.layout.config
     new = to_dict(run.cfg)
     if path.exists() and result_config(read_json(path)) != result_config(new):
         clear_outputs(run)
@@ -147,7 +206,7 @@ def save_config(run: Run) -> None:
 def load_run_config(output: Path) -> RunConfig:
     """The run folder's stored config; a reader fails at once while another process writes the folder."""
     check_idle(output)
-    path = Path(output) / "config.json"
+    path = RunLayout(output).check().config
     if not path.exists():
         raise StageError(f"{output}: no config.json; give a config or run 'datapruning run' first")
     return config_from_dict(read_json(path))
@@ -159,7 +218,7 @@ def timed(run: Run, stage: str) -> Iterator[dict]:
     info: dict[str, Any] = {}
     start = time.perf_counter()
     yield info
-    path = run.output / "timings.json"
+    path = run.layout.timings
     timings = read_json(path) if path.exists() else {}
     timings[stage] = round(time.perf_counter() - start, 3)
     write_json(path, timings)
@@ -205,7 +264,7 @@ def _check_uids(expected: pa.Array, got: pa.Array, where: str) -> None:
 
 def load_columns(run: Run, stage: str, shard: str, expected_uids: pa.Array, columns=None) -> pa.Table:
     """One stage's parquet for ``shard``, verified to hold the same uids in the same order as the embeddings."""
-    path = run.dir(stage) / f"{shard}.parquet"
+    path = run.layout.shard_file(stage, shard)
     if not path.exists():
         raise StageError(f"{stage}: {path} is missing; run 'datapruning {stage}' first")
     table = read_stage(path, columns=None if columns is None else ["uid", *columns])
@@ -224,13 +283,10 @@ def shard_offsets(run: Run) -> list[tuple[dict, int, int]]:
     return out
 
 
-LABEL_INDEX = "labels.json"  # in the score stage's meta folder
-
-
 def label_index(run: Run) -> dict | None:
-    """The run's label coding, built once from every shard's distinct labels and stored in _meta/scores/labels.json:
+    """The run's label coding, built once from every shard's distinct labels and stored in the score stage's meta folder (``RunLayout.labels``):
     ``{"integer": bool, "names": [...], "order": ...}`` (see ``label_coding``). None when the input has no labels."""
-    path = meta_dir(run.dir("score")) / LABEL_INDEX
+    path = run.layout.labels
     if path.exists():
         index = read_json(path)
         return index if index["names"] else None
@@ -294,7 +350,7 @@ def label_columns(index: dict, n_columns: int, column_names: list[str] | None, k
 
 def shard_labels(run: Run, shard: dict) -> list:
     """The distinct labels of one shard's embeddings (a task: the driver only merges these small lists)."""
-    emb = run.dir("embed") / f"{shard['name']}.parquet"
+    emb = run.layout.shard_file("embed", shard["name"])
     if "label" not in pq.read_schema(emb).names:
         return []
     return pc.unique(pq.read_table(emb, columns=["label"])["label"].drop_null()).to_pylist()
@@ -319,7 +375,8 @@ def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None 
     shard, offset, _ = item
     name = shard["name"]
     need_uid = uid or labels is not None or embeddings or bool(columns)  # strings only when asked for or checked
-    cl = read_stage(run.dir("cluster") / f"{name}.parquet",
+    layout = run.layout
+    cl = read_stage(layout.shard_file("cluster", name),
                     columns=["uid", "cluster", "cos_dist", "tie"] if need_uid else ["cluster", "cos_dist", "tie"])
     n = cl.num_rows
     block = {"pos": np.arange(offset, offset + n, dtype=np.int64), "shard": np.full(n, shard["index"], np.int32),
@@ -328,7 +385,7 @@ def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None 
     if uid:
         block["uid"] = cl["uid"].combine_chunks()
     if labels is not None or embeddings or columns:
-        path = run.dir("embed") / f"{name}.parquet"
+        path = layout.shard_file("embed", name)
         have = pq.read_schema(path).names
         cols = [c for c in ("uid", "label", "embedding") if c in have
                 and (c != "embedding" or embeddings) and (c != "label" or labels is not None)]
@@ -341,7 +398,7 @@ def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None 
         if embeddings:
             block["embedding"] = column_to_matrix(emb["embedding"], f"embeddings/{name}.parquet")
     if scores:
-        sc = read_stage(run.dir("score") / f"{name}.parquet")
+        sc = read_stage(layout.shard_file("score", name))
         if sc.num_rows != n:
             raise StageError(f"scores/{name}.parquet has {sc.num_rows} rows, clusters/{name}.parquet "
                              f"{n}; delete it and rerun 'datapruning score'")

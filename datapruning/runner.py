@@ -5,7 +5,7 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
-from .config import RunConfig
+from .config import RunConfig, absolute_paths, config_from_dict, to_dict
 from .errors import ConfigError
 from .params import show
 from .cluster.stage import run_cluster
@@ -56,6 +56,17 @@ def check_config(cfg: RunConfig, stages=STAGES) -> None:
                           "set embed.modality=pair")
 
 
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every local file it names, the metrics' parameters included, absolute and normalised: what
+    config.json records, so the run (and recommended.yaml) work from any directory."""
+    from .score import METRICS
+
+    data = absolute_paths(to_dict(cfg), RunConfig)
+    data["score"]["params"] = {name: absolute_paths(raw, METRICS[name].params) if name in METRICS else raw
+                               for name, raw in data["score"]["params"].items()}
+    return config_from_dict(data)
+
+
 def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None, executor: Executor | None = None):
     """Run one stage (``embed`` takes ``input_spec``; the others read the run folder) on ``executor``, or on one
     opened for this stage."""
@@ -64,7 +75,7 @@ def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None, e
         raise ConfigError(f"{stage}: --input is only read by the embed stage")
     with ExitStack() as stack:
         ex = executor or stack.enter_context(open_executor(cfg))
-        run = Run(cfg, Path(output), ex)
+        run = Run(with_absolute_paths(cfg), Path(output), ex)
         with locked(run.output):  # one writer per run folder; released when the stage ends
             if stage == "embed":
                 return run_embed(run, input_spec)

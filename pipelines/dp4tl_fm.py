@@ -1,14 +1,7 @@
-"""DP4TL feature-mapping recipe (Zhang et al., NeurIPS 2023) for unlabelled source data.
-
-When: as label mapping, but the source has no labels: source k-means clusters stand in for classes and each
-target embedding votes for its nearest source centroid. Same headline as LM (40-80% pruned, no loss).
-Stages: embed -> cluster (k=200) -> score (dp4tl_fm) -> select (groups by cluster, 50% budget) -> manifest.
-
-    python pipelines/dp4tl_fm.py --input source/ --target runs/target/embeddings --output runs/fm
-"""
+"""Thin wrapper over the packaged recipe: same as python -m datapruning.pipelines.dp4tl_fm."""
 import sys
 
-from _recipe import main
+from datapruning.pipelines.dp4tl_fm import main
 
 if __name__ == "__main__":
-    sys.exit(main("dp4tl_fm", __doc__, {"target": "score.params.dp4tl_fm.target"}))
+    sys.exit(main())

@@ -1,16 +1,7 @@
-"""Random recipe: a seeded uniform subset, the baseline everything is judged by.
-
-Method: docs/methods.md#random-seeded-baseline.
-When: always, as the control; and with knowledge distillation from a teacher trained on the full data,
-where random pruning matched or beat sophisticated scores at every rate and a random 50% of ImageNet with
-KD beat full-data training (Ben-Baruch et al., ICML 2025). Stages: embed -> cluster -> score (random)
--> select (keep 50%) -> manifest; then `datapruning teacher` and pipelines/train.py for KD.
-
-    python pipelines/random_kd.py --input 'shards/{00000..00099}.tar' --output runs/random
-"""
+"""Thin wrapper over the packaged recipe: same as python -m datapruning.pipelines.random_kd."""
 import sys
 
-from _recipe import main
+from datapruning.pipelines.random_kd import main
 
 if __name__ == "__main__":
-    sys.exit(main("random", __doc__))
+    sys.exit(main())

@@ -1,16 +1,7 @@
-"""SSP recipe: self-supervised prototypicality (Sorscher et al., NeurIPS 2022).
-
-When: no labels, a good pretrained or self-supervised encoder, and a clear idea of how much data you have.
-Stages: embed (open_clip ViT-B/32) -> cluster (k=1000) -> score (ssp, random) -> select (keep the hardest
-70%, at least 10% of the budget spread over clusters) -> manifest. The paper beat power-law scaling on
-ImageNet with SwAV prototypes; keep hard with abundant data, easy when the kept set is small.
-
-    python pipelines/ssp.py --input 'shards/{00000..00099}.tar' --output runs/ssp
-    python pipelines/ssp.py --precomputed --input embeddings/ --output runs/ssp
-"""
+"""Thin wrapper over the packaged recipe: same as python -m datapruning.pipelines.ssp."""
 import sys
 
-from _recipe import main
+from datapruning.pipelines.ssp import main
 
 if __name__ == "__main__":
-    sys.exit(main("ssp", __doc__))
+    sys.exit(main())

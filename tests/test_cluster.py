@@ -6,6 +6,7 @@ import pytest
 
 from datapruning.errors import ClusterError
 from datapruning.cluster import assign, fit_kmeans, resolve_backend, sample_size
+from datapruning.run import RunLayout
 from conftest import blobs
 
 
@@ -113,7 +114,7 @@ def test_cluster_stage_streams_a_fit_sample_over_fit_mib(tmp_path):
         cfg = load_config(None, ["embed.encoder=precomputed", "cluster.k=4", f"cluster.fit_mib={mib}"])
         out = tmp_path / f"run{mib}"
         run_pipeline(cfg, str(tmp_path / "in"), out, stages=("embed", "cluster"))
-        fit = json.loads((out / "clusters" / "fit.json").read_text())
+        fit = json.loads(RunLayout(out).fit_info.read_text())
         assert fit.get("streamed", False) == (mib == 1) and fit["fit_points"] == 600
         assert not list(out.rglob("fit_sample*"))  # the on-disk sample is removed after the fit
         labels[mib] = np.concatenate([pq.read_table(f, columns=["cluster"])["cluster"].to_numpy()

@@ -21,7 +21,7 @@ from datapruning.consumers import datacomp as dc
 from datapruning.consumers import loaders as ld
 from datapruning.consumers.reshard import reshard
 from datapruning.errors import ConfigError, InputError
-from conftest import (blobs, make_clip_retrieval, make_datacomp_metadata, make_download_folder,
+from conftest import (blobs, make_clip_retrieval, make_datacomp_metadata, make_download_folder, make_tiny_run,
                       tiny_clip_overrides)
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "consumers.md").read_text()
@@ -154,13 +154,25 @@ def test_hugging_face_loads_files_and_folder(site, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
     monkeypatch.chdir(site.elsewhere)
-    ns = run_doc("hugging face")
+    ns = run_doc("hugging face parquet")
     assert len(ns["manifest"]) == 24 and sum(ns["manifest"]["keep"]) == len(site.kept)
     assert set(ns["kept"]["uid"]) == site.kept
     files = sorted(str(p) for p in Path("runs/laion/run/manifest").glob("*.parquet"))
     hf = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "c2"))
     assert len(hf) == 24 and "source_uid" in hf.column_names
     assert len(ld.load_manifest_hf("runs/laion/run", kept_only=True, cache_dir=str(tmp_path / "c3"))) == len(site.kept)
+
+
+def test_hugging_face_webdataset_reads_resharded_tars(tmp_path, monkeypatch, tiny_clip_config):
+    """On tars whose samples all have the same members (HF infers one schema; the site mixes .jpg and .png)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    run = make_tiny_run(tmp_path / "made", tiny_clip_config, n_shards=2, per_shard=8)
+    monkeypatch.chdir(tmp_path)
+    reshard(run, "runs/laion/kept", samples_per_shard=3)  # as the webdataset example does
+    hf = run_doc("hugging face webdataset")["resharded_hf"]
+    kept = pq.read_table(run / "kept.parquet")["uid"].to_pylist()
+    assert sorted(hf["__key__"]) == sorted(kept) and {"png", "cls", "txt"} <= set(hf.column_names)
 
 
 def test_duckdb(site, monkeypatch):

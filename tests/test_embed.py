@@ -95,6 +95,31 @@ def test_open_clip_without_network_says_how_to_use_local_weights(monkeypatch):
     assert "\n" not in message and "ViT-B-32" in message and "embed.pretrained=/path/to/" in message
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_an_unreachable_hub_fails_at_once_in_one_line(monkeypatch, tmp_path, cached):
+    """The Hub out of reach (tests have no network; the probe is also stubbed so a networked CI never downloads):
+    with no open_clip weights cached at all, the error comes before open_clip is imported; with some cached, the
+    Hub client runs in offline mode (cache only, no retries) and its miss is the same one-line error."""
+    from datapruning.embed import encoders
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    if cached:  # some other model's open_clip weights
+        snap = tmp_path / "hub" / "models--laion--other" / "snapshots" / "abc"
+        snap.mkdir(parents=True)
+        (snap / "open_clip_model.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(encoders, "host_reachable", lambda host, timeout=0: False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    imported, real = [], encoders.cache_only
+    monkeypatch.setattr(encoders, "cache_only", lambda *a: imported.append(a) or real(*a))  # reached open_clip
+    cfg = load_config(None, ["embed.model=ViT-B-32", "embed.pretrained=laion2b_s34b_b79k", "embed.device=cpu"])
+    with pytest.raises(EncoderError, match="huggingface.co cannot be reached .* not in the local cache") as err:
+        build_encoder(cfg.embed)
+    assert "\n" not in str(err.value) and "embed.pretrained=/path/to/" in str(err.value)
+    assert bool(imported) == cached and constants.HF_HUB_OFFLINE is False  # restored
+
+
 def test_random_weights_are_refused_unless_asked(tiny_clip_config):
     with pytest.raises(EncoderError, match="random weights"):
         build_encoder(load_config(None, [f"embed.model_config={tiny_clip_config}", "embed.pretrained="]).embed)

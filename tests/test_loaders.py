@@ -216,3 +216,28 @@ def test_datacomp_uid_array_is_pure_and_strict():
         with pytest.raises(ValueError, match="32-hex"):
             dc.datacomp_uid_array(["0" * 32, bad])
     assert dc.datacomp_uid_array([]).shape == (0,)
+
+
+def test_decoded_samples_take_an_open_clip_transform(run):
+    """decode='pil' hands each image to the transform open_clip builds; the default collate batches the rest."""
+    import io
+
+    import open_clip
+    from PIL import Image
+
+    run_dir, hexuids = run
+    preprocess = open_clip.image_transform(24, is_train=False)
+    loader = torch.utils.data.DataLoader(ld.ManifestDataset(run_dir, decode="pil", transform=preprocess),
+                                         batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert all(b["image"].dtype == torch.float32 and b["image"].shape[1:] == (3, 24, 24) for b in batches)
+    assert {u for b in batches for u in b["uid"]} == kept_set(run_dir)
+    assert all(t.startswith("class ") for b in batches for t in b["text"])  # the .json caption
+    raw = next(iter(ld.ManifestDataset(run_dir)))
+    ext = "png" if "png" in raw else "jpg"
+    tensor = next(iter(ld.ManifestDataset(run_dir, decode="tensor")))
+    assert tensor["uid"] == raw["uid"] and not any(isinstance(v, bytes) for v in tensor.values())
+    expect = np.asarray(Image.open(io.BytesIO(raw[ext])).convert("RGB")).transpose(2, 0, 1)
+    assert tensor["image"].dtype == torch.uint8 and np.array_equal(tensor["image"].numpy(), expect)
+    with pytest.raises(ld.ConfigError, match="decode must be one of"):
+        ld.ManifestDataset(run_dir, decode="jpeg")

@@ -11,6 +11,7 @@ import pytest
 
 from datapruning.config import load_config
 from datapruning.runner import run_pipeline
+from datapruning.run import RunLayout
 from conftest import make_clip_retrieval, tiny_clip_overrides
 
 
@@ -46,7 +47,7 @@ def test_webdataset_shards_tiny_open_clip(png_shards, tiny_clip_config, tmp_path
     # SSP score is exactly the cosine distance to the assigned centroid
     emb = pq.read_table(out / "embeddings")
     x = np.stack(emb["embedding"].to_numpy(zero_copy_only=False))
-    centroids = np.load(out / "clusters" / "centroids.npy")
+    centroids = np.load(RunLayout(out).centroids)
     expect = 1 - np.einsum("ij,ij->i", x, centroids[manifest["cluster"].to_numpy()])
     np.testing.assert_allclose(manifest["score_ssp"].to_numpy(), expect, atol=1e-5)
     assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
@@ -98,10 +99,10 @@ def test_changed_select_config_redoes_only_later_stages(parquet_shards, tmp_path
     out = tmp_path / "run"
     base = ["embed.encoder=precomputed", "cluster.k=4"]
     run_pipeline(load_config(None, base), str(parquet_shards[0].parent), out)
-    centroids_mtime = (out / "clusters" / "centroids.npy").stat().st_mtime_ns
+    centroids_mtime = RunLayout(out).centroids.stat().st_mtime_ns
     stats = run_pipeline(load_config(None, base + ["select.keep_fraction=0.1"]), str(parquet_shards[0].parent), out)
     assert stats["kept"] == 12
-    assert (out / "clusters" / "centroids.npy").stat().st_mtime_ns == centroids_mtime
+    assert RunLayout(out).centroids.stat().st_mtime_ns == centroids_mtime
     assert pq.read_table(out / "manifest")["keep"].to_numpy(zero_copy_only=False).sum() == 12
 
 

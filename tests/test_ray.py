@@ -11,6 +11,7 @@ import pytest
 from conftest import blobs, make_png_shards, tiny_clip_overrides
 from datapruning.config import load_config
 from datapruning.runner import run_pipeline
+from datapruning.run import RunLayout
 
 ray = pytest.importorskip("ray")
 
@@ -42,9 +43,9 @@ def write_shards_with_duplicates(folder, n_shards=4, per_shard=50, d=16, k=5, se
 
 
 def outputs(out):
-    files = sorted((out / "manifest").glob("*.parquet")) + [out / "kept.parquet", out / "clusters" / "centroids.npy"]
+    files = sorted((out / "manifest").glob("*.parquet")) + [out / "kept.parquet", RunLayout(out).centroids]
     files += sorted((out / "scores").glob("*.parquet")) + sorted((out / "clusters").glob("*.parquet"))
-    return {str(f.relative_to(out)): f.read_bytes() for f in files}
+    return {str(f.relative_to(RunLayout(out).root)): f.read_bytes() for f in files}
 
 
 def score_info(out):
@@ -68,7 +69,7 @@ def test_ray_precomputed_equals_local(ray_local, tmp_path):
         assert local[name] == distributed[name], name
     assert score_info(tmp_path / "local") == score_info(tmp_path / "ray")
     # the run really went through Ray and really deduplicated
-    assert json.loads((tmp_path / "ray" / "clusters" / "fit.json").read_text())["ray"]["num_cpus"] == 2
+    assert json.loads(RunLayout(tmp_path / "ray").fit_info.read_text())["ray"]["num_cpus"] == 2
     manifest = pq.read_table(tmp_path / "ray" / "manifest").to_pandas()
     assert (manifest["score_semdedup"] > 0.999).sum() >= 20
     assert stats["select"]["dedup"]["removed"] > 0 and stats["kept"] == 100

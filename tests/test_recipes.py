@@ -68,3 +68,29 @@ def test_recipe_on_shards(name, tmp_path, tiny_clip_config):
     recipe(name, "--input", inp, "--output", out, *extra, *sets(overrides))
     manifest = pq.read_table(out / "manifest")
     assert manifest.num_rows == 24 and 0 < np.sum(manifest["keep"].to_numpy(zero_copy_only=False)) < 24
+
+
+def test_errors_are_one_line_in_process(tmp_path, capsys):
+    """Every recipe and the trainer print an expected error as one line and exit 2 (no traceback)."""
+    import importlib
+
+    for name in [*RECIPES, "train"]:
+        main = importlib.import_module(f"datapruning.pipelines.{name}").main
+        args = [str(tmp_path / "missing")] if name == "train" else [
+            "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"),
+            *(["--target", str(tmp_path / "t.parquet")] if name in TARGETED else [])]
+        if name == "train":
+            main = importlib.import_module("datapruning.pipelines.train").command
+        assert main(args) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].endswith("no such file or folder") or "no shards.json" in err[-1], (name, err)
+        assert "error:" in err[-1] and not any("Traceback" in line for line in err), (name, err)
+
+
+@pytest.mark.parametrize("cmd", [["-m", "datapruning.pipelines.ssp"], [str(ROOT / "pipelines" / "train.py")]])
+def test_errors_are_one_line_from_the_shell(cmd, tmp_path):
+    args = [str(tmp_path / "missing")] if cmd[-1].endswith("train.py") else ["--input", str(tmp_path / "missing"),
+                                                                             "--output", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, *cmd, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error:" in proc.stderr.strip().splitlines()[-1]

@@ -19,7 +19,7 @@ from datapruning.errors import StageError
 from datapruning.cutoffs import find_cutoffs, keep_mask
 from datapruning.metrics.ranking import order_key
 from datapruning.rows import ArrayRows
-from datapruning.run import Run, load_run_config
+from datapruning.run import Run, RunLayout, load_run_config
 from datapruning.runner import run_pipeline
 from datapruning.score import METRICS, ScoreInputs
 from datapruning.metrics.ccs import ccs_default_beta
@@ -80,7 +80,7 @@ def in_memory(out, cfg):
     x = np.stack(emb["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     uid = np.asarray(emb["uid"].to_pylist(), dtype=object)
     labels = emb["label"].to_numpy(zero_copy_only=False).astype(np.int64)  # integer labels: code = value
-    centroids = np.load(out / "clusters" / "centroids.npy")
+    centroids = np.load(RunLayout(out).centroids)
     inp = ScoreInputs(uid=uid, embeddings=x, cluster=cl["cluster"].to_numpy().astype(np.int64),
                       cos_dist=cl["cos_dist"].to_numpy(), centroids=centroids, labels=labels, seed=cfg.seed)
     scores = {m: METRICS[m](inp, **cfg.score.params.get(m, {})).scores for m in cfg.score.metrics}
@@ -182,9 +182,9 @@ def test_cluster_partitions_hold_every_row_once_grouped_by_cluster(tmp_path, dty
                              f"embed.store_dtype={dtype}"])
     run_pipeline(cfg, str(inp), tmp_path / "run", stages=("embed", "cluster"))
     run = Run(load_run_config(tmp_path / "run"), tmp_path / "run")
-    groups = np.load(tmp_path / "run" / "clusters" / "groups.npy")
+    groups = np.load(run.layout.groups)
     assert groups.max() >= 2  # several groups, so a shard's copy is sliced
-    assert len(list((tmp_path / "run" / "clusters" / "parts").iterdir())) == 3 * 3  # emb, meta, idx per shard
+    assert len(list(run.layout.parts.iterdir())) == 3 * 3  # emb, meta, idx per shard
     emb = pq.read_table(tmp_path / "run" / "embeddings")
     x = np.stack(emb["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     cl = pa.concat_tables(pq.read_table(f) for f in sorted((tmp_path / "run" / "clusters").glob("*.parquet")))
@@ -209,7 +209,7 @@ def test_truncated_partition_names_the_file(tmp_path):
     cfg = load_config(None, ["embed.encoder=precomputed", "cluster.k=4"])
     run_pipeline(cfg, str(inp), tmp_path / "run", stages=("embed", "cluster"))
     run = Run(load_run_config(tmp_path / "run"), tmp_path / "run")
-    victim = tmp_path / "run" / "clusters" / "parts" / "00001.emb"
+    victim = run.layout.parts / "00001.emb"
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(StageError, match="00001.emb is truncated"):
         read_group(run, np.array([0, 100]), 0)

@@ -17,6 +17,7 @@ from datapruning.consumers import loaders as ld
 from datapruning.consumers import teacher as tm
 from datapruning.config import ConfigError
 from datapruning.consumers.kd import TAIL_TEMPERATURES
+from datapruning.run import RunLayout
 from conftest import make_tiny_run
 
 CLASSES = ("red", "green", "blue")
@@ -225,12 +226,7 @@ def test_integer_labels_are_teacher_columns(tmp_path):
     """Labels {3, 17, 999} with a 1000-class teacher: label c is teacher column c, as in DP4TL (issue 12)."""
     from datapruning.config import load_config
     from datapruning.runner import run_pipeline
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("reference_train", Path(__file__).parent.parent / "pipelines/train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    from datapruning.pipelines import train
 
     n = 30
     labels = np.array([3, 17, 999] * 10)
@@ -272,10 +268,12 @@ def test_a_module_that_is_not_a_model_class_is_one_line(fresh, spec):
     import subprocess
     import sys
 
-    cached = fresh / tm.TEACHER_DIR / "00000.parquet"  # stands for an earlier teacher's outputs
+    layout = RunLayout(fresh)
+    cached = layout.shard_file("teacher", "00000")  # stands for an earlier teacher's outputs
     cached.parent.mkdir(exist_ok=True)
     cached.write_bytes(b"cached")
-    (cached.parent / "_stage.json").write_text('{"stage": "teacher", "fingerprint": "another"}')
+    layout.marker("teacher").parent.mkdir(parents=True, exist_ok=True)
+    layout.marker("teacher").write_text('{"stage": "teacher", "fingerprint": "another"}')
     r = subprocess.run([sys.executable, "-m", "datapruning", "teacher", str(fresh), "--source", "module",
                         "--module", spec, "--allow-random-weights"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -9,28 +9,36 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import load_config, to_dict
-from ..errors import DataPruningError
-from ..run import STAGES, load_run_config, locked
+from ..errors import EXPECTED_ERRORS, ConfigError, run_command  # noqa: F401 (EXPECTED_ERRORS: for callers)
+from ..run import STAGES, RunLayout, load_run_config, locked
 from .tools import add_commands
 
 
-def _add_config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
-    if positional:
-        p.add_argument("config", nargs="?", help="YAML config (default: the run folder's, else built-in defaults)")
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file or shipped config name ('datapruning configs'); "
+                   "default: the run folder's, else built-in defaults")
+    p.add_argument("--config", "-c", dest="config_flag", metavar="FILE", help="the same as the positional config")
     p.add_argument("--output", "-o", required=True, help="run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--workers", "-w", type=int, help="processes over shards (the same as --set workers=N)")
     p.add_argument("--allow-failed-shards", action="append_const", dest="set", const="input.allow_failed_shards=true",
                    help="go on (exit 0) without shards still unreadable after the retries; the summary names them")
 
 
 def resolve_config(args):
-    """The CLI's config: the file given, else the run folder's stored one, else defaults; then --set."""
-    if getattr(args, "config", None):
-        return load_config(args.config, args.set)
-    stored = Path(args.output) / "config.json"
-    if stored.exists():
-        return load_config(None, args.set, base=to_dict(load_run_config(Path(args.output))))
-    return load_config(None, args.set)
+    """The CLI's config: the file (or shipped config) given, else the run folder's stored one, else defaults;
+    then --set and --workers."""
+    from ..presets import config_file
+
+    if args.config and args.config_flag and args.config != args.config_flag:
+        raise ConfigError(f"two configs given: {args.config} and --config {args.config_flag}; give one")
+    spec = args.config or args.config_flag
+    overrides = args.set + ([f"workers={args.workers}"] if args.workers is not None else [])
+    if spec:
+        return load_config(config_file(spec), overrides)
+    if RunLayout(args.output).config.exists():
+        return load_config(None, overrides, base=to_dict(load_run_config(Path(args.output))))
+    return load_config(None, overrides)
 
 
 def cmd_run(args) -> int:
@@ -47,10 +55,9 @@ def cmd_run(args) -> int:
 def report_failed(output) -> None:
     """Name the shards left out because they could not be read (only with --allow-failed-shards)."""
     from ..embed.stage import failed_shards
-    from ..io.files import read_json
 
-    shards = read_json(Path(output) / "shards.json")["shards"]
-    failed = failed_shards(Path(output) / "embeddings", shards)
+    layout = RunLayout(output)
+    failed = failed_shards(layout.dir("embed"), layout.read_shards())
     if failed:
         print(f"left out {len(failed)} shard(s) that could not be read (a rerun retries them): "
               + ", ".join(sorted(failed)[:20]) + (" ..." if len(failed) > 20 else ""))
@@ -75,8 +82,11 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="datapruning", description="Prune image and image-text datasets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"datapruning {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="all stages: embed, cluster, score, select, manifest")
     _add_config_args(p)
@@ -96,13 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-# DataPruningError: every error raised on purpose (readers wrap a library's error on bad input in one, naming
-# the file); OSError: the system said no (a full disk, a permission). Anything else is a bug: a traceback.
-EXPECTED_ERRORS = (DataPruningError, OSError)
-
-
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the trainer parses its own flags, --help included
+        from ..pipelines.train import command
+
+        return command(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -110,13 +119,7 @@ def main(argv=None) -> int:
     tqdm.monitor_interval = 0  # no daemon monitor thread: one waking during interpreter exit aborted the CLI
     if getattr(args, "input", None) is not None and len(args.input) == 1:
         args.input = args.input[0]
-    try:
-        return args.func(args)
-    except EXPECTED_ERRORS as exc:
-        if args.verbose:
-            raise
-        print(f"datapruning {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(f"datapruning {args.command}", lambda: args.func(args), args.verbose)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Subcommands around a finished run: eval, report, reshard, export-datacomp, teacher (parsing and printing only)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -9,6 +10,7 @@ def cmd_eval(args) -> int:
     from ..evaluation.curves import DEFAULT_FRACTIONS, format_table, run_eval
     from ..evaluation.kd import KDSettings
     from ..evaluation.probe import ProbeSettings
+    from ..run import RunLayout
 
     fractions = parse_fractions(args.fractions) if args.fractions else DEFAULT_FRACTIONS
     kd = KDSettings(alpha=None if args.kd_alpha == "auto" else float(args.kd_alpha), T=args.kd_T, teacher=args.teacher)
@@ -23,7 +25,8 @@ def cmd_eval(args) -> int:
           f"({s['split']}), by keep fraction of {s['train_rows']} training rows:")
     print(format_table(result["table"]))
     print(s["line"])
-    print(f"table: {result['dir'] / 'curves.parquet'}   plot: {result['dir'] / 'curves.png'}   "
+    layout = RunLayout(args.run_dir)
+    print(f"table: {layout.curves}   plot: {layout.curves_png}   "
           f"recipe: {s['recommended'].get('config')}   ({s['wall_s']} s)")
     return 0
 
@@ -156,15 +159,50 @@ def config_from_args(args):
 
 
 def cmd_teacher(args) -> int:
-    from ..consumers.teacher import TEACHER_DIR, run_teacher
+    from ..consumers.teacher import run_teacher
+    from ..run import RunLayout
 
     info = run_teacher(args.run_dir, config_from_args(args))
     kept = "all" if info["top_k"] is None else f"top-{info['top_k']} of"
     print(f"teacher {info['teacher']}: {kept} {info['num_classes']} classes for {info['rows']} "
-          f"{info['samples']} samples in {Path(args.run_dir) / TEACHER_DIR}")
+          f"{info['samples']} samples in {RunLayout(args.run_dir).dir('teacher')}")
+    return 0
+
+
+# ---------------------------------------------------------------- shipped configs and the reference trainer
+def add_configs(sub) -> None:
+    p = sub.add_parser("configs", help="list the shipped configs; 'configs show NAME' prints one (> my.yaml)")
+    p.add_argument("action", nargs="?", choices=("list", "show", "path"), default="list")
+    p.add_argument("name", nargs="?", help="a shipped config (show, path)")
+    p.set_defaults(func=cmd_configs)
+    p = sub.add_parser("train", add_help=False, help="the reference trainer on a run ('datapruning train --help')")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_configs(args) -> int:
+    from ..errors import ConfigError
+    from ..presets import named_configs, summary
+
+    named = named_configs()
+    if args.action == "list":
+        width = max(map(len, named))
+        print("\n".join(f"{name:<{width}}  {summary(path)}" for name, path in named.items()))
+        return 0
+    if args.name not in named:
+        raise ConfigError(f"configs {args.action}: name one of {', '.join(named)} (got {str(args.name)[:200]!r})")
+    print(named[args.name].read_text(encoding="utf-8") if args.action == "show" else named[args.name], end=
+          "" if args.action == "show" else "\n")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..pipelines.train import main
+
+    main(args.args)
     return 0
 
 
 def add_commands(sub) -> None:
-    for add in (add_eval, add_report, add_reshard, add_teacher):
+    for add in (add_eval, add_report, add_reshard, add_teacher, add_configs):
         add(sub)

@@ -1,6 +1,6 @@
 """The cluster stage's grouped copy of each shard: its rows sorted by cluster in raw files, with per-group offsets.
 
-Per shard, in ``clusters/parts/``: ``<shard>.emb`` (the embeddings in the embed stage's dtype, row-major),
+Per shard, in the cluster stage's meta folder (``RunLayout.parts``): ``<shard>.emb`` (the embeddings in the embed stage's dtype, row-major),
 ``<shard>.meta`` (row, cluster, cos_dist, tie; packed records) and ``<shard>.idx`` (int64 [groups + 1]: where each
 group of clusters starts). Three files per shard whatever the number of groups; reading one group seeks into
 every shard's files and reads only that group's rows. See docs/scale.md#how-the-stages-scale.
@@ -20,7 +20,7 @@ INDEX = np.dtype("<i8")
 
 
 def parts_dir(run: Run) -> Path:
-    return run.dir("cluster") / "parts"
+    return run.layout.parts
 
 
 def emb_dtype(run: Run) -> np.dtype:
@@ -83,7 +83,7 @@ def read_group(run: Run, offsets: np.ndarray, group: int) -> dict:
     order = np.lexsort((pos, cluster))
     where = np.empty(len(order), dtype=np.int64)
     where[order] = np.arange(len(order))  # file row -> its place in the sorted group
-    d = int(np.load(run.dir("cluster") / "centroids.npy", mmap_mode="r").shape[1])
+    d = int(np.load(run.layout.centroids, mmap_mode="r").shape[1])
     matrix, start = np.empty((len(order), d), dtype=np.float32), 0
     for _, name, lo, hi in spans:
         matrix[where[start:start + hi - lo]] = _read(out / f"{name}.emb", dtype, lo * d, (hi - lo) * d).reshape(-1, d)

@@ -22,7 +22,7 @@ from .kmeans import CHUNK_BYTES, assign, fit_kmeans, resolve_backend, sample_siz
 from .kmeans_stream import chunks, stream_kmeans
 from .parts import write_parts
 from .unique import check_unique_uids, write_ties
-from ..io.files import atomic_path, check_any_rows, is_done, mark_done, meta_dir, write_json, write_npy, write_parquet
+from ..io.files import atomic_path, check_any_rows, is_done, mark_done, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from ..cutoffs import Cutoffs, find_cutoffs
 from ..hashing import uid_hash
@@ -35,14 +35,14 @@ PREFETCH_BYTES = 512 << 20  # decoded shards held ahead of the assignment
 
 def read_matrix(run: Run, shard: str) -> np.ndarray:
     """One shard's float32 [n, d] embedding matrix (only that column is read)."""
-    table = read_stage(run.dir("embed") / f"{shard}.parquet", columns=["embedding"])
+    table = read_stage(run.layout.shard_file("embed", shard), columns=["embedding"])
     return column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
 
 
 def hash_block(run: Run, item: tuple) -> dict:
     """One shard's global row numbers and seeded uid hashes (only the uid column is read)."""
     shard, offset, n = item
-    uid = read_stage(run.dir("embed") / f"{shard['name']}.parquet", columns=["uid"])["uid"]
+    uid = read_stage(run.layout.shard_file("embed", shard["name"]), columns=["uid"])["uid"]
     return {"pos": np.arange(offset, offset + n, dtype=np.int64), "tie": uid_hash(uid, run.cfg.seed)}
 
 
@@ -98,7 +98,7 @@ def fit_sample(cfg, output: Path, items: list[tuple], cut: Cutoffs, size: int):
         centroids, stats = fit_kmeans(x, ccfg.k, ccfg.niter, cfg.seed, backend, init=first_by_hash(keys, ccfg.k))
         sample_sizes = np.bincount(assign(x, centroids, ccfg.assign_batch, backend, exact=False)[0], minlength=ccfg.k)
     else:
-        path = meta_dir(run.dir("cluster")) / "fit_sample.f32"
+        path = run.layout.fit_sample
         keys = []
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             for block, key in blocks:
@@ -144,7 +144,7 @@ def fit_resources(cfg) -> dict | None:
 
 def read_uid_matrix(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
     """One shard's uid and embedding columns (as stored) and its float32 [n, d] matrix."""
-    table = read_stage(run.dir("embed") / f"{shard}.parquet", columns=["uid", "embedding"])
+    table = read_stage(run.layout.shard_file("embed", shard), columns=["uid", "embedding"])
     return table, column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
 
 
@@ -158,7 +158,7 @@ def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, table: pa
     write_ties(run, shard["name"], tie)
     if groups is not None:
         write_parts(run, shard["name"], matrix, cluster, cos_dist, tie, groups)
-    write_parquet(out_dir / f"{shard['name']}.parquet",
+    write_parquet(run.layout.shard_file("cluster", shard["name"]),
                   pa.table({"uid": table["uid"], "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist,
                             "tie": pa.array(tie)}))
     info = {"rows": len(cluster), "seconds": round(time.perf_counter() - start, 3)}
@@ -168,10 +168,9 @@ def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, table: pa
 
 def load_fit(run: Run) -> tuple[np.ndarray, np.ndarray | None]:
     """The stored centroids and cluster -> group map (None when partitions are off)."""
-    out_dir = run.dir("cluster")
-    groups = out_dir / "groups.npy"
-    return (np.load(out_dir / "centroids.npy", allow_pickle=False),
-            np.load(groups, allow_pickle=False) if run.cfg.cluster.partition else None)
+    layout = run.layout
+    return (np.load(layout.centroids, allow_pickle=False),
+            np.load(layout.groups, allow_pickle=False) if run.cfg.cluster.partition else None)
 
 
 def assign_one(run: Run, shard: dict) -> dict:
@@ -202,10 +201,10 @@ def run_cluster(run: Run) -> None:
     ccfg = run.cfg.cluster
     counts = shard_rows(run)
     check_any_rows(run.dir("embed"), [s["name"] for s, _ in counts])  # else "k larger than the 0 samples"
-    out_dir = prepare_stage(run, "cluster")
+    out_dir, layout = prepare_stage(run, "cluster"), run.layout
     n = sum(c for _, c in counts)
     with timed(run, "cluster"):
-        if not (out_dir / "fit.json").exists():
+        if not layout.fit_info.exists():
             size = sample_size(n, ccfg.k, ccfg.fit_fraction, ccfg.max_points_per_centroid)
             log.info("cluster: fitting k=%d on %d of %d samples", ccfg.k, size, n)
             items = shard_offsets(run)
@@ -217,9 +216,9 @@ def run_cluster(run: Run) -> None:
                 stats["ray"] = resources
             groups = plan_groups(sample_sizes, n, centroids.shape[1], ccfg.partition_mib)
             stats["groups"] = int(groups.max()) + 1
-            write_npy(out_dir / "centroids.npy", centroids)
-            write_npy(out_dir / "groups.npy", groups)
-            write_json(out_dir / "fit.json", stats)  # written last: the fit's done marker
+            write_npy(layout.centroids, centroids)
+            write_npy(layout.groups, groups)
+            write_json(layout.fit_info, stats)  # written last: the fit's done marker
         todo = [({**s, "index": i}, rows) for i, (s, rows) in enumerate(counts) if not is_done(out_dir, s["name"])]
         with progress(len(todo), "cluster") as bar:
             rate = Rate()
@@ -229,6 +228,6 @@ def run_cluster(run: Run) -> None:
                 infos = run.executor.map_unordered(partial(assign_one, run), [s for s, _ in todo])
             for info in infos:
                 rate.add(bar, info["rows"])
-        if not (out_dir / "_unique.json").exists():  # checked once, after every shard is assigned
+        if not layout.unique.exists():  # checked once, after every shard is assigned
             check_unique_uids(run, n)
-            write_json(out_dir / "_unique.json", {"unique_uids": True})
+            write_json(layout.unique, {"unique_uids": True})

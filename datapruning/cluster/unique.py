@@ -23,7 +23,7 @@ HASH = np.dtype("<u8")
 
 
 def ties_path(run: Run, name: str) -> Path:
-    return run.dir("cluster") / "ties" / f"{name}.u64"
+    return run.layout.ties / f"{name}.u64"
 
 
 def write_ties(run: Run, name: str, tie: np.ndarray) -> None:

@@ -17,19 +17,20 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..errors import ConfigError, InputError, RunNotReady, UidNotFound
+from ..errors import ConfigError, InputError, RunNotReady, UidNotFound, require
 from ..io.files import is_done, read_json
 from ..io.shards import shard_names
 from ..io.webdataset import iter_tar_samples
 from .reshard import input_path, kept_keys, manifest_shard, run_shards
-from .teacher import TEACHER_DIR
+from ..run import RunLayout
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- tables: pyarrow, pandas, Hugging Face datasets
 def manifest_files(run_dir: str | Path) -> list[str]:
-    return [str(Path(run_dir) / "manifest" / f"{s['name']}.parquet") for s in run_shards(run_dir)]
+    layout = RunLayout(run_dir)
+    return [str(layout.shard_file("manifest", s["name"])) for s in run_shards(run_dir)]
 
 
 def read_manifest(run_dir: str | Path, kept_only: bool = False, columns=None) -> pa.Table:
@@ -45,10 +46,7 @@ def manifest_dataframe(run_dir: str | Path, kept_only: bool = False, columns=Non
 
 def load_manifest_hf(run_dir: str | Path, kept_only: bool = False, columns=None, cache_dir: str | None = None):
     """The manifest as a Hugging Face ``datasets.Dataset`` (memory-mapped Arrow, built by ``Dataset.from_parquet``)."""
-    try:
-        import datasets
-    except ImportError as exc:
-        raise ImportError("load_manifest_hf needs Hugging Face datasets: pip install datasets") from exc
+    datasets = require("datasets", "hf", "load_manifest_hf")
     return datasets.Dataset.from_parquet(manifest_files(run_dir), columns=list(columns) if columns else None,
                                          filters=[("keep", "==", True)] if kept_only else None, cache_dir=cache_dir)
 
@@ -60,7 +58,7 @@ def load_embeddings(run_dir: str | Path, select: str | Collection[str] = "kept")
     select = _as_selection(select)
     uids, mats, labels = [], [], []
     for shard in run_shards(run_dir):
-        path = Path(run_dir) / "embeddings" / f"{shard['name']}.parquet"
+        path = RunLayout(run_dir).shard_file("embed", shard["name"])
         emb = pds.dataset(str(path)).to_table(columns=["uid", "embedding"])
         man = manifest_shard(run_dir, shard["name"], present_columns(run_dir, shard["name"], ("uid", "keep", "label")))
         if not emb["uid"].equals(man["uid"]):
@@ -76,7 +74,7 @@ def load_embeddings(run_dir: str | Path, select: str | Collection[str] = "kept")
 
 
 def present_columns(run_dir, shard: str, columns) -> tuple:
-    names = pq.read_schema(Path(run_dir) / "manifest" / f"{shard}.parquet").names
+    names = pq.read_schema(RunLayout(run_dir).shard_file("manifest", shard)).names
     return tuple(c for c in columns if c in names)
 
 
@@ -171,14 +169,23 @@ class ManifestDataset(IterableDataset):
     Each sample is the webdataset dict (``__key__`` and raw member bytes by extension) plus ``uid``, ``shard``,
     the manifest ``columns`` (default: label and split where present) and, with ``teacher=True``, the cached
     teacher arrays as ``teacher_<name>`` (``teacher_logits`` float16 [C], or ``teacher_topk_values``,
-    ``teacher_topk_indices`` and ``teacher_tail_lse`` for a top-k teacher); ``transform`` maps it to what you want.
+    ``teacher_topk_indices`` and ``teacher_tail_lse`` for a top-k teacher). With ``decode=None``,
+    ``transform(sample)`` maps that dict to what you want. With ``decode="pil"`` (RGB) or ``"tensor"`` (uint8
+    [3, H, W]) the raw members are replaced by ``image`` = ``transform(decoded image)`` (an open_clip or
+    torchvision transform plugs in) and ``text`` (the caption, when there is one), so the default collate batches it.
     Shards are split over DataLoader workers and distributed ranks (rank-major), so every selected sample is
     read exactly once per epoch. ``shuffle_shards`` reorders shards per ``set_epoch`` (same order in all workers).
     """
 
     def __init__(self, run_dir: str | Path, select: str | Collection[str] = "kept", columns=None,
-                 teacher: bool = False, transform: Callable | None = None, shuffle_shards: bool = False, seed: int = 0):
-        self.run_dir = str(run_dir)
+                 teacher: bool = False, transform: Callable | None = None, shuffle_shards: bool = False, seed: int = 0,
+                 decode: str | None = None):
+        from ..run import load_run_config
+
+        if decode not in DECODE:
+            raise ConfigError(f"decode must be one of {list(DECODE)}, got {decode!r}")
+        self.run_dir, self.decode = str(run_dir), decode
+        self.keys = load_run_config(Path(run_dir)).input if decode else None  # image_keys, text_keys
         shards = run_shards(run_dir)
         bad = [s for s in shards if s["format"] != "webdataset"]
         if bad:
@@ -230,12 +237,34 @@ class ManifestDataset(IterableDataset):
                 continue
             sample.update(uid=uids[i], shard=shard["name"], **{c: v[i] for c, v in extra.items()})
             sample.update({f"teacher_{c}": a[i] for c, a in teacher.items()})
-            yield self.transform(sample) if self.transform is not None else sample
+            yield self._finish(sample)
             if not index:
                 break  # every selected sample found: the rest of the tar is not read
         if index:
             raise InputError(f"shard {shard['name']} ({shard['path']}): {len(index)} selected samples are not in the "
                              f"tar (first key {next(iter(index))!r}); did the shard change since the run?")
+
+
+    def _finish(self, sample: dict):
+        if self.decode is None:
+            return self.transform(sample) if self.transform is not None else sample
+        from ..embed import decode_input
+        from ..embed.samples import caption
+
+        image = decode_input(sample, "image", self.keys.image_keys, ())
+        if self.decode == "tensor":
+            from torchvision.transforms.functional import pil_to_tensor
+
+            image = pil_to_tensor(image)
+        out = {k: v for k, v in sample.items() if not isinstance(v, bytes)}
+        out["image"] = self.transform(image) if self.transform is not None else image
+        text = caption(sample, self.keys.text_keys)
+        if text is not None:
+            out["text"] = text
+        return out
+
+
+DECODE = (None, "pil", "tensor")
 
 
 def _teacher_rows(run_dir: str, shard: str, uids: list[str]) -> dict[str, np.ndarray]:
@@ -259,8 +288,8 @@ def _dist() -> tuple[int, int]:
 
 # ---------------------------------------------------------------- cached teacher outputs (datapruning teacher)
 def teacher_info(run_dir: str | Path) -> dict:
-    """teacher/_info.json: the teacher's name, classes (class i = classes[i]), num_classes, format, top_k, samples."""
-    path = Path(run_dir) / TEACHER_DIR / "_info.json"
+    """The teacher's info: its name, classes (class i = classes[i]), num_classes, format, top_k, samples."""
+    path = RunLayout(run_dir).check().teacher_info
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no teacher outputs; run 'datapruning teacher {run_dir} ...' first")
     info = read_json(path)
@@ -282,7 +311,7 @@ def _matrix(table: pa.Table, col: str) -> np.ndarray:
 def read_teacher_shard(run_dir: str | Path, shard: str) -> tuple[list[str], dict[str, np.ndarray]]:
     """(uids, arrays) of one shard. Full logits: {"logits": float16 [m, C]}; top-k: {"topk_values": float16
     [m, k], "topk_indices": int32 [m, k], "tail_lse": float32 [m, temperatures]} (no tail_lse in older outputs)."""
-    path = Path(run_dir) / TEACHER_DIR / f"{shard}.parquet"
+    path = RunLayout(run_dir).shard_file("teacher", shard)
     if not is_done(path.parent, shard):
         raise FileNotFoundError(f"{path}: teacher outputs missing; run 'datapruning teacher {run_dir} ...' first")
     table = pq.read_table(path)

@@ -17,6 +17,7 @@ from ..errors import ConfigError, InputError, RunNotReady, StageError, Truncated
 from ..exec import process_pool
 from ..io.files import META, atomic_path, clean_stage, clean_temp, done_path, is_done, mark_done, read_json, write_json
 from ..io.webdataset import SHARD_DAMAGE, Member, iter_tar_groups
+from ..run import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,11 @@ PIECES = ".pieces"  # boundary pieces of output shards that span input shards; r
 # ---------------------------------------------------------------- reading a finished run (light: no torch here)
 def run_shards(run_dir: str | Path) -> list[dict]:
     """The run's input shards (path, name, format), in order; checks the manifest stage finished for each."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "shards.json").exists():
+    layout = RunLayout(run_dir)
+    if not layout.shards.exists():
         raise RunNotReady(f"{run_dir}: no shards.json; is this a run folder made by 'datapruning run'?")
-    shards = read_json(run_dir / "shards.json")["shards"]
-    missing = [s["name"] for s in shards if not is_done(run_dir / "manifest", s["name"])]
+    shards = layout.read_shards()
+    missing = [s["name"] for s in shards if not is_done(layout.dir("manifest"), s["name"])]
     if missing:
         raise RunNotReady(f"{run_dir}: manifest of shard {missing[0]} is not finished "
                           f"({len(missing)} of {len(shards)}); run 'datapruning manifest --output {run_dir}'")
@@ -51,7 +52,7 @@ def input_path(shard: dict) -> str:
 
 def manifest_shard(run_dir: str | Path, shard: str, columns=("key", "keep")):
     """One shard's manifest rows (pyarrow Table), in the input's order."""
-    path = Path(run_dir) / "manifest" / f"{shard}.parquet"
+    path = RunLayout(run_dir).shard_file("manifest", shard)
     names = pq.read_schema(path).names
     missing = [c for c in columns if c not in names]
     if missing:
@@ -258,7 +259,7 @@ def reshard(run_dir: str | Path, output: str | Path, samples_per_shard: int, wor
         raise ConfigError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if keys not in ("uid", "original"):
         raise ConfigError(f"keys must be 'uid' or 'original', got {keys!r}")
-    run_dir, out_dir = Path(run_dir).absolute(), Path(output).absolute()
+    run_dir, out_dir = RunLayout(run_dir).root, Path(os.path.abspath(output))  # absolute, no ".." left
     tasks, total, digest = plan_tasks(run_dir, out_dir, samples_per_shard, keys == "uid", name_format)
     if keys == "original":
         _check_original_keys(tasks, samples_per_shard)

@@ -13,14 +13,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import FILE, FILE_OR_NAME, absolute_paths
 from ..errors import ConfigError, InputError
 from ..params import check_fields, setting
-from ..io.files import clean_stage, done_path, is_done, mark_done, read_json, stage_marker, write_json, write_parquet
+from ..io.files import (clean_stage, done_path, is_done, mark_done, match_empty_schemas, read_json, write_json,
+                        write_parquet)
+from ..run import RunLayout
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("zero_shot", "module", "logits")
-TEACHER_DIR = "teacher"
 MAX_FULL_CLASSES = 4096  # up to this many classes the full logits are stored (float16: 8 KB a sample at most)
 
 
@@ -37,12 +39,12 @@ class TeacherConfig:
     templates: tuple[str, ...] = ("a photo of a {}.",)  # zero_shot prompts, averaged per class
     logit_scale: float = setting(100.0, gt=0.0, le=1e6)  # zero_shot: logits = scale * cosine (CLIP's trained scale)
     model: str | None = None  # zero_shot open_clip model; None: the run's embed.model / model_config / pretrained
-    model_config: str | None = None
-    pretrained: str | None = None
+    model_config: FILE | None = None
+    pretrained: FILE_OR_NAME | None = None
     allow_random_weights: bool | None = None
     module: str | None = None  # module: "package.module:ClassName" -> nn.Module returning [n, C] logits
-    weights: str | None = None  # module: safetensors state dict
-    logits: str | None = None  # logits: parquet (uid, logits list<float>) or .npy [n, C] + same-name parquet (uid)
+    weights: FILE | None = None  # module: safetensors state dict
+    logits: FILE | None = None  # logits: parquet (uid, logits list<float>) or .npy [n, C] + same-name parquet (uid)
     batch_size: int = setting(256, ge=1, le=1 << 24)
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
 
@@ -243,7 +245,7 @@ def shard_logits(teacher: Teacher, run_dir: Path, run_cfg, shard: dict, rows: pa
     if teacher.on == "embeddings":
         from ..io.tables import column_to_matrix
 
-        path = run_dir / "embeddings" / f"{shard['name']}.parquet"
+        path = RunLayout(run_dir).shard_file("embed", shard["name"])
         table = pq.read_table(path, columns=["uid", "embedding"])
         pos = {u: i for i, u in enumerate(table["uid"].to_pylist())}
         matrix = column_to_matrix(table["embedding"], str(path))
@@ -296,7 +298,7 @@ def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch
 
 def fingerprint(tcfg: TeacherConfig, run_dir: Path) -> str:
     data = dataclasses.asdict(tcfg)
-    stage = stage_marker(run_dir / "manifest")
+    stage = RunLayout(run_dir).marker("manifest")
     data["manifest"] = read_json(stage).get("fingerprint") if stage.exists() else None
     if tcfg.logits and Path(tcfg.logits).exists():
         st = Path(tcfg.logits).stat()
@@ -307,14 +309,15 @@ def fingerprint(tcfg: TeacherConfig, run_dir: Path) -> str:
 def run_teacher(run_dir: str | Path, tcfg: TeacherConfig) -> dict:
     """Write teacher/<shard>.parquet for every kept sample: by default ``logits`` float16 [C] (each row shifted
     so its max is 0); with ``top_k``, ``topk_values``, ``topk_indices`` and ``tail_lse`` (see ``topk``). Also a
-    done marker per shard and teacher/_info.json. Resumes; a changed teacher config redoes it all."""
+    done marker per shard and ``RunLayout.teacher_info``. Resumes; a changed teacher config redoes it all."""
     from .reshard import run_shards
     from ..run import load_run_config, progress
 
-    run_dir = Path(run_dir)
-    run_cfg, shards, out = load_run_config(run_dir), run_shards(run_dir), run_dir / TEACHER_DIR
+    layout, tcfg = RunLayout(run_dir), TeacherConfig(**absolute_paths(dataclasses.asdict(tcfg), TeacherConfig))
+    run_dir, out = layout.root, layout.dir("teacher")
+    run_cfg, shards = load_run_config(run_dir), run_shards(run_dir)
     fp = fingerprint(tcfg, run_dir)
-    marker = out / "_stage.json"
+    marker = layout.marker("teacher")
     if tcfg.source == "module":  # a bad --module fails here, before the cached outputs are cleared
         from ..embed import load_object
 
@@ -332,7 +335,7 @@ def run_teacher(run_dir: str | Path, tcfg: TeacherConfig) -> dict:
                 teacher = teacher or build_teacher(tcfg, run_cfg)
                 _teacher_shard(teacher, tcfg, run_dir, run_cfg, shard, out)
             bar.update(1)
-    return _write_info(out, tcfg, shards)
+    return _write_info(layout, tcfg, shards)
 
 
 def _teacher_shard(teacher: Teacher, tcfg: TeacherConfig, run_dir: Path, run_cfg, shard: dict, out: Path) -> None:
@@ -353,13 +356,14 @@ def _teacher_shard(teacher: Teacher, tcfg: TeacherConfig, run_dir: Path, run_cfg
         table = full_table(uids, logits if len(logits) else np.zeros((0, len(tcfg.classes)), np.float32))
     else:
         table = topk_table(uids, logits, min(tcfg.top_k, n_classes or tcfg.top_k))
-    write_parquet(out / f"{shard['name']}.parquet", table)
+    write_parquet(RunLayout(run_dir).shard_file("teacher", shard["name"]), table)
     mark_done(out, shard["name"], {"rows": len(rows), "num_classes": n_classes,
                                    "top_k": None if tcfg.top_k is None or n_classes is None
                                    else min(tcfg.top_k, n_classes), "teacher": teacher.name, "on": teacher.on})
 
 
-def _write_info(out: Path, tcfg: TeacherConfig, shards: list[dict]) -> dict:
+def _write_info(layout, tcfg: TeacherConfig, shards: list[dict]) -> dict:
+    out = layout.dir("teacher")
     marks = [read_json(done_path(out, s["name"])) for s in shards]
     classes = {m["num_classes"] for m in marks} - {None}
     if len(classes) > 1:
@@ -378,5 +382,7 @@ def _write_info(out: Path, tcfg: TeacherConfig, shards: list[dict]) -> dict:
         from .kd import TAIL_TEMPERATURES
 
         info["tail_temperatures"] = list(TAIL_TEMPERATURES)
-    write_json(out / "_info.json", info)
+    match_empty_schemas(out, {s["name"]: layout.shard_file("teacher", s["name"]) for s in shards})
+    write_json(layout.teacher_info, info)
     return info
+

@@ -5,6 +5,7 @@ import importlib
 import io
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -62,6 +63,9 @@ def _stack(batch: list, device: str):
 def build_open_clip(cfg) -> Encoder:
     """open_clip image or text tower. ``pretrained`` is a tag or a local checkpoint path; with
     ``model_config`` a custom architecture JSON is registered first (tests use tiny random ones)."""
+    offline = hub_out_of_reach(cfg.pretrained)
+    if offline and not hub_cache_has_open_clip():  # fails in seconds: importing open_clip alone takes longer
+        raise not_cached(Path(cfg.model_config).stem if cfg.model_config else cfg.model, cfg.pretrained)
     try:
         import open_clip
     except ImportError as exc:
@@ -79,8 +83,11 @@ def build_open_clip(cfg) -> Encoder:
         raise EncoderError(f"embed.pretrained is empty, which means random weights for {model_name}; "
                            "give a tag or a local checkpoint, or set embed.allow_random_weights=true")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
-                                                                     device=device)
+        with cache_only(offline, model_name, pretrained):
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
+                                                                         device=device)
+    except EncoderError:
+        raise
     except Exception as exc:  # noqa: BLE001 - hub, file and config errors all end the same way
         local = pretrained and Path(pretrained).exists()
         hint = ("" if local else f" No network? Download the weights elsewhere and set "
@@ -96,6 +103,75 @@ def build_open_clip(cfg) -> Encoder:
         if cfg.modality == "text":
             return text
     return Encoder(label, "image", preprocess, lambda b: model.encode_image(_stack(b, device)), device, text=text)
+
+
+HUB_PROBE_S = 3.0  # how long a pretrained tag waits to learn that the Hugging Face Hub is out of reach
+
+
+def host_reachable(host: str, timeout: float = HUB_PROBE_S) -> bool:
+    """True when a TCP connection to ``host``:443 opens within ``timeout`` seconds (name lookup included)."""
+    import socket
+    import threading
+
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a stuck name lookup has no timeout of its own
+    thread.start()
+    thread.join(timeout)
+    return bool(ok and ok[0])
+
+
+def hub_out_of_reach(pretrained: str | None) -> bool:
+    """A pretrained tag (not a local file) while huggingface.co cannot be reached without a proxy: its weights
+    can only come from the local cache."""
+    import os
+
+    if not pretrained or os.path.exists(pretrained):
+        return False
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True  # offline by choice: no probe
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    return not proxied and not host_reachable("huggingface.co")
+
+
+def hub_cache_has_open_clip() -> bool:
+    """Whether the Hugging Face cache holds any open_clip weights (looked at before importing open_clip)."""
+    import os
+
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    root = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
+    return any(root.glob("models--*/snapshots/*/open_clip_*"))
+
+
+def not_cached(model_name: str, pretrained: str) -> EncoderError:
+    return EncoderError(f"open_clip {model_name} pretrained={pretrained!r}: huggingface.co cannot be reached (no "
+                        "network?) and the weights are not in the local cache; download them elsewhere and set "
+                        "embed.pretrained=/path/to/open_clip_model.safetensors")
+
+
+@contextmanager
+def cache_only(offline: bool, model_name: str, pretrained: str | None):
+    """With the Hub out of reach, load from the local cache only (huggingface_hub's offline mode) and fail in one
+    line when the weights are not there, instead of after the Hub client's retries."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - whatever the Hub client raises for a file not in its cache
+        raise not_cached(model_name, pretrained) from None
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def build_sentence_transformers(cfg) -> Encoder:

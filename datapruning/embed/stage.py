@@ -16,8 +16,8 @@ from .encoders import Encoder, build_encoder
 from .pipeline import embed_chain
 from .samples import SIZE_NAMES, embedding_table, write_shard
 from ..errors import InputError, StageError
-from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, read_json, write_json,
-                        write_parquet)
+from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, match_empty_schemas, read_json,
+                        write_json, write_parquet)
 from ..io.shards import detect_format, expand_input, shard_names
 from ..io.tables import label_strings, normalise_rows, npz_key_for, precomputed_pair, precomputed_table
 from ..metrics.datacomp import clip_scores
@@ -33,7 +33,7 @@ def discover(run: Run, input_spec) -> list[dict]:
     fmt = detect_format(paths, run.cfg.input.format)
     shards = [{"path": p, "name": n, "format": fmt} for p, n in zip(paths, shard_names(paths))]
     run.output.mkdir(parents=True, exist_ok=True)
-    write_json(run.output / "shards.json", {"shards": shards})
+    write_json(run.layout.shards, {"shards": shards})
     return shards
 
 
@@ -208,6 +208,7 @@ def run_embed(run: Run, input_spec=None) -> None:
             rate.add(bar, info["rows"])
     check_failed(run, out_dir, retry)
     check_any_rows(out_dir, [s["name"] for s in shards])
+    match_empty_schemas(out_dir, {s["name"]: run.layout.shard_file("embed", s["name"]) for s in shards})
     dims = {read_done_dim(out_dir, s["name"]) for s in shards} - {None}
     if len(dims) > 1:
         raise InputError(f"embed: shards have mixed embedding dimensions {sorted(dims)}; they cannot be clustered together")

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..io.files import atomic_dir, write_json, write_parquet
-from ..run import load_run_config
+from ..run import RunLayout, load_run_config
 from .confidence import N_BOOT, Bootstrap, cell_stats, recommend
 from .data import DEFAULT_MAX_ROWS, EvalData, load_eval_data
 from .fits import CurveFitter
@@ -125,7 +125,8 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
                          f"{tolerance}, {kd!r}")
     if max_rows is not None and max_rows < 4:
         raise ConfigError(f"eval: --max-rows must be at least 4, got {max_rows}")
-    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    run_dir = layout.root
     data = load_eval_data(run_dir, label_column, test_split, test_fraction, max_rows)
     cfg = load_run_config(run_dir)
     variants = pick_variants(default_variants(sorted(data.scores), cfg.select, seeds,
@@ -147,36 +148,38 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
             table = pd.concat([table, more], ignore_index=True)
             variants = variants + extra
     rec = recommend(table, full, tolerance, kd_settings.teacher)
-    out = run_dir / "eval"
+    out = layout.eval
     with atomic_dir(out) as tmp:  # every file of eval/ from this run, or none (a killed rerun leaves the old set)
-        summary = write_outputs(tmp, out, run_dir, data, table, rec, variants, kd_settings, {
+        summary = write_outputs(tmp, layout, data, table, rec, variants, kd_settings, {
             "label_column": label_column, "split": data.split_source, "fractions": fractions, "seeds": seeds,
             "probe": probe.as_dict(), "kd": {"mode": kd, **kd_settings.as_dict()}, "fit_workers": fitter.workers},
             max_rows, start)
     return {"table": table, "summary": summary, "dir": out}
 
 
-def write_outputs(tmp: Path, out: Path, run_dir: Path, data: EvalData, table: pd.DataFrame, rec: dict, variants,
+def write_outputs(tmp: Path, layout: RunLayout, data: EvalData, table: pd.DataFrame, rec: dict, variants,
                   kd_settings: KDSettings, settings: dict, max_rows, start: float) -> dict:
-    """Write curves.parquet, curves.png, recommended.yaml and summary.json into ``tmp`` (to become ``out``)."""
+    """Write curves.parquet, curves.png, recommended.yaml and summary.json into ``tmp`` (to become
+    ``layout.eval``)."""
+    run_dir = layout.root
     sample = {"rows": int(len(data.uid)), "labelled_rows": data.labelled_rows, "max_rows": max_rows,
               "train_rows": int((~data.test).sum()), "test_rows": int(data.test.sum()),
               "how": "seeded, label-stratified (by the uid tie hash), in uid-hash order"}
     table["sample_rows"] = sample["rows"]
-    write_parquet(tmp / "curves.parquet", pa.Table.from_pandas(table, preserve_index=False))
-    plot_curves(table, rec, tmp / "curves.png", f"pruning curves: {run_dir.resolve().parent.name}/{run_dir.name} "
+    write_parquet(tmp / layout.curves.name, pa.Table.from_pandas(table, preserve_index=False))
+    plot_curves(table, rec, tmp / layout.curves_png.name, f"pruning curves: {run_dir.parent.name}/{run_dir.name} "
                 f"({sample['train_rows']} training rows, {sample['test_rows']} held out; sample of "
                 f"{sample['rows']} of {data.labelled_rows} labelled rows)")
     by_name = {v.name: v for v in variants}
-    recipe = write_recommended(run_dir, tmp / "recommended.yaml", by_name, rec, kd_settings,
-                               shown=out / "recommended.yaml")
+    recipe = write_recommended(run_dir, tmp / layout.recommended.name, by_name, rec, kd_settings,
+                               shown=layout.recommended)
     summary = {**rec, **settings, "sample": sample, "train_rows": sample["train_rows"],
                "test_rows": sample["test_rows"],
                "confidence": {"level": 0.95, "bootstrap": "paired, over the held-out rows; resample b uses seed "
                               "b mod seeds"},
                "recommended": recipe, "wall_s": round(time.perf_counter() - start, 1),
                "curves": [asdict(v) for v in variants]}
-    write_json(tmp / "summary.json", summary)
+    write_json(tmp / layout.eval_summary.name, summary)
     return summary
 
 

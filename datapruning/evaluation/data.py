@@ -64,7 +64,7 @@ def _require_stages(run: Run, stages=("embed", "cluster", "score")) -> None:
 def _column(run: Run, name: str, uid: pa.Array, column: str) -> pa.Array | None:
     """``column`` of one shard from its embeddings parquet, else its manifest (checked by uid); None if absent."""
     for stage in ("embed", "manifest"):
-        path = run.dir(stage) / f"{name}.parquet"
+        path = run.layout.shard_file(stage, name)
         if path.exists() and column in pq.read_schema(path).names:
             table = pq.read_table(path, columns=["uid", column])
             if not table["uid"].combine_chunks().equals(uid):
@@ -79,7 +79,7 @@ def column_index(run: Run, column: str) -> dict | None:
         return label_index(run)
     seen: set = set()
     for shard, _, _ in shard_offsets(run):
-        uid = pq.read_table(run.dir("embed") / f"{shard['name']}.parquet", columns=["uid"])["uid"].combine_chunks()
+        uid = pq.read_table(run.layout.shard_file("embed", shard["name"]), columns=["uid"])["uid"].combine_chunks()
         col = _column(run, shard["name"], uid, column)
         if col is None:
             return None
@@ -161,7 +161,7 @@ def load_eval_data(run_dir, label_column: str = "label", test_split: str | None 
     if "el2n" in scores:
         scores["el2n"] = _el2n_without_heldout(run, emb, labels, test, scores["el2n"])
     return EvalData(uid=uid, embeddings=emb, labels=labels, test=test, cluster=cluster, cos_dist=cos_dist,
-                    centroids=np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False), scores=scores,
+                    centroids=np.load(run.layout.centroids, allow_pickle=False), scores=scores,
                     select_labels=None if (sel < 0).all() else sel, seed=run.cfg.seed, split_source=source,
                     labelled_rows=labelled, max_rows=max_rows, label_coding=index)
 

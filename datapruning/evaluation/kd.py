@@ -35,9 +35,9 @@ def cached_teacher_logits(run_dir: Path, uids: np.ndarray, labels: dict) -> np.n
     RUN/teacher/*.parquet: a full ``logits`` column, or top-k ``topk_values``/``topk_indices`` (the other
     classes get the smallest stored logit minus 20). The teacher's column of each code is ``run.label_columns``':
     an integer label is its own column, string labels are matched to the teacher's ``classes`` by name."""
-    from ..run import label_columns
+    from ..run import RunLayout, label_columns
 
-    folder = Path(run_dir) / "teacher"
+    folder = RunLayout(run_dir).dir("teacher")
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files or not (folder / "_info.json").exists():
         raise StageError(f"eval: --teacher cached needs {folder}; run 'datapruning teacher {run_dir} --all' first")

@@ -11,9 +11,9 @@ from ..io.files import atomic_path
 def plot_curves(table: pd.DataFrame, rec: dict, path: Path, title: str = "") -> None:
     """Accuracy vs keep fraction, one line per curve with its 95% band; full data dashed.
     Left: every curve; right: zoomed on the band near the full-data accuracy."""
-    from matplotlib.figure import Figure
+    from ..errors import require
 
-    fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
+    fig = require("matplotlib.figure", "report", "eval's curves").Figure(figsize=(12, 5), dpi=100, layout="constrained")
     axes = fig.subplots(1, 2)
     full, tol = rec["full_accuracy"], rec["tolerance"]
     for ax in axes:

@@ -1,7 +1,7 @@
 """``recommended.yaml``: the eval's recommendation as a complete ``datapruning run`` config.
 
 The run's own config with the recommended selection, headed by the KD settings and commands for
-``pipelines/train.py``."""
+``datapruning train``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,12 +73,12 @@ def write_recommended(run_dir, path: Path, variants: dict, rec: dict, kd, shown:
         "#   datapruning run recommended.yaml --input 'YOUR/shards/{00000..00999}.tar' --output runs/pruned",
     ]
     if variant.kd:
-        header += ["# then distil from a full-data teacher (KD settings for pipelines/train.py):",
+        header += ["# then distil from a full-data teacher (KD settings for datapruning train):",
                    "#   datapruning teacher runs/pruned --source logits --logits TEACHER_LOGITS.parquet",
-                   f"#   python pipelines/train.py runs/pruned{kd_flags}",
+                   f"#   datapruning train runs/pruned{kd_flags}",
                    f"# kd: {{alpha: {alpha:.4f}, T: {kd.T:g}}}   (alpha = alpha_schedule({frac:g}) unless set)"]
     else:
-        header += ["#   python pipelines/train.py runs/pruned        # no KD: the recipe was best without it"]
+        header += ["#   datapruning train runs/pruned        # no KD: the recipe was best without it"]
     plain = rec.get("without_kd")
     other = variants.get(plain.get("variant")) if plain and variant.kd else None
     sides = _named(rec.get("with_kd"), "with KD, which presumes " + rec.get("with_kd", {}).get("teacher", "")) \
@@ -92,5 +92,5 @@ def write_recommended(run_dir, path: Path, variants: dict, rec: dict, kd, shown:
     path = shown or path
     return {"config": str(path), "variant": variant.name, "fraction": frac, "select": cfg["select"], "train": train,
             "commands": [f"datapruning run {path} --input YOUR_SHARDS --output runs/pruned",
-                         f"python pipelines/train.py runs/pruned{kd_flags}"],
+                         f"datapruning train runs/pruned{kd_flags}"],
             **({"without_kd_select": select_section(other, plain["fraction"])} if other is not None else {})}

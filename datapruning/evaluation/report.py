@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from ..errors import InputError, StageError
 from ..io.files import is_done, read_json, write_bytes
 from ..io.tables import label_sort_key
-from ..run import Run, load_run_config
+from ..run import Run, RunLayout, load_run_config
 from .curves import accuracy_grid
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,9 @@ MAX_THUMB_PIXELS = 50_000_000  # below PIL's bomb limit (179M, a warning from 89
 
 # ---------------------------------------------------------------- plots (matplotlib, no pyplot state)
 def _figure(w: float, h: float):
-    from matplotlib.figure import Figure
+    from ..errors import require
 
-    return Figure(figsize=(w, h), dpi=100, layout="constrained")
+    return require("matplotlib.figure", "report", "the report").Figure(figsize=(w, h), dpi=100, layout="constrained")
 
 
 def png_uri(fig_or_bytes) -> str:
@@ -119,7 +119,7 @@ def load_manifest(run: Run) -> pd.DataFrame:
         if not is_done(run.dir("manifest"), shard["name"]):
             raise StageError(f"report: {run.dir('manifest')} has no finished output for shard {shard['name']}; "
                              f"run 'datapruning run' or 'datapruning manifest --output {run.output}' first")
-    return pd.concat([pq.read_table(run.dir("manifest") / f"{s['name']}.parquet").to_pandas() for s in run.shards],
+    return pd.concat([pq.read_table(run.layout.shard_file("manifest", s["name"])).to_pandas() for s in run.shards],
                      ignore_index=True)
 
 
@@ -134,7 +134,7 @@ def dbp_view(run: Run, df: pd.DataFrame, stats: dict) -> tuple[np.ndarray, np.nd
                 f"select used DBP, tau={sel.get('tau')}")
     params = run.cfg.select.params if run.cfg.select.method == "dbp" else {}
     tau, l = float(params.get("tau", 0.1)), int(params.get("l", 20))
-    centroids = np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False)
+    centroids = np.load(run.layout.centroids, allow_pickle=False)
     cluster, k = df["cluster"].to_numpy(np.int64), len(centroids)
     comp = complexity(d_intra(df["cos_dist"].to_numpy(), cluster, k), d_inter(centroids, l))
     sizes = np.bincount(cluster[cluster >= 0], minlength=k)
@@ -173,7 +173,7 @@ def fetch_media(run: Run, wanted: set[str]) -> dict[str, dict]:
     image_keys = run.cfg.input.image_keys
     for shard in run.shards:
         name = shard["name"]
-        emb = run.dir("embed") / f"{name}.parquet"
+        emb = run.layout.shard_file("embed", name)
         if "text" in pq.read_schema(emb).names:
             t = pq.read_table(emb, columns=["uid", "text"]).to_pandas()
             for uid, text in zip(t["uid"], t["text"]):
@@ -211,7 +211,7 @@ def duplicate_pairs(run: Run, df: pd.DataFrame, n: int = N_PAIRS_SHOWN) -> list[
     from ..cluster.parts import read_group
     from ..run import shard_offsets
 
-    groups_path = run.dir("cluster") / "groups.npy"
+    groups_path = run.layout.groups
     if not groups_path.exists():
         log.warning("report: no cluster partitions (cluster.partition=false); duplicate pairs left out")
         return []
@@ -296,13 +296,12 @@ def _shorten(obj, n: int = 24):
     return obj
 
 
-def eval_html(run_dir: Path) -> str:
-    curves = run_dir / "eval" / "curves.png"
-    if not all((run_dir / "eval" / f).exists() for f in ("curves.png", "curves.parquet", "summary.json")):
+def eval_html(layout: RunLayout) -> str:
+    if not all(p.exists() for p in (layout.curves_png, layout.curves, layout.eval_summary)):
         return ('<p class="muted">No pruning curves yet: run <code>datapruning eval '
-                f'{_esc(run_dir)}</code> (needs labels), then this report again.</p>')
-    summary = read_json(run_dir / "eval" / "summary.json")
-    grid = accuracy_grid(pd.read_parquet(run_dir / "eval" / "curves.parquet"))
+                f'{_esc(layout.root)}</code> (needs labels), then this report again.</p>')
+    summary = read_json(layout.eval_summary)
+    grid = accuracy_grid(pd.read_parquet(layout.curves))
     grid.columns = [f"keep {c}" for c in grid.columns]
     sample = summary.get("sample", {})
     rows = (f'the probe saw a seeded, label-stratified sample of <b>{sample["rows"]}</b> of {sample["labelled_rows"]} '
@@ -312,28 +311,28 @@ def eval_html(run_dir: Path) -> str:
             f'training rows, accuracy on {summary["test_rows"]} held-out rows ({_esc(summary["split"])}). Bands and '
             'brackets: 95% intervals over seeds and a bootstrap of the held-out rows.'
             + (f' Runnable recipe: <code>{_esc(recipe)}</code>.' if recipe else "") + '</p>'
-            f'<img class="plot" src="{png_uri(curves.read_bytes())}" alt="pruning curves">{grid.to_html()}')
+            f'<img class="plot" src="{png_uri(layout.curves_png.read_bytes())}" alt="pruning curves">{grid.to_html()}')
 
 
 def build_report(run_dir, out_path=None) -> Path:
     """Write RUN/report.html (or ``out_path``): one file, every image a base64 data URI."""
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    run = Run(load_run_config(run_dir), run_dir)
+    layout = RunLayout(run_dir)
+    run = Run(load_run_config(layout.root), layout.root)
     df = load_manifest(run)
-    if not (run_dir / "stats.json").exists():
-        raise StageError(f"report: {run_dir / 'stats.json'} is missing; run 'datapruning manifest --output {run_dir}'")
-    stats = read_json(run_dir / "stats.json")
+    if not layout.stats.exists():
+        raise StageError(f"report: {layout.stats} is missing; run 'datapruning manifest --output {layout.root}'")
+    stats = read_json(layout.stats)
     metrics = [c[6:] for c in df.columns if c.startswith("score_")]
-    k = len(np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False))
+    k = len(np.load(layout.centroids, allow_pickle=False))
     cluster, keep = df["cluster"].to_numpy(np.int64), df["keep"].to_numpy(bool)
     sizes, kept = np.bincount(cluster, minlength=k), np.bincount(cluster[keep], minlength=k)
     sections: list[tuple[str, str]] = []
     steps = ["curves", "clusters", "dbp", "scores", "labels", "gallery", "duplicates", "config"]
     for step in tqdm(steps, desc="report", unit="section", disable=None, dynamic_ncols=True):
         if step == "curves":
-            sections.append(("Pruning curves", eval_html(run_dir)))
+            sections.append(("Pruning curves", eval_html(layout)))
         elif step == "clusters":
             sections.append(("Clusters", f'<img class="plot" src="{plot_clusters(sizes, kept)}" alt="clusters">'))
         elif step == "dbp":
@@ -360,13 +359,13 @@ def build_report(run_dir, out_path=None) -> Path:
             sections.append(("SemDeDup duplicate pairs", '<p class="muted">The most duplicated samples and their '
                              f'closest cluster-mate.</p>{body}'))
         elif step == "config":
-            cfg = json.dumps(read_json(run_dir / "config.json"), indent=1)
+            cfg = json.dumps(read_json(layout.config), indent=1)
             st = json.dumps(_shorten(stats), indent=1)
             sections.append(("Config and stats", f"<details open><summary>config.json (resolved)</summary><pre>"
                              f"{_esc(cfg)}</pre></details><details><summary>stats.json (long lists cut)"
                              f"</summary><pre>{_esc(st)}</pre></details>"))
-    out = Path(out_path) if out_path else run_dir / "report.html"
-    write_bytes(out, page(run_dir, stats, metrics, sections).encode("utf-8"))
+    out = Path(out_path) if out_path else layout.report
+    write_bytes(out, page(layout.root, stats, metrics, sections).encode("utf-8"))
     return out
 
 

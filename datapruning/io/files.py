@@ -86,8 +86,13 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_parquet(path: str | Path, table: pa.Table) -> None:
+    """One parquet file, atomically; a zero-row table gets no row group at all (Hugging Face ``datasets`` sizes
+    its batches by the first row group and refuses an empty one)."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="snappy")  # zstd reads ~2.5x slower on float embeddings for 8% less disk
+        if table.num_rows:
+            pq.write_table(table, tmp, compression="snappy")  # zstd reads ~2.5x slower on float embeddings for 8% less disk
+        else:
+            pq.ParquetWriter(tmp, table.schema, compression="snappy").close()
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> None:
@@ -139,6 +144,20 @@ def is_done(stage_dir: str | Path, shard: str) -> bool:
 def mark_done(stage_dir: str | Path, shard: str, info: dict[str, Any]) -> None:
     """Write the shard's stats json last; it doubles as the done marker."""
     write_json(done_path(stage_dir, shard), info)
+
+
+def match_empty_schemas(stage_dir: str | Path, files: dict[str, Path]) -> list[str]:
+    """Give each zero-row file of ``files`` (shard name -> parquet path) the schema of the first file with rows,
+    rewriting it and its done marker: a folder reader (pyarrow, HF ``datasets``) takes one file's schema for all,
+    and a shard with no rows cannot know the embedding width or the optional columns. Returns the names fixed."""
+    metas = {name: pq.read_metadata(path) for name, path in files.items()}
+    full = next((m.schema.to_arrow_schema() for m in metas.values() if m.num_rows), None)
+    fixed = [n for n, m in metas.items() if full is not None and not m.num_rows
+             and not m.schema.to_arrow_schema().equals(full, check_metadata=False)]
+    for name in fixed:
+        write_parquet(files[name], full.empty_table())
+        mark_done(stage_dir, name, read_json(done_path(stage_dir, name)))
+    return fixed
 
 
 def check_any_rows(stage_dir: str | Path, shards: list[str]) -> None:

@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 
 from ..config import to_dict
 from ..errors import StageError
-from ..io.files import atomic_path, done_path, is_done, mark_done, meta_dir, read_json, write_json, write_parquet
-from ..run import LABEL_INDEX, Run, load_columns, prepare_stage, progress, timed
+from ..io.files import atomic_path, done_path, is_done, mark_done, read_json, write_json, write_parquet
+from ..run import Run, load_columns, prepare_stage, progress, timed
 
 PACKAGES = ("numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "torch", "open_clip_torch", "webdataset")
 
 
 def integer_labels(run: Run) -> bool:
-    path = meta_dir(run.dir("score")) / LABEL_INDEX
+    path = run.layout.labels
     return path.exists() and read_json(path)["integer"]
 
 
@@ -36,12 +36,12 @@ def optional_columns(run: Run) -> tuple:
     an empty one say, has none), so folder readers and HF ``datasets`` see one schema."""
     have = set()
     for shard in run.shards:
-        have.update(pq.read_schema(run.dir("embed") / f"{shard['name']}.parquet").names)
+        have.update(pq.read_schema(run.layout.shard_file("embed", shard["name"])).names)
     return tuple(c for c in OPTIONAL if c in have)
 
 
 def manifest_table(run: Run, name: str, int_labels: bool, optional: tuple = ()) -> pa.Table:
-    emb_path = run.dir("embed") / f"{name}.parquet"
+    emb_path = run.layout.shard_file("embed", name)
     present = pq.read_schema(emb_path).names
     table = pq.read_table(emb_path, columns=["uid", "shard", "key", *(c for c in optional if c in present)])
     for col in optional:
@@ -75,20 +75,11 @@ def shard_counts(table: pa.Table, k: int) -> dict:
     return out
 
 
-def write_rows(path, table: pa.Table) -> None:
-    """``write_parquet``, except that a zero-row table gets no row group at all: readers that size batches by
-    the first row group (Hugging Face ``datasets``) fail on an empty one."""
-    if table.num_rows:
-        return write_parquet(path, table)
-    with atomic_path(path) as tmp:
-        pq.ParquetWriter(tmp, table.schema, compression="snappy").close()
-
-
 def manifest_shard(run: Run, int_labels: bool, optional: tuple, name: str) -> dict:
     """Write one shard's manifest (unless done) and return its counts."""
-    path = run.dir("manifest") / f"{name}.parquet"
+    path = run.layout.shard_file("manifest", name)
     if not is_done(run.dir("manifest"), name):
-        write_rows(path, manifest_table(run, name, int_labels, optional))
+        write_parquet(path, manifest_table(run, name, int_labels, optional))
         mark_done(run.dir("manifest"), name, {"rows": pq.read_metadata(path).num_rows})
     table = pq.read_table(path, columns=[c for c in ("cluster", "keep", "label") if c in pq.read_schema(path).names])
     return {"name": name, **shard_counts(table, run.cfg.cluster.k)}
@@ -97,10 +88,10 @@ def manifest_shard(run: Run, int_labels: bool, optional: tuple, name: str) -> di
 def write_kept(run: Run, names: list[str]) -> None:
     """kept.parquet (uid, shard, key of the kept rows), appended shard by shard in shard order."""
     schema = pa.schema([("uid", pa.string()), ("shard", pa.string()), ("key", pa.string())])
-    with atomic_path(run.kept_path) as tmp:
+    with atomic_path(run.layout.kept) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="snappy") as writer:
             for name in names:
-                t = pq.read_table(run.dir("manifest") / f"{name}.parquet", columns=["uid", "shard", "key", "keep"])
+                t = pq.read_table(run.layout.shard_file("manifest", name), columns=["uid", "shard", "key", "keep"])
                 kept = t.filter(t["keep"]).select(["uid", "shard", "key"]).cast(schema)
                 if kept.num_rows:
                     writer.write_table(kept)
@@ -151,9 +142,9 @@ def build_stats(run: Run, counts: dict) -> dict:
         "clusters": {"k": k, "sizes": sizes.tolist(), "kept": kept_c.tolist()},
         "select": read_json(run.info_path("select")),
         "scores": read_json(run.info_path("score")),
-        "wall_time_s": read_json(run.output / "timings.json") if (run.output / "timings.json").exists() else {},
+        "wall_time_s": read_json(run.layout.timings) if run.layout.timings.exists() else {},
         "config": to_dict(run.cfg), "versions": versions(),
-        "manifest": str(run.dir("manifest")), "kept_list": str(run.kept_path),
+        "manifest": str(run.dir("manifest")), "kept_list": str(run.layout.kept),  # absolute: RunLayout
     }
     if nan_labels:
         stats["nan_labels"] = nan_labels  # NaN float labels, kept with label null
@@ -180,5 +171,5 @@ def run_manifest(run: Run) -> dict:
         write_kept(run, names)
     out_dir.mkdir(exist_ok=True)
     stats = build_stats(run, counts)
-    write_json(run.stats_path, stats)
+    write_json(run.layout.stats, stats)
     return stats

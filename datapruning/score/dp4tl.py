@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import FILE
 from ..io.tables import read_embeddings
 from ..metrics.dp4tl import (feature_mapping_assign, feature_mapping_freq, label_mapping_freq,
                              lm_predictions_from_logits, train_linear_source_classifier, zero_shot_predictions)
@@ -25,12 +26,12 @@ from ..errors import ConfigError
 
 @dataclass(frozen=True)
 class LMParams:
-    target: str | None = None  # target embeddings (.npy, or parquet file/folder with an embedding column)
+    target: FILE | None = None  # target embeddings (.npy, or parquet file/folder with an embedding column)
     # linear: a classifier trained on the source | logits: the user's classifier | zeroshot: class-name text
     route: str = setting("linear", choices=("linear", "logits", "zeroshot"))
-    logits: str | None = None  # route logits: .npy [n_target, C] of a source classifier on the target
-    class_text: str | None = None  # route zeroshot: .npy [C, d] text embeddings of the class names
-    classes: str | None = None  # logits/zeroshot with string labels: .txt (one per line) or .npy names of columns
+    logits: FILE | None = None  # route logits: .npy [n_target, C] of a source classifier on the target
+    class_text: FILE | None = None  # route zeroshot: .npy [C, d] text embeddings of the class names
+    classes: FILE | None = None  # logits/zeroshot with string labels: .txt (one per line) or .npy names of columns
     epochs: int = setting(10, ge=0, le=100_000)
     max_samples: int | None = setting(200_000, ge=1, le=MAX_INT)  # the linear route trains on at most this many rows
     seed: int | None = setting(None, ge=0, le=MAX_INT)
@@ -45,7 +46,7 @@ class LMParams:
 
 @dataclass(frozen=True)
 class FMParams:
-    target: str | None = None  # target embeddings
+    target: FILE | None = None  # target embeddings
 
     def check(self):
         if self.target is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..config import FILE
 from ..metrics.el2n import el2n, proxy_el2n, train_proxy_heads
 from ..hashing import uid_hash
 from ..run import label_columns
@@ -28,10 +29,10 @@ H1, H2 = 0x5EED1, 0x5EED2  # two independent 64-bit uid hashes: a 128-bit match 
 
 @dataclass(frozen=True)
 class EL2NParams:
-    logits: str | None = None  # .npy [M, n, C] or [n, C] of your models' outputs
-    logits_uids: str | None = None  # .npy of strings or parquet with a uid column: row r of logits is uid r
+    logits: FILE | None = None  # .npy [M, n, C] or [n, C] of your models' outputs
+    logits_uids: FILE | None = None  # .npy of strings or parquet with a uid column: row r of logits is uid r
     from_logits: bool = True  # False: the file holds probabilities
-    classes: str | None = None  # string labels: .txt (one per line) or .npy names of the logits columns
+    classes: FILE | None = None  # string labels: .txt (one per line) or .npy names of the logits columns
     n_models: int = setting(10, ge=1, le=1000)
     epochs: int = setting(5, ge=0, le=100_000)
     hidden: int = setting(0, ge=0, le=1 << 20)

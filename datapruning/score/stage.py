@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import StageError
-from ..io.files import atomic_path, is_done, meta_dir, mark_done, read_json, write_json, write_parquet
+from ..io.files import atomic_path, is_done, mark_done, read_json, write_json, write_parquet
 from ..cluster.parts import read_group
 from ..run import Run, label_index, log, prepare_stage, progress, read_block, run_rows, shard_offsets, timed
 from . import METRICS
@@ -25,10 +25,10 @@ def configured(run: Run) -> list[tuple]:
 
 
 def context(run: Run, labels: dict | None) -> Context:
-    centroids = np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False)
+    centroids = np.load(run.layout.centroids, allow_pickle=False)
     return Context(rows=run_rows(run, labels=labels), embedding_rows=run_rows(run, labels=labels, embeddings=True),
                    centroids=centroids, n_classes=len(labels["names"]) if labels else 0, seed=run.cfg.seed,
-                   state_dir=meta_dir(run.dir("score")) / "state", labels=labels)
+                   state_dir=run.layout.score_state, labels=labels)
 
 
 def save_state(path, state: dict) -> None:
@@ -46,7 +46,7 @@ def prepared(run: Run, ctx: Context, name: str, metric, params) -> dict:
     """The metric's global state, computed once and kept in _meta/scores/state/<name>.npz (a rerun reuses it)."""
     if metric.prepare is None:
         return {}
-    path = meta_dir(run.dir("score")) / "state" / f"{name}.npz"
+    path = run.layout.score_state / f"{name}.npz"
     if not path.exists():
         start = time.perf_counter()
         save_state(path, metric.prepare(ctx, params))
@@ -55,7 +55,7 @@ def prepared(run: Run, ctx: Context, name: str, metric, params) -> dict:
 
 
 def parts_dir(run: Run, name: str):
-    return meta_dir(run.dir("score")) / "parts" / name
+    return run.layout.score_parts / name
 
 
 def score_group(run: Run, name: str, params, state: dict, offsets: np.ndarray, group: int) -> dict:
@@ -105,7 +105,7 @@ def score_shard(run: Run, plan: list[tuple], labels: dict | None, item: tuple) -
             raise StageError(f"metric {name} returned {len(scores)} scores for {len(block['pos'])} rows of {shard['name']}")
         cols[f"score_{name}"] = pa.array(scores, pa.float64())
     out_dir = run.dir("score")
-    write_parquet(out_dir / f"{shard['name']}.parquet", pa.table(cols))
+    write_parquet(run.layout.shard_file("score", shard["name"]), pa.table(cols))
     mark_done(out_dir, shard["name"], {"rows": len(block["pos"])})
     return {"rows": len(block["pos"])}
 
@@ -125,7 +125,7 @@ def run_score(run: Run) -> None:
     ctx = context(run, labels)
     items = shard_offsets(run)
     offsets = np.array([offset for _, offset, _ in items], dtype=np.int64)
-    n_groups = int(read_json(run.dir("cluster") / "fit.json").get("groups", 0))
+    n_groups = int(read_json(run.layout.fit_info).get("groups", 0))
     timings = {}
     with timed(run, "score"):
         plan = []

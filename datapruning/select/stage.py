@@ -51,7 +51,7 @@ def write_keep(run: Run, rule, names: list[str], block: dict) -> dict:
     if "eligible" in block and (keep & ~block["eligible"]).any():
         raise StageError(f"selector {run.cfg.select.method} kept rows that the dedup filter removed")
     if name is not None:
-        write_parquet(run.dir("select") / f"{name}.parquet", pa.table({"uid": block["uid"], "keep": pa.array(keep)}))
+        write_parquet(run.layout.shard_file("select", name), pa.table({"uid": block["uid"], "keep": pa.array(keep)}))
         mark_done(run.dir("select"), name, {"rows": len(keep), "kept": int(keep.sum())})
     return {"rows": len(keep), "kept": int(keep.sum())}
 
@@ -72,7 +72,7 @@ def run_select(run: Run) -> None:
         n_keep = keep_count(n_total, None if scfg.keep_count is not None else scfg.keep_fraction, scfg.keep_count)
         if step is not None:
             n_keep = min(n_keep, filter_info.get("kept", dedup_info.get("kept")))
-        centroids = np.load(run.dir("cluster") / "centroids.npy", allow_pickle=False)
+        centroids = np.load(run.layout.centroids, allow_pickle=False)
         rule, info = selector.decide(rows, n_keep, params, centroids)
         names = [s["name"] for s in run.shards]
         writer = run_rows(run, scores=True, uid=True)
@@ -85,8 +85,8 @@ def run_select(run: Run) -> None:
                 bar.update(1)
         for name in names:  # a shard with no rows has no shard index in its block: write its empty file here
             if not is_done(out_dir, name):
-                write_parquet(out_dir / f"{name}.parquet", pa.table({"uid": pa.array([], pa.string()),
-                                                                       "keep": pa.array([], pa.bool_())}))
+                write_parquet(run.layout.shard_file("select", name), pa.table({"uid": pa.array([], pa.string()),
+                                                                                      "keep": pa.array([], pa.bool_())}))
                 mark_done(out_dir, name, {"rows": 0, "kept": 0})
         info = {"method": scfg.method, "n_total": n_total, "n_keep_target": n_keep, "kept": kept,
                 **({"dedup": dedup_info} if dedup_info else {}), **({"filters": filter_info} if filter_info else {}),
