@@ -17,6 +17,7 @@ import pytest
 
 from datacomp_data import make_datacomp_pool, unit
 from datapruning.config import load_config
+from datapruning.run import RunLayout
 from datapruning.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +121,7 @@ def target(pool, tmp_path_factory) -> Path:
 def test_image_based_filtering(pool, target, tmp_path):
     folder, df, cols = pool
     kept = run("datacomp_image", folder, tmp_path / "run", f"score.params.dp4tl_fm.target={target}")
-    centroids = np.load(tmp_path / "run" / "clusters" / "centroids.npy")
+    centroids = np.load(RunLayout(tmp_path / "run").centroids)
     l14 = np.concatenate([np.load(p)["l14_img"] for p in sorted(folder.glob("*.npz"))]).astype(np.float32)
     want = set(df.uid[image_based(df, l14, centroids, np.load(target))])
     assert kept == want and 0 < len(want) < 0.6 * len(df)
@@ -129,7 +130,7 @@ def test_image_based_filtering(pool, target, tmp_path):
 def test_image_based_intersect_clip_score(pool, target, tmp_path):
     folder, df, _ = pool
     kept = run("datacomp_image_clip", folder, tmp_path / "run", f"score.params.dp4tl_fm.target={target}")
-    centroids = np.load(tmp_path / "run" / "clusters" / "centroids.npy")
+    centroids = np.load(RunLayout(tmp_path / "run").centroids)
     l14 = np.concatenate([np.load(p)["l14_img"] for p in sorted(folder.glob("*.npz"))]).astype(np.float32)
     want = image_based(df, l14, centroids, np.load(target)) & clip_fraction(df, "clip_l14_similarity_score", 0.3)
     assert kept == set(df.uid[want]) and 0 < want.sum()

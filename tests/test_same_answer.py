@@ -11,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from datapruning.run import RunLayout
+
 from datapruning import cli
 from datapruning.metrics.dp4tl import train_linear_source_classifier
 from datapruning.metrics.el2n import el2n_proxy
@@ -234,7 +236,9 @@ def test_dp4tl_groups_state_their_grouping(cli_runs, tmp_path, caplog):
 def _teacher_folder(run: Path, uids, table, n_classes: int, classes=()) -> None:
     (run / "teacher").mkdir(parents=True)
     pq.write_table(table, run / "teacher" / "00000.parquet")
-    (run / "teacher" / "_info.json").write_text(json.dumps({"num_classes": n_classes, "classes": list(classes)}))
+    info = RunLayout(run).teacher_info
+    info.parent.mkdir(parents=True, exist_ok=True)
+    info.write_text(json.dumps({"num_classes": n_classes, "classes": list(classes)}))
 
 
 def test_cached_teacher_columns_follow_the_labels(tmp_path):

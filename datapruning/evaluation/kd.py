@@ -37,11 +37,12 @@ def cached_teacher_logits(run_dir: Path, uids: np.ndarray, labels: dict) -> np.n
     an integer label is its own column, string labels are matched to the teacher's ``classes`` by name."""
     from ..run import RunLayout, label_columns
 
-    folder = RunLayout(run_dir).dir("teacher")
+    layout = RunLayout(run_dir)
+    folder = layout.dir("teacher")
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files or not (folder / "_info.json").exists():
+    if not files or not layout.teacher_info.exists():
         raise StageError(f"eval: --teacher cached needs {folder}; run 'datapruning teacher {run_dir} --all' first")
-    info = read_json(folder / "_info.json")
+    info = read_json(layout.teacher_info)
     columns = label_columns(labels, int(info["num_classes"]), info.get("classes") or None, "eval --teacher cached",
                             f"rerun 'datapruning teacher {run_dir}' with the teacher's class names (--classes)")
     code_of = np.full(int(info["num_classes"]), -1, np.int64)
