@@ -335,7 +335,7 @@ def test_kd_from_cached_teacher(planted_run, tmp_path, capsys):
     with a cached teacher that is always one class off, the distilled student follows it, while the probe teacher's
     student is right; the plain curve is the same fit either way; missing teacher output is a one-line error."""
     from datapruning.evaluation.kd import cached_teacher_logits
-    from datapruning.run import label_coding
+    from datapruning.labels import label_coding
 
     run = tmp_path / "run"
     shutil.copytree(planted_run[0], run)

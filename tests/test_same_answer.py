@@ -246,7 +246,7 @@ def test_cached_teacher_columns_follow_the_labels(tmp_path):
     and matches string labels to the teacher's class names; unnamed columns for string labels are refused."""
     from datapruning.consumers.teacher import full_table, shifted, topk_table
     from datapruning.evaluation.kd import cached_teacher_logits
-    from datapruning.run import label_coding
+    from datapruning.labels import label_coding
 
     rng = np.random.default_rng(0)
     uids = [f"u{i}" for i in range(6)]

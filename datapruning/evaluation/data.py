@@ -18,7 +18,8 @@ from ..errors import StageError
 from ..io.files import is_done
 from ..io.tables import label_strings
 from ..rows import BlockRows, add, concat
-from ..run import Run, encode_labels, label_coding, label_index, load_run_config, read_block, shard_offsets
+from ..labels import encode_labels, label_coding
+from ..run import Run, label_index, load_run_config, read_block, shard_offsets
 from ..score.sample import labelled_sample
 from .probe import stratified_split
 
@@ -46,7 +47,7 @@ class EvalData:
     split_source: str = ""
     labelled_rows: int = 0
     max_rows: int | None = None
-    label_coding: dict | None = None  # ``labels``' coding (``run.label_coding``): code c is names[c]
+    label_coding: dict | None = None  # ``labels``' coding (``labels.label_coding``): code c is names[c]
 
     @property
     def n_classes(self) -> int:

@@ -31,11 +31,12 @@ class KDSettings:
 
 
 def cached_teacher_logits(run_dir: Path, uids: np.ndarray, labels: dict) -> np.ndarray:
-    """Teacher logits [len(uids), C] for the eval's label codes (``labels``: their ``run.label_coding``) from
+    """Teacher logits [len(uids), C] for the eval's label codes (``labels``: their ``labels.label_coding``) from
     RUN/teacher/*.parquet: a full ``logits`` column, or top-k ``topk_values``/``topk_indices`` (the other
-    classes get the smallest stored logit minus 20). The teacher's column of each code is ``run.label_columns``':
+    classes get the smallest stored logit minus 20). The teacher's column of each code is ``labels.label_columns``':
     an integer label is its own column, string labels are matched to the teacher's ``classes`` by name."""
-    from ..run import RunLayout, label_columns
+    from ..labels import label_columns
+    from ..run import RunLayout
 
     layout = RunLayout(run_dir)
     folder = layout.dir("teacher")

@@ -21,7 +21,7 @@ from ..params import parse_params
 from ..errors import InputError
 from ..hashing import uid_hash
 from ..rows import ArrayRows
-from ..run import value_codes
+from ..labels import value_codes
 
 @dataclass(frozen=True)
 class ScoreInputs:
@@ -57,7 +57,7 @@ class Context:
     """What ``prepare`` and ``summarize`` may use. ``rows``: numeric blocks (pos, cluster, cos_dist, tie,
     label) of every row; ``embedding_rows``: the same with ``embedding`` (float32 [n, d]); ``centroids``;
     ``n_classes`` (0 without labels); ``seed``; ``state_dir`` for files a metric keeps between steps; ``labels``:
-    the label coding (``run.label_coding``: code c is ``labels["names"][c]``), None without labels."""
+    the label coding (``labels.label_coding``: code c is ``labels["names"][c]``), None without labels."""
 
     rows: Any
     embedding_rows: Any

@@ -3,7 +3,7 @@
 See docs/methods.md#dp4tl-transfer-aware-pruning. Every source sample scores the number of target samples that
 map to its source class (label mapping, LM) or source cluster (feature mapping, FM). The mapping runs once in
 ``prepare``; scoring a shard is a lookup. The linear route's classifier sees the run's label codes 0..C-1; a
-supplied classifier's columns (or text rows) are mapped to them by ``run.label_columns``: an integer label is its
+supplied classifier's columns (or text rows) are mapped to them by ``labels.label_columns``: an integer label is its
 own column (label 999 is column 999), string labels are matched by name through ``classes``.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ..config import FILE
 from ..io.tables import read_embeddings
 from ..metrics.dp4tl import (feature_mapping_assign, feature_mapping_freq, label_mapping_freq,
                              lm_predictions_from_logits, train_linear_source_classifier, zero_shot_predictions)
-from ..run import label_columns
+from ..labels import label_columns
 from .base import Metric
 from ..params import MAX_INT, setting
 from .sample import labelled_sample

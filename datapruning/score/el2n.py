@@ -3,7 +3,7 @@
 See docs/methods.md#el2n-error-l2-norm-scores. User logits are matched to rows by uid; proxy heads are trained
 once on a bounded, seeded, label-stratified sample of the embeddings and then applied shard by shard.
 Unlabelled rows, and rows without logits, score NaN. The proxy heads see the label codes 0..C-1; a logits
-column is mapped to a label by ``run.label_columns`` (integer label c is column c; string labels by name
+column is mapped to a label by ``labels.label_columns`` (integer label c is column c; string labels by name
 through ``classes``).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pyarrow as pa
 from ..config import FILE
 from ..metrics.el2n import el2n, proxy_el2n, train_proxy_heads
 from ..hashing import uid_hash
-from ..run import label_columns
+from ..labels import label_columns
 from .base import Metric
 from ..params import MAX_INT, setting
 from .dp4tl import read_class_names
