@@ -22,6 +22,10 @@ class BadSample(InputError):
     """A sample or shard that cannot be used; the message names the shard and key."""
 
 
+class UnreadableFile(InputError):
+    """An input file's bytes do not parse (not parquet, a cut .npy): skipped and counted, or fatal in strict mode."""
+
+
 class UnsafeMember(InputError):
     """A tar member that must not be copied (link, device, absolute or '..' path); names shard and member."""
 

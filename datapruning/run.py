@@ -100,7 +100,7 @@ def prepare_stage(run: Run, stage: str) -> Path:
         for later in STAGES[STAGES.index(stage):]:
             clean_stage(run.dir(later))
     folder.mkdir(parents=True, exist_ok=True)
-    clean_temp(folder)
+    clean_temp(folder, deep=True)
     clean_temp(run.output)
     save_config(run)
     if not marker.exists():
@@ -127,6 +127,7 @@ def clear_outputs(run: Run) -> None:
     """Remove the top-level outputs made from an older config (before any stage output changes)."""
     for name in TOP_OUTPUTS:
         (run.output / name).unlink(missing_ok=True)
+    run.info_path("manifest").unlink(missing_ok=True)  # it vouches for kept.parquet and stats.json
     clean_stage(run.output / "eval")
 
 

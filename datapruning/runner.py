@@ -7,9 +7,11 @@ from pathlib import Path
 from .config import RunConfig
 from .errors import ConfigError
 from .cluster.stage import run_cluster
-from .embed.stage import run_embed
+from .embed.stage import discover, run_embed
+from .health import assess, before_stage, plan, settle
 from .manifest.stage import run_manifest
-from .run import STAGES, Run, locked
+from .io.files import read_json
+from .run import STAGES, Run, locked, save_config
 from .score.stage import run_score
 from .select.stage import run_select
 
@@ -34,22 +36,43 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):
-    """Run one stage (``embed`` takes ``input_spec``; the others read the run folder)."""
+    """Run one stage (``embed`` takes ``input_spec``; the others read the run folder). Units whose files were
+    lost since they were done are redone first (``health.before_stage``), and compared afterwards."""
     check_config(cfg)
     run = Run(cfg, Path(output))
     if input_spec is not None and stage != "embed":
         raise ConfigError(f"{stage}: --input is only read by the embed stage")
     with locked(run.output):  # one writer per run folder; released when the stage ends
-        if stage == "embed":
-            return run_embed(run, input_spec)
-        return {"cluster": run_cluster, "score": run_score, "select": run_select, "manifest": run_manifest}[stage](run)
+        if input_spec is not None:
+            discover(run, input_spec)
+        before_stage(run, stage)
+        result = {"embed": run_embed, "cluster": run_cluster, "score": run_score, "select": run_select,
+                  "manifest": run_manifest}[stage](run)
+        settle(run, stage)
+        return result
 
 
 def run_pipeline(cfg: RunConfig, input_spec, output: str | Path, stages=STAGES) -> dict:
-    """embed -> cluster -> score -> select -> manifest; returns stats.json's content."""
-    stats = None
-    with locked(Path(output)):  # held across the stages, so no other writer slips in between
+    """embed -> cluster -> score -> select -> manifest; returns stats.json's content. A stage runs when it is
+    not done, or a stage that runs reads files of it that were lost; one that is done, or whose lost files
+    nothing still reads, is left as it is (``health.plan``)."""
+    check_config(cfg)
+    run = Run(cfg, Path(output))
+    with locked(run.output):  # held across the stages, so no other writer slips in between
+        if input_spec is not None:
+            discover(run, input_spec)
+        save_config(run)
         for stage in stages:
-            log.info("stage %s", stage)
-            stats = run_stage(stage, cfg, output, input_spec if stage == "embed" else None)
-    return stats
+            states = assess(run) if (run.output / "shards.json").exists() else None
+            todo = plan(run, stages, states)
+            if stage in todo:
+                log.info("stage %s", stage)
+                log.debug("%s: %s", stage, todo[stage])
+                run_stage(stage, cfg, output)
+            elif states[stage].state == "done":
+                log.info("skipping stage %s: done", stage)
+            else:
+                log.info("skipping stage %s: %s (%s), but no later stage still reads it", stage,
+                         states[stage].state, states[stage].detail)
+        stats_path = run.output / "stats.json"
+        return read_json(stats_path) if stats_path.exists() else {}

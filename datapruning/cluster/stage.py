@@ -22,7 +22,8 @@ from .kmeans import assign, fit_kmeans, resolve_backend, sample_indices
 from .kmeans_stream import CHUNK_BYTES, chunks, stream_kmeans
 from .parts import write_parts
 from .unique import check_unique_uids, write_ties
-from ..io.files import atomic_path, check_any_rows, is_done, mark_done, meta_dir, write_json, write_npy, write_parquet
+from ..io.files import (atomic_path, check_any_rows, is_done, mark_done, meta_dir, vouch, write_json, write_npy,
+                        write_parquet)
 from ..io.tables import column_to_matrix, read_stage
 from ..exec import call, map_unordered
 from ..metrics.random import uid_hash
@@ -134,14 +135,14 @@ def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, table: pa
     cfg, out_dir = run.cfg, run.dir("cluster")
     cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, resolve_backend(cfg.cluster.backend))
     tie = uid_hash(table["uid"], cfg.seed)
-    write_ties(run, shard["name"], tie)
+    files = [write_ties(run, shard["name"], tie)]
     if groups is not None:
-        write_parts(run, shard["name"], matrix, cluster, cos_dist, tie, groups)
-    write_parquet(out_dir / f"{shard['name']}.parquet",
-                  pa.table({"uid": table["uid"], "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist,
-                            "tie": pa.array(tie)}))
+        files += write_parts(run, shard["name"], matrix, cluster, cos_dist, tie, groups)
+    files.append(out_dir / f"{shard['name']}.parquet")
+    write_parquet(files[-1], pa.table({"uid": table["uid"], "cluster": pa.array(cluster, pa.int32()),
+                                       "cos_dist": cos_dist, "tie": pa.array(tie)}))
     info = {"rows": len(cluster), "seconds": round(time.perf_counter() - start, 3)}
-    mark_done(out_dir, shard["name"], info)
+    mark_done(out_dir, shard["name"], info, files=files)
     return info
 
 
@@ -195,6 +196,7 @@ def run_cluster(run: Run) -> None:
             stats["groups"] = int(groups.max()) + 1
             write_npy(out_dir / "centroids.npy", centroids)
             write_npy(out_dir / "groups.npy", groups)
+            stats["files"] = vouch(run.output, [out_dir / "centroids.npy", out_dir / "groups.npy"])
             write_json(out_dir / "fit.json", stats)  # written last: the fit's done marker
         todo = [({**s, "index": i}, rows) for i, (s, rows) in enumerate(counts) if not is_done(out_dir, s["name"])]
         with progress(len(todo), "cluster") as bar:
@@ -208,3 +210,4 @@ def run_cluster(run: Run) -> None:
         if not (out_dir / "_unique.json").exists():  # checked once, after every shard is assigned
             check_unique_uids(run, n)
             write_json(out_dir / "_unique.json", {"unique_uids": True})
+    write_json(run.info_path("cluster"), {"rows": n, "shards": len(counts)})  # written last: the stage is done

@@ -228,7 +228,8 @@ def tensor_decode_spec(cfg, encoder) -> PreprocessSpec | None:
     return spec
 
 
-def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, spec: PreprocessSpec) -> dict:
+def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, spec: PreprocessSpec,
+                            source: dict | None = None) -> dict:
     """``embed_tar_shard`` on the tensor path: a reader thread and a decode thread run ahead of the model."""
     import torch
 
@@ -292,6 +293,6 @@ def embed_tar_shard_tensors(cfg, path: str, shard: str, out_dir: Path, encoder, 
     matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
     if not any(v is not None for v in rows["text"]):
         rows.pop("text")
-    info = write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
+    info = write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name, source=source)
     log.info("embed %s: tensor path on %s, model busy %.2fs, waited for decode %.2fs", shard, device, busy, waited)
     return {**info, "model_busy_s": round(busy, 3), "model_wait_s": round(waited, 3)}

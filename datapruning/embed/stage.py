@@ -14,12 +14,12 @@ import pyarrow.compute as pc
 
 from .encoders import Encoder, build_encoder, decode_input
 from .samples import ROW_NAMES, caption, embedding_table, source_uid, text_field, write_shard
-from ..errors import InputError, StageError
+from ..errors import InputError, StageError, UnreadableFile
 from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, read_json, write_json,
                         write_parquet)
-from ..io.shards import detect_format, expand_input, shard_names
+from ..io.shards import detect_format, expand_input, input_identity, shard_names
 from ..io.tables import label_strings, label_text, normalise_rows, precomputed_table
-from ..io.webdataset import ShardUnavailable, iter_tar_samples, retrying, skip
+from ..io.webdataset import ShardUnavailable, iter_tar_samples, retrying, skip, with_retries
 from ..exec import map_unordered, map_with_setup
 from ..run import STAGES, Rate, Run, clear_outputs, log, prepare_stage, progress, save_config, timed
 
@@ -60,14 +60,14 @@ def get_encoder(cfg) -> Encoder:
     return _ENCODER_CACHE[key]
 
 
-def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder) -> dict:
+def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder, source: dict | None = None) -> dict:
     """Read one webdataset tar, embed its samples in batches (text: length-sorted within a window of the shard,
     rows back in file order), write parquet + done marker."""
     from .gpu_decode import embed_tar_shard_tensors, tensor_decode_spec
 
     spec = tensor_decode_spec(cfg, encoder)  # embed.image_decode: JPEG decode + resize as tensors (CUDA)
     if spec is not None:
-        return embed_tar_shard_tensors(cfg, path, shard, out_dir, encoder, spec)
+        return embed_tar_shard_tensors(cfg, path, shard, out_dir, encoder, spec, source)
     icfg, ecfg, skipped = cfg.input, cfg.embed, Counter()
     rows = {name: [] for name in ROW_NAMES}
     chunks: list[np.ndarray] = []
@@ -118,14 +118,19 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder)
     matrix = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
     if not any(v is not None for v in rows["text"]):
         rows.pop("text")
-    return write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name)
+    return write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name, source=source)
 
 
-def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> dict:
+def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path, source: dict | None = None) -> dict:
     """Copy one precomputed-embedding shard into our layout, L2-normalised, bad rows counted.
     Columnar throughout (no per-row Python): a 1M-row shard is dominated by parquet I/O."""
     icfg, skipped = cfg.input, Counter()
-    meta, matrix = precomputed_table(path, fmt, icfg)
+    try:
+        meta, matrix = precomputed_table(path, fmt, icfg)
+    except UnreadableFile as exc:  # bytes that do not parse: skipped and counted, as a corrupt tar is
+        skip(skipped, "unreadable_shard", shard, None, str(exc), cfg.strict)
+        return write_shard(cfg, out_dir, shard, {"uid": [], "shard": [], "key": []}, np.zeros((0, 1), np.float32),
+                           skipped, "precomputed", source=source)
     uid = pc.cast(meta[icfg.id_column], pa.string()).combine_chunks()
     ok = normalise_rows(matrix, shard, skipped, uid, cfg.strict)
     duplicate = np.zeros(len(ok), dtype=bool)
@@ -145,19 +150,23 @@ def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> di
             rows[name] = pc.cast(meta[src], pa.string()).filter(pa.array(ok))
     for name in ("uid", "shard", "key"):
         rows[name] = rows[name].filter(pa.array(ok))
-    return write_shard(cfg, out_dir, shard, rows, matrix[ok], skipped, "precomputed", nan_labels=nan_labels)
+    return write_shard(cfg, out_dir, shard, rows, matrix[ok], skipped, "precomputed", nan_labels=nan_labels,
+                       source=source)
 
 
 def embed_one(cfg, out_dir: Path, shard: dict, encoder: Encoder | None = None) -> dict:
     """Embed one shard (the unit of work a worker, local or Ray, runs) with ``encoder`` (built once per
     worker process when not given)."""
     start = time.perf_counter()
+    source = input_identity(shard["path"])  # before reading: a change from now on is noticed by the next run
     try:
         with retrying(cfg.input.retries, cfg.input.retry_backoff_s):
             if shard["format"] in TABLE_FORMATS:
-                info = embed_table_shard(cfg, shard["path"], shard["name"], shard["format"], out_dir)
+                info = with_retries(partial(embed_table_shard, cfg, shard["path"], shard["name"], shard["format"],
+                                            out_dir, source), shard["name"], shard["path"])
             else:
-                info = embed_tar_shard(cfg, shard["path"], shard["name"], out_dir, encoder or get_encoder(cfg))
+                info = embed_tar_shard(cfg, shard["path"], shard["name"], out_dir, encoder or get_encoder(cfg),
+                                       source)
     except ShardUnavailable as exc:
         info = record_failed(cfg, out_dir, shard["name"], str(exc))
     info["seconds"] = round(time.perf_counter() - start, 3)
@@ -171,7 +180,7 @@ def record_failed(cfg, out_dir: Path, shard: str, error: str) -> dict:
     write_parquet(out_dir / f"{shard}.parquet", embedding_table({"uid": [], "shard": [], "key": []},
                                                                 np.zeros((0, 1), np.float32), cfg.embed.store_dtype))
     info = {"rows": 0, "dim": None, "skipped": {}, "encoder": None, "failed": error}
-    mark_done(out_dir, shard, info)
+    mark_done(out_dir, shard, info, files=[out_dir / f"{shard}.parquet"])
     return info
 
 
@@ -234,6 +243,8 @@ def run_embed(run: Run, input_spec=None) -> None:
     dims = {read_done_dim(out_dir, s["name"]) for s in shards} - {None}
     if len(dims) > 1:
         raise InputError(f"embed: shards have mixed embedding dimensions {sorted(dims)}; they cannot be clustered together")
+    write_json(run.info_path("embed"), {"shards": len(shards), "dim": dims.pop() if dims else None,  # written last
+                                        "failed": sorted(failed_shards(out_dir, shards))})
 
 
 def check_failed(run: Run, out_dir: Path, retried: dict) -> None:

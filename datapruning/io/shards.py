@@ -166,3 +166,38 @@ def shard_names(paths: list[str]) -> list[str]:
                              "prefixes every uid); rename one of them")
         first[name] = path
     return names
+
+
+_REMOTE_IDENTITY: dict[str, dict | None] = {}  # one look-up per remote shard and process
+
+
+def input_identity(path: str) -> dict | None:
+    """What says an input shard is still the one embedded: size and mtime (a local file), or the size and
+    the ETag / modification time a remote filesystem reports. None when it cannot be told (unreachable)."""
+    if not _is_url(path):
+        try:
+            st = os.stat(path[len("file://"):] if path.startswith("file://") else path)
+        except OSError:
+            return None
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if path not in _REMOTE_IDENTITY:
+        try:
+            fs, url = fsspec.core.url_to_fs(path)
+            info = fs.info(url)
+        except Exception:  # noqa: BLE001 (any remote client's error: unknown, not changed)
+            return None
+        keys = ("size", "ETag", "etag", "LastModified", "last_modified", "mtime", "md5Hash", "crc32c")
+        _REMOTE_IDENTITY[path] = {k: info[k] if k == "size" else str(info[k]) for k in keys if info.get(k) is not None}
+    return _REMOTE_IDENTITY[path]
+
+
+def input_change(path: str, recorded: dict | None) -> str | None:
+    """How the input shard at ``path`` differs from its ``recorded`` identity ('size 100 -> 120 bytes',
+    'modified since'), or None (the same, or it cannot be told: no record, or unreachable now)."""
+    now = input_identity(path) if recorded else None
+    if not now:
+        return None
+    if recorded.get("size") != now.get("size") and "size" in recorded and "size" in now:
+        return f"size {recorded['size']} -> {now['size']} bytes"
+    differ = [k for k in recorded if k != "size" and k in now and recorded[k] != now[k]]
+    return f"modified since it was read ({differ[0]} changed)" if differ else None

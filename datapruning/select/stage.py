@@ -71,8 +71,9 @@ def write_keep(run: Run, rule, names: list[str], block: dict) -> dict:
     if "eligible" in block and (keep & ~block["eligible"]).any():
         raise StageError(f"selector {run.cfg.select.method} kept rows that the dedup filter removed")
     if name is not None:
-        write_parquet(run.dir("select") / f"{name}.parquet", pa.table({"uid": block["uid"], "keep": pa.array(keep)}))
-        mark_done(run.dir("select"), name, {"rows": len(keep), "kept": int(keep.sum())})
+        path = run.dir("select") / f"{name}.parquet"
+        write_parquet(path, pa.table({"uid": block["uid"], "keep": pa.array(keep)}))
+        mark_done(run.dir("select"), name, {"rows": len(keep), "kept": int(keep.sum())}, files=[path])
     return {"rows": len(keep), "kept": int(keep.sum())}
 
 
@@ -106,7 +107,7 @@ def run_select(run: Run) -> None:
             if not is_done(out_dir, name):
                 write_parquet(out_dir / f"{name}.parquet", pa.table({"uid": pa.array([], pa.string()),
                                                                        "keep": pa.array([], pa.bool_())}))
-                mark_done(out_dir, name, {"rows": 0, "kept": 0})
+                mark_done(out_dir, name, {"rows": 0, "kept": 0}, files=[out_dir / f"{name}.parquet"])
         info = {"method": scfg.method, "n_total": n_total, "n_keep_target": n_keep, "kept": kept,
                 **({"dedup": dedup_info} if dedup_info else {}), **info}
         write_json(run.info_path("select"), info)  # written last: the stage's done marker
