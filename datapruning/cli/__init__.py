@@ -134,12 +134,13 @@ def main(argv=None) -> int:
     if getattr(args, "input", None) is not None and len(args.input) == 1:
         args.input = args.input[0]
     try:
-        return args.func(args)
+        rc = args.func(args)
     except EXPECTED_ERRORS as exc:
         if args.verbose:
             raise
         print(f"datapruning {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        rc = 2
+    return rc
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
 _TEMP_PID = re.compile(r"\.p(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.")
 
 
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary name for ``name`` owned by this process (``clean_temp`` keeps a live one's)."""
+    return f".{name}.p{os.getpid()}@{_HOST}."
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync and rename it into place."""

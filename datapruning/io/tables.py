@@ -95,53 +95,59 @@ def label_strings(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
     return text, nan
 
 
-def open_input(path: str):
-    """An input file opened for parsing: a local one as it is, a remote one read whole first. A fault in
-    reaching the bytes (network, permission) propagates unchanged, for the caller to retry; a fault in
-    parsing them is the file's (``UnreadableFile``)."""
-    import io
-
+def open_input(path: str) -> str | bytes:
+    """An input file ready to parse: a local path (checked to open), or a remote file's bytes. A fault in
+    reaching the bytes (network, permission) propagates unchanged, for the caller to retry; a fault in parsing
+    them is the file's (``UnreadableFile``). Local files are parsed by path: pyarrow reading a file object with
+    torch loaded can abort the process as it exits (exit 134)."""
     if "://" in path and not path.startswith("file://"):
         with fsspec.open(path, "rb") as fh:
-            return io.BytesIO(fh.read())
-    return open(path[len("file://"):] if path.startswith("file://") else path, "rb")
+            return fh.read()
+    local = path[len("file://"):] if path.startswith("file://") else path
+    open(local, "rb").close()
+    return local
+
+
+def _readable(source: str | bytes):
+    import io
+
+    return source if isinstance(source, str) else io.BytesIO(source)
 
 
 def read_parquet(path: str, columns=None) -> pa.Table:
-    with open_input(path) as fh:
-        try:
-            table = pq.read_table(fh, columns=columns)
-            _names = table.column_names  # pyarrow decodes names lazily: a non-UTF-8 name fails here, not later
-            return table
-        except KeyError as exc:
-            raise InputError(f"{path}: missing column {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise UnreadableFile(f"{path}: not a readable parquet file (a column name is not UTF-8: "
-                                 f"{exc.reason})") from None
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise UnreadableFile(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+    source = open_input(path)
+    try:
+        table = pq.read_table(source if isinstance(source, str) else pa.BufferReader(source), columns=columns)
+        _names = table.column_names  # pyarrow decodes names lazily: a non-UTF-8 name fails here, not later
+        return table
+    except KeyError as exc:
+        raise InputError(f"{path}: missing column {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UnreadableFile(f"{path}: not a readable parquet file (a column name is not UTF-8: {exc.reason})") from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise UnreadableFile(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
 
 def load_npy(path: str) -> np.ndarray:
-    with open_input(path) as fh:
-        try:
-            return np.load(fh, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise UnreadableFile(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+    source = open_input(path)
+    try:
+        return np.load(_readable(source), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UnreadableFile(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
 
 
 def load_npz(path: str, key: str) -> np.ndarray:
     """One array of an .npz (DataComp's per-shard embeddings: l14_img, b32_img, l14_txt, b32_txt)."""
-    with open_input(path) as fh:
-        try:
-            with np.load(fh, allow_pickle=False) as npz:
-                if key not in npz.files:
-                    raise InputError(f"{path}: no array {key!r} (have {npz.files}); set input.npz_key")
-                return npz[key]
-        except (ValueError, OSError, EOFError, KeyError) as exc:
-            if isinstance(exc, InputError):
-                raise
-            raise UnreadableFile(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+    source = open_input(path)
+    try:
+        with np.load(_readable(source), allow_pickle=False) as npz:
+            if key not in npz.files:
+                raise InputError(f"{path}: no array {key!r} (have {npz.files}); set input.npz_key")
+            return npz[key]
+    except (ValueError, OSError, EOFError, KeyError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise UnreadableFile(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
 
 
 def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:
