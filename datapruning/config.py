@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from collections import abc
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +83,10 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str | None = None  # None: start a local instance; "auto" or "ray://host:10001"
+    address: str | None = None  # None: start a local instance; "auto", "host:6379" or "ray://host:10001"
     num_cpus: int | None = None
     embed_gpus: float = 1.0  # GPUs per embedding actor when CUDA is present
+    retries: int = 3  # a task whose worker died is run again (an actor restarted) this many times
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,14 @@ FRACTIONS = ("cluster.fit_fraction", "select.keep_fraction", "select.min_per_clu
              "select.dedup_keep_fraction")
 
 
+RAY_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}")  # host:port, ray://host:port (IPv6 in [])
 MAX_CONFIG_BYTES = 1 << 20  # a YAML config file
 MAX_SET_BYTES = 64 << 10  # one --set value
 MAX_NODES, MAX_DEPTH = 100_000, 32  # values, and nesting, of a loaded config (alias bombs, recursive aliases)
 MAX_INT = 2 ** 31 - 1  # faiss and torch take these as C ints
 BOUNDS = {"seed": (0, MAX_INT), "workers": (1, 4096), "cluster.k": (1, 10_000_000), "cluster.niter": (1, 100_000),
-          "input.retries": (0, 100), "input.retry_backoff_s": (0.0, 600.0)}
+          "input.retries": (0, 100), "input.retry_backoff_s": (0.0, 600.0), "ray.retries": (0, 100),
+          "ray.embed_gpus": (1e-3, 1024.0)}
 
 
 def show(value: Any) -> str:
@@ -261,6 +265,11 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'select.keep_count': must be >= 0, got {cfg.select.keep_count}")
     if cfg.select.dedup_eps is not None and not 0.0 <= cfg.select.dedup_eps <= 2.0:
         raise ConfigError(f"config key 'select.dedup_eps': must be in [0, 2], got {cfg.select.dedup_eps}")
+    if cfg.ray.num_cpus is not None and not 1 <= cfg.ray.num_cpus <= 65536:  # 0 CPUs: every task waits forever
+        raise ConfigError(f"config key 'ray.num_cpus': must be >= 1 (or null: all of them), got {cfg.ray.num_cpus}")
+    address = cfg.ray.address
+    if address is not None and address not in ("auto", "local") and not RAY_ADDRESS.fullmatch(address):
+        raise ConfigError(f"config key 'ray.address': expected auto, host:port or ray://host:port, got {show(address)}")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

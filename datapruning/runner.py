@@ -10,7 +10,7 @@ from .cluster.stage import run_cluster
 from .embed.stage import discover, run_embed
 from .health import assess, before_stage, plan, settle
 from .manifest.stage import run_manifest
-from .io.files import read_json
+from .io.files import clean_temp, read_json
 from .run import STAGES, Run, locked, save_config
 from .score.stage import run_score
 from .select.stage import run_select
@@ -49,6 +49,7 @@ def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):
         result = {"embed": run_embed, "cluster": run_cluster, "score": run_score, "select": run_select,
                   "manifest": run_manifest}[stage](run)
         settle(run, stage)
+        clean_temp(run.dir(stage), deep=True)  # left by workers killed mid-unit (their units ran again)
         return result
 
 
