@@ -159,13 +159,22 @@ def check_size(data: Any, where: str) -> None:
     walk(data, 0)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number: YAML 1.2's float spelling, which YAML 1.1 (PyYAML's)
+    takes for a string, so ``keep_fraction: 1e-3`` failed as "expected a number, got '1e-3'"."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
 def safe_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load`` bounded in size, values and depth."""
+    """``yaml.safe_load`` (with ``_Loader``) bounded in size, values and depth."""
     limit = MAX_CONFIG_BYTES if "file" in where else MAX_SET_BYTES
     if len(text) > limit:
         raise ConfigError(f"{where}: {len(text)} characters is more than the {limit} allowed")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except RecursionError:
         raise ConfigError(f"{where}: nested too deep") from None
     check_size(data, where)
@@ -288,10 +297,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     """Read a YAML config (or start from ``base``/defaults), apply ``key=value`` overrides, validate."""
     data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
     if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+        text = read_config_file(path)
         try:
             loaded = safe_yaml(text, f"config file {path}")
         except yaml.YAMLError as exc:
@@ -313,6 +319,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     cfg = _build(RunConfig, data)
     _validate(cfg)
     return cfg
+
+
+def read_config_file(path: str | Path) -> str:
+    """A config file's text: a regular file (a FIFO would block, /dev/zero never end) of at most
+    MAX_CONFIG_BYTES, in UTF-8."""
+    try:
+        if not Path(path).is_file():
+            why = "not a regular file" if Path(path).exists() else "no such file"
+            raise ConfigError(f"config file {show(str(path))}: {why}")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {show(str(path))}: cannot read it ({exc.__class__.__name__}: {exc})") from None
 
 
 def _merge(a: dict, b: Mapping) -> dict:

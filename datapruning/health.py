@@ -151,10 +151,19 @@ def settle(run: Run, stage: str) -> None:
         redo.unlink()
 
 
+READS = {"embed": (), "cluster": ("embed",), "score": ("embed", "cluster"), "select": ("embed", "cluster", "score"),
+         "manifest": ("embed", "cluster", "score", "select")}  # the earlier stages whose outputs each one reads
+
+
 def check_inputs(run: Run, stage: str) -> None:
-    """Stop when a file ``stage`` reads is gone or changed (a deleted folder, a cut file), or an earlier stage is
-    still redoing units, naming the stage to rerun."""
-    for earlier in STAGES[:STAGES.index(stage)]:
+    """Stop when an earlier stage ``stage`` reads has not finished (or was cleared by a change before it), is
+    still redoing units, or a file ``stage`` reads is gone or changed (a deleted folder, a cut file), naming the
+    stage to rerun."""
+    for earlier in READS[stage]:
+        if not run.info_path(earlier).exists() and not pending_redo(run, earlier):
+            raise StageError(f"{stage}: the {earlier} stage has not finished in {run.output} (never run, stopped, or "
+                             f"cleared when a stage before it changed); run 'datapruning {earlier}' first (or "
+                             "'datapruning run')")
         if pending := pending_redo(run, earlier):
             raise StageError(f"{stage}: the {earlier} stage has not finished redoing {', '.join(pending[:5])}; rerun "
                              f"'datapruning {earlier}' (or 'datapruning run') first")

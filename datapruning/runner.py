@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import RunConfig
+from .config import RunConfig, show
 from .errors import ConfigError
 from .cluster.stage import run_cluster
 from .embed.stage import discover, run_embed
@@ -32,7 +32,16 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError(f"score.params.{extra[0]}: {extra[0]!r} is not in score.metrics {list(cfg.score.metrics)}")
     for name in cfg.score.metrics:
         METRICS[name].parse(cfg.score.params.get(name), cfg.seed)
-    selector_params(cfg)
+    selector, params = selector_params(cfg)
+    metric = getattr(params, "metric", None)
+    if metric is not None and metric not in cfg.score.metrics:  # else found out only after three stages ran
+        given = "" if cfg.select.metric is not None or "metric" in cfg.select.params else \
+            f" (the default of select.method={selector.name})"
+        raise ConfigError(f"select.metric: {show(metric)}{given} is not in score.metrics {list(cfg.score.metrics)}; "
+                          "add it there, or select by one of those")
+    if (cfg.select.dedup_eps is not None or cfg.select.dedup_keep_fraction is not None) and \
+            "semdedup" not in cfg.score.metrics:
+        raise ConfigError("select.dedup_eps / select.dedup_keep_fraction need the semdedup metric in score.metrics")
 
 
 def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None):

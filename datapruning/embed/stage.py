@@ -17,7 +17,7 @@ from .samples import ROW_NAMES, caption, embedding_table, source_uid, text_field
 from ..errors import InputError, StageError, UnreadableFile
 from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, read_json, write_json,
                         write_parquet)
-from ..io.shards import detect_format, expand_input, input_identity, shard_names
+from ..io.shards import check_output, detect_format, expand_input, input_identity, shard_names
 from ..io.tables import label_strings, label_text, normalise_rows, precomputed_table
 from ..io.webdataset import ShardUnavailable, iter_tar_samples, retrying, skip, with_retries
 from ..exec import map_unordered, map_with_setup
@@ -29,6 +29,7 @@ TABLE_FORMATS = ("parquet", "clip_retrieval", "npy", "datacomp")
 def discover(run: Run, input_spec) -> list[dict]:
     """Resolve the input into shards.json (path, name, format); a rerun must name the same input."""
     paths = expand_input(input_spec)
+    check_output(run.output, input_spec, paths)
     fmt = detect_format(paths, run.cfg.input.format)
     shards = [{"path": p, "name": n, "format": fmt} for p, n in zip(paths, shard_names(paths))]
     run.output.mkdir(parents=True, exist_ok=True)
@@ -141,7 +142,8 @@ def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path, sourc
     rows = {"uid": uid, "shard": pa.array(np.full(len(ok), shard, dtype=object), pa.string()), "key": uid}
     nan_labels = 0
     if icfg.label_column in meta.column_names:
-        rows["label"], nan_labels = label_strings(meta[icfg.label_column].filter(pa.array(ok)))
+        rows["label"], nan_labels = label_strings(meta[icfg.label_column].filter(pa.array(ok)),
+                                                  f"{path}: column {icfg.label_column!r}")
         if nan_labels:
             log.warning("shard %s: %d NaN labels read as missing (label null)", shard, nan_labels)
     for src, name in ((icfg.split_column, "split"), ("caption", "text"),

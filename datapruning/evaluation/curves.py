@@ -179,7 +179,8 @@ def check_meaningful(data: EvalData, label_column: str) -> None:
                          "the training rows; accuracy would be 0 by construction; hold out rows of the trained classes")
     if unseen:
         log.warning("eval: %d of %d held-out classes never occur in the training rows; their %d rows count as "
-                    "errors for every curve", len(unseen), len(test), int(np.isin(data.labels[data.test], unseen).sum()))
+                    "errors for every curve", len(unseen), len(test),
+                    int(np.isin(data.labels[data.test], unseen).sum()))
 
 
 def write_outputs(tmp: Path, out: Path, run_dir: Path, data: EvalData, table: pd.DataFrame, rec: dict, variants,

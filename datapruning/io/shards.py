@@ -37,7 +37,8 @@ def expand_input(spec: str | list[str]) -> list[str]:
     out: list[str] = []
     for item in specs:
         before = len(out)
-        for path in _braceexpand(item):
+        literal = item[len("file://"):] if item.startswith("file://") else item
+        for path in [item] if not _is_url(item) and os.path.exists(literal) else _braceexpand(item):
             if _is_url(path):
                 protocol = _check_protocol(path)
                 if any(ch in path for ch in "*?["):
@@ -61,9 +62,12 @@ def expand_input(spec: str | list[str]) -> list[str]:
                     found = os.path.abspath(found)
                     out.extend(_list_folder(found) if os.path.isdir(found) else [found])
             else:
-                raise InputError(f"input {path}: no such file or folder")
+                raise InputError(f"input {_shown(path)}: no such file or folder")
         if len(out) == before:  # one pattern of several matching nothing is a mistake too, not a smaller input
-            raise InputError(f"input {item!r}: matched no shards")
+            raise InputError(f"input {_shown(repr(item))}: matched no shards")
+    for path in out:
+        if not _utf8(path):  # pyarrow cannot open such a path, and uids and outputs would carry it
+            raise InputError(f"input {_shown(path)}: the name is not valid UTF-8; rename the file")
     return list(dict.fromkeys(out))
 
 
@@ -99,17 +103,63 @@ def _list_folder(folder: str) -> list[str]:
             if not parts:
                 raise InputError(f"input folder {folder}: {emb}/ holds no .npy files")
             return parts
-    files = sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "*")) if os.path.isfile(p))
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    files = [e.path for e in entries if e.is_file() and not e.name.startswith(".")]
     found = without_side_files([p for p in files if shard_suffix(p) in SUFFIXES])
     if not found:
         raise InputError(f"input folder {folder}: holds no .tar, .tar.gz, .parquet or .npy files")
     stems = {_stem(f) for f in found}
-    left = [Path(p).name for p in files if shard_suffix(p) not in SUFFIXES and not Path(p).name.startswith(("_", "."))
+    left = [Path(p).name for p in files if shard_suffix(p) not in SUFFIXES and not Path(p).name.startswith("_")
             and not (Path(p).suffix in SIDE_FILES and _stem(p) in stems)]
+    left += [f"{e.name} ({why})" for e in entries if (why := _left_out(e))]
     if left:
-        log.warning("input folder %s: left out %d file(s) that are not shards: %s", folder, len(left),
-                    ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""))
+        log.warning("input folder %s: left out %d entr%s: %s", _shown(folder), len(left), "y" if len(left) == 1 else
+                    "ies", ", ".join(_shown(n, 100) for n in left[:10]) + (" ..." if len(left) > 10 else ""))
     return found
+
+
+def _left_out(entry: os.DirEntry) -> str | None:
+    """Why a folder entry that looks like it holds shards is not read: hidden, a broken link, or a sub-folder."""
+    if entry.is_dir():
+        inside = [n for n in os.listdir(entry.path) if shard_suffix(n) in SUFFIXES] if os.access(entry.path, os.R_OK) else []
+        return f"a sub-folder with {len(inside)} shard file(s); name it in --input" if inside else None
+    if shard_suffix(entry.name) not in SUFFIXES:
+        return None
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return "a broken symbolic link"
+    if entry.name.startswith("."):
+        return "a hidden file"
+    return None
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """A path or name for a message: non-UTF-8 bytes escaped, at most ``limit`` characters."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8") if not _utf8(text) else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_output(output: str | Path, specs, paths: list[str]) -> None:
+    """Refuse an output folder that is an input shard, holds input shards (its kept.parquet would be read as one
+    on a rerun) or lies inside a folder given as input."""
+    out = Path(output).resolve()
+    folders = [Path(s).resolve() for s in ([specs] if isinstance(specs, str) else specs)
+               if not _is_url(s) and os.path.isdir(s)]
+    for folder in folders:
+        if out == folder or folder in out.parents:
+            raise InputError(f"--output {_shown(str(output))} is {'the' if out == folder else 'inside the'} input "
+                             f"folder {_shown(str(folder))}; choose an output outside the input")
+    for path in paths:
+        if not _is_url(path) and out in (Path(path).resolve(), Path(path).resolve().parent):
+            raise InputError(f"--output {_shown(str(output))} {'is' if out == Path(path).resolve() else 'holds'} the "
+                             f"input shard {_shown(path)}; choose an output outside the input")
 
 
 def shard_suffix(path: str) -> str:

@@ -78,9 +78,16 @@ def label_text(text: str | None) -> str | None:
     return str(int(text)) if text is not None and is_int_text(text) else text
 
 
-def label_strings(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
-    """A label column as strings by ``label_text``'s rule, and how many NaN float labels became null (missing)."""
+def label_strings(column: pa.Array | pa.ChunkedArray, where: str = "label column") -> tuple[pa.Array, int]:
+    """A label column as strings by ``label_text``'s rule, and how many NaN float labels became null (missing).
+    A column of lists, structs or other non-scalar values is an InputError naming ``where``."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    kind = column.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_string(kind)
+            or pa.types.is_large_string(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind)):
+        raise InputError(f"{where} holds {kind} values; a label is one integer or string per row")
     nan = 0
     if pa.types.is_floating(column.type):
         is_nan = pc.fill_null(pc.is_nan(column), False)

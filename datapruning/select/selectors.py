@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..cutoffs import Cutoffs, find_cutoffs
-from ..config import typed_params
+from ..config import show, typed_params
 from ..errors import ConfigError
 from ..metrics.ccs import ccs_allocate, ccs_default_beta
 from ..metrics.dbp import dbp_quotas, dbp_shares
@@ -81,7 +81,7 @@ class Selector:
                               f"accepted: {sorted(fields - set(self.common))}")
         for key, value in common.items():
             if key not in self.common and value not in (None, 0.0, "hard"):
-                raise ConfigError(f"select.{key}={value!r} means nothing to select.method={self.name}; "
+                raise ConfigError(f"select.{key}={show(value)} means nothing to select.method={self.name}; "
                                   f"it reads {[f'select.{c}' for c in self.common] or 'none of the common keys'}")
         merged = {**{k: v for k, v in common.items() if k in self.common and v is not None}, **raw}
         return typed_params(self.params, merged, f"select.params for {self.name}")
