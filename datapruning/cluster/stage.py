@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from .kmeans import assign, fit_kmeans, resolve_backend, sample_indices
+from .kmeans import assign, check_k, fit_kmeans, resolve_backend, sample_indices
 from .kmeans_stream import CHUNK_BYTES, chunks, stream_kmeans
 from .parts import write_parts
 from .unique import check_unique_uids, write_ties
@@ -182,8 +182,9 @@ def run_cluster(run: Run) -> None:
     ccfg = run.cfg.cluster
     counts = shard_rows(run)
     check_any_rows(run.dir("embed"), [s["name"] for s, _ in counts])  # else "k larger than the 0 samples"
-    out_dir = prepare_stage(run, "cluster")
     n = sum(c for _, c in counts)
+    check_k(ccfg.k, n)  # before prepare_stage clears the outputs of the last config
+    out_dir = prepare_stage(run, "cluster")
     with timed(run, "cluster"):
         if not (out_dir / "fit.json").exists():
             idx = sample_indices(n, ccfg.k, ccfg.fit_fraction, ccfg.max_points_per_centroid, run.cfg.seed)
