@@ -71,7 +71,6 @@ def run_pipeline(cfg: RunConfig, input_spec, output: str | Path, stages=STAGES) 
     with locked(run.output):  # held across the stages, so no other writer slips in between
         if input_spec is not None:
             discover(run, input_spec)
-        save_config(run)
         for stage in stages:
             states = assess(run) if (run.output / "shards.json").exists() else None
             todo = plan(run, stages, states)
@@ -84,5 +83,6 @@ def run_pipeline(cfg: RunConfig, input_spec, output: str | Path, stages=STAGES) 
             else:
                 log.info("skipping stage %s: %s (%s), but no later stage still reads it", stage,
                          states[stage].state, states[stage].detail)
+        save_config(run)  # also when every stage was done: the keys that change no output (workers, ...)
         stats_path = run.output / "stats.json"
         return read_json(stats_path) if stats_path.exists() else {}
