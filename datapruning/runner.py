@@ -83,6 +83,8 @@ def run_pipeline(cfg: RunConfig, input_spec, output: str | Path, stages=STAGES) 
             else:
                 log.info("skipping stage %s: %s (%s), but no later stage still reads it", stage,
                          states[stage].state, states[stage].detail)
+        for stage in stages:  # a kill leaves temporary files in sub-folders too, even of stages done since
+            clean_temp(run.dir(stage), deep=True)
         save_config(run)  # also when every stage was done: the keys that change no output (workers, ...)
         stats_path = run.output / "stats.json"
         return read_json(stats_path) if stats_path.exists() else {}

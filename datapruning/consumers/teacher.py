@@ -211,8 +211,17 @@ def shard_logits(teacher: Teacher, run_dir: Path, run_cfg, shard: dict, rows: pa
 
 
 def _batched(fn, items, batch: int) -> np.ndarray:
-    parts = [np.asarray(fn(items[i:i + batch]), dtype=np.float32) for i in range(0, len(items), batch)]
+    parts = [_checked(fn(items[i:i + batch]), len(items[i:i + batch])) for i in range(0, len(items), batch)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _checked(out, n: int) -> np.ndarray:
+    """A teacher's output for a batch of ``n`` as float32 [n, classes]; any other shape names the problem."""
+    out = np.asarray(out, dtype=np.float32)
+    if out.ndim != 2 or len(out) != n:
+        raise InputError(f"the teacher gives outputs of shape {list(out.shape)} for a batch of {n} samples; a "
+                         "teacher returns [samples, classes] logits: is it a classifier?")
+    return out
 
 
 def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch: int) -> np.ndarray:
@@ -226,7 +235,7 @@ def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch
     items, where = [], []
 
     def flush():
-        for i, row in zip(where, np.asarray(teacher.fn(items), dtype=np.float32)):
+        for i, row in zip(where, _checked(teacher.fn(items), len(items))):
             out[i] = row
         items.clear()
         where.clear()
@@ -304,13 +313,22 @@ def run_teacher(run_dir: str | Path, tcfg: TeacherConfig) -> dict:
 
 
 def _checked_teacher(tcfg: TeacherConfig, run_cfg, shards: list[dict]) -> Teacher:
-    """``build_teacher``, refused when it reads images and the run's input has none (precomputed embeddings)."""
+    """``build_teacher``, refused (before a model is loaded where that is known) when it reads images and the
+    run's input has none (precomputed embeddings)."""
+    formats = sorted({s["format"] for s in shards} - {"webdataset"})
+
+    def refuse(name: str):
+        raise ConfigError(f"config key 'teacher.on': teacher {name} reads images, but this run's input is "
+                          f"{formats[0]} (embeddings, no images); use --on embeddings with the run's own open_clip "
+                          "model, a --source module teacher on embeddings, or --source logits")
+
+    zero_shot_on_images = tcfg.source == "zero_shot" and tcfg.on == "auto" and not _same_model(
+        _embed_cfg(tcfg, run_cfg), run_cfg.embed)
+    if formats and (tcfg.on == "images" or zero_shot_on_images):
+        refuse(tcfg.source)
     teacher = build_teacher(tcfg, run_cfg)
-    formats = {s["format"] for s in shards} - {"webdataset"}
     if teacher.on == "images" and formats:
-        raise ConfigError(f"config key 'teacher.on': teacher {teacher.name} reads images, but this run's input is "
-                          f"{sorted(formats)[0]} (embeddings, no images); use --on embeddings with the run's own "
-                          "open_clip model, a --source module teacher on embeddings, or --source logits")
+        refuse(teacher.name)
     return teacher
 
 
@@ -318,9 +336,6 @@ def _teacher_table(teacher: Teacher, tcfg: TeacherConfig, run_dir: Path, run_cfg
     """(table, done-marker info, rows) of one shard, checked: as many logits as classes, finite, a 2-D batch."""
     rows = selected_rows(run_dir, shard["name"], tcfg.samples)
     logits = shard_logits(teacher, run_dir, run_cfg, shard, rows, tcfg.batch_size)
-    if len(logits) and logits.ndim != 2:
-        raise InputError(f"teacher {teacher.name} gives outputs of shape {logits.shape[1:]} per sample, not a "
-                         "vector of class logits; is it a classifier?")
     if len(logits) and tcfg.classes and logits.shape[1] != len(tcfg.classes):
         raise InputError(f"teacher {teacher.name} gives {logits.shape[1]} logits per sample but "
                          f"teacher.classes names {len(tcfg.classes)} classes")

@@ -155,6 +155,7 @@ def acquire(folder: str | Path, wait_s: float = 0.0) -> None:
         raise StageError(f"{shown}: the folder's path is not valid UTF-8; choose another") from None
     if folder.exists() and not folder.is_dir():
         raise StageError(f"{folder} is a file, not a folder; give a folder (new or a run folder) to write into")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     with _mutex:
@@ -181,7 +182,8 @@ def acquire(folder: str | Path, wait_s: float = 0.0) -> None:
         beat = threading.Thread(target=_beat, args=(path, info["token"], stop, state), daemon=True,
                                 name="datapruning-lock")
         beat.start()
-        _held[key] = {"path": path, "token": info["token"], "count": 1, "stop": stop, "state": state, "beat": beat}
+        _held[key] = {"path": path, "token": info["token"], "count": 1, "stop": stop, "state": state, "beat": beat,
+                      "created": created}
 
 
 def release(folder: str | Path, force: bool = False) -> None:
@@ -200,6 +202,11 @@ def release(folder: str | Path, force: bool = False) -> None:
         holder = _read(held["path"])
         if holder is not None and holder.get("token") == held["token"]:
             held["path"].unlink(missing_ok=True)
+        if held["created"]:  # a command refused before it wrote anything leaves no empty folder behind
+            try:
+                held["path"].parent.rmdir()
+            except OSError:
+                pass
 
 
 @atexit.register
