@@ -160,7 +160,9 @@ def check_inputs(run: Run, stage: str) -> None:
     still redoing units, or a file ``stage`` reads is gone or changed (a deleted folder, a cut file), naming the
     stage to rerun."""
     for earlier in READS[stage]:
-        if not run.info_path(earlier).exists() and not pending_redo(run, earlier):
+        if earlier == "embed" and all(done_path(run.dir("embed"), s["name"]).exists() for s in run.shards):
+            pass  # every shard read, but its last checks failed (no valid sample, ...): the stage itself says why
+        elif not run.info_path(earlier).exists() and not pending_redo(run, earlier):
             raise StageError(f"{stage}: the {earlier} stage has not finished in {run.output} (never run, stopped, or "
                              f"cleared when a stage before it changed); run 'datapruning {earlier}' first (or "
                              "'datapruning run')")

@@ -111,10 +111,11 @@ def _list_folder(folder: str) -> list[str]:
     stems = {_stem(f) for f in found}
     left = [Path(p).name for p in files if shard_suffix(p) not in SUFFIXES and not Path(p).name.startswith("_")
             and not (Path(p).suffix in SIDE_FILES and _stem(p) in stems)]
-    left += [f"{e.name} ({why})" for e in entries if (why := _left_out(e))]
-    if left:
-        log.warning("input folder %s: left out %d entr%s: %s", _shown(folder), len(left), "y" if len(left) == 1 else
-                    "ies", ", ".join(_shown(n, 100) for n in left[:10]) + (" ..." if len(left) > 10 else ""))
+    unread = [f"{e.name} ({why})" for e in entries if (why := _left_out(e))]
+    for what, names in (("file(s) that are not shards", left), ("entries that look like shards", unread)):
+        if names:
+            log.warning("input folder %s: left out %d %s: %s", _shown(folder), len(names), what,
+                        ", ".join(_shown(n, 100) for n in names[:10]) + (" ..." if len(names) > 10 else ""))
     return found
 
 
