@@ -50,11 +50,19 @@ class EvalData:
 
 
 def _require_stages(run: Run, stages=("embed", "cluster", "score")) -> None:
+    """Every shard of ``stages`` done, with its files still there (a folder deleted to save disk is named)."""
+    from ..health import stage_problems
+
     for stage in stages:
         for shard in run.shards:
             if not is_done(run.dir(stage), shard["name"]):
                 raise StageError(f"eval: {run.dir(stage)} has no finished output for shard {shard['name']}; "
                                  f"run 'datapruning {stage} --output {run.output}' (or 'run') first")
+        names = {s["name"] for s in run.shards}
+        for unit, files in sorted(stage_problems(run, stage).items()):
+            if unit in names and not files[0][0].startswith(("clusters/parts", "clusters/ties")):  # not read here
+                raise StageError(f"eval: {run.output / files[0][0]} is {files[0][1]}; eval reads it: rerun "
+                                 f"'datapruning {stage} --output {run.output}' to make it again")
 
 
 def _column(run: Run, name: str, uid: pa.Array, column: str) -> pa.Array | None:
