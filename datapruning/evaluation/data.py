@@ -21,7 +21,8 @@ from .probe import stratified_split
 
 TEST_SPLITS = ("test", "val", "valid", "validation", "heldout", "held_out", "holdout", "eval")
 DEFAULT_MAX_ROWS = 200_000
-NOT_LABELS = ("uid", "shard", "key", "source_uid", "embedding")  # ids and vectors: never a class column
+NOT_LABELS = ("uid", "shard", "key", "source_uid", "embedding")
+NOT_READ = ("clusters/parts", "clusters/ties")  # stage files the eval does not read  # ids and vectors: never a class column
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def _require_stages(run: Run, stages=("embed", "cluster", "score")) -> None:
         names = {s["name"] for s in run.shards}
         for unit, files in sorted(stage_problems(run, stage).items()):
             rel = files[0][0]  # an input shard changed since (an absolute path) is the next run's business
-            if unit in names and not Path(rel).is_absolute() and not rel.startswith(("clusters/parts", "clusters/ties")):
+            if unit in names and not Path(rel).is_absolute() and not rel.startswith(NOT_READ):
                 raise StageError(f"eval: {run.output / files[0][0]} is {files[0][1]}; eval reads it: rerun "
                                  f"'datapruning {stage} --output {run.output}' to make it again")
 
