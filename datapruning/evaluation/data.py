@@ -21,8 +21,8 @@ from .probe import stratified_split
 
 TEST_SPLITS = ("test", "val", "valid", "validation", "heldout", "held_out", "holdout", "eval")
 DEFAULT_MAX_ROWS = 200_000
-NOT_LABELS = ("uid", "shard", "key", "source_uid", "embedding")
-NOT_READ = ("clusters/parts", "clusters/ties")  # stage files the eval does not read  # ids and vectors: never a class column
+NOT_LABELS = ("uid", "shard", "key", "source_uid", "embedding")  # ids and vectors: never a class column
+NOT_READ = ("clusters/parts", "clusters/ties")  # stage files the eval does not read
 
 
 @dataclass(frozen=True)
