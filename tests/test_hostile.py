@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_parquet_shards, make_png_shards, tiny_clip_overrides
+from test_kill import kill_parent_of_blocked_workers
 
 PRE = ["embed.encoder=precomputed", "cluster.k=4", "cluster.niter=5"]
 
@@ -195,38 +194,15 @@ EVAL_HOOK = (
     "    _fits._init_worker = parked_worker\n")
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def test_a_killed_eval_leaves_no_worker_and_its_folder_goes_next_time(finished, tmp_path):
+    """SIGKILL of eval while its two probe workers run: none survives it, and the next eval removes the folder
+    that held their arrays (it left ~750 MB workers, the resource tracker and a datapruning-eval-* folder)."""
     run = copy_run(finished, tmp_path)
-    hook, block = tmp_path / "hook", tmp_path / "blocked"
-    hook.mkdir()
-    block.mkdir()
-    (hook / "sitecustomize.py").write_text(EVAL_HOOK)
-    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "BLOCK_DIR": str(block)}
-    proc = subprocess.Popen([sys.executable, "-m", "datapruning.cli", "eval", str(run), "--workers", "2", "--kd",
-                             "none", "--fractions", "0.5,1", "--seeds", "1"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while len(list(block.iterdir())) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    workers = [int(p.name) for p in block.iterdir()]
-    assert len(workers) == 2, f"the probe workers never started (exit {proc.poll()})"
-    assert list(run.glob(".eval-fits.p*.tmp")), "the workers' arrays are not in the run folder"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(5)
-    survivors = [pid for pid in workers if not _gone(pid)]
-    for pid in survivors:
-        os.kill(pid, signal.SIGKILL)
-    assert survivors == []
-    again = cli("eval", run, "--workers", "2", "--kd", "none", "--fractions", "0.5,1", "--seeds", "1")
+    args = [sys.executable, "-m", "datapruning.cli", "eval", str(run), "--workers", "2", "--kd", "none",
+            "--fractions", "0.5,1", "--seeds", "1"]
+    assert kill_parent_of_blocked_workers(tmp_path, args, 2, EVAL_HOOK) == []
+    assert list(run.glob(".eval-fits.p*.tmp")), "the workers' arrays were not in the run folder"
+    again = cli(*args[3:])
     assert again.returncode == 0, again.stderr[-2000:]
     assert not list(run.glob(".eval-fits.*")) and (run / "eval" / "summary.json").exists()
 

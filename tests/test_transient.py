@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from conftest import make_parquet_shards, make_png_shards, tiny_clip_overrides
@@ -25,58 +24,36 @@ def sets(items) -> list[str]:
     return [x for s in items for x in ("--set", s)]
 
 
-class ShortStreams:
+class ShortStreams(FlakyShards):
     """Serves a folder on 127.0.0.1 as a plain stream: no size, no byte ranges, the body ends when the connection
     closes (so the client streams it in one GET). The next ``short[name]`` GETs of ``name`` stop at 60% of the
     file: a stream that ends early without any error from the client library. With ``broken[name]`` the next
     GETs announce the full size and send 60% (aiohttp: ClientPayloadError)."""
 
     def __init__(self, folder: Path):
-        import http.server
+        super().__init__(folder)
+        self.short, self.broken, self.cut = {}, {}, 0
 
-        self.folder, self.short, self.broken, self.cut = folder, {}, {}, 0
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = 10
-
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                self.respond(head=True)
-
-            def do_GET(self):
-                self.respond(head=False)
-
-            def respond(self, head: bool):
-                name = self.path.lstrip("/").split("?")[0]
-                path = server.folder / name
-                if "/" in name or not path.is_file():
-                    self.send_error(404)
-                    return
-                data, announce = path.read_bytes(), False
-                for faults in (server.short, server.broken):
-                    if not head and faults.get(name, 0) > 0:
-                        faults[name] -= 1
-                        server.cut += 1
-                        announce, data = faults is server.broken, data[: len(data) * 6 // 10]
-                self.send_response(200)
-                if announce:
-                    self.send_header("Content-Length", str(path.stat().st_size))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                if not head:
-                    self.wfile.write(data)
-                self.close_connection = True
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, handler, head: bool) -> None:
+        name = handler.path.lstrip("/").split("?")[0]
+        path = self.folder / name
+        if "/" in name or not path.is_file():
+            handler.send_error(404)
+            return
+        data, announce = path.read_bytes(), False
+        for faults in (self.short, self.broken):
+            if not head and faults.get(name, 0) > 0:
+                faults[name] -= 1
+                self.cut += 1
+                announce, data = faults is self.broken, data[: len(data) * 6 // 10]
+        handler.send_response(200)
+        if announce:
+            handler.send_header("Content-Length", str(path.stat().st_size))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        if not head:
+            handler.wfile.write(data)
+        handler.close_connection = True
 
 
 def test_a_tar_stream_that_ends_early_is_retried_then_failed_never_done(tmp_path, tiny_clip_config):

@@ -138,7 +138,9 @@ def main(argv=None) -> int:
     except EXPECTED_ERRORS as exc:
         if args.verbose:
             raise
-        print(f"datapruning {args.command}: error: {exc}", file=sys.stderr)
+        message = str(exc)  # each value in it is cut to 200 characters; the whole line is bounded too
+        print(f"datapruning {args.command}: error: {message if len(message) <= 2000 else message[:1997] + '...'}",
+              file=sys.stderr)
         rc = 2
     return rc
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import fsspec
 from ..errors import InputError
+from .webdataset import utf8
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def expand_input(spec: str | list[str]) -> list[str]:
         if len(out) == before:  # one pattern of several matching nothing is a mistake too, not a smaller input
             raise InputError(f"input {_shown(repr(item))}: matched no shards")
     for path in out:
-        if not _utf8(path):  # pyarrow cannot open such a path, and uids and outputs would carry it
+        if not utf8(path):  # pyarrow cannot open such a path, and uids and outputs would carry it
             raise InputError(f"input {_shown(path)}: the name is not valid UTF-8; rename the file")
     return list(dict.fromkeys(out))
 
@@ -135,16 +136,8 @@ def _left_out(entry: os.DirEntry) -> str | None:
 
 def _shown(text: str, limit: int = 200) -> str:
     """A path or name for a message: non-UTF-8 bytes escaped, at most ``limit`` characters."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8") if not _utf8(text) else text
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8") if not utf8(text) else text
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_output(output: str | Path, specs, paths: list[str]) -> None:

@@ -77,7 +77,7 @@ class Selector:
         fields = {f.name for f in dataclasses.fields(self.params)}
         unknown = sorted(set(raw) - fields)
         if unknown:
-            raise ConfigError(f"select.params: unknown key {unknown[0]!r} for select.method={self.name}; "
+            raise ConfigError(f"select.params: unknown key {show(unknown[0])} for select.method={self.name}; "
                               f"accepted: {sorted(fields - set(self.common))}")
         for key, value in common.items():
             if key not in self.common and value not in (None, 0.0, "hard"):
@@ -96,12 +96,12 @@ class Selector:
 
 def _check_mode(key: str, mode: str) -> None:
     if mode not in MODES:
-        raise ConfigError(f"{key}: expected one of {list(MODES)}, got {mode!r}")
+        raise ConfigError(f"{key}: expected one of {list(MODES)}, got {show(mode)}")
 
 
 def _check_share(key: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{key}: a share of the budget in [0, 1], got {value!r}")
+        raise ConfigError(f"{key}: a share of the budget in [0, 1], got {show(value)}")
 
 
 @dataclass(frozen=True)
