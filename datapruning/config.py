@@ -369,7 +369,7 @@ def typed_params(cls: type, values: Mapping[str, Any], where: str) -> Any:
     try:
         params = cls(**values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {show(str(exc))[1:-1]}") from None
+        raise ConfigError(f"{where}: {str(exc)[:300]}") from None
     check = getattr(params, "check", None)
     if check is not None:
         check()
