@@ -326,8 +326,8 @@ def read_config_file(path: str | Path) -> str:
     MAX_CONFIG_BYTES, in UTF-8."""
     try:
         if not Path(path).is_file():
-            why = "not a regular file" if Path(path).exists() else "no such file"
-            raise ConfigError(f"config file {show(str(path))}: {why}")
+            why = "not a regular file: a FIFO, a device or a folder" if Path(path).exists() else "no such file"
+            raise ConfigError(f"config file {show(str(path))}: cannot read it ({why})")
         with open(path, "rb") as fh:
             data = fh.read(MAX_CONFIG_BYTES + 1)
         return data.decode("utf-8")
