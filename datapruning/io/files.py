@@ -179,19 +179,23 @@ def vouch(root: Path, files) -> dict:
             for f in files}
 
 
+_ENDS_SEEN: dict[tuple, str] = {}  # (path, size, mtime, inode) -> digest of the ends: a run checks a file once
+
+
 def file_problem(path: Path, record: dict) -> str | None:
     """Why ``path`` no longer matches its ``record``: missing, cut short, grown or replaced; None when it does."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         return "missing"
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
-    if size != record["size"]:
-        return f"{'truncated' if size < record['size'] else 'changed'} ({size} of {record['size']} bytes)"
-    if _ends(path, size) != record["ends"]:
-        return "replaced (its content differs)"
-    return None
+    if st.st_size != record["size"]:
+        return f"{'truncated' if st.st_size < record['size'] else 'changed'} ({st.st_size} of {record['size']} bytes)"
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)  # files are replaced by rename: a new inode
+    if key not in _ENDS_SEEN:
+        _ENDS_SEEN[key] = _ends(path, st.st_size)
+    return "replaced (its content differs)" if _ENDS_SEEN[key] != record["ends"] else None
 
 
 def marker_problems(marker: str | Path, root: str | Path) -> list[tuple[str, str]]:
