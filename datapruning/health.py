@@ -104,7 +104,8 @@ def redo_damaged(run: Run, stage: str) -> None:
     if not bad:
         return
     folder = run.dir(stage)
-    log.warning("%s: redoing %d unit(s) whose files are missing or changed: %s", stage, len(bad), describe_problems(bad))
+    log.warning("%s: redoing %d unit(s) whose files are missing or changed: %s", stage, len(bad),
+                describe_problems(bad))
     shards = {s["name"] for s in run.shards}
     units = set(bad) & shards
     if stage == "cluster" and "fit" in bad:  # refitted: every shard is assigned again

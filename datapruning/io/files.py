@@ -145,7 +145,8 @@ def is_done(stage_dir: str | Path, shard: str) -> bool:
 def mark_done(stage_dir: str | Path, shard: str, info: dict[str, Any], files=()) -> None:
     """Write the shard's stats json last; it doubles as the done marker, and vouches for ``files`` (written
     before it, under ``stage_dir``'s parent): each one's size, a digest of its ends and its sha256."""
-    write_json(done_path(stage_dir, shard), {**info, **({"files": vouch(Path(stage_dir).parent, files)} if files else {})})
+    vouched = {"files": vouch(Path(stage_dir).parent, files)} if files else {}
+    write_json(done_path(stage_dir, shard), {**info, **vouched})
 
 
 # ---- what a marker vouches for ------------------------------------------------------------------------------

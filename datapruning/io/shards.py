@@ -123,7 +123,8 @@ def _list_folder(folder: str) -> list[str]:
 def _left_out(entry: os.DirEntry) -> str | None:
     """Why a folder entry that looks like it holds shards is not read: hidden, a broken link, or a sub-folder."""
     if entry.is_dir():
-        inside = [n for n in os.listdir(entry.path) if shard_suffix(n) in SUFFIXES] if os.access(entry.path, os.R_OK) else []
+        readable = os.access(entry.path, os.R_OK)
+        inside = [n for n in os.listdir(entry.path) if shard_suffix(n) in SUFFIXES] if readable else []
         return f"a sub-folder with {len(inside)} shard file(s); name it in --input" if inside else None
     if shard_suffix(entry.name) not in SUFFIXES:
         return None

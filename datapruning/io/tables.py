@@ -130,7 +130,8 @@ def read_parquet(path: str, columns=None) -> pa.Table:
     except KeyError as exc:
         raise InputError(f"{path}: missing column {exc}") from None
     except UnicodeDecodeError as exc:
-        raise UnreadableFile(f"{path}: not a readable parquet file (a column name is not UTF-8: {exc.reason})") from None
+        raise UnreadableFile(f"{path}: not a readable parquet file (a column name is not UTF-8: "
+                             f"{exc.reason})") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise UnreadableFile(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
