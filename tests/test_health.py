@@ -171,7 +171,8 @@ def test_a_deleted_teacher_folder_is_computed_again(finished, tmp_path):
     shutil.copytree(finished / "ref", run)
     uids = pq.read_table(run / "manifest", columns=["uid"])["uid"].to_pylist()
     logits = np.random.default_rng(0).normal(size=(len(uids), 4)).astype(np.float32)
-    pq.write_table(pa.table({"uid": uids, "logits": pa.array(list(logits), pa.list_(pa.float32()))}), tmp_path / "l.parquet")
+    pq.write_table(pa.table({"uid": uids, "logits": pa.array(list(logits), pa.list_(pa.float32()))}),
+                   tmp_path / "l.parquet")
     args = ("teacher", str(run), "--source", "logits", "--logits", str(tmp_path / "l.parquet"), "--all")
     assert cli(*args).returncode == 0
     first = {p.name: p.read_bytes() for p in (run / "teacher").glob("*.parquet")}

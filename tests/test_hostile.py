@@ -177,7 +177,8 @@ def test_one_corrupt_parquet_among_eight_is_skipped_and_counted(tmp_path):
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
     assert stats["skipped"] == {"unreadable_shard": 1} and stats["samples_in"] == 140
     assert "skipping shard part-005: unreadable_shard" in proc.stderr and str(bad) in proc.stderr
-    line = one_error(cli("run", "--input", tmp_path / "emb", "--output", tmp_path / "strict", *sets(PRE + ["strict=true"])))
+    line = one_error(cli("run", "--input", tmp_path / "emb", "--output", tmp_path / "strict",
+                         *sets(PRE + ["strict=true"])))
     assert "shard part-005: unreadable_shard" in line and "not a readable parquet file" in line
 
 

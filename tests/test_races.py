@@ -98,9 +98,8 @@ def test_report_racing_a_run_shows_the_run_s_config(finished, tmp_path, long_mod
     rng = random.Random(2)
     for trial in range(trials(long_mode)):
         keep = (0.5, 0.3)[trial % 2]
-        race(command("report", run), command("run", "--input", finished.parent / "emb", "--output", run,
-                                             *[x for s in PRE + [f"select.keep_fraction={keep}"] for x in ("--set", s)]),
-             rng)
+        sets = [x for s in PRE + [f"select.keep_fraction={keep}"] for x in ("--set", s)]
+        race(command("report", run), command("run", "--input", finished.parent / "emb", "--output", run, *sets), rng)
         if (run / "report.html").exists():
             now = json.loads((run / "config.json").read_text())["select"]["keep_fraction"]
             page = (run / "report.html").read_text()
