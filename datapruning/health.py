@@ -8,9 +8,9 @@ from pathlib import Path
 
 from .config import changed_keys, to_dict
 from .errors import StageError
-from .io.files import damaged_units, done_path, marker_problems, meta_dir, read_json, stage_marker
+from .io.files import clean_stage, damaged_units, done_path, marker_problems, meta_dir, read_json, stage_marker
 from .io.shards import input_change
-from .run import STAGE_KEYS, STAGES, Run, clean_stage, clear_outputs, fingerprint
+from .run import STAGE_KEYS, STAGES, Run, clear_outputs, fingerprint
 
 log = logging.getLogger("datapruning")
 
