@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .config import changed_keys, to_dict
 from .errors import StageError
-from .io.files import clean_stage, damaged_units, done_path, marker_problems, meta_dir, read_json, stage_marker
+from .io.files import (META, clean_stage, damaged_units, done_path, marker_problems, meta_dir, read_json,
+                       stage_marker)
 from .io.shards import input_change
 from .run import STAGE_KEYS, STAGES, Run, clear_outputs, fingerprint
 
@@ -47,8 +48,8 @@ def stage_problems(run: Run, stage: str) -> dict[str, list[tuple[str, str]]]:
     if stage == "cluster" and not (folder / "fit.json").exists() and any(meta_dir(folder).glob("_*.done.json")):
         out["fit"] = [(str((folder / "fit.json").relative_to(run.output)), "missing")]  # the shards' centroids
     if stage == "score":
-        parts = meta_dir(folder) / "parts"
-        for metric in sorted(p.name for p in meta_dir(parts / "x").parent.glob("*") if p.is_dir()):
+        parts = meta_dir(folder) / "parts"  # per metric: the cluster groups' scores, their markers under parts/_meta
+        for metric in sorted(p.name for p in (parts / META).glob("*") if p.is_dir()):
             for unit, bad in damaged_units(parts / metric).items():
                 out[f"{metric} {unit}"] = [(str((parts / rel).relative_to(run.output)), why) for rel, why in bad]
     if stage == "embed":
