@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,9 +101,16 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str | None = None  # None: start a local instance; "auto" or "ray://host:10001"
-    num_cpus: int | None = setting(None, ge=1, le=1 << 20)
+    address: str | None = None  # None: start a local instance; "auto", "host:6379" or "ray://host:10001"
+    num_cpus: int | None = setting(None, ge=1, le=1 << 20)  # 0 CPUs: every task would wait forever
     embed_gpus: float = setting(1.0, gt=0.0, le=1024.0)  # GPUs per embedding actor when CUDA is present
+    retries: int = setting(3, ge=0, le=100)  # a task whose worker died is run again (an actor restarted) this often
+
+    def check(self):
+        if self.address is not None and self.address not in ("auto", "local") and not RAY_ADDRESS.fullmatch(
+                self.address):
+            raise ConfigError(f"config key 'ray.address': expected auto, host:port or ray://host:port, got "
+                              f"{show(self.address)}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+RAY_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}")  # host:port, ray://host:port (IPv6 in [])
 MAX_CONFIG_BYTES = 1 << 20  # a YAML config file
 MAX_SET_BYTES = 64 << 10  # one --set value
 MAX_NODES, MAX_DEPTH = 100_000, 32  # values, and nesting, of a loaded config (alias bombs, recursive aliases)
@@ -142,13 +151,22 @@ def check_size(data: Any, where: str) -> None:
     walk(data, 0)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number: YAML 1.2's float spelling, which YAML 1.1 (PyYAML's)
+    takes for a string, so ``keep_fraction: 1e-3`` failed as "expected a number, got '1e-3'"."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
 def safe_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load`` bounded in size, values and depth."""
+    """``yaml.safe_load`` (with ``_Loader``) bounded in size, values and depth."""
     limit = MAX_CONFIG_BYTES if "file" in where else MAX_SET_BYTES
     if len(text) > limit:
         raise ConfigError(f"{where}: {len(text)} characters is more than the {limit} allowed")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except RecursionError:
         raise ConfigError(f"{where}: nested too deep") from None
     check_size(data, where)
@@ -171,10 +189,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     """Read a YAML config (or start from ``base``/defaults), apply ``key=value`` overrides, validate."""
     data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
     if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+        text = read_config_file(path)
         try:
             loaded = safe_yaml(text, f"config file {path}")
         except yaml.YAMLError as exc:
@@ -194,6 +209,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             node = nxt
         node[parts[-1]] = value
     return config_from_dict(data)
+
+
+def read_config_file(path: str | Path) -> str:
+    """A config file's text: a regular file (a FIFO would block, /dev/zero never end) of at most
+    MAX_CONFIG_BYTES, in UTF-8."""
+    try:
+        if not Path(path).is_file():
+            why = "not a regular file: a FIFO, a device or a folder" if Path(path).exists() else "no such file"
+            raise ConfigError(f"config file {show(str(path))}: cannot read it ({why})")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {show(str(path))}: cannot read it ({exc.__class__.__name__}: {exc})") from None
 
 
 def _merge(a: dict, b: Mapping) -> dict:

@@ -25,6 +25,10 @@ class BadSample(InputError):
     """A sample or shard that cannot be used; the message names the shard and key."""
 
 
+class UnreadableFile(InputError):
+    """An input file's bytes do not parse (not parquet, a cut .npy): skipped and counted, or fatal in strict mode."""
+
+
 class UnsafeMember(InputError):
     """A tar member that must not be copied (link, device, absolute or '..' path); names shard and member."""
 
@@ -88,5 +92,6 @@ def run_command(prog: str, fn: Callable[[], int], verbose: bool = False) -> int:
     except EXPECTED_ERRORS as exc:
         if verbose:
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        message = str(exc)  # each value in it is cut to 200 characters; the whole line is bounded too
+        print(f"{prog}: error: {message if len(message) <= 2000 else message[:1997] + '...'}", file=sys.stderr)
         return 2

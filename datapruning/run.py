@@ -166,7 +166,7 @@ def prepare_stage(run: Run, stage: str) -> Path:
         for later in STAGES[STAGES.index(stage):]:
             clean_stage(run.dir(later))
     folder.mkdir(parents=True, exist_ok=True)
-    clean_temp(folder)
+    clean_temp(folder, deep=True)
     clean_temp(run.output)
     save_config(run)
     if not marker.exists():
@@ -192,6 +192,7 @@ def clear_outputs(run: Run) -> None:
     for path in (layout.kept, layout.stats, layout.report):
         path.unlink(missing_ok=True)
     clean_stage(layout.eval)
+    run.info_path("manifest").unlink(missing_ok=True)  # it vouches for kept.parquet and stats.json
 
 
 def save_config(run: Run) -> None:

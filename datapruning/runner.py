@@ -9,10 +9,12 @@ from .config import RunConfig, absolute_paths, config_from_dict, to_dict
 from .errors import ConfigError
 from .params import show
 from .cluster.stage import run_cluster
-from .embed.stage import run_embed
+from .embed.stage import discover, run_embed
 from .exec import Executor, open_executor
+from .health import assess, before_stage, plan, settle
 from .manifest.stage import run_manifest
-from .run import STAGES, Run, locked
+from .io.files import clean_temp, read_json
+from .run import STAGES, Run, locked, save_config
 from .score.stage import run_score
 from .select.stage import run_select
 
@@ -69,7 +71,8 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None, executor: Executor | None = None):
     """Run one stage (``embed`` takes ``input_spec``; the others read the run folder) on ``executor``, or on one
-    opened for this stage."""
+    opened for this stage. Units whose files were lost since they were done are redone first
+    (``health.before_stage``), and compared afterwards."""
     check_config(cfg, (stage,))
     if input_spec is not None and stage != "embed":
         raise ConfigError(f"{stage}: --input is only read by the embed stage")
@@ -77,18 +80,39 @@ def run_stage(stage: str, cfg: RunConfig, output: str | Path, input_spec=None, e
         ex = executor or stack.enter_context(open_executor(cfg))
         run = Run(with_absolute_paths(cfg), Path(output), ex)
         with locked(run.output):  # one writer per run folder; released when the stage ends
-            if stage == "embed":
-                return run_embed(run, input_spec)
-            return {"cluster": run_cluster, "score": run_score, "select": run_select,
-                    "manifest": run_manifest}[stage](run)
+            if input_spec is not None:
+                discover(run, input_spec)
+            before_stage(run, stage)
+            result = {"embed": run_embed, "cluster": run_cluster, "score": run_score, "select": run_select,
+                      "manifest": run_manifest}[stage](run)
+            settle(run, stage)
+            clean_temp(run.dir(stage), deep=True)  # left by workers killed mid-unit (their units ran again)
+            return result
 
 
 def run_pipeline(cfg: RunConfig, input_spec, output: str | Path, stages=STAGES) -> dict:
-    """embed -> cluster -> score -> select -> manifest on one executor; returns stats.json's content."""
+    """embed -> cluster -> score -> select -> manifest on one executor; returns stats.json's content. A stage
+    runs when it is not done, or a stage that runs reads files of it that were lost; one that is done, or whose
+    lost files nothing still reads, is left as it is (``health.plan``)."""
     check_config(cfg, stages)  # before the lock: a wrong setting writes nothing
-    stats = None
-    with locked(Path(output)), open_executor(cfg) as ex:  # one writer across the stages; one pool for all
+    run = Run(with_absolute_paths(cfg), Path(output))
+    layout = run.layout
+    with locked(run.output), open_executor(cfg) as ex:  # one writer across the stages; one pool for all
+        if input_spec is not None:
+            discover(run, input_spec)
         for stage in stages:
-            log.info("stage %s", stage)
-            stats = run_stage(stage, cfg, output, input_spec if stage == "embed" else None, ex)
-    return stats
+            states = assess(run) if layout.shards.exists() else None
+            todo = plan(run, stages, states)
+            if stage in todo:
+                log.info("stage %s", stage)
+                log.debug("%s: %s", stage, todo[stage])
+                run_stage(stage, cfg, output, executor=ex)
+            elif states[stage].state == "done":
+                log.info("skipping stage %s: done", stage)
+            else:
+                log.info("skipping stage %s: %s (%s), but no later stage still reads it", stage,
+                         states[stage].state, states[stage].detail)
+        for stage in stages:  # a kill leaves temporary files in sub-folders too, even of stages done since
+            clean_temp(run.dir(stage), deep=True)
+        save_config(run)  # also when every stage was done: the keys that change no output (workers, ...)
+        return read_json(layout.stats) if layout.stats.exists() else {}

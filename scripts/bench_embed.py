@@ -190,7 +190,7 @@ def run_variants(spec_text: str, base: list[str], encoder, work: Path, bare: flo
         decoder = TensorDecoder(tensor_decode_spec(cfg, encoder), str(encoder.device), cfg.embed.modality,
                                 cfg.input, **params)
         for path in shards:
-            info = embed_tar_shard(cfg, str(path), path.stem, out_dir, encoder, decoder)
+            info = embed_tar_shard(cfg, str(path), path.stem, out_dir, encoder, decoder=decoder)
             rows, busy, wait = rows + info["rows"], busy + info["model_busy_s"], wait + info["model_wait_s"]
         seconds = time.perf_counter() - start
         decoder.close()

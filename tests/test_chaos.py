@@ -84,42 +84,42 @@ class FlakyShards:
                 pass
 
             def do_HEAD(self):
-                self.respond(head=True)
+                server.respond(self, head=True)
 
             def do_GET(self):
-                self.respond(head=False)
-
-            def respond(self, head: bool):
-                server.requests += 1
-                name = self.path.lstrip("/").split("?")[0]
-                path = server.folder / name
-                if server.requests > server.limit or "/" in name or not path.is_file():
-                    self.send_error(404 if not path.is_file() else 429)
-                    return
-                data = path.read_bytes()
-                lo, hi = 0, len(data)
-                if self.headers.get("Range", "").startswith("bytes="):
-                    a, b = self.headers["Range"][6:].split("-")
-                    lo, hi = int(a or 0), min(len(data), int(b) + 1 if b else len(data))
-                fail = name in server.down or server.rng.random() < server.rate
-                server.failed += fail
-                if fail and (name in server.down or server.rng.random() < 0.5 or head):
-                    self.send_error(503)
-                    return
-                self.send_response(206 if lo or hi < len(data) else 200)
-                self.send_header("Content-Length", str(hi - lo))
-                self.send_header("Accept-Ranges", "bytes")
-                if lo or hi < len(data):
-                    self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
-                self.end_headers()
-                if not head:
-                    self.wfile.write(data[lo:hi] if not fail else data[lo:lo + (hi - lo) // 3])
-                if fail:
-                    self.close_connection = True
+                server.respond(self, head=False)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def respond(self, handler, head: bool) -> None:
+        self.requests += 1
+        name = handler.path.lstrip("/").split("?")[0]
+        path = self.folder / name
+        if self.requests > self.limit or "/" in name or not path.is_file():
+            handler.send_error(404 if not path.is_file() else 429)
+            return
+        data = path.read_bytes()
+        lo, hi = 0, len(data)
+        if handler.headers.get("Range", "").startswith("bytes="):
+            a, b = handler.headers["Range"][6:].split("-")
+            lo, hi = int(a or 0), min(len(data), int(b) + 1 if b else len(data))
+        fail = name in self.down or self.rng.random() < self.rate
+        self.failed += fail
+        if fail and (name in self.down or self.rng.random() < 0.5 or head):
+            handler.send_error(503)
+            return
+        handler.send_response(206 if lo or hi < len(data) else 200)
+        handler.send_header("Content-Length", str(hi - lo))
+        handler.send_header("Accept-Ranges", "bytes")
+        if lo or hi < len(data):
+            handler.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
+        handler.end_headers()
+        if not head:
+            handler.wfile.write(data[lo:hi] if not fail else data[lo:lo + (hi - lo) // 3])
+        if fail:
+            handler.close_connection = True
 
     def close(self):
         self.httpd.shutdown()

@@ -77,7 +77,8 @@ def test_decode_workers_are_honoured_on_the_tensor_path(tmp_path, tiny_clip_conf
     encoder = get_encoder(cfg)
     decoder = CountingDecoder(choose_decoder(cfg, encoder))
     assert isinstance(decoder.inner, TensorDecoder)
-    info = embed_tar_shard(cfg, str(shards / "00000.tar"), "00000", tmp_path / f"out{workers}", encoder, decoder)
+    info = embed_tar_shard(cfg, str(shards / "00000.tar"), "00000", tmp_path / f"out{workers}", encoder,
+                           decoder=decoder)
     assert info["rows"] == 30 and info["skipped"] == {"duplicate_key": 1}
     if workers == 0:
         assert decoder.threads == {threading.get_ident()}

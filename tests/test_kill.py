@@ -145,13 +145,15 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def kill_parent_of_blocked_workers(tmp_path: Path, args: list[str], workers: int = 2) -> list[int]:
-    """Run ``args`` with a hook that parks every pool worker in a write; once ``workers`` are parked, SIGKILL
-    the parent. Returns the workers still alive 5 s later (killed afterwards, so none outlives the test)."""
+def kill_parent_of_blocked_workers(tmp_path: Path, args: list[str], workers: int = 2,
+                                   hook_code: str = BLOCK_HOOK) -> list[int]:
+    """Run ``args`` with a hook that parks every pool worker (in a write, by default); once ``workers`` are
+    parked, SIGKILL the parent. Returns the workers still alive 5 s later (killed afterwards, so none outlives
+    the test)."""
     hook, block = tmp_path / "hook", tmp_path / "blocked"
     hook.mkdir(exist_ok=True)
     block.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(BLOCK_HOOK)
+    (hook / "sitecustomize.py").write_text(hook_code)
     env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "BLOCK_DIR": str(block), "DATAPRUNING_POOL_AFTER_S": "0"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

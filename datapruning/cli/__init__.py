@@ -74,6 +74,25 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    """Each stage's state and what 'run' would redo, read from the markers and files (nothing is written)."""
+    from ..config import config_from_dict
+    from ..health import status_lines
+    from ..io.files import read_json
+    from ..io.lock import LOCK_NAME, describe
+    from ..run import Run
+
+    output = Path(args.run_dir)
+    if not (output / "config.json").is_file() or not (output / "shards.json").is_file():
+        print(f"{output}: not a run folder yet (no config.json or shards.json); nothing has run")
+        return 0
+    if (output / LOCK_NAME).exists():
+        print(describe(output, read_json(output / LOCK_NAME)) + "; its state may change while you read this")
+    for line in status_lines(Run(config_from_dict(read_json(output / "config.json")), output)):
+        print(line)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ..demo import run_demo
 
@@ -98,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "embed":
             p.add_argument("--input", "-i", nargs="+", help="shards (default: those of the run folder)")
         p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("status", help="each stage: done, partial, stale or missing, with the shards concerned "
+                                      "(writes nothing)")
+    p.add_argument("run_dir", help="a run folder")
+    p.set_defaults(func=cmd_status)
     p = sub.add_parser("demo", help="the offline demo on scikit-learn's digits with a self-trained encoder")
     p.add_argument("--output", "-o", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -13,9 +13,10 @@ def cmd_eval(args) -> int:
     from ..run import RunLayout
 
     fractions = parse_fractions(args.fractions) if args.fractions else DEFAULT_FRACTIONS
-    kd = KDSettings(alpha=None if args.kd_alpha == "auto" else float(args.kd_alpha), T=args.kd_T, teacher=args.teacher)
+    kd = KDSettings(alpha=None if args.kd_alpha == "auto" else number("--kd-alpha", args.kd_alpha), T=args.kd_T,
+                    teacher=args.teacher)
     probe = ProbeSettings(max_iter=args.max_iter, threads=args.threads, **({"l2_grid": tuple(
-        float(v) for v in args.l2.split(","))} if args.l2 else {}))
+        number("--l2", v) for v in args.l2.split(","))} if args.l2 else {}))
     result = run_eval(args.run_dir, args.label_column, fractions, args.seeds, args.tolerance, args.test_split,
                       args.test_fraction, None if args.max_rows == 0 else args.max_rows, args.kd, kd,
                       probe, args.curves, args.workers)
@@ -29,6 +30,17 @@ def cmd_eval(args) -> int:
     print(f"table: {layout.curves}   plot: {layout.curves_png}   "
           f"recipe: {s['recommended'].get('config')}   ({s['wall_s']} s)")
     return 0
+
+
+def number(flag: str, text: str) -> float:
+    """A flag's value as a float; anything else is a one-line ConfigError naming the flag."""
+    from ..config import show
+    from ..errors import ConfigError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a number, got {show(text)}") from None
 
 
 def parse_fractions(text: str) -> list[float]:

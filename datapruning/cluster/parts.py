@@ -29,9 +29,9 @@ def emb_dtype(run: Run) -> np.dtype:
 
 
 def write_parts(run: Run, name: str, matrix: np.ndarray, cluster: np.ndarray, cos_dist: np.ndarray,
-                tie: np.ndarray, groups: np.ndarray) -> None:
+                tie: np.ndarray, groups: np.ndarray) -> list[Path]:
     """Write shard ``name``'s rows sorted by (cluster, row) with the start of each group of clusters; the
-    index file is written last."""
+    index file is written last. Returns the three files."""
     order = np.lexsort((np.arange(len(cluster)), cluster))
     meta = np.empty(len(order), dtype=META)
     meta["row"], meta["cluster"] = order, cluster[order]
@@ -41,6 +41,7 @@ def write_parts(run: Run, name: str, matrix: np.ndarray, cluster: np.ndarray, co
     write_raw(out / f"{name}.emb", matrix[order].astype(emb_dtype(run), copy=False))
     write_raw(out / f"{name}.meta", meta)
     write_raw(out / f"{name}.idx", np.r_[0, np.cumsum(counts)].astype(INDEX))
+    return [out / f"{name}.emb", out / f"{name}.meta", out / f"{name}.idx"]
 
 
 def _read(path: Path, dtype: np.dtype, start: int, count: int) -> np.ndarray:

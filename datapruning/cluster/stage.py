@@ -18,11 +18,11 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from .kmeans import CHUNK_BYTES, assign, fit_kmeans, resolve_backend, sample_size
+from .kmeans import CHUNK_BYTES, assign, check_k, fit_kmeans, resolve_backend, sample_size
 from .kmeans_stream import chunks, stream_kmeans
 from .parts import write_parts
 from .unique import check_unique_uids, write_ties
-from ..io.files import atomic_path, check_any_rows, is_done, mark_done, write_json, write_npy, write_parquet
+from ..io.files import atomic_path, check_any_rows, is_done, mark_done, vouch, write_json, write_npy, write_parquet
 from ..io.tables import column_to_matrix, read_stage
 from ..cutoffs import Cutoffs, find_cutoffs
 from ..hashing import uid_hash
@@ -155,14 +155,14 @@ def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, table: pa
     cfg, out_dir = run.cfg, run.dir("cluster")
     cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, resolve_backend(cfg.cluster.backend))
     tie = uid_hash(table["uid"], cfg.seed)
-    write_ties(run, shard["name"], tie)
+    files = [write_ties(run, shard["name"], tie)]
     if groups is not None:
-        write_parts(run, shard["name"], matrix, cluster, cos_dist, tie, groups)
-    write_parquet(run.layout.shard_file("cluster", shard["name"]),
-                  pa.table({"uid": table["uid"], "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist,
-                            "tie": pa.array(tie)}))
+        files += write_parts(run, shard["name"], matrix, cluster, cos_dist, tie, groups)
+    files.append(run.layout.shard_file("cluster", shard["name"]))
+    write_parquet(files[-1], pa.table({"uid": table["uid"], "cluster": pa.array(cluster, pa.int32()),
+                                       "cos_dist": cos_dist, "tie": pa.array(tie)}))
     info = {"rows": len(cluster), "seconds": round(time.perf_counter() - start, 3)}
-    mark_done(out_dir, shard["name"], info)
+    mark_done(out_dir, shard["name"], info, files=files)
     return info
 
 
@@ -201,8 +201,9 @@ def run_cluster(run: Run) -> None:
     ccfg = run.cfg.cluster
     counts = shard_rows(run)
     check_any_rows(run.dir("embed"), [s["name"] for s, _ in counts])  # else "k larger than the 0 samples"
-    out_dir, layout = prepare_stage(run, "cluster"), run.layout
     n = sum(c for _, c in counts)
+    check_k(ccfg.k, n)  # before prepare_stage clears the outputs of the last config
+    out_dir, layout = prepare_stage(run, "cluster"), run.layout
     with timed(run, "cluster"):
         if not layout.fit_info.exists():
             size = sample_size(n, ccfg.k, ccfg.fit_fraction, ccfg.max_points_per_centroid)
@@ -218,6 +219,7 @@ def run_cluster(run: Run) -> None:
             stats["groups"] = int(groups.max()) + 1
             write_npy(layout.centroids, centroids)
             write_npy(layout.groups, groups)
+            stats["files"] = vouch(run.output, [layout.centroids, layout.groups])
             write_json(layout.fit_info, stats)  # written last: the fit's done marker
         todo = [({**s, "index": i}, rows) for i, (s, rows) in enumerate(counts) if not is_done(out_dir, s["name"])]
         with progress(len(todo), "cluster") as bar:
@@ -231,3 +233,4 @@ def run_cluster(run: Run) -> None:
         if not layout.unique.exists():  # checked once, after every shard is assigned
             check_unique_uids(run, n)
             write_json(layout.unique, {"unique_uids": True})
+    write_json(run.info_path("cluster"), {"rows": n, "shards": len(counts)})  # written last: the stage is done

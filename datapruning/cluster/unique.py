@@ -26,9 +26,10 @@ def ties_path(run: Run, name: str) -> Path:
     return run.layout.ties / f"{name}.u64"
 
 
-def write_ties(run: Run, name: str, tie: np.ndarray) -> None:
-    """Shard ``name``'s uid hashes, sorted."""
+def write_ties(run: Run, name: str, tie: np.ndarray) -> Path:
+    """Shard ``name``'s uid hashes, sorted; returns the file."""
     write_raw(ties_path(run, name), np.sort(np.asarray(tie, dtype=HASH)))
+    return ties_path(run, name)
 
 
 def hash_ranges(n: int, batch: int) -> list[tuple[int, int | None]]:

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError, InputError, RunNotReady, StageError, TruncatedShard, WriteFailed
 from ..exec import process_pool
 from ..io.files import META, atomic_path, clean_stage, clean_temp, done_path, is_done, mark_done, read_json, write_json
+from ..io.lock import LOCK_NAME, check_idle, locked
 from ..io.webdataset import SHARD_DAMAGE, Member, iter_tar_groups
 from ..run import RunLayout
 
@@ -41,12 +42,20 @@ def run_shards(run_dir: str | Path) -> list[dict]:
     return shards
 
 
-def input_path(shard: dict) -> str:
-    """The shard's input location from shards.json; a local file that is gone is an error naming it."""
+def input_path(shard: dict, run_dir: Path | None = None) -> str:
+    """The shard's input location from shards.json; a local file that is gone, or one that changed since the
+    run embedded it (size, mtime), is an error naming it."""
+    from ..io.shards import input_change
+    from ..run import STAGE_DIRS
+
     path = shard["path"]
     if "://" not in path and not os.path.exists(path):
         raise InputError(f"shard {shard['name']}: input file {path} is missing (moved or deleted since the run?); "
                          "put it back or edit the run's shards.json")
+    marker = done_path(Path(run_dir) / STAGE_DIRS["embed"], shard["name"]) if run_dir is not None else None
+    if marker is not None and marker.exists() and (why := input_change(path, read_json(marker).get("input"))):
+        raise InputError(f"shard {shard['name']}: input file {path} changed since the run read it ({why}); rerun "
+                         f"'datapruning run' on it first")
     return path
 
 
@@ -228,7 +237,7 @@ def plan_tasks(run_dir: Path, out_dir: Path, per_shard: int, uid_keys: bool, nam
         keys = kept_keys(run_dir, shard["name"])
         digest.update(f"{shard['path']}\0{shard['name']}\0{len(keys)}\0".encode() + "\0".join(keys).encode())
         if keys:
-            tasks.append({"path": input_path(shard), "name": shard["name"], "index": index, "keys": keys,
+            tasks.append({"path": input_path(shard, run_dir), "name": shard["name"], "index": index, "keys": keys,
                           "offset": offset, "uid_prefix": f"{shard['name']}/"})
         offset += len(keys)
     for t in tasks:
@@ -260,6 +269,12 @@ def reshard(run_dir: str | Path, output: str | Path, samples_per_shard: int, wor
     if keys not in ("uid", "original"):
         raise ConfigError(f"keys must be 'uid' or 'original', got {keys!r}")
     run_dir, out_dir = RunLayout(run_dir).root, Path(os.path.abspath(output))  # absolute, no ".." left
+    check_idle(run_dir)  # a run writing the folder now would change the kept set under us
+    with locked(out_dir):  # one writer per output folder: two reshards into one would remove each other's files
+        return _reshard(run_dir, out_dir, samples_per_shard, workers, keys, name_format)
+
+
+def _reshard(run_dir: Path, out_dir: Path, samples_per_shard: int, workers: int, keys: str, name_format: str) -> dict:
     tasks, total, digest = plan_tasks(run_dir, out_dir, samples_per_shard, keys == "uid", name_format)
     if keys == "original":
         _check_original_keys(tasks, samples_per_shard)
@@ -302,7 +317,7 @@ def _claim_output(out_dir: Path, run_dir: Path, digest: str, per_shard: int, key
             raise InputError(f"{out_dir} holds a reshard of another run, kept set or shard size; "
                              "delete it or choose another --output")
         return bool(info.get("complete"))
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(not p.name.startswith(LOCK_NAME) for p in out_dir.iterdir()):
         raise InputError(f"{out_dir} is not empty and holds no reshard; choose an empty or new --output")
     write_json(marker, {"run": str(run_dir), "plan": digest, "samples_per_shard": per_shard, "keys": keys,
                         "complete": False})

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 from ..config import FILE, FILE_OR_NAME, absolute_paths
 from ..errors import ConfigError, InputError
 from ..params import check_fields, setting
-from ..io.files import (clean_stage, done_path, is_done, mark_done, match_empty_schemas, read_json, write_json,
-                        write_parquet)
+from ..io.files import (clean_stage, damaged_units, done_path, is_done, mark_done, match_empty_schemas, read_json,
+                        write_json, write_parquet)
 from ..run import RunLayout
+from .stored_logits import full_table, topk, topk_table  # noqa: F401 (topk: importable here, as before)
 
 log = logging.getLogger(__name__)
 
@@ -178,57 +179,6 @@ def build_teacher(tcfg: TeacherConfig, run_cfg) -> Teacher:
         return BUILDERS[tcfg.source](tcfg, run_cfg)
 
 
-# ---------------------------------------------------------------- pure part: logits -> stored form
-def shifted(logits: np.ndarray) -> np.ndarray:
-    """Logits minus each row's max (float32): softmax is unchanged, and float16 is finest where the mass is."""
-    logits = np.asarray(logits, dtype=np.float32)
-    return logits - logits.max(axis=1, keepdims=True) if logits.size else logits
-
-
-def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The k largest shifted logits per row, descending (ties: lower class first), as float16 values and int32
-    indices, and the tail: float32 [n, len(TAIL_TEMPERATURES)] logsumexp of the other shifted logits / T."""
-    from .kd import TAIL_TEMPERATURES
-
-    z = shifted(logits)
-    k = min(k, z.shape[1])
-    idx = np.argsort(-z, axis=1, kind="stable")[:, :k]
-    rest = z.copy()
-    np.put_along_axis(rest, idx, -np.inf, axis=1)
-    tail = np.full((len(z), len(TAIL_TEMPERATURES)), -np.inf, np.float32)
-    if k < z.shape[1]:
-        for c, T in enumerate(TAIL_TEMPERATURES):
-            r = rest.astype(np.float64) / T
-            top = r.max(axis=1, keepdims=True)
-            tail[:, c] = (top[:, 0] + np.log(np.exp(r - top).sum(axis=1))).astype(np.float32)
-    return np.take_along_axis(z, idx, axis=1).astype(np.float16), idx.astype(np.int32), tail
-
-
-def _fixed(values: np.ndarray, n: int, width: int) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width) if n else \
-        pa.array([], pa.list_(pa.from_numpy_dtype(values.dtype), width))
-
-
-def full_table(uids: list[str], logits: np.ndarray) -> pa.Table:
-    """uid and ``logits``: every class's logit minus the row's max, float16 [C]."""
-    z = shifted(logits).astype(np.float16)
-    return pa.table({"uid": pa.array(uids, pa.string()), "logits": _fixed(z, len(z), z.shape[1] if z.ndim == 2 else 0)})
-
-
-def topk_table(uids: list[str], logits: np.ndarray, k: int) -> pa.Table:
-    """uid, ``topk_values`` float16 [k], ``topk_indices`` int32 [k] and ``tail_lse`` float32 [temperatures]."""
-    from .kd import TAIL_TEMPERATURES
-
-    if len(logits):
-        values, indices, tail = topk(logits, k)
-    else:
-        values, indices = np.zeros((0, k), np.float16), np.zeros((0, k), np.int32)
-        tail = np.zeros((0, len(TAIL_TEMPERATURES)), np.float32)
-    n = len(values)
-    return pa.table({"uid": pa.array(uids, pa.string()), "topk_values": _fixed(values, n, values.shape[1]),
-                     "topk_indices": _fixed(indices, n, indices.shape[1]), "tail_lse": _fixed(tail, n, tail.shape[1])})
-
-
 # ---------------------------------------------------------------- the stage
 def selected_rows(run_dir: Path, shard: str, samples: str) -> pa.Table:
     from .reshard import manifest_shard
@@ -239,6 +189,8 @@ def selected_rows(run_dir: Path, shard: str, samples: str) -> pa.Table:
 
 def shard_logits(teacher: Teacher, run_dir: Path, run_cfg, shard: dict, rows: pa.Table, batch: int) -> np.ndarray:
     """[m, C] float32 teacher logits for ``rows`` (manifest order)."""
+    from .reshard import input_path
+
     uids = rows["uid"].to_pylist()
     if teacher.on == "logits":
         return _batched(teacher.fn, uids, batch)
@@ -250,12 +202,22 @@ def shard_logits(teacher: Teacher, run_dir: Path, run_cfg, shard: dict, rows: pa
         pos = {u: i for i, u in enumerate(table["uid"].to_pylist())}
         matrix = column_to_matrix(table["embedding"], str(path))
         return _batched(teacher.fn, matrix[[pos[u] for u in uids]], batch)
-    return _image_logits(teacher, run_cfg, shard, rows["key"].to_pylist(), batch)
+    return _image_logits(teacher, run_cfg, {**shard, "path": input_path(shard, run_dir)}, rows["key"].to_pylist(),
+                         batch)
 
 
 def _batched(fn, items, batch: int) -> np.ndarray:
-    parts = [np.asarray(fn(items[i:i + batch]), dtype=np.float32) for i in range(0, len(items), batch)]
+    parts = [_checked(fn(items[i:i + batch]), len(items[i:i + batch])) for i in range(0, len(items), batch)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _checked(out, n: int) -> np.ndarray:
+    """A teacher's output for a batch of ``n`` as float32 [n, classes]; any other shape names the problem."""
+    out = np.asarray(out, dtype=np.float32)
+    if out.ndim != 2 or len(out) != n:
+        raise InputError(f"the teacher gives outputs of shape {list(out.shape)} for a batch of {n} samples; a "
+                         "teacher returns [samples, classes] logits: is it a classifier?")
+    return out
 
 
 def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch: int) -> np.ndarray:
@@ -269,7 +231,7 @@ def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch
     items, where = [], []
 
     def flush():
-        for i, row in zip(where, np.asarray(teacher.fn(items), dtype=np.float32)):
+        for i, row in zip(where, _checked(teacher.fn(items), len(items))):
             out[i] = row
         items.clear()
         where.clear()
@@ -296,10 +258,11 @@ def _image_logits(teacher: Teacher, run_cfg, shard: dict, keys: list[str], batch
     return np.stack(out) if out else np.zeros((0, 0), np.float32)
 
 
-def fingerprint(tcfg: TeacherConfig, run_dir: Path) -> str:
+def fingerprint(tcfg: TeacherConfig, run_dir: Path, shards: list[dict]) -> str:
+    """The teacher config, the logits file's size and mtime, and the manifest's content (its files' sha256)."""
     data = dataclasses.asdict(tcfg)
-    stage = RunLayout(run_dir).marker("manifest")
-    data["manifest"] = read_json(stage).get("fingerprint") if stage.exists() else None
+    manifest = RunLayout(run_dir).dir("manifest")
+    data["manifest"] = [(read_json(done_path(manifest, s["name"])).get("files") or {}) for s in shards]
     if tcfg.logits and Path(tcfg.logits).exists():
         st = Path(tcfg.logits).stat()
         data["logits_file"] = [st.st_size, st.st_mtime_ns]
@@ -309,36 +272,66 @@ def fingerprint(tcfg: TeacherConfig, run_dir: Path) -> str:
 def run_teacher(run_dir: str | Path, tcfg: TeacherConfig) -> dict:
     """Write teacher/<shard>.parquet for every kept sample: by default ``logits`` float16 [C] (each row shifted
     so its max is 0); with ``top_k``, ``topk_values``, ``topk_indices`` and ``tail_lse`` (see ``topk``). Also a
-    done marker per shard and ``RunLayout.teacher_info``. Resumes; a changed teacher config redoes it all."""
+    done marker per shard and ``RunLayout.teacher_info``. Resumes (a shard whose file was lost is redone); a
+    changed teacher config or manifest redoes it all, but the old outputs stay until the new teacher is built and
+    has given valid logits. Holds the run folder's lock: one writer at a time."""
     from .reshard import run_shards
-    from ..run import load_run_config, progress
+    from ..run import load_run_config, locked, progress
 
     layout, tcfg = RunLayout(run_dir), TeacherConfig(**absolute_paths(dataclasses.asdict(tcfg), TeacherConfig))
     run_dir, out = layout.root, layout.dir("teacher")
-    run_cfg, shards = load_run_config(run_dir), run_shards(run_dir)
-    fp = fingerprint(tcfg, run_dir)
-    marker = layout.marker("teacher")
-    if tcfg.source == "module":  # a bad --module fails here, before the cached outputs are cleared
-        from ..embed import load_object
+    with locked(run_dir):
+        run_cfg, shards = load_run_config(run_dir), run_shards(run_dir)
+        fp, marker = fingerprint(tcfg, run_dir, shards), layout.marker("teacher")
+        stale = marker.exists() and read_json(marker).get("fingerprint") != fp
+        lost = {} if stale else damaged_units(out)
+        if lost:
+            log.warning("teacher: redoing %d shard(s) whose files are missing or changed: %s", len(lost),
+                        ", ".join(f"{n} ({files[0][0]} is {files[0][1]})" for n, files in sorted(lost.items())[:5]))
+        todo = [s for s in shards if stale or s["name"] in lost or not is_done(out, s["name"])]
+        pending, teacher = [], None
+        with progress(len(todo), "teacher") as bar:
+            for shard in todo:
+                teacher = teacher or _checked_teacher(tcfg, run_cfg, shards)
+                pending.append((shard, *_teacher_table(teacher, tcfg, run_dir, run_cfg, shard)))
+                if stale and pending[-1][3] == 0 and shard is not todo[-1]:
+                    continue  # the old outputs go only once a shard with rows gave valid logits
+                if stale:
+                    log.warning("teacher: config or manifest changed since the last run; replacing the outputs")
+                    clean_stage(out)
+                    stale = False
+                out.mkdir(parents=True, exist_ok=True)
+                if not marker.exists():
+                    write_json(marker, {"stage": "teacher", "fingerprint": fp})
+                for done in pending:
+                    _write_shard(layout, *done)
+                    bar.update(1)
+                pending = []
+        return _write_info(layout, tcfg, shards)
 
-        load_object(tcfg.module, key="teacher.module")
-    if marker.exists() and read_json(marker).get("fingerprint") != fp:
-        log.warning("teacher: config or manifest changed since the last run; recomputing the teacher outputs")
-        clean_stage(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():
-        write_json(marker, {"stage": "teacher", "fingerprint": fp})
-    teacher = None
-    with progress(len(shards), "teacher") as bar:
-        for shard in shards:
-            if not is_done(out, shard["name"]):
-                teacher = teacher or build_teacher(tcfg, run_cfg)
-                _teacher_shard(teacher, tcfg, run_dir, run_cfg, shard, out)
-            bar.update(1)
-    return _write_info(layout, tcfg, shards)
+
+def _checked_teacher(tcfg: TeacherConfig, run_cfg, shards: list[dict]) -> Teacher:
+    """``build_teacher``, refused (before a model is loaded where that is known) when it reads images and the
+    run's input has none (precomputed embeddings)."""
+    formats = sorted({s["format"] for s in shards} - {"webdataset"})
+
+    def refuse(name: str):
+        raise ConfigError(f"config key 'teacher.on': teacher {name} reads images, but this run's input is "
+                          f"{formats[0]} (embeddings, no images); use --on embeddings with the run's own open_clip "
+                          "model, a --source module teacher on embeddings, or --source logits")
+
+    zero_shot_on_images = tcfg.source == "zero_shot" and tcfg.on == "auto" and not _same_model(
+        _embed_cfg(tcfg, run_cfg), run_cfg.embed)
+    if formats and (tcfg.on == "images" or zero_shot_on_images):
+        refuse(tcfg.source)
+    teacher = build_teacher(tcfg, run_cfg)
+    if teacher.on == "images" and formats:
+        refuse(teacher.name)
+    return teacher
 
 
-def _teacher_shard(teacher: Teacher, tcfg: TeacherConfig, run_dir: Path, run_cfg, shard: dict, out: Path) -> None:
+def _teacher_table(teacher: Teacher, tcfg: TeacherConfig, run_dir: Path, run_cfg, shard: dict) -> tuple:
+    """(table, done-marker info, rows) of one shard, checked: as many logits as classes, finite, a 2-D batch."""
     rows = selected_rows(run_dir, shard["name"], tcfg.samples)
     logits = shard_logits(teacher, run_dir, run_cfg, shard, rows, tcfg.batch_size)
     if len(logits) and tcfg.classes and logits.shape[1] != len(tcfg.classes):
@@ -353,13 +346,21 @@ def _teacher_shard(teacher: Teacher, tcfg: TeacherConfig, run_dir: Path, run_cfg
                           "approximation of KD (docs/methods.md#kd-knowledge-distillation-on-pruned-data)")
     uids = rows["uid"].to_pylist()
     if tcfg.top_k is None:
-        table = full_table(uids, logits if len(logits) else np.zeros((0, len(tcfg.classes)), np.float32))
+        table, clamped = full_table(uids, logits if len(logits) else np.zeros((0, len(tcfg.classes)), np.float32))
     else:
-        table = topk_table(uids, logits, min(tcfg.top_k, n_classes or tcfg.top_k))
-    write_parquet(RunLayout(run_dir).shard_file("teacher", shard["name"]), table)
-    mark_done(out, shard["name"], {"rows": len(rows), "num_classes": n_classes,
-                                   "top_k": None if tcfg.top_k is None or n_classes is None
-                                   else min(tcfg.top_k, n_classes), "teacher": teacher.name, "on": teacher.on})
+        table, clamped = topk_table(uids, logits, min(tcfg.top_k, n_classes or tcfg.top_k))
+    if clamped:
+        log.warning("teacher: shard %s: %d logits more than 65,504 below their row's top were clamped to -65,504 "
+                    "(float16's lowest; their probability is 0 either way)", shard["name"], clamped)
+    info = {"rows": len(rows), "num_classes": n_classes, "clamped": clamped, "teacher": teacher.name, "on": teacher.on,
+            "top_k": None if tcfg.top_k is None or n_classes is None else min(tcfg.top_k, n_classes)}
+    return table, info, len(rows)
+
+
+def _write_shard(layout: RunLayout, shard: dict, table, info: dict, rows: int) -> None:
+    path = layout.shard_file("teacher", shard["name"])
+    write_parquet(path, table)
+    mark_done(layout.dir("teacher"), shard["name"], info, files=[path])
 
 
 def _write_info(layout, tcfg: TeacherConfig, shards: list[dict]) -> dict:
@@ -371,6 +372,7 @@ def _write_info(layout, tcfg: TeacherConfig, shards: list[dict]) -> dict:
     info = {"source": tcfg.source, "teacher": next((m["teacher"] for m in marks), None),
             "on": next((m["on"] for m in marks), None), "samples": tcfg.samples,
             "rows": sum(m["rows"] for m in marks), "num_classes": classes.pop() if classes else len(tcfg.classes),
+            "clamped_logits": sum(m.get("clamped", 0) for m in marks),
             "format": "full" if tcfg.top_k is None else "topk",
             "top_k": None if tcfg.top_k is None else max([m["top_k"] or 0 for m in marks], default=0),
             "classes": list(tcfg.classes),

@@ -220,7 +220,7 @@ def gather(calls: Iterable[tuple]) -> tuple[dict, np.ndarray, np.ndarray | None]
 
 
 def embed_chain(cfg, path: str, shard: str, out_dir: Path, encoder, decode: Callable[[list], Decoded],
-                name: str = "pil", fast: bool = False) -> dict:
+                name: str = "pil", fast: bool = False, source: dict | None = None) -> dict:
     """One tar shard through the chain with the decode step ``decode`` (named ``name`` in the log); ``fast``
     reads the tar with ``io.tarstream`` (the GPU paths, where one Python thread must keep up with the GPU)."""
     ecfg, read_skipped, skipped = cfg.embed, Counter(), Counter()  # one counter per thread, merged at the end
@@ -237,7 +237,8 @@ def embed_chain(cfg, path: str, shard: str, out_dir: Path, encoder, decode: Call
         calls.close()  # stops the reader and decode threads when a step raised
         stream.close()
     skipped.update(read_skipped)
-    info = write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name, text_matrix=text_matrix)
+    info = write_shard(cfg, out_dir, shard, rows, matrix, skipped, encoder.name, text_matrix=text_matrix,
+                       source=source)
     log.info("embed %s: %s decode on %s, model busy %.2fs, waited for decode %.2fs", shard, name,
              encoder.device, timing["busy"], timing["wait"])
     return {**info, "model_busy_s": round(timing["busy"], 3), "model_wait_s": round(timing["wait"], 3)}

@@ -73,17 +73,22 @@ def caption(sample: dict, text_keys) -> str | None:
 
 
 def write_shard(cfg, out_dir: Path, shard: str, rows: dict, matrix: np.ndarray, skipped: Counter, encoder: str,
-                nan_labels: int = 0, text_matrix: np.ndarray | None = None) -> dict:
+                nan_labels: int = 0, text_matrix: np.ndarray | None = None, source: dict | None = None) -> dict:
+    """Write the shard's embeddings parquet, then its done marker; ``source``: the input file's identity
+    (``io.shards.input_identity``, taken before it was read), so a rerun notices a replaced input."""
     rows = {name: values for name, values in rows.items()
             if not (name in OPTIONAL_ROWS and isinstance(values, list) and all(v is None for v in values))}
     if text_matrix is None and cfg.embed.modality == "pair":  # a shard with no good pair: the columns still exist
         text_matrix = np.zeros((0, 1), np.float32)
-    write_parquet(out_dir / f"{shard}.parquet", embedding_table(rows, matrix, cfg.embed.store_dtype, text_matrix))
+    path = out_dir / f"{shard}.parquet"
+    write_parquet(path, embedding_table(rows, matrix, cfg.embed.store_dtype, text_matrix))
     info = {"rows": len(rows["uid"]), "dim": int(matrix.shape[1]) if len(rows["uid"]) else None,
             "skipped": dict(sorted(skipped.items())), "encoder": encoder}
     if nan_labels:
         info["nan_labels"] = nan_labels  # kept with label null (missing), not skipped
-    mark_done(out_dir, shard, info)
+    if source:
+        info["input"] = source
+    mark_done(out_dir, shard, info, files=[path])
     return info
 
 

@@ -15,13 +15,13 @@ from .decoders import choose_decoder
 from .encoders import Encoder, build_encoder
 from .pipeline import embed_chain
 from .samples import SIZE_NAMES, embedding_table, write_shard
-from ..errors import InputError, StageError
+from ..errors import InputError, StageError, UnreadableFile
 from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, match_empty_schemas, read_json,
                         write_json, write_parquet)
-from ..io.shards import detect_format, expand_input, shard_names
+from ..io.shards import check_output, detect_format, expand_input, input_identity, shard_names
 from ..io.tables import label_strings, normalise_rows, npz_key_for, precomputed_pair, precomputed_table
 from ..metrics.datacomp import clip_scores
-from ..io.webdataset import ShardUnavailable, retrying, skip
+from ..io.webdataset import ShardUnavailable, retrying, skip, with_retries
 from ..run import STAGES, Rate, Run, clear_outputs, log, prepare_stage, progress, save_config, timed
 
 TABLE_FORMATS = ("parquet", "clip_retrieval", "npy", "datacomp")
@@ -30,6 +30,7 @@ TABLE_FORMATS = ("parquet", "clip_retrieval", "npy", "datacomp")
 def discover(run: Run, input_spec) -> list[dict]:
     """Resolve the input into shards.json (path, name, format); a rerun must name the same input."""
     paths = expand_input(input_spec, side="text_emb" if run.cfg.embed.modality == "text" else "img_emb")
+    check_output(run.output, input_spec, paths)
     fmt = detect_format(paths, run.cfg.input.format)
     shards = [{"path": p, "name": n, "format": fmt} for p, n in zip(paths, shard_names(paths))]
     run.output.mkdir(parents=True, exist_ok=True)
@@ -59,21 +60,28 @@ def get_decoder(cfg, encoder: Encoder):
     return _DECODER_CACHE[key][1]
 
 
-def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder, decoder=None) -> dict:
+def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder, source: dict | None = None,
+                    decoder=None) -> dict:
     """Read one webdataset tar, embed its samples in batches through the chain (``embed.pipeline``) with the
-    decode step ``embed.image_decode`` picks (or ``decoder``), write parquet + done marker."""
+    decode step ``embed.image_decode`` picks (or ``decoder``), write parquet + done marker; ``source``: the
+    input file's identity (``io.shards.input_identity``)."""
     decoder = decoder or get_decoder(cfg, encoder)
-    return embed_chain(cfg, path, shard, out_dir, encoder, decoder, decoder.name, decoder.fast)
+    return embed_chain(cfg, path, shard, out_dir, encoder, decoder, decoder.name, decoder.fast, source)
 
 
-def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> dict:
+def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path, source: dict | None = None) -> dict:
     """Copy one precomputed-embedding shard into our layout, L2-normalised, bad rows counted.
     Columnar throughout (no per-row Python): a 1M-row shard is dominated by parquet I/O."""
     icfg, skipped, pair = cfg.input, Counter(), cfg.embed.modality == "pair"
-    if pair:
-        meta, matrix, text, score_col = precomputed_pair(path, fmt, icfg)
-    else:
-        meta, matrix = precomputed_table(path, fmt, icfg)
+    try:
+        if pair:
+            meta, matrix, text, score_col = precomputed_pair(path, fmt, icfg)
+        else:
+            meta, matrix = precomputed_table(path, fmt, icfg)
+    except UnreadableFile as exc:  # bytes that do not parse: skipped and counted, as a corrupt tar is
+        skip(skipped, "unreadable_shard", shard, None, str(exc), cfg.strict)
+        return write_shard(cfg, out_dir, shard, {"uid": [], "shard": [], "key": []}, np.zeros((0, 1), np.float32),
+                           skipped, "precomputed", source=source)
     uid = pc.cast(meta[icfg.id_column], pa.string()).combine_chunks()
     ok = normalise_rows(matrix, shard, skipped, uid, cfg.strict)
     if pair:  # a row whose image is already skipped is not counted again for its caption
@@ -89,7 +97,8 @@ def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> di
     rows = {"uid": uid, "shard": pa.array(np.full(len(ok), shard, dtype=object), pa.string()), "key": uid}
     nan_labels = 0
     if icfg.label_column in meta.column_names:
-        rows["label"], nan_labels = label_strings(meta[icfg.label_column].filter(pa.array(ok)))
+        rows["label"], nan_labels = label_strings(meta[icfg.label_column].filter(pa.array(ok)),
+                                                  f"{path}: column {icfg.label_column!r}")
         if nan_labels:
             log.warning("shard %s: %d NaN labels read as missing (label null)", shard, nan_labels)
     for src, name in ((icfg.split_column, "split"), ("caption", "text"),
@@ -105,7 +114,7 @@ def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path) -> di
         rows["clip_score"] = stored_clip_score(meta[score_col].filter(pa.array(ok)), matrix[ok], text[ok],
                                                f"shard {shard}, {score_col}")
     return write_shard(cfg, out_dir, shard, rows, matrix[ok], skipped, "precomputed", nan_labels=nan_labels,
-                       text_matrix=text[ok] if pair else None)
+                       text_matrix=text[ok] if pair else None, source=source)
 
 
 def stored_clip_score(given, image: np.ndarray, text: np.ndarray, where: str) -> pa.Array:
@@ -126,12 +135,15 @@ def embed_one(cfg, out_dir: Path, shard: dict, encoder: Encoder | None = None) -
     """Embed one shard (the unit of work a worker, local or Ray, runs) with ``encoder`` (built once per
     worker process when not given)."""
     start = time.perf_counter()
+    source = input_identity(shard["path"])  # before reading: a change from now on is noticed by the next run
     try:
         with retrying(cfg.input.retries, cfg.input.retry_backoff_s):
             if shard["format"] in TABLE_FORMATS:
-                info = embed_table_shard(cfg, shard["path"], shard["name"], shard["format"], out_dir)
+                info = with_retries(partial(embed_table_shard, cfg, shard["path"], shard["name"], shard["format"],
+                                            out_dir, source), shard["name"], shard["path"])
             else:
-                info = embed_tar_shard(cfg, shard["path"], shard["name"], out_dir, encoder or get_encoder(cfg))
+                info = embed_tar_shard(cfg, shard["path"], shard["name"], out_dir, encoder or get_encoder(cfg),
+                                       source)
     except ShardUnavailable as exc:
         info = record_failed(cfg, out_dir, shard["name"], str(exc))
     info["seconds"] = round(time.perf_counter() - start, 3)
@@ -145,7 +157,7 @@ def record_failed(cfg, out_dir: Path, shard: str, error: str) -> dict:
     write_parquet(out_dir / f"{shard}.parquet", embedding_table({"uid": [], "shard": [], "key": []},
                                                                 np.zeros((0, 1), np.float32), cfg.embed.store_dtype))
     info = {"rows": 0, "dim": None, "skipped": {}, "encoder": None, "failed": error}
-    mark_done(out_dir, shard, info)
+    mark_done(out_dir, shard, info, files=[out_dir / f"{shard}.parquet"])
     return info
 
 
@@ -212,6 +224,8 @@ def run_embed(run: Run, input_spec=None) -> None:
     dims = {read_done_dim(out_dir, s["name"]) for s in shards} - {None}
     if len(dims) > 1:
         raise InputError(f"embed: shards have mixed embedding dimensions {sorted(dims)}; they cannot be clustered together")
+    write_json(run.info_path("embed"), {"shards": len(shards), "dim": dims.pop() if dims else None,  # written last
+                                        "failed": sorted(failed_shards(out_dir, shards))})
 
 
 def check_failed(run: Run, out_dir: Path, retried: dict) -> None:

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..io.files import atomic_dir, write_json, write_parquet
-from ..run import RunLayout, load_run_config
+from ..run import RunLayout, load_run_config, locked
 from .confidence import N_BOOT, Bootstrap, cell_stats, recommend
 from .data import DEFAULT_MAX_ROWS, EvalData, load_eval_data
 from .fits import CurveFitter
@@ -22,7 +22,7 @@ from .plots import plot_curves
 from .probe import ProbeSettings, stratified_split
 from .recipes import Variant, default_variants, pick_variants, select_train
 from .recommended import write_recommended
-from ..errors import ConfigError
+from ..errors import ConfigError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +114,30 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
     recommended.yaml}. ``kd``: auto (KD twins of random and the best curves), all, or none. ``workers``:
     processes for the probe fits (0: auto, 2 at most, none below 5,000 training rows); results do not
     depend on it."""
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     fractions = sorted({float(f) for f in fractions})
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
         raise ConfigError(f"eval: fractions must be in (0, 1], got {fractions}")
-    if seeds < 1 or tolerance < 0 or kd not in KD_MODES:
-        raise ConfigError(f"eval: need --seeds >= 1, --tolerance >= 0, --kd in {KD_MODES}; got {seeds}, "
-                         f"{tolerance}, {kd!r}")
-    if max_rows is not None and max_rows < 4:
-        raise ConfigError(f"eval: --max-rows must be at least 4, got {max_rows}")
+    for flag, value, ok, want in (("--seeds", seeds, seeds >= 1, ">= 1"), ("--kd", kd, kd in KD_MODES, KD_MODES),
+                                  ("--tolerance", tolerance, 0.0 <= tolerance < 1.0, "in [0, 1)"),  # NaN: False
+                                  ("--test-fraction", test_fraction, 0.0 < test_fraction < 1.0, "in (0, 1)"),
+                                  ("--max-rows", max_rows, max_rows is None or max_rows >= 4, "0 (all) or >= 4"),
+                                  ("--workers", workers, workers >= 0, ">= 0 (0: auto)")):
+        if not ok:
+            raise ConfigError(f"eval: {flag} must be {want}, got {value!r}")
     layout = RunLayout(run_dir)
+    with locked(layout.root):  # one writer: a run changing the folder meanwhile would leave curves of another config
+        return _run_eval(layout, label_column, fractions, seeds, tolerance, test_split, test_fraction, max_rows, kd,
+                         kd_settings, probe, curves, workers, start)
+
+
+def _run_eval(layout: RunLayout, label_column, fractions, seeds, tolerance, test_split, test_fraction, max_rows, kd,
+              kd_settings, probe, curves, workers, start) -> dict:
+    from tqdm.auto import tqdm
+
     run_dir = layout.root
     data = load_eval_data(run_dir, label_column, test_split, test_fraction, max_rows)
+    check_meaningful(data, label_column)
     cfg = load_run_config(run_dir)
     variants = pick_variants(default_variants(sorted(data.scores), cfg.select, seeds,
                                               data.select_labels is not None), curves)
@@ -155,6 +165,23 @@ def run_eval(run_dir, label_column: str = "label", fractions=DEFAULT_FRACTIONS, 
             "probe": probe.as_dict(), "kd": {"mode": kd, **kd_settings.as_dict()}, "fit_workers": fitter.workers},
             max_rows, start)
     return {"table": table, "summary": summary, "dir": out}
+
+
+def check_meaningful(data: EvalData, label_column: str) -> None:
+    """Refuse an eval whose accuracy would mean nothing: one class only (every probe scores 1.0), or held-out
+    rows whose classes never occur in training (every probe scores 0 on them); warn when only some do."""
+    train, test = set(np.unique(data.labels[~data.test]).tolist()), np.unique(data.labels[data.test]).tolist()
+    if len(train | set(test)) < 2:
+        raise StageError(f"eval: column {label_column!r} holds a single class among the labelled rows; a probe's "
+                         "accuracy is 1.0 by construction, so pruning curves would say nothing: eval needs 2+ classes")
+    unseen = [c for c in test if c not in train]
+    if len(unseen) == len(test):
+        raise StageError(f"eval: none of the {len(test)} classes of the held-out rows ({data.split_source}) occurs in "
+                         "the training rows; accuracy would be 0 by construction; hold out rows of the trained classes")
+    if unseen:
+        log.warning("eval: %d of %d held-out classes never occur in the training rows; their %d rows count as "
+                    "errors for every curve", len(unseen), len(test),
+                    int(np.isin(data.labels[data.test], unseen).sum()))
 
 
 def write_outputs(tmp: Path, layout: RunLayout, data: EvalData, table: pd.DataFrame, rec: dict, variants,

@@ -26,6 +26,7 @@ from .probe import stratified_split
 TEST_SPLITS = ("test", "val", "valid", "validation", "heldout", "held_out", "holdout", "eval")
 DEFAULT_MAX_ROWS = 200_000
 NOT_LABELS = ("uid", "shard", "key", "source_uid", "embedding")  # ids and vectors: never a class column
+NOT_READ = ("clusters/parts", "clusters/ties")  # stage files the eval does not read
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,20 @@ class EvalData:
 
 
 def _require_stages(run: Run, stages=("embed", "cluster", "score")) -> None:
+    """Every shard of ``stages`` done, with its files still there (a folder deleted to save disk is named)."""
+    from ..health import stage_problems
+
     for stage in stages:
         for shard in run.shards:
             if not is_done(run.dir(stage), shard["name"]):
                 raise StageError(f"eval: {run.dir(stage)} has no finished output for shard {shard['name']}; "
                                  f"run 'datapruning {stage} --output {run.output}' (or 'run') first")
+        names = {s["name"] for s in run.shards}
+        for unit, files in sorted(stage_problems(run, stage).items()):
+            rel = files[0][0]  # an input shard changed since (an absolute path) is the next run's business
+            if unit in names and not Path(rel).is_absolute() and not rel.startswith(NOT_READ):
+                raise StageError(f"eval: {run.output / files[0][0]} is {files[0][1]}; eval reads it: rerun "
+                                 f"'datapruning {stage} --output {run.output}' to make it again")
 
 
 def _column(run: Run, name: str, uid: pa.Array, column: str) -> pa.Array | None:

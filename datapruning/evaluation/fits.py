@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..exec import die_with_parent
+from ..io.files import clean_temp, temp_prefix
 from .kd import KDSettings, cached_teacher_logits
 from .probe import ProbeSettings, Teacher, fit_probe, standardise
 
@@ -19,7 +21,8 @@ POOL_MIN_ROWS = 5_000  # below this many training rows, workers cost more to sta
 _WORKER: dict = {}
 
 
-def _init_worker(folder: str) -> None:
+def _init_worker(folder: str, parent: int) -> None:
+    die_with_parent(parent)  # a killed eval leaves no worker (~750 MB each) behind
     _WORKER["x"] = np.load(Path(folder) / "x.npy", mmap_mode="r")
     _WORKER["y"] = np.load(Path(folder) / "y.npy")
 
@@ -138,11 +141,14 @@ class CurveFitter:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self._folder = tempfile.mkdtemp(prefix="datapruning-eval-")
+            # in the run folder (else the temp dir), named for this process: the next eval removes a killed one's
+            where = str(self._run_dir) if self._run_dir is not None else tempfile.gettempdir()
+            clean_temp(where, ".eval-fits.p*.tmp")
+            self._folder = tempfile.mkdtemp(prefix=temp_prefix("eval-fits"), suffix=".tmp", dir=where)
             np.save(Path(self._folder) / "x.npy", self.x_train)  # workers map it: one copy in memory
             np.save(Path(self._folder) / "y.npy", self.y_train)
             self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(self._folder,))
+                                             initializer=_init_worker, initargs=(self._folder, os.getpid()))
         return self._pool
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import StageError
+from ..errors import ConfigError, StageError
 from ..io.files import read_json
 
 @dataclass(frozen=True)
@@ -19,6 +19,16 @@ class KDSettings:
     alpha: float | None = None
     T: float = 4.0
     teacher: str = "probe"
+
+    def __post_init__(self):
+        import math
+
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"eval: --kd-alpha must be in [0, 1] or auto, got {self.alpha}")
+        if not (math.isfinite(self.T) and self.T > 0):
+            raise ConfigError(f"eval: --kd-T must be a finite temperature > 0, got {self.T}")
+        if self.teacher not in ("probe", "cached"):
+            raise ConfigError(f"eval: --teacher must be probe or cached, got {self.teacher!r}")
 
     def alpha_for(self, fraction: float) -> float:
         from ..consumers.kd import alpha_schedule

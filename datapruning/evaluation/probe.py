@@ -23,6 +23,18 @@ class ProbeSettings:
     seed: int = 0
     threads: int = 1  # torch threads while fitting (0: torch's setting); small fits gain nothing from more
 
+    def __post_init__(self):
+        import math
+
+        grid_ok = bool(self.l2_grid) and all(math.isfinite(v) and v >= 0 for v in self.l2_grid)
+        for flag, value, ok, want in (("--l2", self.l2_grid, grid_ok, "finite numbers >= 0"),
+                                      ("--max-iter", self.max_iter, self.max_iter >= 1, ">= 1"),
+                                      ("--threads", self.threads, self.threads >= 0, ">= 0 (0: torch's default)"),
+                                      ("val_fraction", self.val_fraction, 0.0 < self.val_fraction < 1.0, "in (0, 1)"),
+                                      ("tol", self.tol, math.isfinite(self.tol) and self.tol > 0, "finite and > 0")):
+            if not ok:
+                raise ConfigError(f"eval: {flag} must be {want}, got {value!r}")
+
     def as_dict(self) -> dict:
         return {**asdict(self), "model": "softmax regression (torch, L-BFGS, strong Wolfe)",
                 "features": "standardised by the training rows' mean and std"}

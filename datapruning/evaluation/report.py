@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from ..errors import InputError, StageError
 from ..io.files import is_done, read_json, write_bytes
 from ..io.tables import label_sort_key
-from ..run import Run, RunLayout, load_run_config
+from ..run import Run, RunLayout, load_run_config, locked
 from .curves import accuracy_grid
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ def plot_labels(labels: pd.Series, keep: np.ndarray) -> str:
     fig = _figure(max(5.0, 0.28 * len(table) + 2), 3.4)
     ax = fig.subplots()
     ax.bar(range(len(table)), table["mean"], color="C1")
-    ax.set_xticks(range(len(table)), table.index, rotation=90 if len(table) > 12 else 0, fontsize=8)
+    ax.set_xticks(range(len(table)), [clip(v, 30) for v in table.index], rotation=90 if len(table) > 12 else 0,
+                  fontsize=8)
     ax.axhline(float(keep.mean()), color="k", ls="--", lw=0.8, label=f"overall {keep.mean():.0%}")
     ax.set(ylabel="kept fraction", title="kept fraction per label", ylim=(0, 1.05))
     ax.legend(fontsize=8)
@@ -253,9 +254,15 @@ def _esc(v) -> str:
     return html.escape(str(v))
 
 
+def clip(text, n: int) -> str:
+    """``text`` cut to ``n`` characters with an ellipsis (a 1 MB label is drawn as a tick otherwise)."""
+    text = str(text)
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
 def member_html(df: pd.DataFrame, i: int, media: dict, note: str) -> str:
     row, med = df.iloc[i], media.get(df["uid"].iloc[i], {})
-    label = f"label {row['label']}" if "label" in df.columns else ""
+    label = f"label {clip(row['label'], 60)}" if "label" in df.columns else ""
     if med.get("image"):
         body = f'<img src="{med["image"]}" width="{THUMB_PX}" height="{THUMB_PX}" alt="{_esc(row["uid"])}">'
     else:
@@ -315,7 +322,13 @@ def eval_html(layout: RunLayout) -> str:
 
 
 def build_report(run_dir, out_path=None) -> Path:
-    """Write RUN/report.html (or ``out_path``): one file, every image a base64 data URI."""
+    """Write RUN/report.html (or ``out_path``): one file, every image a base64 data URI. Holds the run folder's
+    lock while it reads the run (and writes into it), so no stage changes the outputs it shows meanwhile."""
+    with locked(run_dir):
+        return _build_report(Path(run_dir), out_path)
+
+
+def _build_report(run_dir: Path, out_path) -> Path:
     from tqdm.auto import tqdm
 
     layout = RunLayout(run_dir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -22,6 +23,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
 _TEMP_PID = re.compile(r"\.p(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.")
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary name for ``name`` owned by this process (``clean_temp`` keeps a live one's)."""
+    return f".{name}.p{os.getpid()}@{_HOST}."
 
 
 @contextmanager
@@ -141,9 +147,83 @@ def is_done(stage_dir: str | Path, shard: str) -> bool:
     return done_path(stage_dir, shard).exists()
 
 
-def mark_done(stage_dir: str | Path, shard: str, info: dict[str, Any]) -> None:
-    """Write the shard's stats json last; it doubles as the done marker."""
-    write_json(done_path(stage_dir, shard), info)
+def mark_done(stage_dir: str | Path, shard: str, info: dict[str, Any], files=()) -> None:
+    """Write the shard's stats json last; it doubles as the done marker, and vouches for ``files`` (written
+    before it, under ``stage_dir``'s parent): each one's size, a digest of its ends and its sha256."""
+    vouched = {"files": vouch(Path(stage_dir).parent, files)} if files else {}
+    write_json(done_path(stage_dir, shard), {**info, **vouched})
+
+
+# ---- what a marker vouches for ------------------------------------------------------------------------------
+SAMPLE_BYTES = 4096  # the ends of a file read again on every check: cheap, and a copy of the folder keeps them
+
+
+def _ends(path: Path, size: int) -> str:
+    with open(path, "rb") as fh:
+        data = fh.read(SAMPLE_BYTES)
+        if size > SAMPLE_BYTES:
+            fh.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+            data += fh.read()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def file_record(path: str | Path) -> dict:
+    """What a done marker keeps about one file: ``size``, ``ends`` (a digest of its first and last 4 KiB, checked
+    on every rerun) and ``sha256`` (of it all, read once as it is written: a redone file that comes out the
+    same leaves the later stages standing)."""
+    path = Path(path)
+    size, digest = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return {"size": size, "ends": _ends(path, size), "sha256": digest.hexdigest()}
+
+
+def vouch(root: Path, files) -> dict:
+    """``{path relative to root: file_record}`` for ``files``."""
+    return {str(Path(f).relative_to(root)) if Path(f).is_relative_to(root) else str(f): file_record(f)
+            for f in files}
+
+
+_ENDS_SEEN: dict[tuple, str] = {}  # (path, size, mtime, inode) -> digest of the ends: a run checks a file once
+
+
+def file_problem(path: Path, record: dict) -> str | None:
+    """Why ``path`` no longer matches its ``record``: missing, cut short, grown or replaced; None when it does."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if st.st_size != record["size"]:
+        return f"{'truncated' if st.st_size < record['size'] else 'changed'} ({st.st_size} of {record['size']} bytes)"
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)  # files are replaced by rename: a new inode
+    if key not in _ENDS_SEEN:
+        _ENDS_SEEN[key] = _ends(path, st.st_size)
+    return "replaced (its content differs)" if _ENDS_SEEN[key] != record["ends"] else None
+
+
+def marker_problems(marker: str | Path, root: str | Path) -> list[tuple[str, str]]:
+    """(file, why) for each file ``marker`` vouches for (paths under ``root``) that is gone or changed; a
+    marker that vouches for no file (or cannot be read) has none."""
+    try:
+        files = read_json(marker).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    root = Path(root)
+    return [(rel, why) for rel, record in files.items() if (why := file_problem(root / rel, record)) is not None]
+
+
+def damaged_units(stage_dir: str | Path) -> dict[str, list[tuple[str, str]]]:
+    """{unit: [(file, why), ...]} of the done units of ``stage_dir`` whose files are gone or changed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stage_dir = Path(stage_dir)
+    markers = sorted(meta_dir(stage_dir).glob("_*.done.json"))
+    with ThreadPoolExecutor(8) as pool:  # a stat and two small reads per file: latency, not bandwidth
+        found = pool.map(lambda m: marker_problems(m, stage_dir.parent), markers)
+        return {m.name[1:-len(".done.json")]: bad for m, bad in zip(markers, found) if bad}
 
 
 def match_empty_schemas(stage_dir: str | Path, files: dict[str, Path]) -> list[str]:
@@ -175,12 +255,14 @@ def check_any_rows(stage_dir: str | Path, shards: list[str]) -> None:
                      f"are in {meta_dir(stage_dir)}/_<shard>.done.json, and the log names each skipped sample")
 
 
-def clean_temp(folder: str | Path, pattern: str = ".*.tmp") -> int:
-    """Remove temporary files (and ``atomic_dir`` folders) a killed run left in ``folder`` (never taken for
-    outputs: they are only renamed into place when complete). Those of a process that still runs on this host
-    are kept: the run folder's lock admits one writer, but a reader (reshard, eval) may write beside it."""
+def clean_temp(folder: str | Path, pattern: str = ".*.tmp", deep: bool = False) -> int:
+    """Remove temporary files (and ``atomic_dir`` folders) a killed run left in ``folder`` and its meta folder,
+    with ``deep`` in their sub-folders too (never taken for outputs: they are only renamed into place when
+    complete). Those of a process that still runs on this host are kept: the run folder's lock admits one
+    writer, but a reader (reshard, eval) may write beside it."""
     removed = 0
-    for tmp in [*Path(folder).glob(pattern), *meta_dir(folder).glob(pattern)]:
+    found_all = [p for f in (Path(folder), meta_dir(folder)) for p in (f.rglob(pattern) if deep else f.glob(pattern))]
+    for tmp in found_all:
         found = _TEMP_PID.search(tmp.name)
         if found and found["host"] == _HOST and int(found["pid"]) != os.getpid() and pid_alive(int(found["pid"])):
             continue

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import StageError
+from ..errors import StageError, WriteFailed
 from .files import pid_alive
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,14 @@ def _create(path: Path, info: dict) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def _created(path: Path, info: dict) -> bool:
+    """``_create``; a write that fails (a full disk) is a WriteFailed naming the lock file."""
+    try:
+        return _create(path, info)
+    except OSError as exc:
+        raise WriteFailed(f"cannot write the lock file {path}: {exc.strerror or exc}") from None
+
+
 def _break(path: Path, holder: dict, reason: str) -> None:
     """Remove the dead lock ``holder``, under a guard file so that two processes taking over at once
     cannot remove a lock the other one just made."""
@@ -140,6 +148,14 @@ def acquire(folder: str | Path, wait_s: float = 0.0) -> None:
     """Take the run folder's lock for this process (re-entrant; released by ``release`` or at exit).
     Raises RunFolderBusy naming the holder when another live process has it."""
     folder = Path(folder)
+    try:
+        str(folder.absolute()).encode("utf-8")
+    except UnicodeEncodeError:  # pyarrow cannot write parquet under such a path
+        shown = str(folder).encode("utf-8", "backslashreplace").decode()[:200]
+        raise StageError(f"{shown}: the folder's path is not valid UTF-8; choose another") from None
+    if folder.exists() and not folder.is_dir():
+        raise StageError(f"{folder} is a file, not a folder; give a folder (new or a run folder) to write into")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     with _mutex:
@@ -150,7 +166,7 @@ def acquire(folder: str | Path, wait_s: float = 0.0) -> None:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": _pid_start(os.getpid()),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S%z"), "token": uuid.uuid4().hex}
         deadline = time.monotonic() + wait_s
-        while not _create(path, info):
+        while not _created(path, info):
             holder = _read(path)
             if holder is None:
                 continue  # released meanwhile
@@ -166,7 +182,8 @@ def acquire(folder: str | Path, wait_s: float = 0.0) -> None:
         beat = threading.Thread(target=_beat, args=(path, info["token"], stop, state), daemon=True,
                                 name="datapruning-lock")
         beat.start()
-        _held[key] = {"path": path, "token": info["token"], "count": 1, "stop": stop, "state": state, "beat": beat}
+        _held[key] = {"path": path, "token": info["token"], "count": 1, "stop": stop, "state": state, "beat": beat,
+                      "created": created}
 
 
 def release(folder: str | Path, force: bool = False) -> None:
@@ -185,6 +202,11 @@ def release(folder: str | Path, force: bool = False) -> None:
         holder = _read(held["path"])
         if holder is not None and holder.get("token") == held["token"]:
             held["path"].unlink(missing_ok=True)
+        if held["created"]:  # a command refused before it wrote anything leaves no empty folder behind
+            try:
+                held["path"].parent.rmdir()
+            except OSError:
+                pass
 
 
 @atexit.register

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import fsspec
 from ..errors import InputError
+from .webdataset import utf8
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def expand_input(spec: str | list[str], side: str = "img_emb") -> list[str]:
     out: list[str] = []
     for item in specs:
         before = len(out)
-        for path in _braceexpand(item):
+        literal = item[len("file://"):] if item.startswith("file://") else item
+        for path in [item] if not _is_url(item) and os.path.exists(literal) else _braceexpand(item):
             if _is_url(path):
                 protocol = _check_protocol(path)
                 if any(ch in path for ch in "*?["):
@@ -63,9 +65,12 @@ def expand_input(spec: str | list[str], side: str = "img_emb") -> list[str]:
                     found = os.path.abspath(found)
                     out.extend(_list_folder(found, side) if os.path.isdir(found) else [found])
             else:
-                raise InputError(f"input {path}: no such file or folder")
+                raise InputError(f"input {_shown(path)}: no such file or folder")
         if len(out) == before:  # one pattern of several matching nothing is a mistake too, not a smaller input
-            raise InputError(f"input {item!r}: matched no shards")
+            raise InputError(f"input {_shown(repr(item))}: matched no shards")
+    for path in out:
+        if not utf8(path):  # pyarrow cannot open such a path, and uids and outputs would carry it
+            raise InputError(f"input {_shown(path)}: the name is not valid UTF-8; rename the file")
     return list(dict.fromkeys(out))
 
 
@@ -98,23 +103,26 @@ def _list_folder(folder: str, side: str = "img_emb") -> list[str]:
     parts = _clip_retrieval_parts(folder, side)
     if parts is not None:
         return parts
-    files = sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "*")) if os.path.isfile(p))
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    files = [e.path for e in entries if e.is_file() and not e.name.startswith(".")]
     subs = _files_shards(folder, files)  # img2dataset files: a folder per shard, its .parquet is metadata
     found = [p for p in without_side_files([p for p in files if shard_suffix(p) in SUFFIXES]) if not _loose_npy(p)
              and _stem(p) not in subs] + subs
     loose = [Path(p).name for p in files if _loose_npy(p) and Path(p).name not in DATACOMP_FILES]
     if not found and loose:
-        raise InputError(f"input folder {folder}: {loose[0]} has no {Path(loose[0]).stem}.parquet beside it; an "
-                         "embeddings .npy needs one with a uid per row (input.id_column)")
+        raise InputError(f"input folder {_shown(folder)}: {loose[0]} has no {Path(loose[0]).stem}.parquet beside "
+                         "it; an embeddings .npy needs one with a uid per row (input.id_column)")
     if not found:
-        raise InputError(f"input folder {folder}: holds no .tar, .tar.gz, .parquet or .npy files")
+        raise InputError(f"input folder {_shown(folder)}: holds no .tar, .tar.gz, .parquet or .npy files")
     stems = {_stem(f) for f in found}
-    left = [Path(p).name for p in files if p not in found and not Path(p).name.startswith(("_", "."))
+    left = [Path(p).name for p in files if p not in found and not Path(p).name.startswith("_")
             and not (Path(p).suffix in SIDE_FILES + (".npz",) and _stem(p) in stems)
             and Path(p).name not in DATACOMP_FILES]
-    if left:
-        log.warning("input folder %s: left out %d file(s) that are not shards: %s", folder, len(left),
-                    ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""))
+    unread = [f"{e.name} ({why})" for e in entries if e.path not in subs and (why := _left_out(e))]
+    for what, names in (("file(s) that are not shards", left), ("entries that look like shards", unread)):
+        if names:
+            log.warning("input folder %s: left out %d %s: %s", _shown(folder), len(names), what,
+                        ", ".join(_shown(n, 100) for n in names[:10]) + (" ..." if len(names) > 10 else ""))
     return found
 
 
@@ -149,6 +157,43 @@ def _files_shards(folder: str, files: list[str]) -> list[str]:
     stems = {_stem(f) for f in files if f.endswith((".parquet", "_stats.json"))}
     subs = sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "*")) if os.path.isdir(p))
     return [d for d in subs if d in stems]
+
+
+def _left_out(entry: os.DirEntry) -> str | None:
+    """Why a folder entry that looks like it holds shards is not read: hidden, a broken link, or a sub-folder."""
+    if entry.is_dir():
+        readable = os.access(entry.path, os.R_OK)
+        inside = [n for n in os.listdir(entry.path) if shard_suffix(n) in SUFFIXES] if readable else []
+        return f"a sub-folder with {len(inside)} shard file(s); name it in --input" if inside else None
+    if shard_suffix(entry.name) not in SUFFIXES:
+        return None
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return "a broken symbolic link"
+    if entry.name.startswith("."):
+        return "a hidden file"
+    return None
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """A path or name for a message: non-UTF-8 bytes escaped, at most ``limit`` characters."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8") if not utf8(text) else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_output(output: str | Path, specs, paths: list[str]) -> None:
+    """Refuse an output folder that is an input shard, holds input shards (its kept.parquet would be read as one
+    on a rerun) or lies inside a folder given as input."""
+    out = Path(output).resolve()
+    folders = [Path(s).resolve() for s in ([specs] if isinstance(specs, str) else specs)
+               if not _is_url(s) and os.path.isdir(s)]
+    for folder in folders:
+        if out == folder or folder in out.parents:
+            raise InputError(f"--output {_shown(str(output))} is {'the' if out == folder else 'inside the'} input "
+                             f"folder {_shown(str(folder))}; choose an output outside the input")
+    for path in paths:
+        if not _is_url(path) and out in (Path(path).resolve(), Path(path).resolve().parent):
+            raise InputError(f"--output {_shown(str(output))} {'is' if out == Path(path).resolve() else 'holds'} the "
+                             f"input shard {_shown(path)}; choose an output outside the input")
 
 
 def shard_suffix(path: str) -> str:
@@ -207,3 +252,38 @@ def shard_names(paths: list[str]) -> list[str]:
                              "prefixes every uid); rename one of them")
         first[name] = path
     return names
+
+
+_REMOTE_IDENTITY: dict[str, dict | None] = {}  # one look-up per remote shard and process
+
+
+def input_identity(path: str) -> dict | None:
+    """What says an input shard is still the one embedded: size and mtime (a local file), or the size and
+    the ETag / modification time a remote filesystem reports. None when it cannot be told (unreachable)."""
+    if not _is_url(path):
+        try:
+            st = os.stat(path[len("file://"):] if path.startswith("file://") else path)
+        except OSError:
+            return None
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if path not in _REMOTE_IDENTITY:
+        try:
+            fs, url = fsspec.core.url_to_fs(path)
+            info = fs.info(url)
+        except Exception:  # noqa: BLE001 (any remote client's error: unknown, not changed)
+            return None
+        keys = ("size", "ETag", "etag", "LastModified", "last_modified", "mtime", "md5Hash", "crc32c")
+        _REMOTE_IDENTITY[path] = {k: info[k] if k == "size" else str(info[k]) for k in keys if info.get(k) is not None}
+    return _REMOTE_IDENTITY[path]
+
+
+def input_change(path: str, recorded: dict | None) -> str | None:
+    """How the input shard at ``path`` differs from its ``recorded`` identity ('size 100 -> 120 bytes',
+    'modified since'), or None (the same, or it cannot be told: no record, or unreachable now)."""
+    now = input_identity(path) if recorded else None
+    if not now:
+        return None
+    if recorded.get("size") != now.get("size") and "size" in recorded and "size" in now:
+        return f"size {recorded['size']} -> {now['size']} bytes"
+    differ = [k for k in recorded if k != "size" and k in now and recorded[k] != now[k]]
+    return f"modified since it was read ({differ[0]} changed)" if differ else None

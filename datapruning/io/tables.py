@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, UnreadableFile
 from ..metrics.exact import unit_rows
 from .webdataset import skip
 
@@ -79,9 +79,16 @@ def label_text(text: str | None) -> str | None:
     return str(int(text)) if text is not None and is_int_text(text) else text
 
 
-def label_strings(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
-    """A label column as strings by ``label_text``'s rule, and how many NaN float labels became null (missing)."""
+def label_strings(column: pa.Array | pa.ChunkedArray, where: str = "label column") -> tuple[pa.Array, int]:
+    """A label column as strings by ``label_text``'s rule, and how many NaN float labels became null (missing).
+    A column of lists, structs or other non-scalar values is an InputError naming ``where``."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    kind = column.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_string(kind)
+            or pa.types.is_large_string(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind)):
+        raise InputError(f"{where} holds {kind} values; a label is one integer or string per row")
     nan = 0
     if pa.types.is_floating(column.type):
         is_nan = pc.fill_null(pc.is_nan(column), False)
@@ -96,39 +103,60 @@ def label_strings(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
     return text, nan
 
 
-def read_parquet(path: str, columns=None) -> pa.Table:
-    try:
+def open_input(path: str) -> str | bytes:
+    """An input file ready to parse: a local path (checked to open), or a remote file's bytes. A fault in
+    reaching the bytes (network, permission) propagates unchanged, for the caller to retry; a fault in parsing
+    them is the file's (``UnreadableFile``). Local files are parsed by path: pyarrow reading a file object with
+    torch loaded can abort the process as it exits (exit 134)."""
+    if "://" in path and not path.startswith("file://"):
         with fsspec.open(path, "rb") as fh:
-            table = pq.read_table(fh, columns=columns)
+            return fh.read()
+    local = path[len("file://"):] if path.startswith("file://") else path
+    open(local, "rb").close()
+    return local
+
+
+def _readable(source: str | bytes):
+    import io
+
+    return source if isinstance(source, str) else io.BytesIO(source)
+
+
+def read_parquet(path: str, columns=None) -> pa.Table:
+    source = open_input(path)
+    try:
+        table = pq.read_table(source if isinstance(source, str) else pa.BufferReader(source), columns=columns)
         _names = table.column_names  # pyarrow decodes names lazily: a non-UTF-8 name fails here, not later
         return table
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not a readable parquet file (a column name is not UTF-8: {exc.reason})") from None
     except KeyError as exc:
         raise InputError(f"{path}: missing column {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UnreadableFile(f"{path}: not a readable parquet file (a column name is not UTF-8: "
+                             f"{exc.reason})") from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise UnreadableFile(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
 
 def load_npy(path: str) -> np.ndarray:
+    source = open_input(path)
     try:
-        with fsspec.open(path, "rb") as fh:
-            return np.load(fh, allow_pickle=False)
+        return np.load(_readable(source), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+        raise UnreadableFile(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
 
 
 def load_npz(path: str, key: str) -> np.ndarray:
     """One array of an .npz (DataComp's per-shard embeddings: l14_img, b32_img, l14_txt, b32_txt)."""
+    source = open_input(path)
     try:
-        with fsspec.open(path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
+        with np.load(_readable(source), allow_pickle=False) as npz:
             if key not in npz.files:
                 raise InputError(f"{path}: no array {key!r} (have {npz.files}); set input.npz_key")
             return npz[key]
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, KeyError) as exc:
         if isinstance(exc, InputError):
             raise
-        raise InputError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+        raise UnreadableFile(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
 
 
 def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:

@@ -19,6 +19,17 @@ class _EndHeader(_BadHeader):
     """A zero block: the end of the archive (an empty archive when it comes first)."""
 
 
+class _ShortHeader(_BadHeader):
+    """The data ended where a header should be: no end-of-archive block."""
+
+
+class EndedEarly(TruncatedShard):
+    """The tar's bytes ended before its end-of-archive block (inside a member or a header, or between two)."""
+
+
+ENDED_EARLY = "tar: the data ends before the end-of-archive block (truncated)"
+
+
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 REGULAR, NOT_FILES = (b"0", b"\0", b"7"), (b"1", b"2", b"3", b"4", b"5", b"6")
 PAX_IGNORED = {"mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "comment", "linkpath"}
@@ -36,7 +47,7 @@ def _nti(field: bytes) -> int:
 def _parse_header(buf: bytes) -> tuple[bytes, bytes, int]:
     """(name with ustar prefix, type flag, size) of one 512-byte header, checked as tarfile checks it."""
     if len(buf) != 512:
-        raise _BadHeader("empty file" if not buf else "truncated header")
+        raise _ShortHeader("short header")
     if not buf.strip(b"\0"):
         raise _EndHeader("end of archive")
     if _nti(buf[148:156]) not in (256 + sum(struct.unpack_from("148B8x356B", buf)),
@@ -76,8 +87,9 @@ def _pax_path(data: bytes) -> bytes | None:
 
 
 def plain_tar_members(raw):
-    """(name, bytes) of the regular files of an uncompressed tar, ending and failing where tarfile's
-    stream reader does: a bad or missing header after the first ends quietly, short data raises EOFError."""
+    """(name, bytes) of the regular files of an uncompressed tar, ending and failing where ``io.webdataset``'s
+    strict tarfile reader does: only a zero block ends it; data that stops before one raises EndedEarly (short
+    member data: EOFError), a bad header TruncatedShard."""
     offset, long_name, pax, pad = 0, None, None, 0
     while True:
         _read_exact(raw, pad)  # the last member's padding, read when tarfile reads it: before the next header
@@ -87,10 +99,11 @@ def plain_tar_members(raw):
         try:
             name, typ, size = _parse_header(head)
         except _BadHeader as exc:
-            pending = long_name is not None or pax is not None
-            if pending or (offset == 0 and not isinstance(exc, _EndHeader)):
-                raise TruncatedShard(f"tar: {exc}") from None
-            return
+            if isinstance(exc, _EndHeader) and long_name is None and pax is None:
+                return
+            if isinstance(exc, _ShortHeader):
+                raise EndedEarly(ENDED_EARLY) from None
+            raise TruncatedShard(f"tar: {exc}") from None
         offset += 512
         if typ == b"S":
             raise Unsupported("sparse member")

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import random
 import stat
 import tarfile
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import PurePosixPath
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 from ..errors import BadSample, DataPruningError, TruncatedShard, UnsafeMember
@@ -56,10 +57,28 @@ def counting(skipped: Counter, shard: str, strict: bool = False) -> OnSkip:
     return lambda reason, key, detail: skip(skipped, reason, shard, key, detail, strict)
 
 
+class _StrictInfo(tarfile.TarInfo):
+    """Headers read as tarfile reads them, except where its stream mode ends quietly: data that stops before the
+    end-of-archive block (EndedEarly) or a header that does not parse (TruncatedShard) after the first member."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        from .tarstream import ENDED_EARLY, EndedEarly
+
+        if len(buf) != tarfile.BLOCKSIZE:
+            raise EndedEarly(ENDED_EARLY)
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as exc:
+            raise TruncatedShard(f"tar: {exc}") from None
+
+
 def _tarfile_members(raw, shard: str, safe: bool) -> Iterator[tuple[str, tarfile.TarInfo, bytes]]:
     """(name, header, bytes) of each regular file, streamed by ``tarfile`` (any tar dialect, compressed too).
     ``safe`` checks every member with ``check_member`` first; otherwise links, devices and folders are skipped."""
-    with tarfile.open(fileobj=raw, mode="r|*") as tar:
+    with tarfile.open(fileobj=raw, mode="r|*", tarinfo=_StrictInfo) as tar:
         for member in tar:
             if safe:
                 check_member(member, shard)
@@ -152,6 +171,43 @@ class ShardUnavailable(DataPruningError, OSError):
     """A shard could not be reached or read even after retries: failed, not done, so a rerun retries it."""
 
 
+class StreamEnded(OSError):
+    """A shard's bytes stopped before its known size (a connection cut short): transient, retried."""
+
+
+class _Counting:
+    """A file object that counts the bytes read through it, to tell a stream that ended early from a short file."""
+
+    def __init__(self, raw):
+        self.raw, self.read_bytes = raw, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.read_bytes += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
+def _size(raw) -> int | None:
+    """The file's size if its filesystem tells it (an HTTP Content-Length, a local file's), else None."""
+    size = getattr(raw, "size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        return os.fstat(raw.fileno()).st_size
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def _ended_early(exc: BaseException) -> bool:
+    """The reader met the end of the data (not a bad header): truncation, or a stream cut short."""
+    from .tarstream import EndedEarly
+
+    return isinstance(exc, (EndedEarly, EOFError)) or "unexpected end of data" in str(exc)
+
+
 def transient(exc: BaseException) -> bool:
     """A fault in reaching the bytes (network, I/O), not in the bytes: worth retrying, never a corrupt shard."""
     if isinstance(exc, (DataPruningError, tarfile.TarError, EOFError, gzip.BadGzipFile)):
@@ -194,12 +250,30 @@ def iter_tar_groups(path: str, shard: str, on_skip: OnSkip, fast: bool = False,
         except Exception as exc:  # noqa: BLE001 (sorted by ``transient``; the rest re-raised)
             if not transient(exc):
                 raise
-            error = f"{type(exc).__name__}: {str(exc)[:200]}"
-            if attempt < RETRY["retries"]:
-                wait = RETRY["backoff_s"] * 2 ** attempt * random.uniform(0.5, 1.0)  # noqa: S311 (jitter)
-                log.warning("shard %s: %s; retrying in %.1f s (%d of %d)", shard, error, wait, attempt + 1,
-                            RETRY["retries"])
-                time.sleep(wait)
+            error = _wait_to_retry(shard, exc, attempt)
+    raise ShardUnavailable(f"shard {shard}: cannot read {str(path)[:200]} after {RETRY['retries'] + 1} tries ({error})")
+
+
+def _wait_to_retry(shard: str, exc: BaseException, attempt: int) -> str:
+    """Log a transient fault and sleep before the next try (doubling waits with jitter); returns the fault."""
+    error = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if attempt < RETRY["retries"]:
+        wait = RETRY["backoff_s"] * 2 ** attempt * random.uniform(0.5, 1.0)  # noqa: S311 (jitter)
+        log.warning("shard %s: %s; retrying in %.1f s (%d of %d)", shard, error, wait, attempt + 1, RETRY["retries"])
+        time.sleep(wait)
+    return error
+
+
+def with_retries(fn: Callable[[], Any], shard: str, path: str) -> Any:
+    """``fn()`` (reading one whole shard), retried as a tar shard is on a fault in reaching its bytes
+    (``transient``); still failing after ``RETRY`` tries: ShardUnavailable."""
+    for attempt in range(RETRY["retries"] + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 (sorted by ``transient``; the rest re-raised)
+            if not transient(exc):
+                raise
+            error = _wait_to_retry(shard, exc, attempt)
     raise ShardUnavailable(f"shard {shard}: cannot read {str(path)[:200]} after {RETRY['retries'] + 1} tries ({error})")
 
 
@@ -215,12 +289,23 @@ def _read_once(path: str, shard: str, report: OnSkip, fast: bool, safe: bool) ->
 
     damage = None
     try:
-        with nullcontext() if is_folder(path) else fsspec.open(path, "rb") as raw:
-            members = (_folder_members(path, shard, safe) if raw is None
-                       else _fast_members(raw) if fast and not safe else _tarfile_members(raw, shard, safe))
-            for group in _group(members, counted, state):
+        if is_folder(path):  # img2dataset's files layout: a folder of {key}.{ext} files, no stream to cut short
+            for group in _group(_folder_members(path, shard, safe), counted, state):
                 state["emitted"] += 1
                 yield group
+        else:
+            with fsspec.open(path, "rb") as opened:
+                raw = _Counting(opened)
+                members = _fast_members(raw) if fast and not safe else _tarfile_members(raw, shard, safe)
+                try:
+                    for group in _group(members, counted, state):
+                        state["emitted"] += 1
+                        yield group
+                except (tarfile.TarError, EOFError, TruncatedShard) as exc:
+                    size = _size(opened)
+                    if _ended_early(exc) and (raw.read_bytes < size if size is not None else "://" in str(path)):
+                        raise StreamEnded(f"the data stopped after {raw.read_bytes} of {size or '?'} bytes") from None
+                    raise
     except Unsupported as exc:
         log.info("shard %s: %s; reading it with tarfile", shard, exc)
         yield from _reread(path, shard, report, state["emitted"], state["reported"])
@@ -228,7 +313,7 @@ def _read_once(path: str, shard: str, report: OnSkip, fast: bool, safe: bool) ->
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         if (isinstance(exc, DataPruningError) and not isinstance(exc, TruncatedShard)) or transient(exc):
             raise
-        damage = f"{type(exc).__name__}: {exc}"
+        damage = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TruncatedShard) else str(exc)
     if damage is not None:
         key = state["key"]
         counted("unreadable_shard" if key is None else "truncated_shard", key, damage)

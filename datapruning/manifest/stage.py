@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ..config import to_dict
 from ..errors import StageError
-from ..io.files import atomic_path, done_path, is_done, mark_done, read_json, write_json, write_parquet
+from ..io.files import atomic_path, done_path, is_done, mark_done, read_json, vouch, write_json, write_parquet
 from ..run import Run, load_columns, prepare_stage, progress, timed
 
 PACKAGES = ("numpy", "pyarrow", "faiss-cpu", "faiss-gpu", "torch", "open_clip_torch", "webdataset")
@@ -80,7 +80,7 @@ def manifest_shard(run: Run, int_labels: bool, optional: tuple, name: str) -> di
     path = run.layout.shard_file("manifest", name)
     if not is_done(run.dir("manifest"), name):
         write_parquet(path, manifest_table(run, name, int_labels, optional))
-        mark_done(run.dir("manifest"), name, {"rows": pq.read_metadata(path).num_rows})
+        mark_done(run.dir("manifest"), name, {"rows": pq.read_metadata(path).num_rows}, files=[path])
     table = pq.read_table(path, columns=[c for c in ("cluster", "keep", "label") if c in pq.read_schema(path).names])
     return {"name": name, **shard_counts(table, run.cfg.cluster.k)}
 
@@ -159,6 +159,8 @@ def build_stats(run: Run, counts: dict) -> dict:
 
 def run_manifest(run: Run) -> dict:
     out_dir = prepare_stage(run, "manifest")
+    if run.info_path("manifest").exists():
+        return read_json(run.layout.stats)
     names = [s["name"] for s in run.shards]
     if not names:
         raise StageError("manifest: the run has no shards")
@@ -172,4 +174,6 @@ def run_manifest(run: Run) -> dict:
     out_dir.mkdir(exist_ok=True)
     stats = build_stats(run, counts)
     write_json(run.layout.stats, stats)
+    write_json(run.info_path("manifest"), {"rows": stats["samples_in"], "kept": stats["kept"],  # written last
+                                           "files": vouch(run.output, [run.layout.kept, run.layout.stats])})
     return stats

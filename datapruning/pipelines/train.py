@@ -50,6 +50,10 @@ def split_uids(run_dir: str, select: str, holdout: float):
     else:  # a stable share of all samples, by uid hash: the same samples whatever was kept
         held = np.array([zlib.crc32(u.encode()) % 10_000 < holdout * 10_000 for u in uids], dtype=bool)
     chosen = keep if select == "kept" else np.ones(len(uids), bool)
+    if not (chosen & ~held).any():
+        how = "by their split column" if set(splits) & set(HOLDOUT_SPLITS) else f"by --holdout {holdout}"
+        raise InputError(f"{run_dir}: no {select} sample is left to train on: all {int(chosen.sum())} are held out "
+                         f"({how}); lower --holdout, or give training rows a split other than val/validation/test")
     uid_arr = np.asarray(uids, dtype=object)
     labels = dict(zip(uids, man["label"].to_pylist()))
     return uid_arr[chosen & ~held].tolist(), uid_arr[held].tolist(), float(keep.mean()), labels, int((~held).sum())

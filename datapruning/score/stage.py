@@ -62,7 +62,7 @@ def score_group(run: Run, name: str, params, state: dict, offsets: np.ndarray, g
     """One cluster-unit metric on one group of clusters; its scores go back per shard (parts/<metric>/<shard>/)."""
     metric = METRICS[name]
     block = read_group(run, offsets, group)
-    out_dir = parts_dir(run, name)
+    out_dir, files = parts_dir(run, name), []
     if len(block["pos"]):
         scores = np.asarray(metric.score(block, state, params), dtype=np.float64)
         shard = block["shard"]
@@ -70,10 +70,10 @@ def score_group(run: Run, name: str, params, state: dict, offsets: np.ndarray, g
         bounds = np.flatnonzero(np.diff(shard[order])) + 1
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
             rows = order[lo:hi]
-            write_parquet(out_dir / f"{int(shard[rows[0]]):06d}" / f"g{group:05d}.parquet",
-                          pa.table({"row": pa.array(block["row"][rows].astype(np.int32)),
-                                    "score": pa.array(scores[rows])}))
-    mark_done(out_dir, f"g{group:05d}", {"rows": int(len(block["pos"]))})
+            files.append(out_dir / f"{int(shard[rows[0]]):06d}" / f"g{group:05d}.parquet")
+            write_parquet(files[-1], pa.table({"row": pa.array(block["row"][rows].astype(np.int32)),
+                                               "score": pa.array(scores[rows])}))
+    mark_done(out_dir, f"g{group:05d}", {"rows": int(len(block["pos"]))}, files=files)
     return {"rows": int(len(block["pos"]))}
 
 
@@ -104,9 +104,9 @@ def score_shard(run: Run, plan: list[tuple], labels: dict | None, item: tuple) -
         if len(scores) != len(block["pos"]):
             raise StageError(f"metric {name} returned {len(scores)} scores for {len(block['pos'])} rows of {shard['name']}")
         cols[f"score_{name}"] = pa.array(scores, pa.float64())
-    out_dir = run.dir("score")
-    write_parquet(run.layout.shard_file("score", shard["name"]), pa.table(cols))
-    mark_done(out_dir, shard["name"], {"rows": len(block["pos"])})
+    path = run.layout.shard_file("score", shard["name"])
+    write_parquet(path, pa.table(cols))
+    mark_done(run.dir("score"), shard["name"], {"rows": len(block["pos"])}, files=[path])
     return {"rows": len(block["pos"])}
 
 

@@ -51,8 +51,9 @@ def write_keep(run: Run, rule, names: list[str], block: dict) -> dict:
     if "eligible" in block and (keep & ~block["eligible"]).any():
         raise StageError(f"selector {run.cfg.select.method} kept rows that the dedup filter removed")
     if name is not None:
-        write_parquet(run.layout.shard_file("select", name), pa.table({"uid": block["uid"], "keep": pa.array(keep)}))
-        mark_done(run.dir("select"), name, {"rows": len(keep), "kept": int(keep.sum())})
+        path = run.layout.shard_file("select", name)
+        write_parquet(path, pa.table({"uid": block["uid"], "keep": pa.array(keep)}))
+        mark_done(run.dir("select"), name, {"rows": len(keep), "kept": int(keep.sum())}, files=[path])
     return {"rows": len(keep), "kept": int(keep.sum())}
 
 
@@ -85,9 +86,9 @@ def run_select(run: Run) -> None:
                 bar.update(1)
         for name in names:  # a shard with no rows has no shard index in its block: write its empty file here
             if not is_done(out_dir, name):
-                write_parquet(run.layout.shard_file("select", name), pa.table({"uid": pa.array([], pa.string()),
-                                                                                      "keep": pa.array([], pa.bool_())}))
-                mark_done(out_dir, name, {"rows": 0, "kept": 0})
+                path = run.layout.shard_file("select", name)
+                write_parquet(path, pa.table({"uid": pa.array([], pa.string()), "keep": pa.array([], pa.bool_())}))
+                mark_done(out_dir, name, {"rows": 0, "kept": 0}, files=[path])
         info = {"method": scfg.method, "n_total": n_total, "n_keep_target": n_keep, "kept": kept,
                 **({"dedup": dedup_info} if dedup_info else {}), **({"filters": filter_info} if filter_info else {}),
                 **info}
