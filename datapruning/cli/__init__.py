@@ -80,15 +80,16 @@ def cmd_status(args) -> int:
     from ..health import status_lines
     from ..io.files import read_json
     from ..io.lock import LOCK_NAME, describe
-    from ..run import Run
+    from ..run import Run, RunLayout
 
-    output = Path(args.run_dir)
-    if not (output / "config.json").is_file() or not (output / "shards.json").is_file():
+    layout = RunLayout(args.run_dir)
+    output = layout.root
+    if not layout.config.is_file() or not layout.shards.is_file():
         print(f"{output}: not a run folder yet (no config.json or shards.json); nothing has run")
         return 0
     if (output / LOCK_NAME).exists():
         print(describe(output, read_json(output / LOCK_NAME)) + "; its state may change while you read this")
-    for line in status_lines(Run(config_from_dict(read_json(output / "config.json")), output)):
+    for line in status_lines(Run(config_from_dict(read_json(layout.config)), output)):
         print(line)
     return 0
 
