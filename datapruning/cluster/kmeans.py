@@ -64,11 +64,6 @@ def check_k(k: int, n: int) -> None:
 def sample_size(n: int, k: int, fit_fraction: float | None, max_points_per_centroid: int) -> int:
     """Rows in the fit sample: ``fit_fraction * n``, else ``k * max_points_per_centroid``; at least k, at most n."""
     check_k(k, n)
-
-
-def sample_indices(n: int, k: int, fit_fraction: float | None, max_points_per_centroid: int, seed: int) -> np.ndarray:
-    """Sorted row indices of the uniform fit sample: ``fit_fraction * n`` rows, else ``k * max_points``."""
-    check_k(k, n)
     size = int(round(fit_fraction * n)) if fit_fraction is not None else k * max_points_per_centroid
     return max(k, min(n, size))
 
