@@ -10,7 +10,7 @@ from functools import partial
 import numpy as np
 from tqdm.auto import tqdm
 
-from .exact import dot_bound, exact_dot, row_norms, settle
+from .pairs import first_copies, plan_queries, prefix_max, row_hashes
 from .ranking import order_key, rank_order
 from ..cutoffs import ALL, find_cutoffs
 from ..rows import ArrayRows, add
@@ -23,6 +23,7 @@ DEFAULT_EPS = (0.0001, 0.00095, 0.005, 0.01, 0.03, 0.05, 0.1)
 REPORT_KEEP_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5)
 COLUMN = "score_semdedup"  # the run's column of duplicate scores
 PROGRESS_MIN_ROWS = 200_000  # show a progress bar above this many rows to compare
+HASH_ROWS = 65536  # rows hashed per step
 
 
 def cluster_ranges(cluster: np.ndarray, order: np.ndarray | None = None):
@@ -38,38 +39,18 @@ def cluster_ranges(cluster: np.ndarray, order: np.ndarray | None = None):
             yield int(ids[start]), order[start:stop]
 
 
-def _max_sim_to_earlier(embeddings, rows: np.ndarray, block_rows: int, upper: np.ndarray, out: np.ndarray) -> None:
-    """``out[rows[j]] = max_{i<j} <x_rows[i], x_rows[j]>`` with at most ``block_rows``² similarities at once.
-    ``upper`` is a square bool mask, True on and above the diagonal, at least one block wide. The products are
-    float64 and each maximum is rounded once to float32 (``exact.settle``), so the score's bits do not depend
-    on the BLAS build, the thread count or the block size."""
-    m = len(rows)
-    best, norms = np.full(m, -np.inf), np.empty(m)
-    for r0 in range(0, m, block_rows):
-        r1 = min(r0 + block_rows, m)
-        x_r = np.asarray(embeddings[rows[r0:r1]], dtype=np.float64)
-        norms[r0:r1] = row_norms(x_r)
-        for c0 in range(0, r1, block_rows):  # column blocks up to and including the diagonal block
-            c1 = min(c0 + block_rows, m)
-            x_c = x_r if c0 == r0 else np.asarray(embeddings[rows[c0:c1]], dtype=np.float64)
-            sims = x_r @ x_c.T
-            if c0 == r0:  # diagonal block: only strictly earlier members count
-                np.putmask(sims, upper[: r1 - r0, : r1 - r0], -np.inf)
-            np.maximum(best[r0:r1], sims.max(axis=1), out=best[r0:r1])
-    bound = dot_bound(embeddings.shape[1], norms, norms.max(initial=0.0))
+def cluster_scores(fetch, m: int, block_rows: int) -> np.ndarray:
+    """Duplicate scores (float64 [m]) of one cluster's ``m`` rows in keep order, read by ``fetch(positions)``:
+    bit-identical rows collapsed (``pairs``), then each row's largest similarity to the rows before it."""
+    hashes = np.concatenate([row_hashes(fetch(np.arange(s, min(s + HASH_ROWS, m)))) for s in range(0, m, HASH_ROWS)])
+    q = plan_queries(first_copies(hashes, fetch))
+    values = prefix_max(lambda lo, hi: fetch(q.distinct[lo:hi]), q.rep, q.length, 0, len(q.distinct), block_rows)
+    return to_scores(values[q.query])
 
-    def exact(j: int) -> float:
-        """The exact maximum over the earlier members the bound cannot rule out (rare; blocked)."""
-        x_j = np.asarray(embeddings[rows[j]], dtype=np.float64)
-        top = -np.inf
-        for c0 in range(0, j, block_rows):
-            earlier = np.asarray(embeddings[rows[c0:min(c0 + block_rows, j)]], dtype=np.float64)
-            for i in np.flatnonzero(earlier @ x_j >= best[j] - 2.0 * bound[j]):
-                top = max(top, exact_dot(earlier[i], x_j))
-        return top
 
-    best32 = settle(best, bound, exact)
-    out[rows] = np.clip(best32.astype(np.float64), FIRST_SCORE, 1.0)  # -inf (first) -> -1; noise > 1 -> 1
+def to_scores(values: np.ndarray) -> np.ndarray:
+    """float64 scores from ``prefix_max``'s values: -inf (no earlier row) -> -1, noise above 1 -> 1."""
+    return np.clip(np.asarray(values, dtype=np.float64), FIRST_SCORE, 1.0)
 
 
 def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.ndarray, mode: str = "hard",
@@ -82,7 +63,8 @@ def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.nd
     every group of duplicates the preferred member survives. The first member scores -1.0, as do
     rows with a negative (unassigned) cluster. Equal distances break by ``tie`` (default: a seeded hash
     of the row index; the pipeline passes a seeded hash of the uid), then by row. Embeddings must be
-    L2-normalised. Memory: one ``block_rows x block_rows`` float32 similarity block at a time.
+    L2-normalised. Bit-identical rows are compared once (``pairs``: the scores are the same bits as without
+    the collapse). Memory: one ``block_rows x block_rows`` float64 similarity block at a time.
     """
     if not hasattr(embeddings, "shape"):  # ndarray or np.memmap pass through without a copy
         embeddings = np.asarray(embeddings)
@@ -96,13 +78,11 @@ def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.nd
     out = np.full(n, FIRST_SCORE, dtype=np.float64)
     order = rank_order(np.asarray(cos_dist, dtype=np.float64), mode, seed, tie)
     sizes = np.bincount(cluster[cluster >= 0]) if n else np.zeros(0, np.int64)
-    width = int(min(int(block_rows), sizes.max(initial=1)))
-    upper = np.triu(np.ones((width, width), dtype=bool))
     work = int(sizes[sizes > 1].sum())
     with tqdm(total=work, unit="row", desc="semdedup", disable=work < PROGRESS_MIN_ROWS) as bar:
         for _, rows in cluster_ranges(cluster, order):
             if len(rows) > 1:
-                _max_sim_to_earlier(embeddings, rows, int(block_rows), upper, out)
+                out[rows] = cluster_scores(lambda at, rows=rows: embeddings[rows[at]], len(rows), int(block_rows))
                 bar.update(len(rows))
     return out
 
