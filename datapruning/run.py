@@ -301,8 +301,9 @@ def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None 
                               else np.full(n, -1, np.int64))
         if embeddings:
             block["embedding"] = column_to_matrix(emb["embedding"], f"embeddings/{name}.parquet")
-    if scores:
-        sc = read_stage(run.dir("score") / f"{name}.parquet")
+    if scores:  # the label codes and scores, not the uids (most of the file's bytes)
+        sc_file = pq.ParquetFile(run.dir("score") / f"{name}.parquet")
+        sc = sc_file.read(columns=[c for c in sc_file.schema_arrow.names if c == "label" or c.startswith("score_")])
         if sc.num_rows != n:
             raise StageError(f"scores/{name}.parquet has {sc.num_rows} rows, clusters/{name}.parquet "
                              f"{n}; delete it and rerun 'datapruning score'")

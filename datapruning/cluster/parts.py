@@ -67,6 +67,58 @@ def group_spans(run: Run, group: int) -> list[tuple[int, str, int, int]]:
     return spans
 
 
+def group_rows(run: Run, n_groups: int) -> np.ndarray:
+    """Rows of every group (int64 [n_groups]), from each shard's index (one read per shard)."""
+    total = np.zeros(n_groups, dtype=np.int64)
+    for shard in run.shards:
+        total += np.diff(_read(parts_dir(run) / f"{shard['name']}.idx", INDEX, 0, n_groups + 1))
+    return total
+
+
+def group_meta(run: Run, offsets: np.ndarray, spans: list) -> dict:
+    """The numeric columns of the rows in ``spans`` (``group_spans``), sorted by (cluster, pos): pos, shard, row,
+    cluster, cos_dist, tie, and ``file``: each row's place in the spans' file order (for ``fetch_rows``)."""
+    out = parts_dir(run)
+    meta = np.concatenate([_read(out / f"{name}.meta", META, lo, hi - lo) for _, name, lo, hi in spans])
+    shard = np.repeat([i for i, *_ in spans], [hi - lo for *_, lo, hi in spans]).astype(np.int64)
+    row = meta["row"].astype(np.int64)
+    pos = offsets[shard] + row
+    cluster = meta["cluster"].astype(np.int64)
+    order = np.lexsort((pos, cluster))
+    return {"pos": pos[order], "shard": shard[order], "row": row[order], "cluster": cluster[order],
+            "cos_dist": meta["cos_dist"].astype(np.float64)[order], "tie": meta["tie"][order], "file": order}
+
+
+def embedding_dim(run: Run) -> int:
+    return int(np.load(run.dir("cluster") / "centroids.npy", mmap_mode="r").shape[1])
+
+
+def span_chunks(run: Run, spans: list, rows: int):
+    """The spans' embeddings as float32 chunks of at most ``rows`` rows, in file order (sequential reads)."""
+    out, dtype, d = parts_dir(run), emb_dtype(run), embedding_dim(run)
+    for _, name, lo, hi in spans:
+        for s in range(lo, hi, rows):
+            n = min(rows, hi - s)
+            yield _read(out / f"{name}.emb", dtype, s * d, n * d).reshape(n, d).astype(np.float32, copy=False)
+
+
+def fetch_rows(run: Run, spans: list, at: np.ndarray) -> np.ndarray:
+    """The float32 embeddings at file positions ``at`` of the spans (any order), read through memory maps that
+    are closed again before returning (memory: the rows asked for)."""
+    out, dtype, d = parts_dir(run), emb_dtype(run), embedding_dim(run)
+    at = np.asarray(at, dtype=np.int64)
+    starts = np.cumsum([0] + [hi - lo for *_, lo, hi in spans])
+    rows = np.empty((len(at), d), dtype=np.float32)
+    span = np.searchsorted(starts, at, side="right") - 1
+    for i in np.unique(span):
+        _, name, lo, hi = spans[i]
+        sel = np.flatnonzero(span == i)
+        mm = np.memmap(out / f"{name}.emb", dtype=dtype, mode="r", offset=lo * d * dtype.itemsize, shape=(hi - lo, d))
+        rows[sel] = mm[at[sel] - starts[i]]
+        del mm
+    return rows
+
+
 def read_group(run: Run, offsets: np.ndarray, group: int) -> dict:
     """Every row of cluster group ``group``, sorted by (cluster, pos): pos, shard, row, cluster, cos_dist, tie
     and the float32 embedding matrix. ``offsets``: first global row of each shard, by shard index.
@@ -74,19 +126,12 @@ def read_group(run: Run, offsets: np.ndarray, group: int) -> dict:
     spans = group_spans(run, group)
     if not spans:
         return {"pos": np.zeros(0, np.int64)}
-    out, dtype = parts_dir(run), emb_dtype(run)
-    meta = np.concatenate([_read(out / f"{name}.meta", META, lo, hi - lo) for _, name, lo, hi in spans])
-    shard = np.repeat([i for i, *_ in spans], [hi - lo for *_, lo, hi in spans]).astype(np.int64)
-    row = meta["row"].astype(np.int64)
-    pos = offsets[shard] + row
-    cluster = meta["cluster"].astype(np.int64)
-    order = np.lexsort((pos, cluster))
-    where = np.empty(len(order), dtype=np.int64)
-    where[order] = np.arange(len(order))  # file row -> its place in the sorted group
-    d = int(np.load(run.dir("cluster") / "centroids.npy", mmap_mode="r").shape[1])
-    matrix, start = np.empty((len(order), d), dtype=np.float32), 0
+    block = group_meta(run, offsets, spans)
+    where = np.empty(len(block["file"]), dtype=np.int64)
+    where[block.pop("file")] = np.arange(len(where))  # file row -> its place in the sorted group
+    out, dtype, d = parts_dir(run), emb_dtype(run), embedding_dim(run)
+    matrix, start = np.empty((len(where), d), dtype=np.float32), 0
     for _, name, lo, hi in spans:
         matrix[where[start:start + hi - lo]] = _read(out / f"{name}.emb", dtype, lo * d, (hi - lo) * d).reshape(-1, d)
         start += hi - lo
-    return {"pos": pos[order], "shard": shard[order], "row": row[order], "cluster": cluster[order],
-            "cos_dist": meta["cos_dist"].astype(np.float64)[order], "tie": meta["tie"][order], "embedding": matrix}
+    return {**block, "embedding": matrix}

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .pairs import first_copies, plan_queries, prefix_max, row_hashes
 from .ranking import order_key, rank_order
-from ..cutoffs import ALL, find_cutoffs
+from ..cutoffs import find_cutoffs
 from ..rows import ArrayRows, add
 from ..errors import ConfigError, InputError
 
@@ -117,9 +117,15 @@ def _removed(column: str, eps: tuple, block: dict) -> np.ndarray:
     return np.array([np.count_nonzero(removal_mask(s, e)) for e in eps] + [np.count_nonzero(~np.isnan(s))])
 
 
-def _score_keys(column: str, block: dict) -> tuple:
+def _score_keys(column: str, copies: int, block: dict) -> tuple:
+    """Rows ranked by score (easy: smallest first), once per target: copy f of every scored row is in group f."""
     s = block[column]
-    return np.where(np.isnan(s), -1, 0), order_key(s, "easy"), block["tie"], block["pos"].astype(np.uint64)
+    g = np.where(np.isnan(s), -1, 0)
+    k0, k2 = order_key(s, "easy"), block["pos"].astype(np.uint64)
+    if copies == 1:
+        return g, k0, block["tie"], k2
+    groups = np.concatenate([np.where(g < 0, -1, f) for f in range(copies)])
+    return groups, np.tile(k0, copies), np.tile(block["tie"], copies), np.tile(k2, copies)
 
 
 def key_to_score(key: np.uint64) -> float:
@@ -129,46 +135,70 @@ def key_to_score(key: np.uint64) -> float:
     return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
 
 
-def _max_score(column: str, block: dict) -> float:
-    s = block[column]
-    return float(np.nanmax(s)) if np.any(~np.isnan(s)) else -np.inf
-
-
-def _last_kept(keys, cut, block: dict) -> np.uint64:
+def _last_kept(keys, cut, copies: int, block: dict) -> np.ndarray:
+    """Per target the largest key ``cut`` keeps in this block (uint64 [copies]; 0 where none)."""
     g, k0, k1, k2 = keys(block)
     kept = cut.keep(g, k0, k1, k2)
-    return k0[kept].max() if kept.any() else np.uint64(0)
+    out = np.zeros(copies, dtype=np.uint64)
+    np.maximum.at(out, g[kept], k0[kept])
+    return out
+
+
+def _maximum(parts: list) -> np.ndarray:
+    return np.maximum.reduce(parts)
+
+
+def scored_count(rows, column: str = COLUMN) -> int:
+    counts = rows.reduce(partial(_removed, column, ()), add)
+    return int(counts[-1]) if counts is not None else 0
+
+
+def eps_for_keep_fractions(scores, fractions, column: str = COLUMN, n: int | None = None) -> list[float]:
+    """For each target keep fraction the largest eps that still keeps at least ``ceil(target * N)`` of the N
+    scored rows, i.e. the smallest amount of deduplication that reaches it. ``scores``: an array, or rows (a
+    run's, block by block, with ``column``); ``n``: the scored rows when already counted. One radix search
+    finds every target's threshold score (``find_cutoffs``, a few passes whatever the number of targets). Ties
+    in the scores can make the kept fraction overshoot; below the reachable minimum (one row per cluster is
+    never removed at eps <= 2) the eps that keeps that minimum is returned."""
+    for f in fractions:
+        if not 0.0 <= f <= 1.0:
+            raise ConfigError(f"semdedup: keep fraction must be in [0, 1], got {f}")
+    rows = as_rows(scores, column)
+    n = scored_count(rows, column) if n is None else int(n)
+    if n == 0:
+        return [0.0] * len(fractions)
+    want = np.array([min(max(int(np.ceil(f * n - 1e-9)), 1), n) for f in fractions], dtype=np.int64)
+    keys = partial(_score_keys, column, len(want))
+    cut = find_cutoffs(rows, keys, want, np.full(len(want), n))
+    out = []
+    for key in rows.reduce(partial(_last_kept, keys, cut, len(want)), _maximum):
+        s = key_to_score(key)  # the want-th smallest score: rows with score <= 1 - eps stay
+        eps = max(0.0, 1.0 - s)
+        while eps > 0 and 1.0 - eps < s:  # undo float round-off in 1 - (1 - s): keep >= want rows
+            eps = float(np.nextafter(eps, 0.0))
+        out.append(float(eps))
+    return out
 
 
 def eps_for_keep_fraction(scores, target_keep_fraction: float, column: str = COLUMN) -> float:
-    """The largest eps that still keeps at least ``ceil(target * N)`` of the N scored rows, i.e. the smallest
-    amount of deduplication that reaches the target. ``scores``: an array, or rows (a run's, block by block,
-    with ``column``). Ties in the scores can make the kept fraction overshoot; below the reachable minimum (one
-    row per cluster is never removed at eps <= 2) the eps that keeps that minimum is returned."""
-    if not 0.0 <= target_keep_fraction <= 1.0:
-        raise ConfigError(f"semdedup: keep fraction must be in [0, 1], got {target_keep_fraction}")
-    rows = as_rows(scores, column)
-    counts = rows.reduce(partial(_removed, column, ()), add)
-    n = int(counts[-1]) if counts is not None else 0
-    if n == 0:
-        return 0.0
-    want = min(max(int(np.ceil(target_keep_fraction * n - 1e-9)), 1), n)
-    keys = partial(_score_keys, column)
-    cut = find_cutoffs(rows, keys, np.array([want]), np.array([n]))
-    if cut.kind[0] == ALL:  # every scored row kept: the threshold is the largest score
-        want_score = rows.reduce(partial(_max_score, column), max)
-    else:
-        want_score = key_to_score(rows.reduce(partial(_last_kept, keys, cut), max))
-    eps = max(0.0, 1.0 - want_score)  # threshold t = s_(want): rows with s <= t stay
-    while eps > 0 and n - int(rows.reduce(partial(_removed, column, (eps,)), add)[0]) < want:
-        eps = float(np.nextafter(eps, 0.0))  # undo float round-off in 1 - (1 - s)
-    return float(eps)
+    """``eps_for_keep_fractions`` for one target."""
+    return eps_for_keep_fractions(scores, [target_keep_fraction], column)[0]
 
 
 def removed_per_eps(rows, eps, column: str = COLUMN) -> dict:
     """``{str(eps): rows removed}`` for each eps (one pass)."""
-    counts = as_rows(rows, column).reduce(partial(_removed, column, tuple(eps)), add)
-    return {str(e): int(c) for e, c in zip(eps, counts[:-1])}
+    return dedup_summary(rows, eps, (), column)["removed"]
+
+
+def dedup_summary(rows, eps, fractions, column: str = COLUMN) -> dict:
+    """``{"removed": {str(eps): rows removed}, "eps_for_keep_fraction": {str(fraction): eps}}``: one pass
+    counts the removed rows at every eps (and the scored rows), one radix search the eps for every fraction."""
+    rows = as_rows(rows, column)
+    counts = rows.reduce(partial(_removed, column, tuple(eps)), add)
+    counts = np.zeros(len(eps) + 1, np.int64) if counts is None else counts
+    found = eps_for_keep_fractions(rows, fractions, column, n=int(counts[-1])) if len(fractions) else []
+    return {"removed": {str(e): int(c) for e, c in zip(eps, counts[:-1])},
+            "eps_for_keep_fraction": {str(f): e for f, e in zip(fractions, found)}}
 
 
 def not_duplicate(eps: float, column: str, block: dict) -> dict:

@@ -1,0 +1,79 @@
+"""Web-scale shapes stay in budget: histograms sized by the groups still open, d_inter computed once, one score
+file per group (issue 27)."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import datapruning.cutoffs as cutoffs
+import datapruning.score.dbp as score_dbp
+import datapruning.score.stage as score_stage
+from datapruning.config import load_config
+from datapruning.cutoffs import find_cutoffs, keep_mask
+from datapruning.metrics.ranking import order_key
+from datapruning.rows import ArrayRows
+from datapruning.runner import run_pipeline
+
+
+def _keys(block):
+    return block["g"], order_key(block["s"], "hard"), block["tie"], block["pos"].astype(np.uint64)
+
+
+def test_histograms_count_only_the_open_groups_and_stay_under_the_cap(monkeypatch):
+    """10,000 long-tailed groups of which few need a cut: a pass holds (open groups x 2**bits) cells, never
+    (all groups x 2**16); with more open groups than one pass can hold, several passes share the level."""
+    rng = np.random.default_rng(0)
+    G, n = 10_000, 60_000
+    g = np.where(rng.random(n) < 0.8, rng.integers(0, 50, n), rng.integers(50, G, n))  # 80% in 50 classes
+    s = rng.normal(size=n)
+    rows = ArrayRows({"g": g, "s": s}, seed=1)
+    quotas = np.full(G, 3)  # the 50 head classes (and the few tail ones above 3 rows) need a cut
+    cells = []
+    plain = cutoffs._hist
+    monkeypatch.setattr(cutoffs, "_hist", lambda *a: (lambda h: cells.append(len(h)) or h)(plain(*a)))
+    monkeypatch.setattr(cutoffs, "COLLECT_LIMIT", 100)
+    for counters in (1 << 22, 64):
+        cells.clear()
+        monkeypatch.setattr(cutoffs, "COUNTERS", counters)
+        got = keep_mask(find_cutoffs(rows, _keys, quotas), _keys, rows.block)
+        assert cells and max(cells) <= counters
+        order = np.lexsort((np.arange(n), rows.block["tie"], order_key(s, "hard")))
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n)
+        expected = np.zeros(n, bool)
+        for grp in np.unique(g):
+            rows_g = np.flatnonzero(g == grp)
+            expected[rows_g[np.argsort(rank[rows_g])[:3]]] = True
+        assert (got == expected).all()
+    assert len(cells) > 10  # 64 cells: many passes per level
+
+
+def shards(folder, n_shards=4, per_shard=250, d=512):
+    rng = np.random.default_rng(2)
+    folder.mkdir()
+    for s in range(n_shards):
+        x = rng.normal(size=(per_shard, d)).astype(np.float32)
+        pq.write_table(pa.table({"uid": [f"u{s}-{i}" for i in range(per_shard)],
+                                 "embedding": pa.array(list(x), pa.list_(pa.float32(), d))}), folder / f"{s}.parquet")
+    return folder
+
+
+def test_d_inter_is_computed_once_and_scores_go_to_one_file_per_group(tmp_path, monkeypatch):
+    calls, files = [], []
+    plain = score_dbp.d_inter
+    monkeypatch.setattr(score_dbp, "d_inter", lambda c, l: calls.append(l) or plain(c, l))
+    plain_shards = score_stage.score_shards
+
+    def spy(run, plan, labels, n_groups, batch):  # the group files present while shards are scored
+        files.append(sorted(p.name for p in score_stage.parts_dir(run, "semdedup").iterdir()))
+        return plain_shards(run, plan, labels, n_groups, batch)
+
+    monkeypatch.setattr(score_stage, "score_shards", spy)
+    cfg = load_config(None, ["embed.encoder=precomputed", "cluster.k=12", "cluster.partition_mib=1",
+                             "score.metrics=[semdedup, dbp]", "select.method=dbp", "select.keep_fraction=0.3"])
+    run_pipeline(cfg, str(shards(tmp_path / "emb")), tmp_path / "run")
+    assert calls == [20]  # the score stage's DBP state; the select stage reused it
+    groups = int(np.load(tmp_path / "run" / "clusters" / "groups.npy").max()) + 1
+    assert groups > 1 and files and all(f == [f"g{g:05d}.bin" for g in range(groups)] for f in files)
+    assert not (tmp_path / "run" / "_meta" / "scores" / "parts").exists()
