@@ -49,11 +49,14 @@ def test_histograms_count_only_the_open_groups_and_stay_under_the_cap(monkeypatc
     assert len(cells) > 10  # 64 cells: many passes per level
 
 
-def shards(folder, n_shards=4, per_shard=250, d=512):
+def shards(folder, n_shards=4, per_shard=250, d=512, crowd=0.0):
+    """Random rows; a ``crowd`` share of them close to one point (one large cluster)."""
     rng = np.random.default_rng(2)
     folder.mkdir()
     for s in range(n_shards):
         x = rng.normal(size=(per_shard, d)).astype(np.float32)
+        near = rng.random(per_shard) < crowd
+        x[near] = 5.0 + 0.01 * x[near]
         pq.write_table(pa.table({"uid": [f"u{s}-{i}" for i in range(per_shard)],
                                  "embedding": pa.array(list(x), pa.list_(pa.float32(), d))}), folder / f"{s}.parquet")
     return folder
@@ -77,3 +80,30 @@ def test_d_inter_is_computed_once_and_scores_go_to_one_file_per_group(tmp_path, 
     groups = int(np.load(tmp_path / "run" / "clusters" / "groups.npy").max()) + 1
     assert groups > 1 and files and all(f == [f"g{g:05d}.bin" for g in range(groups)] for f in files)
     assert not (tmp_path / "run" / "_meta" / "scores" / "parts").exists()
+
+
+def test_cluster_stage_in_small_chunks_writes_the_same_bytes(tmp_path, monkeypatch):
+    """A shard read, assigned and partitioned a few rows at a time (runs merged in small steps, one cluster
+    copied in pieces) gives the files of the whole-shard reading, byte for byte."""
+    import datapruning.cluster.parts as parts
+    import datapruning.cluster.stage as cluster_stage
+    import datapruning.io.tables as tables
+
+    inp = shards(tmp_path / "emb", n_shards=3, per_shard=300, d=16, crowd=0.4)
+    args = ["embed.encoder=precomputed", "cluster.k=12", "cluster.niter=3", "score.metrics=[semdedup]",
+            "select.method=rank", "select.metric=semdedup"]
+    run_pipeline(load_config(None, args), str(inp), tmp_path / "whole")
+    monkeypatch.setattr(tables, "BATCH_VALUES", 16 * 7)  # 7-row parquet batches
+    monkeypatch.setattr(cluster_stage, "SHARD_CHUNK_BYTES", 4 * 16 * 40)  # chunks of about 40 rows
+    monkeypatch.setattr(parts, "MERGE_BYTES", 4 * 16 * 30)  # merge steps of 30 rows: big clusters in pieces
+    run_pipeline(load_config(None, args), str(inp), tmp_path / "chunked")
+    sizes = [np.bincount(pq.read_table(f)["cluster"].to_numpy(), minlength=12)
+             for f in sorted((tmp_path / "chunked" / "clusters").glob("*.parquet"))]
+    assert max(c.max() for c in sizes) > 30  # a cluster copied in pieces ...
+    assert any((c[:-1] + c[1:] <= 30).any() for c in sizes)  # ... and a merge step of several clusters
+    whole = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole" / "clusters").rglob("*")
+                   if p.is_file() and p.suffix != ".json")  # fit.json holds timings
+    assert any(p.suffix == ".emb" for p in whole)
+    for rel in whole:
+        assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "chunked" / rel).read_bytes(), rel
+    assert (tmp_path / "whole" / "kept.parquet").read_bytes() == (tmp_path / "chunked" / "kept.parquet").read_bytes()

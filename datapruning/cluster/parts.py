@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StageError
-from ..io.files import write_raw
+from ..io.files import atomic_path, write_raw
 from ..run import Run
 
 META = np.dtype([("row", "<i4"), ("cluster", "<i4"), ("cos_dist", "<f4"), ("tie", "<u8")])  # 20 bytes, packed
@@ -28,19 +28,68 @@ def emb_dtype(run: Run) -> np.dtype:
     return np.dtype("<f2") if run.cfg.embed.store_dtype == "float16" else np.dtype("<f4")
 
 
-def write_parts(run: Run, name: str, matrix: np.ndarray, cluster: np.ndarray, cos_dist: np.ndarray,
-                tie: np.ndarray, groups: np.ndarray) -> None:
-    """Write shard ``name``'s rows sorted by (cluster, row) with the start of each group of clusters; the
-    index file is written last."""
-    order = np.lexsort((np.arange(len(cluster)), cluster))
-    meta = np.empty(len(order), dtype=META)
-    meta["row"], meta["cluster"] = order, cluster[order]
-    meta["cos_dist"], meta["tie"] = cos_dist[order], tie[order]
-    counts = np.bincount(groups[cluster[order]], minlength=int(groups.max()) + 1)
-    out = parts_dir(run)
-    write_raw(out / f"{name}.emb", matrix[order].astype(emb_dtype(run), copy=False))
-    write_raw(out / f"{name}.meta", meta)
-    write_raw(out / f"{name}.idx", np.r_[0, np.cumsum(counts)].astype(INDEX))
+MERGE_BYTES = 32 << 20  # sorted rows moved per step when a shard's runs are merged
+
+
+class PartsWriter:
+    """Shard ``name``'s sorted copy, written from chunks of consecutive rows: ``add`` appends each chunk's rows
+    sorted by cluster to a scratch file of runs; ``close`` merges the runs cluster by cluster into ``<shard>.emb``
+    (rows sorted by (cluster, row)), then writes the meta and, last, the index. Memory: a chunk or a merge
+    step, never the shard's matrix."""
+
+    def __init__(self, run: Run, name: str, k: int, runs: Path):
+        self.run, self.name, self.k, self.runs = run, name, int(k), runs
+        self.dtype, self.counts, self.d = emb_dtype(run), [], 0
+        self.fh = open(runs, "wb")
+
+    def add(self, matrix: np.ndarray, cluster: np.ndarray) -> None:
+        order = np.argsort(cluster, kind="stable")
+        np.ascontiguousarray(matrix[order], dtype=self.dtype).tofile(self.fh)
+        self.counts.append(np.bincount(cluster, minlength=self.k))
+        self.d = matrix.shape[1]
+
+    def close(self, cluster: np.ndarray, cos_dist: np.ndarray, tie: np.ndarray, groups: np.ndarray) -> None:
+        self.fh.close()
+        order = np.lexsort((np.arange(len(cluster)), cluster))
+        meta = np.empty(len(order), dtype=META)
+        meta["row"], meta["cluster"] = order, cluster[order]
+        meta["cos_dist"], meta["tie"] = cos_dist[order], tie[order]
+        counts = np.bincount(groups[cluster[order]], minlength=int(groups.max()) + 1)
+        out = parts_dir(self.run)
+        with atomic_path(out / f"{self.name}.emb") as tmp, open(tmp, "wb") as dst, open(self.runs, "rb") as src:
+            self._merge(src, dst)
+        write_raw(out / f"{self.name}.meta", meta)
+        write_raw(out / f"{self.name}.idx", np.r_[0, np.cumsum(counts)].astype(INDEX))
+
+    def _merge(self, src, dst) -> None:
+        """The runs' rows in (cluster, run) order: clusters taken in batches of about ``MERGE_BYTES``, one read
+        per run each; a cluster above that is copied run by run in pieces."""
+        if not self.counts:
+            return
+        C = np.array(self.counts, dtype=np.int64)  # [runs, k]
+        run_start = np.r_[0, np.cumsum(C.sum(axis=1))][:-1]
+        at = run_start[:, None] + np.cumsum(C, axis=1) - C  # first row of cluster c in run i
+        row_bytes = self.d * self.dtype.itemsize
+        per_cluster = C.sum(axis=0)
+        step = max(1, MERGE_BYTES // max(row_bytes, 1))
+        c0 = 0
+        while c0 < self.k:
+            c1, total = c0 + 1, int(per_cluster[c0])
+            while c1 < self.k and total + per_cluster[c1] <= step:
+                total, c1 = total + int(per_cluster[c1]), c1 + 1
+            if c1 - c0 == 1:
+                for i in range(len(C)):
+                    for s in range(0, int(C[i, c0]), step):
+                        self._read(src, int(at[i, c0]) + s, min(step, int(C[i, c0]) - s)).tofile(dst)
+            else:
+                rows = np.concatenate([self._read(src, int(at[i, c0]), int(C[i, c0:c1].sum())) for i in range(len(C))])
+                labels = np.concatenate([np.repeat(np.arange(c0, c1), C[i, c0:c1]) for i in range(len(C))])
+                rows[np.argsort(labels, kind="stable")].tofile(dst)
+            c0 = c1
+
+    def _read(self, src, row: int, count: int) -> np.ndarray:
+        src.seek(row * self.d * self.dtype.itemsize)
+        return np.fromfile(src, dtype=self.dtype, count=count * self.d).reshape(count, self.d)
 
 
 def _read(path: Path, dtype: np.dtype, start: int, count: int) -> np.ndarray:
