@@ -196,7 +196,8 @@ def shape_args(args, name: str):
     rows = spec.get("shard_rows", max(1, args.n // SHARDS_PER_RUN))
     out.shards = spec.get("shards", max(1, args.n // rows))
     out.data = {key: spec[key] for key in ("exact_copies", "classes") if key in spec}
-    out.overrides = list(spec.get("set", []))
+    # groups of clusters as large a share of the data as cluster.partition_mib's 256 MiB at the 2M rows
+    out.overrides = [f"cluster.partition_mib={max(1, round(256 * args.n / 2_000_000))}", *spec.get("set", [])]
     out.shape = name
     if args.workdir:
         out.workdir = str(Path(args.workdir) / name)
