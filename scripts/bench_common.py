@@ -61,8 +61,7 @@ def make_centres(k: int, d: int, seed: int) -> np.ndarray:
     return c / np.linalg.norm(c, axis=1, keepdims=True)
 
 
-COPY_SOURCES = 16  # distinct rows that the exact copies repeat (web data: a placeholder image, a logo ...)
-COPY_SPREAD = 0.004  # ... re-encoded a few ways: near-duplicates of each other, so the copies make one cluster
+COPY_SOURCES = 1  # distinct rows the exact copies repeat (web data: a placeholder image): one huge cluster
 
 
 def long_tail_labels(rng: np.random.Generator, n: int, classes: int, head: int = 50, head_share: float = 0.8):
@@ -81,14 +80,14 @@ def write_embedding_shards(folder: Path, n: int, d: int, shards: int, k_true: in
                            classes: int | None = None) -> list[Path]:
     """Precomputed-embedding parquet shards (uid, embedding fixed_size_list<float32>, label), written one
     shard at a time so the writer never holds the whole matrix. ``exact_copies``: that share of every shard's
-    rows are bit-identical copies of ``COPY_SOURCES`` rows close to each other (they make one huge cluster);
+    rows are bit-identical copies of ``COPY_SOURCES`` rows (k-means cannot split copies: one huge cluster);
     ``classes``: long-tailed labels over that many classes instead of the true centre ids."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
     centres = make_centres(k_true, d, seed)
-    sources = mixture(np.random.default_rng([seed, 1 << 30]), centres[:1], COPY_SOURCES, COPY_SPREAD, 0.0)[0]
+    sources = mixture(np.random.default_rng([seed, 1 << 30]), centres[:1], COPY_SOURCES, spread, 0.0)[0]
     bounds = np.linspace(0, n, shards + 1).astype(np.int64)
     paths = []
     for s in range(shards):

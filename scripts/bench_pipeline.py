@@ -276,6 +276,8 @@ def one_size(args) -> dict:
             "worst_stage_rss_over_embeddings": round(worst / emb_bytes, 2), "rss_limit_mib": RSS_LIMIT_MIB,
             "meets_rss_limit": worst <= RSS_LIMIT_MIB * 2**20, "kept": stats["kept"],
             "dedup": stats["select"].get("dedup"), "quick": args.quick, "shape": getattr(args, "shape", None),
+            "bytes_per_row": {"clusters": column_bytes(work / "run" / "clusters"),
+                              "scores": column_bytes(work / "run" / "scores")},
         }
         if bare is not None:
             result.update({"bare_s": bare["seconds"], "bare_parts_s": bare["parts"], "bare_kept": bare["kept"],
@@ -294,6 +296,21 @@ def against(r: dict, u: dict | None) -> dict:
     ok = u is not None and "seconds" in u
     return {**r, "time_vs_uniform": round(r["seconds"] / max(u["seconds"], 1e-9), 2) if ok else None,
             "rss_vs_uniform": round(r["peak_rss_mib"] / u["peak_rss_mib"], 2) if ok else None}
+
+
+def column_bytes(folder: Path) -> dict:
+    """Compressed bytes per row of each column of a stage's parquet files (what a pass reading it decodes)."""
+    import pyarrow.parquet as pq
+
+    sizes, rows = {}, 0
+    for path in folder.glob("*.parquet"):
+        meta = pq.read_metadata(path)
+        rows += meta.num_rows
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(g).column(c)
+                sizes[col.path_in_schema] = sizes.get(col.path_in_schema, 0) + col.total_compressed_size
+    return {k: round(v / max(rows, 1), 2) for k, v in sorted(sizes.items())}
 
 
 def stage_row(r: dict) -> dict:
