@@ -44,10 +44,11 @@ def row_hashes(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def first_copies(hashes: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray], step: int = 65536) -> np.ndarray:
+def first_copies(hashes: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray], step: int = 8192) -> np.ndarray:
     """For every row (in stream order) the position of the first row with the same bits (itself when none is
-    earlier). ``hashes``: ``row_hashes`` of the rows; ``fetch(positions)`` reads rows. Rows whose hash matches
-    an earlier one are compared bit for bit with it; on a mismatch (a hash collision) the row stays its own."""
+    earlier). ``hashes``: ``row_hashes`` of the rows; ``fetch(positions)`` reads rows, ``step`` at a time. Rows
+    whose hash matches an earlier one are compared bit for bit with it; on a mismatch (a hash collision) the row
+    stays its own."""
     m = len(hashes)
     order = np.argsort(hashes, kind="stable")
     h = hashes[order]

@@ -23,7 +23,7 @@ DEFAULT_EPS = (0.0001, 0.00095, 0.005, 0.01, 0.03, 0.05, 0.1)
 REPORT_KEEP_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5)
 COLUMN = "score_semdedup"  # the run's column of duplicate scores
 PROGRESS_MIN_ROWS = 200_000  # show a progress bar above this many rows to compare
-HASH_ROWS = 65536  # rows hashed per step
+STEP_BYTES = 16 << 20  # float32 rows hashed or compared per step
 
 
 def cluster_ranges(cluster: np.ndarray, order: np.ndarray | None = None):
@@ -39,11 +39,13 @@ def cluster_ranges(cluster: np.ndarray, order: np.ndarray | None = None):
             yield int(ids[start]), order[start:stop]
 
 
-def cluster_scores(fetch, m: int, block_rows: int) -> np.ndarray:
-    """Duplicate scores (float64 [m]) of one cluster's ``m`` rows in keep order, read by ``fetch(positions)``:
-    bit-identical rows collapsed (``pairs``), then each row's largest similarity to the rows before it."""
-    hashes = np.concatenate([row_hashes(fetch(np.arange(s, min(s + HASH_ROWS, m)))) for s in range(0, m, HASH_ROWS)])
-    q = plan_queries(first_copies(hashes, fetch))
+def cluster_scores(fetch, m: int, d: int, block_rows: int) -> np.ndarray:
+    """Duplicate scores (float64 [m]) of one cluster's ``m`` rows (width ``d``) in keep order, read by
+    ``fetch(positions)``: bit-identical rows collapsed (``pairs``), then each row's largest similarity to the
+    rows before it."""
+    step = max(1, STEP_BYTES // (4 * max(d, 1)))
+    hashes = np.concatenate([row_hashes(fetch(np.arange(s, min(s + step, m)))) for s in range(0, m, step)])
+    q = plan_queries(first_copies(hashes, fetch, step))
     values = prefix_max(lambda lo, hi: fetch(q.distinct[lo:hi]), q.rep, q.length, 0, len(q.distinct), block_rows)
     return to_scores(values[q.query])
 
@@ -82,7 +84,8 @@ def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.nd
     with tqdm(total=work, unit="row", desc="semdedup", disable=work < PROGRESS_MIN_ROWS) as bar:
         for _, rows in cluster_ranges(cluster, order):
             if len(rows) > 1:
-                out[rows] = cluster_scores(lambda at, rows=rows: embeddings[rows[at]], len(rows), int(block_rows))
+                out[rows] = cluster_scores(lambda at, rows=rows: embeddings[rows[at]], len(rows), embeddings.shape[1],
+                                           int(block_rows))
                 bar.update(len(rows))
     return out
 

@@ -50,7 +50,7 @@ def plan_group(run: Run, offsets: np.ndarray, group: int, mode: str, seed: int) 
     row_query = np.empty(len(hashes), dtype=np.int64)
     with open(folder / "distinct.f32", "wb") as fh:
         for _, rows in cluster_ranges(meta["cluster"], rank_order(meta["cos_dist"], mode, seed, meta["tie"])):
-            q = plan_queries(first_copies(hashes[rows], lambda at, rows=rows: fetch(rows[at])))
+            q = plan_queries(first_copies(hashes[rows], lambda at, rows=rows: fetch(rows[at]), step))
             for s in range(0, len(q.distinct), step):
                 fetch(rows[q.distinct[s:s + step]]).tofile(fh)
             start = (table[-1][0] + table[-1][1], table[-1][2] + table[-1][3]) if table else (0, 0)
