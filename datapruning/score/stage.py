@@ -68,7 +68,7 @@ def parts_dir(run: Run, name: str):
     return meta_dir(run.dir("score")) / "parts" / name
 
 
-STREAM_OVER = 2  # a group above this many times cluster.partition_mib of float32 rows is streamed
+STREAM_OVER = 1.5  # a group above this many times cluster.partition_mib of float32 rows is streamed
 SHARDS_PER_TASK = 16  # consecutive shards per scoring task: one read of each group's file per task
 
 
@@ -92,7 +92,7 @@ def score_groups(run: Run, name: str, metric, params, state: dict, offsets: np.n
     big = []
     if metric.stream is not None and todo:
         rows = group_rows(run, n_groups)
-        limit = STREAM_OVER * (run.cfg.cluster.partition_mib << 20) // (4 * embedding_dim(run))
+        limit = int(STREAM_OVER * (run.cfg.cluster.partition_mib << 20)) // (4 * embedding_dim(run))
         big = [g for g in todo if rows[g] > limit]
     with progress(len(todo), f"score {name} (cluster groups)") as bar:
         for _ in run.executor.map_unordered(partial(score_group, run, name, params, state, offsets),
