@@ -107,3 +107,20 @@ def test_cluster_stage_in_small_chunks_writes_the_same_bytes(tmp_path, monkeypat
     for rel in whole:
         assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "chunked" / rel).read_bytes(), rel
     assert (tmp_path / "whole" / "kept.parquet").read_bytes() == (tmp_path / "chunked" / "kept.parquet").read_bytes()
+
+
+def test_nearest_settles_copies_of_an_unsure_row_once_with_the_same_choice():
+    from datapruning.metrics.exact import dot_bound, exact_argmax, nearest, row_norms
+
+    rng = np.random.default_rng(3)
+    c = rng.normal(size=(6, 16)).astype(np.float32)
+    c[1] = np.nextafter(c[0], np.float32(9))  # two centroids a few ulps apart: their rows are all unsure
+    x = np.concatenate([np.repeat(c[:1] * 2, 500, axis=0), rng.normal(size=(300, 16)).astype(np.float32)])
+    x[::7] = np.nextafter(x[::7], np.float32(-9))
+    sims32 = x @ c.T
+    top = np.argsort(-sims32, axis=1)[:, :2]
+    got = nearest(x, c, top, np.take_along_axis(sims32, top, axis=1))
+    cmax = float(row_norms(c).max())
+    want = [exact_argmax(x[i], c, x[i].astype(np.float64) @ c.astype(np.float64).T,
+                         float(dot_bound(16, row_norms(x[i:i + 1])[0], cmax))) for i in range(len(x))]
+    np.testing.assert_array_equal(got, want)
