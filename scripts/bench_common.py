@@ -64,15 +64,14 @@ def make_centres(k: int, d: int, seed: int) -> np.ndarray:
 COPY_SOURCES = 1  # distinct rows the exact copies repeat (web data: a placeholder image): one huge cluster
 
 
-def long_tail_labels(rng: np.random.Generator, n: int, classes: int, head: int = 50, head_share: float = 0.8):
-    """``n`` labels over ``classes`` classes: ``head_share`` of the rows in the first ``head`` classes (uniform),
-    the rest over the tail with weights 1 / rank."""
-    tail = np.arange(head, classes)
-    w = 1.0 / np.arange(1, len(tail) + 1)
-    out = rng.integers(head, size=n)
-    in_tail = rng.random(n) >= head_share
-    out[in_tail] = rng.choice(tail, size=int(in_tail.sum()), p=w / w.sum())
-    return out
+def long_tail_labels(rng: np.random.Generator, n: int, classes: int, start: int, head: int = 50,
+                     every: int = 5) -> np.ndarray:
+    """Labels of rows ``start .. start+n-1``: every ``every``-th row (20%) in the tail, spread evenly over classes
+    ``head .. classes-1`` (the same few rows each, so a balanced selection cuts only the head classes: the
+    issue's shape), the other 80% at random in the first ``head`` classes."""
+    pos = np.arange(start, start + n)
+    tail = pos % every == 0
+    return np.where(tail, head + (pos // every) % (classes - head), rng.integers(head, size=n))
 
 
 def write_embedding_shards(folder: Path, n: int, d: int, shards: int, k_true: int, seed: int = 0,
@@ -98,7 +97,7 @@ def write_embedding_shards(folder: Path, n: int, d: int, shards: int, k_true: in
         x[copies] = sources[rng.integers(COPY_SOURCES, size=int(copies.sum()))]
         ids[copies] = 0
         if classes:
-            ids = long_tail_labels(rng, hi - lo, classes)
+            ids = long_tail_labels(rng, hi - lo, classes, lo)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d)
         table = pa.table({"uid": pa.array([f"id{i:09d}" for i in range(lo, hi)]), "embedding": emb,
                           "label": pa.array(ids.astype(np.int64))})
