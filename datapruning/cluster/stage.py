@@ -174,7 +174,8 @@ def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, chunks, s
         write_ties(run, shard["name"], tie)
         if writer is not None:
             writer.close(cluster, cos_dist, tie, groups)
-    uid = pa.chunked_array([c for t in uids for c in t.chunks], pa.string()) if uids else pa.array([], pa.string())
+    # one array, so the file's bytes do not depend on the chunk size
+    uid = pa.concat_arrays([c for t in uids for c in t.chunks]) if uids else pa.array([], pa.string())
     write_parquet(out_dir / f"{shard['name']}.parquet",
                   pa.table({"uid": uid, "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist,
                             "tie": pa.array(tie)}))
