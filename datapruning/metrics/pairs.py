@@ -13,6 +13,7 @@ from a file, so a pass can cover any range of row blocks in any task.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -20,15 +21,17 @@ import numpy as np
 from .exact import dot_bound, exact_dot, row_norms, settle
 
 HASH_CHUNK_BYTES = 16 << 20  # uint64 temporaries per step of the row hash
+HASH_WORDS = 64  # float32 columns hashed per row (spread over the row): enough to tell real rows apart
 _MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 
 Read = Callable[[int, int], np.ndarray]  # (lo, hi) -> the distinct rows lo..hi-1 (float32 or float16 [hi-lo, d])
 
 
 def row_hashes(x: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each row's float32 bits (uint64 [n]): equal rows hash equal; unequal ones rarely do,
-    and ``first_copies`` compares the bits anyway."""
+    """A 64-bit hash of each row's float32 bits in ``HASH_WORDS`` columns spread over the row (uint64 [n]): equal
+    rows hash equal; unequal ones rarely do, and ``first_copies`` compares the whole rows anyway."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    bits = bits[:, ::max(1, bits.shape[1] // HASH_WORDS)]
     n, d = bits.shape
     mult = np.random.default_rng(d).integers(1, 1 << 63, size=d, dtype=np.uint64) | np.uint64(1)
     out = np.empty(n, dtype=np.uint64)
@@ -94,6 +97,14 @@ def plan_queries(first: np.ndarray) -> Queries:
     return Queries(distinct, key // (m + 1), key % (m + 1), query.reshape(-1))
 
 
+@lru_cache(maxsize=8)
+def upper_mask(width: int) -> np.ndarray:
+    """The ``width`` x ``width`` mask that is True on and above the diagonal (made once per width, read-only)."""
+    mask = np.triu(np.ones((width, width), dtype=bool))
+    mask.flags.writeable = False
+    return mask
+
+
 def prefix_max(read: Read, rep: np.ndarray, length: np.ndarray, lo: int, hi: int, block_rows: int) -> np.ndarray:
     """float32 per query with ``lo <= rep < hi`` (``rep`` sorted; every distinct row has its own query
     ``(r, r)``): the exact ``max_{i < length} <x_i, x_rep>`` rounded once, -inf for length 0. Row blocks of
@@ -103,7 +114,7 @@ def prefix_max(read: Read, rep: np.ndarray, length: np.ndarray, lo: int, hi: int
     e0, e1 = np.searchsorted(rep, [lo, hi])
     reps, lens = rep[e0:e1], length[e0:e1]
     best, bound = np.full(e1 - e0, -np.inf), np.zeros(e1 - e0)
-    upper = np.triu(np.ones((min(block_rows, hi - lo), min(block_rows, hi - lo)), dtype=bool))
+    upper = upper_mask(min(block_rows, 1 << max(hi - lo - 1, 0).bit_length()))  # few widths: cached
     for r0 in range(lo, hi, block_rows):
         r1 = min(r0 + block_rows, hi)
         a, b = np.searchsorted(reps, [r0, r1])
