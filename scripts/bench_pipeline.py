@@ -193,6 +193,8 @@ def shape_args(args, name: str):
     out = argparse.Namespace(**vars(args))
     out.d = spec.get("d", args.d)
     out.k = spec.get("k", max(1, args.n // ROWS_PER_CLUSTER))
+    if args.quick:  # tiny N: a few rows per cluster at most
+        out.k = min(out.k, max(2, args.n // 8))
     rows = spec.get("shard_rows", max(1, args.n // SHARDS_PER_RUN))
     out.shards = spec.get("shards", max(1, args.n // rows))
     out.data = {key: spec[key] for key in ("exact_copies", "classes") if key in spec}
