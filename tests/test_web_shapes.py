@@ -124,3 +124,29 @@ def test_nearest_settles_copies_of_an_unsure_row_once_with_the_same_choice():
     want = [exact_argmax(x[i], c, x[i].astype(np.float64) @ c.astype(np.float64).T,
                          float(dot_bound(16, row_norms(x[i:i + 1])[0], cmax))) for i in range(len(x))]
     np.testing.assert_array_equal(got, want)
+
+
+def test_one_radix_search_gives_every_keep_fractions_eps(monkeypatch):
+    """The five summary targets share one search; each equals its own search and keeps at least ceil(f * n)
+    scored rows, its threshold 1 - eps being the ceil(f * n)-th smallest score."""
+    from datapruning.metrics.semdedup import eps_for_keep_fraction, eps_for_keep_fractions, removal_mask
+    from datapruning.rows import BlockRows
+
+    monkeypatch.setattr(cutoffs, "COLLECT_LIMIT", 40)  # force the radix passes
+    rng = np.random.default_rng(5)
+    s = np.clip(1 - rng.exponential(0.02, 3000), -1, 1).astype(np.float32).astype(np.float64)
+    s[rng.random(3000) < 0.2] = 1.0  # exact copies
+    s[rng.random(3000) < 0.05] = np.nan  # unscored
+    parts = np.array_split(np.arange(3000), 7)
+    rows = BlockRows(lambda i: {"score_semdedup": s[parts[i]], "pos": parts[i].astype(np.int64),
+                                "tie": np.arange(3000, dtype=np.uint64)[parts[i]] * np.uint64(2654435761)},
+                     list(range(7)), 3000)
+    fractions = (0.9, 0.8, 0.7, 0.6, 0.5)
+    got = eps_for_keep_fractions(rows, fractions)
+    n = int((~np.isnan(s)).sum())
+    for f, eps in zip(fractions, got):
+        assert eps == eps_for_keep_fraction(rows, f)
+        want = int(np.ceil(f * n - 1e-9))
+        kept = n - removal_mask(s, eps).sum()
+        assert kept >= want  # keeps enough ...
+        assert kept - np.sum(np.abs(s - (1 - eps)) < 1e-12) < want  # ... and the threshold is the want-th score
