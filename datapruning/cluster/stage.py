@@ -211,8 +211,9 @@ def assign_prefetching(run: Run, todo: list[tuple[dict, int]], out_dir: Path) ->
                 yield shard["name"], chunk
             yield shard["name"], None  # the shard's end (an empty shard has only this)
 
-    for (name, group) in itertools.groupby(read_ahead(pieces(), PREFETCH_CHUNKS), key=lambda item: item[0]):
-        shard = next(s for s, _ in todo if s["name"] == name)
+    by_name = {s["name"]: s for s, _ in todo}
+    for name, group in itertools.groupby(read_ahead(pieces(), PREFETCH_CHUNKS), key=lambda item: item[0]):
+        shard = by_name[name]
         yield assign_shard(run, shard, centroids, groups, (c for _, c in group if c is not None), time.perf_counter())
 
 
