@@ -6,7 +6,8 @@ seeded tie hash, ``k2`` the global row (unique, so the order is strict). For eac
 ``B`` bits of the key narrows every group to one bin, until the rows left in the boundary bins fit in
 memory (``COLLECT_LIMIT``); one pass then collects them and sorts exactly. The result is a bound per group,
 ``keep iff key < bound``, which any block can apply on its own. Memory: ``groups x 2**B`` counters plus
-the collected rows; never one entry per row of the run.
+the collected rows; never one entry per row of the run, and never more than ``COUNTERS`` cells per pass
+whatever the number of groups.
 """
 from __future__ import annotations
 
@@ -49,15 +50,13 @@ class Cutoffs:
 
 
 def _digit_bits(n_groups: int) -> int:
-    for bits in (16, 8, 4, 2, 1):
-        if n_groups << bits <= COUNTERS:
-            return bits
-    return 1
+    """The widest digit (at most 16 bits) whose histogram over ``n_groups`` groups fits ``COUNTERS`` cells."""
+    room = COUNTERS // max(int(n_groups), 1)
+    return max(1, min(16, room.bit_length() - 1))
 
 
-def _digit(k0, k1, k2, level: int, bits: int) -> np.ndarray:
-    """The ``level``-th ``bits``-wide digit of the 192-bit key, from the top."""
-    start = level * bits
+def _digit(k0, k1, k2, start: int, bits: int) -> np.ndarray:
+    """The ``bits``-wide digit of the 192-bit key from bit ``start`` (from the top; within one 64-bit word)."""
     word = (k0, k1, k2)[start // 64]
     shift = U64(64 - bits - start % 64)
     return ((word >> shift) & U64((1 << bits) - 1)).astype(np.int64)
@@ -77,7 +76,7 @@ def _prefix_match(keys: tuple, prefix: np.ndarray, nbits: int) -> np.ndarray:
 
 def _count(keys: Keys, n_groups: int, block: dict) -> np.ndarray:
     g = keys(block)[0]
-    return np.bincount(g[g >= 0], minlength=n_groups)[:n_groups].astype(np.int64)
+    return np.bincount(g[g >= 0], minlength=n_groups)[:n_groups].astype(np.int64, copy=False)
 
 
 def _candidates(keys: Keys, active: np.ndarray, prefix: np.ndarray, nbits: int, block: dict):
@@ -89,10 +88,12 @@ def _candidates(keys: Keys, active: np.ndarray, prefix: np.ndarray, nbits: int, 
     return g[rows], k0[rows], k1[rows], k2[rows]
 
 
-def _hist(keys: Keys, n_groups: int, bits: int, level: int, active, prefix, block: dict) -> np.ndarray:
-    g, k0, k1, k2 = _candidates(keys, active, prefix, level * bits, block)
-    cells = g * (1 << bits) + _digit(k0, k1, k2, level, bits)
-    return np.bincount(cells, minlength=n_groups << bits).astype(np.int64)
+def _hist(keys: Keys, slot: np.ndarray, n_slots: int, bits: int, start: int, prefix, block: dict) -> np.ndarray:
+    """Counts per (slot, digit) of the rows in the groups that have a ``slot`` (>= 0) and match their prefix:
+    ``n_slots << bits`` cells, whatever the number of groups."""
+    g, k0, k1, k2 = _candidates(keys, slot >= 0, prefix, start, block)
+    cells = slot[g] * (1 << bits) + _digit(k0, k1, k2, start, bits)
+    return np.bincount(cells, minlength=n_slots << bits)
 
 
 def _collect(keys: Keys, active, prefix, nbits: int, block: dict):
@@ -100,16 +101,15 @@ def _collect(keys: Keys, active, prefix, nbits: int, block: dict):
     return g.astype(np.int64), k0, k1, k2
 
 
-def _set_digit(prefix: np.ndarray, rows: np.ndarray, digit: np.ndarray, level: int, bits: int) -> None:
-    start = level * bits
+def _set_digit(prefix: np.ndarray, rows: np.ndarray, digit: np.ndarray, start: int, bits: int) -> None:
     w, shift = start // 64, U64(64 - bits - start % 64)
     prefix[rows, w] |= digit.astype(np.uint64) << shift
 
 
-def _next_bin(prefix_rows: np.ndarray, level: int, bits: int) -> np.ndarray:
-    """The 192-bit value where the bin after each prefix starts (prefix + one unit at ``level``), carried."""
+def _next_bin(prefix_rows: np.ndarray, start: int, bits: int) -> np.ndarray:
+    """The 192-bit value where the bin after each prefix starts (prefix + one unit of the digit at ``start``),
+    carried."""
     out = prefix_rows.copy()
-    start = level * bits
     w, unit = start // 64, U64(1) << U64(64 - bits - start % 64)
     carry = np.ones(len(out), dtype=bool)
     add_val = np.full(len(out), unit, dtype=np.uint64)
@@ -127,7 +127,9 @@ def _next_bin(prefix_rows: np.ndarray, level: int, bits: int) -> np.ndarray:
 
 def find_cutoffs(rows, keys: Keys, quotas: np.ndarray, sizes: np.ndarray | None = None) -> Cutoffs:
     """Exact bounds keeping the first ``quotas[g]`` rows of each group g by key (see the module doc).
-    ``sizes`` (rows in play per group) is counted with one pass when not given."""
+    ``sizes`` (rows in play per group) is counted with one pass when not given. Each radix pass histograms
+    the groups still open: the digit is as wide as ``COUNTERS`` cells allow for their number (up to 16 bits),
+    and more groups than fit one-bit digits are histogrammed in several passes."""
     quotas = np.asarray(quotas, dtype=np.int64)
     G = len(quotas)
     if sizes is None:
@@ -141,24 +143,30 @@ def find_cutoffs(rows, keys: Keys, quotas: np.ndarray, sizes: np.ndarray | None 
     prefix = np.zeros((G, 3), dtype=np.uint64)
     need = quotas.copy()
     active = kind == BOUND
-    bits = _digit_bits(int(active.sum()))
-    level, in_bins = 0, int(sizes[active].sum())
-    while active.any() and in_bins > COLLECT_LIMIT and (level + 1) * bits <= KEY_BITS:
-        hist = rows.reduce(partial(_hist, keys, G, bits, level, active, prefix)).reshape(G, 1 << bits)
-        ids = np.flatnonzero(active)
-        cum = np.cumsum(hist[ids], axis=1)
-        b = (cum < need[ids, None]).sum(axis=1)  # first bin where the running count reaches the need
-        below = np.where(b > 0, cum[np.arange(len(ids)), np.maximum(b - 1, 0)], 0)
-        need[ids] -= below
-        _set_digit(prefix, ids, b, level, bits)
-        in_bin = hist[ids, b]
-        whole = need[ids] == in_bin  # the whole boundary bin is kept: keep everything below the next bin
-        bound[ids[whole]] = _next_bin(prefix[ids[whole]], level, bits)
-        active[ids[whole]] = False
-        level += 1
-        in_bins = int(in_bin[~whole].sum())
+    start, in_bins = 0, int(sizes[active].sum())
+    while active.any() and in_bins > COLLECT_LIMIT and start < KEY_BITS:
+        open_ids = np.flatnonzero(active)
+        bits = min(_digit_bits(len(open_ids)), 64 - start % 64)
+        per_pass = max(1, COUNTERS >> bits)
+        in_bins = 0
+        for c0 in range(0, len(open_ids), per_pass):
+            ids = open_ids[c0:c0 + per_pass]
+            slot = np.full(G, -1, dtype=np.int64)
+            slot[ids] = np.arange(len(ids))
+            hist = rows.reduce(partial(_hist, keys, slot, len(ids), bits, start, prefix)).reshape(len(ids), 1 << bits)
+            cum = np.cumsum(hist, axis=1)
+            b = (cum < need[ids, None]).sum(axis=1)  # first bin where the running count reaches the need
+            below = np.where(b > 0, cum[np.arange(len(ids)), np.maximum(b - 1, 0)], 0)
+            need[ids] -= below
+            _set_digit(prefix, ids, b, start, bits)
+            in_bin = hist[np.arange(len(ids)), b]
+            whole = need[ids] == in_bin  # the whole boundary bin is kept: keep everything below the next bin
+            bound[ids[whole]] = _next_bin(prefix[ids[whole]], start, bits)
+            active[ids[whole]] = False
+            in_bins += int(in_bin[~whole].sum())
+        start += bits
     if active.any():
-        g, k0, k1, k2 = rows.reduce(partial(_collect, keys, active, prefix, level * bits), concat)
+        g, k0, k1, k2 = rows.reduce(partial(_collect, keys, active, prefix, start), concat)
         order = np.lexsort((k2, k1, k0, g))
         g, k0, k1, k2 = g[order], k0[order], k1[order], k2[order]
         ids = np.flatnonzero(active)

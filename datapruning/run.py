@@ -106,6 +106,7 @@ FILES = {"config": (None, "config.json"), "shards": (None, "shards.json"), "stat
          "fit_info": ("cluster", "fit.json"), "fit_sample": ("cluster", "fit_sample.f32"),
          "unique": ("cluster", "unique.json"), "parts": ("cluster", "parts"), "ties": ("cluster", "ties"),
          "labels": ("score", LABEL_INDEX), "score_state": ("score", "state"), "score_parts": ("score", "parts"),
+         "score_stream": ("score", "stream"),
          "teacher_info": ("teacher", "info.json")}
 
 
@@ -341,8 +342,10 @@ def read_block(run: Run, item: tuple, scores: bool = False, labels: dict | None 
                               else np.full(n, -1, np.int64))
         if embeddings:
             block["embedding"] = column_to_matrix(emb["embedding"], f"embeddings/{name}.parquet")
-    if scores:
-        sc = read_stage(layout.shard_file("score", name))
+    if scores:  # the label codes and scores, not the uids (most of the file's bytes)
+        path = layout.shard_file("score", name)
+        names = pq.ParquetFile(path).schema_arrow.names
+        sc = read_stage(path, columns=[c for c in names if c == "label" or c.startswith("score_")])
         if sc.num_rows != n:
             raise StageError(f"scores/{name}.parquet has {sc.num_rows} rows, clusters/{name}.parquet "
                              f"{n}; delete it and rerun 'datapruning score'")

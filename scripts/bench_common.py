@@ -61,20 +61,43 @@ def make_centres(k: int, d: int, seed: int) -> np.ndarray:
     return c / np.linalg.norm(c, axis=1, keepdims=True)
 
 
+COPY_SOURCES = 1  # distinct rows the exact copies repeat (web data: a placeholder image): one huge cluster
+
+
+def long_tail_labels(rng: np.random.Generator, n: int, classes: int, start: int, head: int = 50,
+                     every: int = 5) -> np.ndarray:
+    """Labels of rows ``start .. start+n-1``: every ``every``-th row (20%) in the tail, spread evenly over classes
+    ``head .. classes-1`` (the same few rows each, so a balanced selection cuts only the head classes: the
+    issue's shape), the other 80% at random in the first ``head`` classes."""
+    pos = np.arange(start, start + n)
+    tail = pos % every == 0
+    return np.where(tail, head + (pos // every) % (classes - head), rng.integers(head, size=n))
+
+
 def write_embedding_shards(folder: Path, n: int, d: int, shards: int, k_true: int, seed: int = 0,
-                           spread: float = 0.04, dup_fraction: float = 0.1) -> list[Path]:
+                           spread: float = 0.04, dup_fraction: float = 0.1, exact_copies: float = 0.0,
+                           classes: int | None = None) -> list[Path]:
     """Precomputed-embedding parquet shards (uid, embedding fixed_size_list<float32>, label), written one
-    shard at a time so the writer never holds the whole matrix."""
+    shard at a time so the writer never holds the whole matrix. ``exact_copies``: that share of every shard's
+    rows are bit-identical copies of ``COPY_SOURCES`` rows (k-means cannot split copies: one huge cluster);
+    ``classes``: long-tailed labels over that many classes instead of the true centre ids."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
     centres = make_centres(k_true, d, seed)
+    sources = mixture(np.random.default_rng([seed, 1 << 30]), centres[:1], COPY_SOURCES, spread, 0.0)[0]
     bounds = np.linspace(0, n, shards + 1).astype(np.int64)
     paths = []
     for s in range(shards):
         lo, hi = int(bounds[s]), int(bounds[s + 1])
-        x, ids = mixture(np.random.default_rng([seed, s]), centres, hi - lo, spread, dup_fraction)
+        rng = np.random.default_rng([seed, s])
+        x, ids = mixture(rng, centres, hi - lo, spread, dup_fraction)
+        copies = rng.random(hi - lo) < exact_copies
+        x[copies] = sources[rng.integers(COPY_SOURCES, size=int(copies.sum()))]
+        ids[copies] = 0
+        if classes:
+            ids = long_tail_labels(rng, hi - lo, classes, lo)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d)
         table = pa.table({"uid": pa.array([f"id{i:09d}" for i in range(lo, hi)]), "embedding": emb,
                           "label": pa.array(ids.astype(np.int64))})
@@ -129,19 +152,28 @@ def write_tar_shards(folder: Path, count: int, shards: int, members) -> None:
                     tar.addfile(info, io.BytesIO(data))
 
 
-def run_child(argv: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
+class ChildFailed(RuntimeError):
+    """A child process exited with an error (the message ends with its stderr's last lines)."""
+
+
+def run_child(argv: list[str], env: dict | None = None, timeout: float = 3600, max_vm_bytes: int | None = None) -> dict:
     """Run ``python argv...`` in a fresh process; its last stdout line is a JSON dict, returned with
-    the child's wall time and peak RSS (wait4's ru_maxrss, beside the child's own VmHWM)."""
+    the child's wall time and peak RSS (wait4's ru_maxrss, beside the child's own VmHWM). ``max_vm_bytes``
+    caps the child's address space (RLIMIT_AS), so a runaway allocation fails in the child instead of
+    pressing on a shared machine's memory."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (max_vm_bytes, max_vm_bytes))
+
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, cwd=REPO)
+                            env={**os.environ, **(env or {})}, cwd=REPO, preexec_fn=cap if max_vm_bytes else None)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"child {argv[:3]} failed ({proc.returncode}):\n{err[-3000:]}")
+        raise ChildFailed(f"child {argv[:3]} failed ({proc.returncode}):\n{err[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1])
     result.setdefault("wall_s", round(time.perf_counter() - start, 3))

@@ -7,6 +7,12 @@ stays flat (within 20%) and the time per row at the largest N against the smalle
     python scripts/bench_pipeline.py --n 3000000 --d 128 --k 1000 --shards 60     # the issue's target run
     python scripts/bench_pipeline.py --sizes 1000000,3000000,10000000 --d 128 --k 1000 --shard-rows 50000
     python scripts/bench_pipeline.py --quick               # tiny (CI)
+    python scripts/bench_pipeline.py --shape dup10,dup30,bigshards,k50k,longtail,tinyshards --n 200000 --skip-bare
+    python scripts/bench_pipeline.py --shape wide --n 100000 --skip-bare
+
+``--shape`` runs web-scale shapes of the data beside the uniform run of the same N and d (in the same script
+run) and prints each stage's seconds and peak RSS against it, with the passes over the rows and the files each
+stage wrote: ``SHAPES`` below says what each changes.
 """
 from __future__ import annotations
 
@@ -17,11 +23,27 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import REPO, mib, peak_rss_bytes, report, run_child, scratch, write_embedding_shards  # noqa: E402
+from datapruning.io.files import meta_dir  # noqa: E402
+from datapruning.run import STAGE_DIRS  # noqa: E402
+from bench_common import REPO, ChildFailed, mib, peak_rss_bytes, report, run_child, scratch, write_embedding_shards  # noqa: E402
 
 STAGES = ("embed", "cluster", "score", "select", "manifest")
 RSS_LIMIT_MIB = 1024  # every stage's peak RSS, whatever N
 FLAT = 1.2  # peak RSS per stage across N: largest / smallest
+SHARDS_PER_RUN = 40  # --shape: the uniform run's shard count (the issue's 2M rows in 50k-row shards)
+ROWS_PER_CLUSTER = 2000  # --shape: k = N / this (the issue's 2M rows, k = 1,000)
+LONGTAIL = ["select.method=balanced", "select.metric=ssp", "select.params={by: label}"]
+# what each shape changes against the uniform run of the same N (the issue's table of web-scale shapes)
+SHAPES = {
+    "uniform": {},
+    "dup10": {"exact_copies": 0.10},  # 10% bit-identical copies of 64 rows: one huge cluster
+    "dup30": {"exact_copies": 0.30},
+    "wide": {"d": 1024, "exact_copies": 0.30},  # against a uniform run at d = 1024
+    "bigshards": {"shards": 4},
+    "k50k": {"k": 50_000, "set": ["cluster.max_points_per_centroid=1", "cluster.niter=2"]},  # fit on k rows
+    "longtail": {"classes": 10_000, "set": LONGTAIL},  # 80% of rows in 50 classes; balanced by label
+    "tinyshards": {"shard_rows": 500},
+}
 
 
 def parse(argv=None):
@@ -39,6 +61,9 @@ def parse(argv=None):
     p.add_argument("--skip-bare", action="store_true", help="no bare baseline (for N whose matrix does not fit)")
     p.add_argument("--rows-per-cluster", type=int, help="--sizes: k = N / this at each N (clusters of a constant "
                    "size, as users scale k; SemDeDup's cost per row grows with the cluster size)")
+    p.add_argument("--shape", help=f"comma-separated shapes to run beside the uniform run: {', '.join(SHAPES)}")
+    p.add_argument("--max-vm-mib", type=int, default=4096, help="address-space cap of each stage's process "
+                   "(a stage that needs more fails there, not on the machine)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--child", choices=(*STAGES, "bare"), help=argparse.SUPPRESS)
     p.add_argument("--run", help=argparse.SUPPRESS)
@@ -48,12 +73,25 @@ def parse(argv=None):
         args.n, args.d, args.k, args.niter, args.shards = 4000, 32, 10, 5, 4
         if args.sizes:
             args.sizes, args.shard_rows = "2000,4000", 1000
+    if args.shape and not set(args.shape.split(",")) <= set(SHAPES):
+        p.error(f"--shape: unknown {sorted(set(args.shape.split(',')) - set(SHAPES))}; known: {', '.join(SHAPES)}")
     return args
 
 
 def child_stage(stage: str, run: str, input_dir: str) -> None:
-    """One stage in this fresh process; prints its seconds and this process's peak RSS."""
+    """One stage in this fresh process; prints its seconds, this process's peak RSS and how many passes the
+    stage made over the run's rows (``BlockRows`` map/reduce calls)."""
+    from datapruning.rows import BlockRows
     from datapruning.runner import run_stage
+
+    passes = [0]
+    plain = BlockRows._map
+
+    def counted(self, fn):
+        passes[0] += 1
+        return plain(self, fn)
+
+    BlockRows._map = counted
     from datapruning.run import load_run_config
 
     cfg_path = Path(run).parent / "bench_config.json"
@@ -63,7 +101,7 @@ def child_stage(stage: str, run: str, input_dir: str) -> None:
     start = time.perf_counter()
     run_stage(stage, cfg, run, input_dir if stage == "embed" else None)
     print(json.dumps({"stage": stage, "seconds": round(time.perf_counter() - start, 3),
-                      "peak_rss_bytes": peak_rss_bytes()}))
+                      "peak_rss_bytes": peak_rss_bytes(), "passes": passes[0]}))
 
 
 def child_bare(run: str, input_dir: str) -> None:
@@ -108,6 +146,8 @@ def main(argv=None) -> dict:
                                                                                          args.input)
     if args.sizes:
         return flatness(args)
+    if args.shape:
+        return shapes(args)
     result = one_size(args)
     report("bench_pipeline", result, args.json)
     return result
@@ -146,32 +186,100 @@ def flatness(args) -> dict:
     return result
 
 
+def shape_args(args, name: str):
+    """The arguments of one shape's run: the uniform run's (N / ``SHARDS_PER_RUN``-row shards, k = N /
+    ``ROWS_PER_CLUSTER``) changed as ``SHAPES[name]`` says."""
+    spec = SHAPES[name]
+    out = argparse.Namespace(**vars(args))
+    out.d = spec.get("d", args.d)
+    out.k = spec.get("k", max(1, args.n // ROWS_PER_CLUSTER))
+    if args.quick:  # tiny N: a few rows per cluster at most
+        out.k = min(out.k, max(2, args.n // 8))
+    rows = spec.get("shard_rows", max(1, args.n // SHARDS_PER_RUN))
+    out.shards = spec.get("shards", max(1, args.n // rows))
+    out.data = {key: spec[key] for key in ("exact_copies", "classes") if key in spec}
+    # groups of clusters as large a share of the data as cluster.partition_mib's 256 MiB at the issue's 2M rows
+    out.overrides = [f"cluster.partition_mib={max(1, round(256 * args.n / 2_000_000))}", *spec.get("set", [])]
+    out.shape = name
+    if args.workdir:
+        out.workdir = str(Path(args.workdir) / name)
+    return out
+
+
+def shapes(args) -> dict:
+    """Each ``--shape`` beside the uniform run of the same N and d: per stage its seconds and peak RSS, and their
+    ratios to the uniform run's (time per row, as N is the same), the passes over the rows and the files."""
+    names = args.shape.split(",")
+    runs, uniform = {}, {}
+    for name in names:
+        sa = shape_args(args, name)
+        if sa.d not in uniform:  # the baseline: the uniform shape at this N and d
+            base = shape_args(args, "uniform")
+            base.d = sa.d
+            if args.workdir:
+                base.workdir = str(Path(args.workdir) / f"uniform_d{sa.d}")
+            uniform[sa.d] = one_size(base)
+        runs[name] = uniform[sa.d] if name == "uniform" else one_size(sa)
+    table = {}
+    for name in names:
+        r, u = runs[name], uniform[SHAPES[name].get("d", args.d)]
+        table[name] = {s: against(r["stages"][s], u["stages"].get(s)) for s in STAGES if s in r["stages"]}
+        if "failed" in r:
+            table[name][r["failed"]["stage"]] = {"failed": r["failed"]["error"]}
+        print(f"--- {name}: n={r['n']} d={r['d']} k={r['k']} shards={r['shards']} (uniform: k={u['k']}, "
+              f"shards={u['shards']})", file=sys.stderr)
+        for s, t in table[name].items():
+            if "failed" in t:
+                print(f"{s:9s} FAILED: {t['failed']}", file=sys.stderr)
+                continue
+            print(f"{s:9s} {t['seconds']:8.2f}s ({t['time_vs_uniform']:5.2f}x)  peak RSS {t['peak_rss_mib']:7.1f} MiB "
+                  f"({t['rss_vs_uniform']:4.2f}x)  passes {t['passes']:3d}  files {t['files']}", file=sys.stderr)
+    result = {"n": args.n, "shapes": table, "runs": runs,
+              "uniform": {str(d): u for d, u in uniform.items()}, "quick": args.quick}
+    report("bench_pipeline_shapes", result, args.json)
+    return result
+
+
 def one_size(args) -> dict:
     from datapruning.config import load_config, to_dict
 
     with scratch(args.workdir, "bench_pipeline_") as work:
         start = time.perf_counter()
-        write_embedding_shards(work / "input", args.n, args.d, args.shards, k_true=args.k, seed=0)
+        write_embedding_shards(work / "input", args.n, args.d, args.shards, k_true=args.k, seed=0,
+                               **getattr(args, "data", {}))
         gen_s = time.perf_counter() - start
         cfg = load_config(args.config, ["embed.encoder=precomputed", f"cluster.k={args.k}",
-                                        f"cluster.niter={args.niter}", "embed.store_dtype=float32"])
+                                        f"cluster.niter={args.niter}", "embed.store_dtype=float32",
+                                        *getattr(args, "overrides", [])])
         (work / "bench_config.json").write_text(json.dumps(to_dict(cfg)))
         emb_bytes = args.n * args.d * 4
         common = [str(Path(__file__).resolve()), "--run", str(work / "run"), "--input", str(work / "input")]
-        rows = [run_child([*common, "--child", stage]) for stage in STAGES]
-        bare = None if args.skip_bare else run_child([*common, "--child", "bare"])
+        rows = []
+        for stage in STAGES:
+            try:
+                rows.append(run_child([*common, "--child", stage], max_vm_bytes=args.max_vm_mib << 20))
+            except ChildFailed as exc:
+                if not getattr(args, "shape", None):
+                    raise
+                error = [line for line in str(exc).splitlines() if line.strip()][-1][:300]
+                print(f"{stage}: FAILED: {error}", file=sys.stderr)
+                return {"n": args.n, "d": args.d, "k": args.k, "shards": args.shards, "shape": args.shape,
+                        "failed": {"stage": stage, "error": error}, "stages": {r["stage"]: stage_row(r) for r in rows}}
+            rows[-1]["files"] = count_files(work / "run" / STAGE_DIRS[stage])
+        bare = None if args.skip_bare or getattr(args, "shape", None) else run_child([*common, "--child", "bare"])
         stats = json.loads((work / "run" / "stats.json").read_text())
         worst = max(r["peak_rss_bytes"] for r in rows)
         ours_s = sum(r["seconds"] for r in rows)
         result = {
             "n": args.n, "d": args.d, "k": args.k, "niter": args.niter, "shards": args.shards,
             "config": Path(args.config).name, "data_gen_s": round(gen_s, 2), "embedding_mib": mib(emb_bytes),
-            "stages": {r["stage"]: {"seconds": r["seconds"], "peak_rss_mib": mib(r["peak_rss_bytes"]),
-                                    "rss_over_embeddings": round(r["peak_rss_bytes"] / emb_bytes, 2)} for r in rows},
+            "stages": {r["stage"]: stage_row(r) for r in rows},
             "ours_s": round(ours_s, 3), "worst_stage_rss_mib": mib(worst),
             "worst_stage_rss_over_embeddings": round(worst / emb_bytes, 2), "rss_limit_mib": RSS_LIMIT_MIB,
             "meets_rss_limit": worst <= RSS_LIMIT_MIB * 2**20, "kept": stats["kept"],
-            "dedup": stats["select"].get("dedup"), "quick": args.quick,
+            "dedup": stats["select"].get("dedup"), "quick": args.quick, "shape": getattr(args, "shape", None),
+            "bytes_per_row": {"clusters": column_bytes(work / "run" / "clusters"),
+                              "scores": column_bytes(work / "run" / "scores")},
         }
         if bare is not None:
             result.update({"bare_s": bare["seconds"], "bare_parts_s": bare["parts"], "bare_kept": bare["kept"],
@@ -183,6 +291,38 @@ def one_size(args) -> dict:
             print(f"{'bare':9s} {bare['seconds']:8.2f}s  peak RSS {mib(bare['peak_rss_bytes']):8.1f} MiB; "
                   f"ours/bare {ours_s / bare['seconds']:.2f}x", file=sys.stderr)
         return result
+
+
+def against(r: dict, u: dict | None) -> dict:
+    """A stage's numbers with their ratios to the uniform run's (None where the uniform stage did not run)."""
+    ok = u is not None and "seconds" in u
+    return {**r, "time_vs_uniform": round(r["seconds"] / max(u["seconds"], 1e-9), 2) if ok else None,
+            "rss_vs_uniform": round(r["peak_rss_mib"] / u["peak_rss_mib"], 2) if ok else None}
+
+
+def column_bytes(folder: Path) -> dict:
+    """Compressed bytes per row of each column of a stage's parquet files (what a pass reading it decodes)."""
+    import pyarrow.parquet as pq
+
+    sizes, rows = {}, 0
+    for path in folder.glob("*.parquet"):
+        meta = pq.read_metadata(path)
+        rows += meta.num_rows
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(g).column(c)
+                sizes[col.path_in_schema] = sizes.get(col.path_in_schema, 0) + col.total_compressed_size
+    return {k: round(v / max(rows, 1), 2) for k, v in sorted(sizes.items())}
+
+
+def stage_row(r: dict) -> dict:
+    return {"seconds": r["seconds"], "peak_rss_mib": mib(r["peak_rss_bytes"]), "passes": r["passes"],
+            "files": r["files"]}
+
+
+def count_files(folder: Path) -> int:
+    """Files a stage left in its folder and its ``_meta`` folder (markers, parts, state)."""
+    return sum(1 for top in (folder, meta_dir(folder)) if top.exists() for p in top.rglob("*") if p.is_file())
 
 
 if __name__ == "__main__":

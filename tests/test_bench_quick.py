@@ -49,6 +49,15 @@ def test_bench_pipeline_flatness_quick(tmp_path):
     assert all(r["same_kept_as_bare"]) and r["time_per_row_largest_over_smallest"] > 0
 
 
+def test_bench_pipeline_shapes_quick(tmp_path):
+    r = run_bench("bench_pipeline", tmp_path, "--shape", "dup30,longtail,k50k")
+    assert set(r["shapes"]) == {"dup30", "longtail", "k50k"} and r["runs"]["k50k"]["k"] == 500
+    for shape in r["shapes"].values():
+        assert set(shape) == {"embed", "cluster", "score", "select", "manifest"}  # no stage failed
+        assert all(s["peak_rss_mib"] > 10 and s["rss_vs_uniform"] > 0 for s in shape.values())
+    assert r["shapes"]["dup30"]["score"]["passes"] >= 1 and r["runs"]["longtail"]["kept"] > 0
+
+
 def test_bench_embed_quick(tmp_path):
     r = run_bench("bench_embed", tmp_path)
     assert r["images"] > 0 and r["ours_img_s"] > 0 and r["bare_img_s"] > 0

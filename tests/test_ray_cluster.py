@@ -88,6 +88,6 @@ def test_two_node_cluster_gives_the_local_manifest(two_nodes, tmp_path):
         assert (tmp_path / "local" / sub / name).read_bytes() == (tmp_path / "ray" / sub / name).read_bytes(), name
     ran = [line.split("datapruning: ", 1)[-1] for line in proc.stderr.splitlines() if "datapruning: ray: " in line]
     # score (cluster groups, shards), select passes and manifest shards all ran as tasks, on both nodes
-    for fn in ("score_group", "score_shard", "_apply", "manifest_shard"):
+    for fn in ("score_group", "score_shards", "_apply", "manifest_shard"):
         assert any(f"of {fn} ran" in m for m in ran), (fn, ran)
     assert any(m.endswith("on 2 nodes") for m in ran if "manifest_shard" in m or "score_shard" in m), ran

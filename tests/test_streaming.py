@@ -31,7 +31,7 @@ def _keys(block):
     return block["g"], order_key(block["s"], block["mode"][0]), block["tie"], block["pos"].astype(np.uint64)
 
 
-@pytest.mark.parametrize("collect, counters", [(0, 64), (10, 1 << 22), (10**9, 1 << 22)])
+@pytest.mark.parametrize("collect, counters", [(0, 64), (0, 8), (10, 1 << 22), (10**9, 1 << 22)])
 def test_cutoffs_match_a_lexsort_reference(monkeypatch, collect, counters):
     monkeypatch.setattr(cutoffs, "COLLECT_LIMIT", collect)
     monkeypatch.setattr(cutoffs, "COUNTERS", counters)

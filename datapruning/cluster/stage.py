@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -17,26 +16,34 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .kmeans import CHUNK_BYTES, assign, check_k, fit_kmeans, resolve_backend, sample_size
 from .kmeans_stream import chunks, stream_kmeans
-from .parts import write_parts
+from .parts import PartsWriter, parts_dir
 from .unique import check_unique_uids, write_ties
-from ..io.files import atomic_path, check_any_rows, is_done, mark_done, vouch, write_json, write_npy, write_parquet
-from ..io.tables import column_to_matrix, read_stage
+from ..io.files import (atomic_path, check_any_rows, is_done, mark_done, scratch_path, vouch, write_json, write_npy,
+                        write_parquet)
+from ..io.tables import column_to_matrix, read_ahead, read_batches, read_stage
 from ..cutoffs import Cutoffs, find_cutoffs
 from ..hashing import uid_hash
 from ..rows import BlockRows
 from ..run import Rate, Run, log, prepare_stage, progress, shard_offsets, shard_rows, timed
 
-READ_THREADS = min(8, os.cpu_count() or 1)  # parquet shards decoded at once (decoding releases the GIL)
-PREFETCH_BYTES = 512 << 20  # decoded shards held ahead of the assignment
+READ_THREADS = min(8, os.cpu_count() or 1)  # shards decoded at once while gathering the fit sample
+SHARD_CHUNK_BYTES = 32 << 20  # float32 rows of a shard read, assigned and written per step
+PREFETCH_CHUNKS = 2  # decoded chunks waiting while one is assigned
 
 
-def read_matrix(run: Run, shard: str) -> np.ndarray:
-    """One shard's float32 [n, d] embedding matrix (only that column is read)."""
-    table = read_stage(run.layout.shard_file("embed", shard), columns=["embedding"])
-    return column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
+def shard_chunks(run: Run, shard: str, d: int | None = None) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """One shard's (uid table, float32 [m, d] matrix) in chunks of consecutive rows of about ``SHARD_CHUNK_BYTES``
+    (``d``: the embedding width when known): memory follows the chunk, not the shard or its row groups."""
+    path = run.layout.shard_file("embed", shard)
+    if d is None:
+        kind = pq.read_schema(path).field("embedding").type
+        d = kind.list_size if pa.types.is_fixed_size_list(kind) else 1024
+    for table in read_batches(path, ["uid", "embedding"], max(1, SHARD_CHUNK_BYTES // (4 * d))):
+        yield table, column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
 
 
 def hash_block(run: Run, item: tuple) -> dict:
@@ -61,12 +68,17 @@ def sample_cut(run: Run, items: list[tuple], size: int) -> Cutoffs:
 
 
 def sample_part(run: Run, cut: Cutoffs, item: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """One shard's sample rows (float32 [m, d]) and their (hash, row) keys ([m, 2] uint64)."""
-    shard, offset, n = item
-    table, matrix = read_uid_matrix(run, shard["name"])
-    keys = by_hash({"pos": np.arange(offset, offset + n, dtype=np.int64), "tie": uid_hash(table["uid"], run.cfg.seed)})
-    keep = cut.keep(*keys)
-    return matrix[keep], np.stack([keys[1][keep], keys[3][keep]], axis=1)
+    """One shard's sample rows (float32 [m, d]) and their (hash, row) keys ([m, 2] uint64), read chunk by chunk."""
+    shard, offset, _ = item
+    rows, keys = [np.zeros((0, 0), np.float32)], [np.zeros((0, 2), np.uint64)]
+    for table, matrix in shard_chunks(run, shard["name"]):
+        key = by_hash({"pos": np.arange(offset, offset + len(matrix), dtype=np.int64),
+                       "tie": uid_hash(table["uid"], run.cfg.seed)})
+        keep = cut.keep(*key)
+        rows.append(matrix[keep])
+        keys.append(np.stack([key[1][keep], key[3][keep]], axis=1))
+        offset += len(matrix)
+    return (np.concatenate(rows[1:]) if len(rows) > 1 else rows[0]), np.concatenate(keys)
 
 
 def sample_blocks(run: Run, items: list[tuple], cut: Cutoffs) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -142,25 +154,31 @@ def fit_resources(cfg) -> dict | None:
     return {"num_cpus": largest_node_cpus(cfg)}
 
 
-def read_uid_matrix(run: Run, shard: str) -> tuple[pa.Table, np.ndarray]:
-    """One shard's uid and embedding columns (as stored) and its float32 [n, d] matrix."""
-    table = read_stage(run.layout.shard_file("embed", shard), columns=["uid", "embedding"])
-    return table, column_to_matrix(table["embedding"], f"embeddings/{shard}.parquet")
-
-
-def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, table: pa.Table, matrix: np.ndarray,
-                 start: float) -> dict:
-    """Assign one shard's rows to the centroids; write its cluster parquet, its partition files, then the
-    done marker."""
+def assign_shard(run: Run, shard: dict, centroids: np.ndarray, groups, chunks, start: float) -> dict:
+    """Assign one shard's rows, chunk by chunk (``chunks``: its (uid table, matrix) pieces in row order), to the
+    centroids; write its cluster parquet, its partition files, then the done marker."""
     cfg, out_dir = run.cfg, run.dir("cluster")
-    cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, resolve_backend(cfg.cluster.backend))
-    tie = uid_hash(table["uid"], cfg.seed)
-    files = [write_ties(run, shard["name"], tie)]
-    if groups is not None:
-        files += write_parts(run, shard["name"], matrix, cluster, cos_dist, tie, groups)
+    backend = resolve_backend(cfg.cluster.backend)
+    uids, cols = [], {"cluster": [np.zeros(0, np.int64)], "cos_dist": [np.zeros(0, np.float32)],
+                      "tie": [np.zeros(0, np.uint64)]}
+    with scratch_path(parts_dir(run) / f"{shard['name']}.runs") as runs:
+        writer = PartsWriter(run, shard["name"], len(centroids), runs) if groups is not None else None
+        for table, matrix in chunks:
+            cluster, cos_dist = assign(matrix, centroids, cfg.cluster.assign_batch, backend)
+            if writer is not None:
+                writer.add(matrix, cluster)
+            uids.append(table["uid"])
+            for key, value in zip(cols, (cluster, cos_dist, uid_hash(table["uid"], cfg.seed))):
+                cols[key].append(value)
+        cluster, cos_dist, tie = (np.concatenate(v) for v in cols.values())
+        files = [write_ties(run, shard["name"], tie)]
+        if writer is not None:
+            files += writer.close(cluster, cos_dist, tie, groups)
+    # one array, so the file's bytes do not depend on the chunk size
+    uid = pa.concat_arrays([c for t in uids for c in t.chunks]) if uids else pa.array([], pa.string())
     files.append(run.layout.shard_file("cluster", shard["name"]))
-    write_parquet(files[-1], pa.table({"uid": table["uid"], "cluster": pa.array(cluster, pa.int32()),
-                                       "cos_dist": cos_dist, "tie": pa.array(tie)}))
+    write_parquet(files[-1], pa.table({"uid": uid, "cluster": pa.array(cluster, pa.int32()), "cos_dist": cos_dist,
+                                       "tie": pa.array(tie)}))
     info = {"rows": len(cluster), "seconds": round(time.perf_counter() - start, 3)}
     mark_done(out_dir, shard["name"], info, files=files)
     return info
@@ -177,24 +195,25 @@ def assign_one(run: Run, shard: dict) -> dict:
     """Assign one shard's samples to the stored centroids (the per-shard unit of work)."""
     start = time.perf_counter()
     centroids, groups = load_fit(run)
-    table, matrix = read_uid_matrix(run, shard["name"])
-    return assign_shard(run, shard, centroids, groups, table, matrix, start)
+    return assign_shard(run, shard, centroids, groups, shard_chunks(run, shard["name"], centroids.shape[1]), start)
 
 
 def assign_prefetching(run: Run, todo: list[tuple[dict, int]], out_dir: Path) -> Iterator[dict]:
-    """``assign_one`` over ``todo`` (shard, rows) in this process, decoding the next shards on threads while
-    this one is assigned; at most ``PREFETCH_BYTES`` of decoded shards wait."""
+    """``assign_one`` over ``todo`` (shard, rows) in this process, the next chunks (of this shard or the next
+    ones) decoded on a thread while one is assigned: at most ``PREFETCH_CHUNKS`` wait."""
     centroids, groups = load_fit(run)
-    largest = max((rows for _, rows in todo), default=1) * centroids.shape[1] * 4
-    depth = max(1, min(READ_THREADS, PREFETCH_BYTES // max(largest, 1)))
-    with ThreadPoolExecutor(depth) as pool:
-        ahead = deque(pool.submit(read_uid_matrix, run, s["name"]) for s, _ in todo[:depth])
-        for i, (shard, _) in enumerate(todo):
-            start = time.perf_counter()
-            table, matrix = ahead.popleft().result()
-            if i + depth < len(todo):
-                ahead.append(pool.submit(read_uid_matrix, run, todo[i + depth][0]["name"]))
-            yield assign_shard(run, shard, centroids, groups, table, matrix, start)
+    d = centroids.shape[1]
+
+    def pieces():
+        for shard, _ in todo:
+            for chunk in shard_chunks(run, shard["name"], d):
+                yield shard["name"], chunk
+            yield shard["name"], None  # the shard's end (an empty shard has only this)
+
+    by_name = {s["name"]: s for s, _ in todo}
+    for name, group in itertools.groupby(read_ahead(pieces(), PREFETCH_CHUNKS), key=lambda item: item[0]):
+        shard = by_name[name]
+        yield assign_shard(run, shard, centroids, groups, (c for _, c in group if c is not None), time.perf_counter())
 
 
 def run_cluster(run: Run) -> None:

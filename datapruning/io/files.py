@@ -55,6 +55,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
+def scratch_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` for work in progress, removed on exit (``clean_temp`` removes one a
+    killed run left)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.p{os.getpid()}@{_HOST}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``path`` to fill; on success swap it in for ``path`` (the old folder is
     removed), so readers see all the old files or all the new ones, never a mix. A crash leaves only temporary

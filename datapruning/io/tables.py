@@ -1,9 +1,12 @@
 """Embedding tables: our per-shard parquet, precomputed-embedding parquet, clip-retrieval and .npy inputs."""
 from __future__ import annotations
 
+import queue
 import re
+import threading
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
 import numpy as np
@@ -279,6 +282,70 @@ def precomputed_pair(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray, np
 def read_stage(path: str | Path, columns=None) -> pa.Table:
     """Read one of our own per-shard parquet outputs."""
     return pq.read_table(path, columns=columns)
+
+
+BATCH_VALUES = 1 << 20  # list values (embedding floats) decoded per batch: parquet's list decoding holds ~7x this
+
+
+def read_batches(path: str | Path, columns: list[str], rows: int):
+    """One of our parquet outputs as tables of at most ``rows`` rows, decoded ``BATCH_VALUES`` list values at a
+    time through an 8 MiB read buffer: memory follows the batch, not the file's row groups (a 500k x 1024 row
+    group read whole holds ~4x its 2 GB). An empty file yields nothing."""
+    pf = pq.ParquetFile(path, buffer_size=8 << 20, pre_buffer=False)
+    types = [pf.schema_arrow.field(c).type for c in columns]
+    width = max([t.list_size if pa.types.is_fixed_size_list(t) else 1024 if pa.types.is_list(t) else 1 for t in types])
+    parts, held = [], 0
+    for batch in pf.iter_batches(batch_size=max(1, min(int(rows), BATCH_VALUES // width)), columns=columns,
+                                 use_threads=False):
+        parts.append(batch)
+        held += batch.num_rows
+        if held >= rows:
+            yield pa.Table.from_batches(parts)
+            parts, held = [], 0
+    if parts:
+        yield pa.Table.from_batches(parts)
+
+
+def read_ahead(items: Iterator, depth: int) -> Iterator:
+    """``items`` produced on a thread, at most ``depth`` ahead of the consumer (reading overlaps the work); the
+    thread is stopped and joined when the consumer finishes or stops early, and its error is raised here."""
+    out: queue.Queue = queue.Queue(max(1, depth))
+    stop, end = threading.Event(), object()
+
+    def fill() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        out.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer
+            out.put((end, exc))
+            return
+        out.put((end, None))
+
+    thread = threading.Thread(target=fill, name="read_ahead")
+    thread.start()
+    try:
+        while True:
+            item, exc = out.get()
+            if exc is not None:
+                raise exc
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                out.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -134,9 +134,13 @@ def nearest(x: np.ndarray, c: np.ndarray, top_idx: np.ndarray, top_sims: np.ndar
         step = max(1, BLOCK_BYTES // (8 * len(c)))
         for s in range(0, len(unsure), step):
             rows = unsure[s:s + step]
-            sims = np.asarray(x[rows], dtype=np.float64) @ c64.T
-            for j, r in enumerate(rows):
-                best[r] = exact_argmax(x[r], c, sims[j], float(dot_bound(d, nx[r], cmax)))
+            block = np.ascontiguousarray(x[rows])  # bit-identical rows (copies) are settled once
+            _, first, inv = np.unique(block.view(np.dtype((np.void, block.itemsize * d))).ravel(), return_index=True,
+                                      return_inverse=True)
+            sims = np.asarray(block[first], dtype=np.float64) @ c64.T
+            choice = [exact_argmax(block[i], c, sims[j], float(dot_bound(d, nx[rows[i]], cmax))) for j, i in
+                      enumerate(first)]
+            best[rows] = np.asarray(choice, dtype=np.int64)[inv.ravel()]
     return best
 
 

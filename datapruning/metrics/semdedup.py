@@ -10,9 +10,9 @@ from functools import partial
 import numpy as np
 from tqdm.auto import tqdm
 
-from .exact import dot_bound, exact_dot, row_max, row_norms, settle
+from .pairs import first_copies, plan_queries, prefix_max, row_hashes
 from .ranking import order_key, rank_order
-from ..cutoffs import ALL, find_cutoffs
+from ..cutoffs import find_cutoffs
 from ..rows import ArrayRows, add
 from ..errors import ConfigError, InputError
 
@@ -23,6 +23,7 @@ DEFAULT_EPS = (0.0001, 0.00095, 0.005, 0.01, 0.03, 0.05, 0.1)
 REPORT_KEEP_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5)
 COLUMN = "score_semdedup"  # the run's column of duplicate scores
 PROGRESS_MIN_ROWS = 200_000  # show a progress bar above this many rows to compare
+STEP_BYTES = 16 << 20  # float32 rows hashed or compared per step
 
 
 def cluster_ranges(cluster: np.ndarray, order: np.ndarray | None = None):
@@ -38,38 +39,20 @@ def cluster_ranges(cluster: np.ndarray, order: np.ndarray | None = None):
             yield int(ids[start]), order[start:stop]
 
 
-def _max_sim_to_earlier(embeddings, rows: np.ndarray, block_rows: int, upper: np.ndarray, out: np.ndarray) -> None:
-    """``out[rows[j]] = max_{i<j} <x_rows[i], x_rows[j]>`` with at most ``block_rows``² similarities at once.
-    ``upper`` is a square bool mask, True on and above the diagonal, at least one block wide. Each maximum is
-    found within float64 precision (``exact.row_max``) and rounded once to float32 (``exact.settle``), so the
-    score's bits do not depend on the BLAS build, the thread count or the block size."""
-    m = len(rows)
-    best, norms = np.full(m, -np.inf), np.empty(m)
-    for r0 in range(0, m, block_rows):  # every row's norm first: they bound the float32 GEMM's error
-        norms[r0:r0 + block_rows] = row_norms(np.asarray(embeddings[rows[r0:r0 + block_rows]], dtype=np.float32))
-    top = float(norms.max(initial=0.0))
-    for r0 in range(0, m, block_rows):
-        r1 = min(r0 + block_rows, m)
-        x_r = np.asarray(embeddings[rows[r0:r1]], dtype=np.float32)
-        for c0 in range(0, r1, block_rows):  # column blocks up to and including the diagonal block
-            c1 = min(c0 + block_rows, m)
-            x_c = x_r if c0 == r0 else np.asarray(embeddings[rows[c0:c1]], dtype=np.float32)
-            diagonal = upper[: r1 - r0, : r1 - r0] if c0 == r0 else None  # only strictly earlier members count
-            np.maximum(best[r0:r1], row_max(x_r, x_c, diagonal, norms[r0:r1], top), out=best[r0:r1])
-    bound = dot_bound(embeddings.shape[1], norms, top)
+def cluster_scores(fetch, m: int, d: int, block_rows: int) -> np.ndarray:
+    """Duplicate scores (float64 [m]) of one cluster's ``m`` rows (width ``d``) in keep order, read by
+    ``fetch(positions)``: bit-identical rows collapsed (``pairs``), then each row's largest similarity to the
+    rows before it."""
+    step = max(1, STEP_BYTES // (4 * max(d, 1)))
+    hashes = np.concatenate([row_hashes(fetch(np.arange(s, min(s + step, m)))) for s in range(0, m, step)])
+    q = plan_queries(first_copies(hashes, fetch, step))
+    values = prefix_max(lambda lo, hi: fetch(q.distinct[lo:hi]), q.rep, q.length, 0, len(q.distinct), block_rows)
+    return to_scores(values[q.query])
 
-    def exact(j: int) -> float:
-        """The exact maximum over the earlier members the bound cannot rule out (rare; blocked)."""
-        x_j = np.asarray(embeddings[rows[j]], dtype=np.float64)
-        top = -np.inf
-        for c0 in range(0, j, block_rows):
-            earlier = np.asarray(embeddings[rows[c0:min(c0 + block_rows, j)]], dtype=np.float64)
-            for i in np.flatnonzero(earlier @ x_j >= best[j] - 2.0 * bound[j]):
-                top = max(top, exact_dot(earlier[i], x_j))
-        return top
 
-    best32 = settle(best, bound, exact)
-    out[rows] = np.clip(best32.astype(np.float64), FIRST_SCORE, 1.0)  # -inf (first) -> -1; noise > 1 -> 1
+def to_scores(values: np.ndarray) -> np.ndarray:
+    """float64 scores from ``prefix_max``'s values: -inf (no earlier row) -> -1, noise above 1 -> 1."""
+    return np.clip(np.asarray(values, dtype=np.float64), FIRST_SCORE, 1.0)
 
 
 def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.ndarray, mode: str = "hard",
@@ -82,7 +65,8 @@ def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.nd
     every group of duplicates the preferred member survives. The first member scores -1.0, as do
     rows with a negative (unassigned) cluster. Equal distances break by ``tie`` (default: a seeded hash
     of the row index; the pipeline passes a seeded hash of the uid), then by row. Embeddings must be
-    L2-normalised. Memory: one ``block_rows x block_rows`` float32 similarity block at a time.
+    L2-normalised. Bit-identical rows are compared once (``pairs``: the scores are the same bits as without
+    the collapse). Memory: one ``block_rows x block_rows`` float64 similarity block at a time.
     """
     if not hasattr(embeddings, "shape"):  # ndarray or np.memmap pass through without a copy
         embeddings = np.asarray(embeddings)
@@ -96,13 +80,12 @@ def semdedup_scores(embeddings: np.ndarray, cluster: np.ndarray, cos_dist: np.nd
     out = np.full(n, FIRST_SCORE, dtype=np.float64)
     order = rank_order(np.asarray(cos_dist, dtype=np.float64), mode, seed, tie)
     sizes = np.bincount(cluster[cluster >= 0]) if n else np.zeros(0, np.int64)
-    width = int(min(int(block_rows), sizes.max(initial=1)))
-    upper = np.triu(np.ones((width, width), dtype=bool))
     work = int(sizes[sizes > 1].sum())
     with tqdm(total=work, unit="row", desc="semdedup", disable=work < PROGRESS_MIN_ROWS) as bar:
         for _, rows in cluster_ranges(cluster, order):
             if len(rows) > 1:
-                _max_sim_to_earlier(embeddings, rows, int(block_rows), upper, out)
+                out[rows] = cluster_scores(lambda at, rows=rows: embeddings[rows[at]], len(rows), embeddings.shape[1],
+                                           int(block_rows))
                 bar.update(len(rows))
     return out
 
@@ -137,9 +120,15 @@ def _removed(column: str, eps: tuple, block: dict) -> np.ndarray:
     return np.array([np.count_nonzero(removal_mask(s, e)) for e in eps] + [np.count_nonzero(~np.isnan(s))])
 
 
-def _score_keys(column: str, block: dict) -> tuple:
+def _score_keys(column: str, copies: int, block: dict) -> tuple:
+    """Rows ranked by score (easy: smallest first), once per target: copy f of every scored row is in group f."""
     s = block[column]
-    return np.where(np.isnan(s), -1, 0), order_key(s, "easy"), block["tie"], block["pos"].astype(np.uint64)
+    g = np.where(np.isnan(s), -1, 0)
+    k0, k2 = order_key(s, "easy"), block["pos"].astype(np.uint64)
+    if copies == 1:
+        return g, k0, block["tie"], k2
+    groups = np.concatenate([np.where(g < 0, -1, f) for f in range(copies)])
+    return groups, np.tile(k0, copies), np.tile(block["tie"], copies), np.tile(k2, copies)
 
 
 def key_to_score(key: np.uint64) -> float:
@@ -149,46 +138,70 @@ def key_to_score(key: np.uint64) -> float:
     return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
 
 
-def _max_score(column: str, block: dict) -> float:
-    s = block[column]
-    return float(np.nanmax(s)) if np.any(~np.isnan(s)) else -np.inf
-
-
-def _last_kept(keys, cut, block: dict) -> np.uint64:
+def _last_kept(keys, cut, copies: int, block: dict) -> np.ndarray:
+    """Per target the largest key ``cut`` keeps in this block (uint64 [copies]; 0 where none)."""
     g, k0, k1, k2 = keys(block)
     kept = cut.keep(g, k0, k1, k2)
-    return k0[kept].max() if kept.any() else np.uint64(0)
+    out = np.zeros(copies, dtype=np.uint64)
+    np.maximum.at(out, g[kept], k0[kept])
+    return out
+
+
+def _maximum(parts: list) -> np.ndarray:
+    return np.maximum.reduce(parts)
+
+
+def scored_count(rows, column: str = COLUMN) -> int:
+    counts = rows.reduce(partial(_removed, column, ()), add)
+    return int(counts[-1]) if counts is not None else 0
+
+
+def eps_for_keep_fractions(scores, fractions, column: str = COLUMN, n: int | None = None) -> list[float]:
+    """For each target keep fraction the largest eps that still keeps at least ``ceil(target * N)`` of the N
+    scored rows, i.e. the smallest amount of deduplication that reaches it. ``scores``: an array, or rows (a
+    run's, block by block, with ``column``); ``n``: the scored rows when already counted. One radix search
+    finds every target's threshold score (``find_cutoffs``, a few passes whatever the number of targets). Ties
+    in the scores can make the kept fraction overshoot; below the reachable minimum (one row per cluster is
+    never removed at eps <= 2) the eps that keeps that minimum is returned."""
+    for f in fractions:
+        if not 0.0 <= f <= 1.0:
+            raise ConfigError(f"semdedup: keep fraction must be in [0, 1], got {f}")
+    rows = as_rows(scores, column)
+    n = scored_count(rows, column) if n is None else int(n)
+    if n == 0:
+        return [0.0] * len(fractions)
+    want = np.array([min(max(int(np.ceil(f * n - 1e-9)), 1), n) for f in fractions], dtype=np.int64)
+    keys = partial(_score_keys, column, len(want))
+    cut = find_cutoffs(rows, keys, want, np.full(len(want), n))
+    out = []
+    for key in rows.reduce(partial(_last_kept, keys, cut, len(want)), _maximum):
+        s = key_to_score(key)  # the want-th smallest score: rows with score <= 1 - eps stay
+        eps = max(0.0, 1.0 - s)
+        while eps > 0 and 1.0 - eps < s:  # undo float round-off in 1 - (1 - s): keep >= want rows
+            eps = float(np.nextafter(eps, 0.0))
+        out.append(float(eps))
+    return out
 
 
 def eps_for_keep_fraction(scores, target_keep_fraction: float, column: str = COLUMN) -> float:
-    """The largest eps that still keeps at least ``ceil(target * N)`` of the N scored rows, i.e. the smallest
-    amount of deduplication that reaches the target. ``scores``: an array, or rows (a run's, block by block,
-    with ``column``). Ties in the scores can make the kept fraction overshoot; below the reachable minimum (one
-    row per cluster is never removed at eps <= 2) the eps that keeps that minimum is returned."""
-    if not 0.0 <= target_keep_fraction <= 1.0:
-        raise ConfigError(f"semdedup: keep fraction must be in [0, 1], got {target_keep_fraction}")
-    rows = as_rows(scores, column)
-    counts = rows.reduce(partial(_removed, column, ()), add)
-    n = int(counts[-1]) if counts is not None else 0
-    if n == 0:
-        return 0.0
-    want = min(max(int(np.ceil(target_keep_fraction * n - 1e-9)), 1), n)
-    keys = partial(_score_keys, column)
-    cut = find_cutoffs(rows, keys, np.array([want]), np.array([n]))
-    if cut.kind[0] == ALL:  # every scored row kept: the threshold is the largest score
-        want_score = rows.reduce(partial(_max_score, column), max)
-    else:
-        want_score = key_to_score(rows.reduce(partial(_last_kept, keys, cut), max))
-    eps = max(0.0, 1.0 - want_score)  # threshold t = s_(want): rows with s <= t stay
-    while eps > 0 and n - int(rows.reduce(partial(_removed, column, (eps,)), add)[0]) < want:
-        eps = float(np.nextafter(eps, 0.0))  # undo float round-off in 1 - (1 - s)
-    return float(eps)
+    """``eps_for_keep_fractions`` for one target."""
+    return eps_for_keep_fractions(scores, [target_keep_fraction], column)[0]
 
 
 def removed_per_eps(rows, eps, column: str = COLUMN) -> dict:
     """``{str(eps): rows removed}`` for each eps (one pass)."""
-    counts = as_rows(rows, column).reduce(partial(_removed, column, tuple(eps)), add)
-    return {str(e): int(c) for e, c in zip(eps, counts[:-1])}
+    return dedup_summary(rows, eps, (), column)["removed"]
+
+
+def dedup_summary(rows, eps, fractions, column: str = COLUMN) -> dict:
+    """``{"removed": {str(eps): rows removed}, "eps_for_keep_fraction": {str(fraction): eps}}``: one pass
+    counts the removed rows at every eps (and the scored rows), one radix search the eps for every fraction."""
+    rows = as_rows(rows, column)
+    counts = rows.reduce(partial(_removed, column, tuple(eps)), add)
+    counts = np.zeros(len(eps) + 1, np.int64) if counts is None else counts
+    found = eps_for_keep_fractions(rows, fractions, column, n=int(counts[-1])) if len(fractions) else []
+    return {"removed": {str(e): int(c) for e, c in zip(eps, counts[:-1])},
+            "eps_for_keep_fraction": {str(f): e for f, e in zip(fractions, found)}}
 
 
 def not_duplicate(eps: float, column: str, block: dict) -> dict:

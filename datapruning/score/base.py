@@ -81,6 +81,9 @@ class Metric:
     reads: Any = frozenset()  # {"embedding", "label"}, or params -> that set
     prepare: Callable | None = None
     summarize: Callable | None = None
+    # a cluster-unit metric's scores for a group too large for memory:
+    # stream(run, params, offsets, group, out_dir) writes the group's scores file and returns its rows
+    stream: Callable | None = None
 
     def wants(self, params) -> frozenset:
         """What the metric reads with these parameters: a subset of {"embedding", "label"}."""

@@ -32,11 +32,13 @@ def cluster_sums(k: int, block: dict) -> tuple:
             np.bincount(block["cluster"][rows], minlength=k))
 
 
-def cluster_complexity(rows, centroids: np.ndarray, l: int) -> tuple:
-    """``(C, d_intra, d_inter, sizes)`` per cluster, from one pass over ``rows``."""
+def cluster_complexity(rows, centroids: np.ndarray, l: int, inter: np.ndarray | None = None) -> tuple:
+    """``(C, d_intra, d_inter, sizes)`` per cluster, from one pass over ``rows``; ``inter``: ``d_inter(centroids,
+    l)`` when an earlier step computed it (k² x d work: the score stage keeps it in its state)."""
     k = len(centroids)
     sums, sizes = rows.reduce(partial(cluster_sums, k), add)
-    intra, inter = d_intra_from_sums(sums, sizes), d_inter(centroids, l)
+    intra = d_intra_from_sums(sums, sizes)
+    inter = d_inter(centroids, l) if inter is None else np.asarray(inter, dtype=np.float64)
     return complexity(intra, inter), intra, inter, sizes
 
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..metrics.ranking import MODES
-from ..metrics.semdedup import DEFAULT_EPS, REPORT_KEEP_FRACTIONS, eps_for_keep_fraction, removed_per_eps, semdedup_scores
+from ..metrics.semdedup import DEFAULT_EPS, REPORT_KEEP_FRACTIONS, dedup_summary, semdedup_scores
 from .base import Metric
+from .semdedup_stream import stream_group
 from ..params import MAX_INT, setting
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,11 @@ def score(block: dict, state: dict, params: SemDeDupParams) -> np.ndarray:
 
 
 def summarize(rows, params: SemDeDupParams, state: dict) -> dict:
-    column = "score_semdedup"
     info = {"mode": params.mode, "block_rows": int(params.block_rows), "n": int(rows.n),
-            "removed": removed_per_eps(rows, params.eps, column),
-            "eps_for_keep_fraction": {str(f): eps_for_keep_fraction(rows, f, column) for f in REPORT_KEEP_FRACTIONS}}
+            **dedup_summary(rows, params.eps, REPORT_KEEP_FRACTIONS, "score_semdedup")}
     log.info("semdedup: removed per eps %s", info["removed"])
     return info
 
 
 SEMDEDUP = Metric("semdedup", SemDeDupParams, score, unit="cluster", reads=frozenset({"embedding"}),
-                  summarize=summarize)
+                  summarize=summarize, stream=stream_group)

@@ -66,8 +66,9 @@ def input_rows(inp: SelectInputs) -> ArrayRows:
 
 @dataclass(frozen=True)
 class Selector:
-    """A registered selector: ``decide(rows, n, params, centroids) -> (rule, info)``. ``common`` names the ``select.*``
-    keys it reads (metric, mode, min_per_cluster, min_per_label); everything else is in ``params``."""
+    """A registered selector: ``decide(rows, n, params, centroids, known) -> (rule, info)``. ``common`` names the
+    ``select.*`` keys it reads (metric, mode, min_per_cluster, min_per_label); everything else is in ``params``.
+    ``known``: values an earlier stage computed (``{"d_inter": {l: array}}`` from the score stage), or None."""
 
     name: str
     params: type
@@ -127,7 +128,7 @@ def rank_with_floors(rows, n: int, score: str, mode: str, floors=()) -> tuple[Ca
     return partial(any_of, (forced, rest)), {"floor_rows": n_forced}
 
 
-def decide_rank(rows, n: int, p: RankParams, centroids: np.ndarray) -> tuple[Callable, dict]:
+def decide_rank(rows, n: int, p: RankParams, centroids: np.ndarray, known: dict | None = None) -> tuple[Callable, dict]:
     """Global ranking by one metric, after optional floors per cluster and per label."""
     floors = [("cluster", p.min_per_cluster)]
     if p.min_per_label > 0 and rows.reduce(_has_labels, any):
@@ -155,7 +156,7 @@ def balanced(rows, n: int, score: str, mode: str, group: str) -> tuple[Callable,
     return top_per_group(rows, score, mode, group, quotas, sizes=sizes), quotas
 
 
-def decide_balanced(rows, n: int, p: BalancedParams, centroids: np.ndarray) -> tuple[Callable, dict]:
+def decide_balanced(rows, n: int, p: BalancedParams, centroids: np.ndarray, known: dict | None = None) -> tuple[Callable, dict]:
     """The same count per group (labels or clusters) where sizes allow, ``mode`` within each group."""
     if p.by == "label" and not rows.reduce(_has_labels, any):
         raise ConfigError("select.params.by=label needs labels, but the input has none")
@@ -172,11 +173,11 @@ class DBPSelectParams:
     min_per_cluster: float = setting(0.0, ge=0.0, le=1.0)  # every cluster keeps at least floor(share * N / k)
 
 
-def decide_dbp(rows, n: int, p: DBPSelectParams, centroids: np.ndarray) -> tuple[Callable, dict]:
+def decide_dbp(rows, n: int, p: DBPSelectParams, centroids: np.ndarray, known: dict | None = None) -> tuple[Callable, dict]:
     """DBP: complexity from the rows in play (after SemDeDup), softmax shares, exact quotas with a floor per
     cluster, then within each cluster the first ``quota`` rows by cos_dist in ``mode``."""
     k = len(centroids)
-    C, intra, inter, sizes = cluster_complexity(rows, centroids, p.l)
+    C, intra, inter, sizes = cluster_complexity(rows, centroids, p.l, (known or {}).get("d_inter", {}).get(p.l))
     n_keep = min(int(n), int(sizes.sum()))
     if n_keep < n:
         log.warning("dbp: asked for %d rows but only %d are eligible; keeping all of them", n, n_keep)
@@ -214,7 +215,7 @@ def stratum(score: str, pool: Callable, lo: float, hi: float, strata: int, block
     return {**block, "stratum": np.where(pool(block), ccs_strata(column(block, score), lo, hi, strata), -1)}
 
 
-def decide_ccs(rows, n: int, p: CCSParams, centroids: np.ndarray) -> tuple[Callable, dict]:
+def decide_ccs(rows, n: int, p: CCSParams, centroids: np.ndarray, known: dict | None = None) -> tuple[Callable, dict]:
     """CCS: drop the hardest ``beta`` share of the scored rows, cut the rest into equal-width score strata,
     give the budget out from the smallest stratum up, and sample uniformly (by the seeded tie key) within."""
     score = f"score_{p.metric}"
@@ -272,7 +273,7 @@ def _max_arrays(parts: list) -> np.ndarray:
     return np.maximum.reduce(parts)
 
 
-def decide_groups(rows, n: int, p: GroupsParams, centroids: np.ndarray) -> tuple[Callable, dict]:
+def decide_groups(rows, n: int, p: GroupsParams, centroids: np.ndarray, known: dict | None = None) -> tuple[Callable, dict]:
     """DP4TL: keep WHOLE groups (labels or clusters) by their best member score until the sample budget
     ``n`` (``top_k_groups``' rule), or the top ``keep_fraction_groups`` of the groups. ``by`` defaults to the
     grouping the metric scores: clusters for ``dp4tl_fm``, labels otherwise."""

@@ -16,6 +16,8 @@ from ..io.files import is_done, mark_done, write_json, write_parquet
 from ..metrics.ranking import keep_count
 from ..run import Run, prepare_stage, progress, run_rows, timed
 from ..metrics.semdedup import dedup_step
+from ..score import METRICS
+from ..score.stage import stored_state
 from . import SELECTORS
 from .filters import with_filters
 
@@ -57,6 +59,16 @@ def write_keep(run: Run, rule, names: list[str], block: dict) -> dict:
     return {"rows": len(keep), "kept": int(keep.sum())}
 
 
+def known_values(run: Run) -> dict:
+    """What the score stage already computed that a selector may reuse: DBP's ``d_inter`` (k² x d work) by its
+    ``l`` (``{"d_inter": {l: array}}``; empty without the dbp metric)."""
+    state = stored_state(run, "dbp")
+    if state is None or "d_inter" not in state:
+        return {}
+    l = METRICS["dbp"].parse(run.cfg.score.params.get("dbp"), run.cfg.seed).l
+    return {"d_inter": {l: state["d_inter"]}}
+
+
 def run_select(run: Run) -> None:
     selector, params = selector_params(run.cfg)
     out_dir = prepare_stage(run, "select")
@@ -74,7 +86,7 @@ def run_select(run: Run) -> None:
         if step is not None:
             n_keep = min(n_keep, filter_info.get("kept", dedup_info.get("kept")))
         centroids = np.load(run.layout.centroids, allow_pickle=False)
-        rule, info = selector.decide(rows, n_keep, params, centroids)
+        rule, info = selector.decide(rows, n_keep, params, centroids, known_values(run))
         names = [s["name"] for s in run.shards]
         writer = run_rows(run, scores=True, uid=True)
         if step is not None:
