@@ -13,6 +13,7 @@ from datapruning.config import load_config
 from datapruning.cutoffs import find_cutoffs, keep_mask
 from datapruning.metrics.ranking import order_key
 from datapruning.rows import ArrayRows
+from datapruning.run import RunLayout
 from datapruning.runner import run_pipeline
 
 
@@ -77,9 +78,10 @@ def test_d_inter_is_computed_once_and_scores_go_to_one_file_per_group(tmp_path, 
                              "score.metrics=[semdedup, dbp]", "select.method=dbp", "select.keep_fraction=0.3"])
     run_pipeline(cfg, str(shards(tmp_path / "emb")), tmp_path / "run")
     assert calls == [20]  # the score stage's DBP state; the select stage reused it
-    groups = int(np.load(tmp_path / "run" / "clusters" / "groups.npy").max()) + 1
+    layout = RunLayout(tmp_path / "run")
+    groups = int(np.load(layout.groups).max()) + 1
     assert groups > 1 and files and all(f == [f"g{g:05d}.bin" for g in range(groups)] for f in files)
-    assert not (tmp_path / "run" / "_meta" / "scores" / "parts").exists()
+    assert layout.score_parts.parent.exists() and not layout.score_parts.exists()
 
 
 def test_cluster_stage_in_small_chunks_writes_the_same_bytes(tmp_path, monkeypatch):
@@ -101,8 +103,9 @@ def test_cluster_stage_in_small_chunks_writes_the_same_bytes(tmp_path, monkeypat
              for f in sorted((tmp_path / "chunked" / "clusters").glob("*.parquet"))]
     assert max(c.max() for c in sizes) > 30  # a cluster copied in pieces ...
     assert any((c[:-1] + c[1:] <= 30).any() for c in sizes)  # ... and a merge step of several clusters
-    whole = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole" / "clusters").rglob("*")
-                   if p.is_file() and p.suffix != ".json")  # fit.json holds timings
+    layout = RunLayout(tmp_path / "whole")
+    whole = sorted(p.relative_to(tmp_path / "whole") for folder in (layout.dir("cluster"), layout.parts, layout.ties)
+                   for p in folder.rglob("*") if p.is_file() and p.suffix != ".json")  # the markers hold timings
     assert any(p.suffix == ".emb" for p in whole)
     for rel in whole:
         assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "chunked" / rel).read_bytes(), rel
