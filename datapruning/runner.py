@@ -38,8 +38,8 @@ def check_config(cfg: RunConfig, stages=STAGES) -> None:
         raise ConfigError(f"config key 'score.metrics': a metric is named twice in {show(metrics)}")
     extra = sorted(set(cfg.score.params) - set(metrics))
     if extra:
-        raise ConfigError(f"config key 'score.params.{show(extra[0])[1:-1]}': {extra[0]!r} is not in score.metrics "
-                          f"{metrics}")
+        raise ConfigError(f"config key 'score.params.{show(extra[0])[1:-1]}': {show(extra[0])} is not in score.metrics "
+                          f"{show(metrics)}")
     for name in metrics:
         METRICS[name].parse(cfg.score.params.get(name), cfg.seed)
     _, params = selector_params(cfg)
@@ -47,8 +47,8 @@ def check_config(cfg: RunConfig, stages=STAGES) -> None:
     if "select" in stages and metric is not None and metric not in metrics:
         key = "select.metric" if cfg.select.metric is not None or "metric" not in cfg.select.params else \
             "select.params.metric"
-        raise ConfigError(f"config key {key!r}: select.method={cfg.select.method} ranks by {metric!r}, which is not "
-                          f"in score.metrics {metrics}; add it there or set {key} to one of them")
+        raise ConfigError(f"config key {key!r}: select.method={cfg.select.method} ranks by {show(metric)}, which is "
+                          f"not in score.metrics {show(metrics)}; add it there or set {key} to one of them")
     if (cfg.select.dedup_eps is not None or cfg.select.dedup_keep_fraction is not None) and "semdedup" not in metrics:
         raise ConfigError("config key 'select.dedup_eps' / 'select.dedup_keep_fraction': the SemDeDup filter needs "
                           "semdedup in score.metrics")

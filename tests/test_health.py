@@ -16,17 +16,17 @@ import pytest
 
 from conftest import make_parquet_shards
 from datapruning.config import load_config
+from datapruning.run import RunLayout
 from datapruning.runner import run_pipeline
 
 SETS = ["embed.encoder=precomputed", "cluster.k=4", "cluster.niter=5", "cluster.partition_mib=1",
         "score.metrics=[ssp,random,semdedup]", "select.keep_fraction=0.4", "select.dedup_keep_fraction=0.9"]
 # every folder a stage writes, and one file of each (part-001: the second shard; g00000: the first cluster group)
-FOLDERS = ["embeddings", "clusters", "clusters/parts", "clusters/ties", "scores", "_meta/scores/parts/semdedup",
-           "select", "manifest"]
-FILES = ["embeddings/part-001.parquet", "clusters/part-001.parquet", "clusters/parts/part-001.emb",
-         "clusters/parts/part-001.idx", "clusters/ties/part-001.u64", "clusters/centroids.npy", "clusters/fit.json",
-         "scores/part-001.parquet", "_meta/scores/parts/semdedup/000001/g00000.parquet", "select/part-001.parquet",
-         "manifest/part-001.parquet", "kept.parquet", "stats.json"]
+FOLDERS = ["embeddings", "clusters", "_meta/clusters/parts", "_meta/clusters/ties", "scores", "select", "manifest"]
+FILES = ["embeddings/part-001.parquet", "clusters/part-001.parquet", "_meta/clusters/parts/part-001.emb",
+         "_meta/clusters/parts/part-001.idx", "_meta/clusters/ties/part-001.u64", "_meta/clusters/centroids.npy",
+         "_meta/clusters/fit.json", "scores/part-001.parquet", "select/part-001.parquet", "manifest/part-001.parquet",
+         "kept.parquet", "stats.json"]
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
@@ -71,6 +71,28 @@ def test_a_lost_folder_or_file_is_redone_where_needed(finished, tmp_path, lost, 
         if extra or lost.startswith("manifest") or lost in ("kept.parquet", "stats.json"):
             assert "redoing" in logged and "is missing" in logged, logged[-3000:]
         assert not list(run.rglob("*.tmp"))
+
+
+def test_a_lost_group_score_file_is_redone(finished, tmp_path, monkeypatch, caplog):
+    """The score stage stops after its cluster groups are scored (their files live until the stage is done);
+    one group's file is deleted; the rerun names it, scores that group again and gives the same manifest."""
+    import datapruning.score.stage as score_stage
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        mp.setattr(score_stage, "score_shards", crash)
+        with pytest.raises(KeyboardInterrupt):
+            rerun(finished, run)
+    lost = run / "_meta" / "scores" / "parts" / "semdedup" / "g00000.bin"
+    assert lost.exists()
+    lost.unlink()
+    with caplog.at_level("INFO", logger="datapruning"):
+        rerun(finished, run)
+    assert snapshot(run) == snapshot(finished / "ref")
+    assert "g00000.bin is missing" in caplog.text, caplog.text[-3000:]
 
 
 def test_a_replaced_or_cut_file_is_redone(finished, tmp_path, caplog):
@@ -166,7 +188,7 @@ def test_a_shard_replaced_in_place_is_redone_with_the_later_stages(tmp_path):
 
 def test_a_deleted_teacher_folder_is_computed_again(finished, tmp_path):
     """rm -rf RUN/teacher, then 'datapruning teacher': every shard's parquet is written again (the markers in
-    _meta/ no longer vouch for files that are gone), and its _info.json counts the rows that are there."""
+    _meta/ no longer vouch for files that are gone), and its info counts the rows that are there."""
     run = tmp_path / "run"
     shutil.copytree(finished / "ref", run)
     uids = pq.read_table(run / "manifest", columns=["uid"])["uid"].to_pylist()
@@ -181,5 +203,5 @@ def test_a_deleted_teacher_folder_is_computed_again(finished, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "teacher: redoing 3 shard(s) whose files are missing" in proc.stderr
     assert {p.name: p.read_bytes() for p in (run / "teacher").glob("*.parquet")} == first
-    info = json.loads((run / "teacher" / "_info.json").read_text())
+    info = json.loads(RunLayout(run).teacher_info.read_text())
     assert info["rows"] == len(uids) == pq.read_table(run / "teacher").num_rows

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from datapruning.run import RunLayout
 from conftest import make_parquet_shards, make_png_shards, tiny_clip_overrides
 from test_kill import kill_parent_of_blocked_workers
 
@@ -144,7 +145,7 @@ def test_teacher_logits_far_below_the_top_are_clamped_finite_and_train_kd_is_fin
     assert proc.returncode == 0, proc.stderr[-2000:]
     stored = np.stack(pq.read_table(run / "teacher")["logits"].to_numpy(zero_copy_only=False)).astype(np.float32)
     assert np.isfinite(stored).all() and stored.min() == -65504.0
-    assert json.loads((run / "teacher" / "_info.json").read_text())["clamped_logits"] == 3 * len(uids)
+    assert json.loads(RunLayout(run).teacher_info.read_text())["clamped_logits"] == 3 * len(uids)
     assert "clamped to -65,504" in proc.stderr
     train = subprocess.run([sys.executable, "pipelines/train.py", str(run), "--kd", "--epochs", "2", "--metrics",
                             str(tmp_path / "h.json")], capture_output=True, text=True, timeout=300,
@@ -300,9 +301,11 @@ def test_eval_checks_every_numeric_flag_before_it_starts(finished, tmp_path, fla
 def test_messages_name_the_key_or_file_and_stay_short(finished, tmp_path):
     inp = finished.parent / "emb"
     huge = "x" * 60_000
-    for args in (("--set", f"select.metric={huge}"), ("--set", "select.metric=typo"), ("--set", "score.metrics=[]")):
+    for args, says in ((("--set", f"select.metric={huge}"), "is not in score.metrics"),
+                       (("--set", "select.metric=typo"), "is not in score.metrics"),
+                       (("--set", "score.metrics=[]"), "give at least one metric")):
         line = one_error(cli("run", "--input", inp, "--output", tmp_path / "a", *sets(PRE), *args))
-        assert len(line) < 400 and "is not in score.metrics" in line, line[:500]
+        assert len(line) < 400 and says in line, line[:500]
         assert not (tmp_path / "a" / "embeddings").exists()  # refused before any stage ran
     line = one_error(cli("run", "--input", tmp_path / huge[:200] / huge[:200], "--output", tmp_path / "b", *sets(PRE)))
     assert len(line) < 400 and "no such file or folder" in line

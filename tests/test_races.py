@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from datapruning.run import RunLayout
 from conftest import make_parquet_shards, make_png_shards, tiny_clip_overrides
 
 LOCK_MESSAGE = "is in use by pid"
@@ -70,7 +71,7 @@ def test_two_teachers_never_mix(finished, tmp_path, long_mode):
     for _ in range(trials(long_mode)):
         race(args["a"], args["b"], rng)
         got = {p.name: p.read_bytes() for p in (run / "teacher").glob("*.parquet")}
-        info = json.loads((run / "teacher" / "_info.json").read_text())
+        info = json.loads(RunLayout(run).teacher_info.read_text())
         winner = [name for name, ref in refs.items() if ref == got]
         assert winner, "teacher/ mixes two teachers' shards"
         assert info["config"]["logits"].endswith(f"{winner[0]}.parquet")

@@ -244,7 +244,7 @@ def _teacher_folder(run: Path, uids, table, n_classes: int, classes=()) -> None:
 def test_cached_teacher_columns_follow_the_labels(tmp_path):
     """`eval --teacher cached` reads teacher column 999 for label 999 (code 2 of {3, 17, 999}), full or top-k,
     and matches string labels to the teacher's class names; unnamed columns for string labels are refused."""
-    from datapruning.consumers.teacher import full_table, shifted, topk_table
+    from datapruning.consumers.stored_logits import full_table, shifted, topk_table
     from datapruning.evaluation.kd import cached_teacher_logits
     from datapruning.labels import label_coding
 
@@ -254,15 +254,15 @@ def test_cached_teacher_columns_follow_the_labels(tmp_path):
     logits[:, [3, 17, 999]] += 20.0  # the labels' columns hold the largest logits (top-k keeps them)
     want = shifted(logits).astype(np.float16).astype(np.float32)[:, [3, 17, 999]]
     ints = label_coding({"3", "17", "999"})
-    for name, table in (("full", full_table(uids, logits)), ("topk", topk_table(uids, logits, 5))):
+    for name, table in (("full", full_table(uids, logits)[0]), ("topk", topk_table(uids, logits, 5)[0])):
         _teacher_folder(tmp_path / name, uids, table, 1000)
         got = cached_teacher_logits(tmp_path / name, np.array(uids[::-1], dtype=object), ints)
         np.testing.assert_array_equal(got, want[::-1])
     columns = ["moth", "zebra", "cat", "ant"]
-    _teacher_folder(tmp_path / "names", uids, full_table(uids, logits[:, :4]), 4, columns)
+    _teacher_folder(tmp_path / "names", uids, full_table(uids, logits[:, :4])[0], 4, columns)
     names = label_coding({"zebra", "ant", "moth"})  # codes: ant 0, moth 1, zebra 2
     got = cached_teacher_logits(tmp_path / "names", np.array(uids, dtype=object), names)
     np.testing.assert_array_equal(got, shifted(logits[:, :4]).astype(np.float16).astype(np.float32)[:, [3, 0, 1]])
-    _teacher_folder(tmp_path / "unnamed", uids, full_table(uids, logits[:, :4]), 4)
+    _teacher_folder(tmp_path / "unnamed", uids, full_table(uids, logits[:, :4])[0], 4)
     with pytest.raises(ValueError, match="--classes"):
         cached_teacher_logits(tmp_path / "unnamed", np.array(uids, dtype=object), names)

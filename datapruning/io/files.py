@@ -250,7 +250,8 @@ def match_empty_schemas(stage_dir: str | Path, files: dict[str, Path]) -> list[s
              and not m.schema.to_arrow_schema().equals(full, check_metadata=False)]
     for name in fixed:
         write_parquet(files[name], full.empty_table())
-        mark_done(stage_dir, name, read_json(done_path(stage_dir, name)))
+        info = {k: v for k, v in read_json(done_path(stage_dir, name)).items() if k != "files"}
+        mark_done(stage_dir, name, info, files=[files[name]])  # the marker vouches for the rewritten file
     return fixed
 
 

@@ -267,6 +267,8 @@ def precomputed_pair(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray, np
     elif fmt == "clip_retrieval":
         part = Path(path).stem.split("_")[-1]
         text_path = str(Path(path).parent.parent / "text_emb" / f"text_emb_{part}.npy")
+        if not Path(text_path).is_file():  # the folder's other side, not a fault of this shard: no retry
+            raise InputError(f"{text_path}: no such file; embed.modality=pair reads text_emb/ beside img_emb/")
         text = load_npy(text_path)
     elif fmt == "parquet" and "text_embedding" in meta.column_names:
         text_path, text = path, column_to_matrix(meta["text_embedding"], path)
