@@ -30,7 +30,7 @@ def passing(score: str, threshold: float, block: dict):
     return in_play(block) & at_least(score, threshold, block)
 
 
-def decide_threshold(rows, n: int, p: ThresholdParams, centroids) -> tuple:
+def decide_threshold(rows, n: int, p: ThresholdParams, centroids, known: dict | None = None) -> tuple:
     """Rows in play scoring >= the threshold; the ``n`` highest of them where more pass."""
     score = f"score_{p.metric}"
     test = partial(passing, score, float(p.threshold))
