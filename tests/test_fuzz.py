@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from datapruning.config import ConfigError, RunConfig, load_config
 from datapruning.config import to_dict
 from datapruning.io.shards import InputError
-from datapruning.io.tables import precomputed_table
+from datapruning.io.precomputed import precomputed_table
 from datapruning.io.webdataset import BadSample, iter_tar_samples
 from conftest import add_member
 

@@ -82,8 +82,15 @@ def write_shard(cfg, out_dir: Path, shard: str, rows: dict, matrix: np.ndarray, 
         text_matrix = np.zeros((0, 1), np.float32)
     path = out_dir / f"{shard}.parquet"
     write_parquet(path, embedding_table(rows, matrix, cfg.embed.store_dtype, text_matrix))
-    info = {"rows": len(rows["uid"]), "dim": int(matrix.shape[1]) if len(rows["uid"]) else None,
-            "skipped": dict(sorted(skipped.items())), "encoder": encoder}
+    return finish_shard(out_dir, shard, path, len(rows["uid"]), int(matrix.shape[1]) if len(rows["uid"]) else None,
+                        skipped, encoder, nan_labels, source)
+
+
+def finish_shard(out_dir: Path, shard: str, path: Path, rows: int, dim: int | None, skipped: Counter, encoder: str,
+                 nan_labels: int = 0, source: dict | None = None) -> dict:
+    """The done marker of an embeddings shard written to ``path``: rows, embedding width, skip counts, encoder,
+    NaN labels kept as missing, and the input file's identity; it vouches for the file."""
+    info = {"rows": rows, "dim": dim, "skipped": dict(sorted(skipped.items())), "encoder": encoder}
     if nan_labels:
         info["nan_labels"] = nan_labels  # kept with label null (missing), not skipped
     if source:

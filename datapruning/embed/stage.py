@@ -2,26 +2,22 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from .decoders import choose_decoder
 from .encoders import Encoder, build_encoder
 from .pipeline import embed_chain
-from .samples import SIZE_NAMES, embedding_table, write_shard
-from ..errors import InputError, StageError, UnreadableFile
+from .samples import embedding_table
+from .tables import embed_table_shard
+from ..errors import InputError, StageError
 from ..io.files import (check_any_rows, clean_stage, done_path, is_done, mark_done, match_empty_schemas, read_json,
                         write_json, write_parquet)
 from ..io.shards import check_output, detect_format, expand_input, input_identity, shard_names
-from ..io.tables import label_strings, normalise_rows, npz_key_for, precomputed_pair, precomputed_table
-from ..metrics.datacomp import clip_scores
-from ..io.webdataset import ShardUnavailable, retrying, skip, with_retries
+from ..io.tables import npz_key_for
+from ..io.webdataset import ShardUnavailable, retrying, with_retries
 from ..run import STAGES, Rate, Run, clear_outputs, log, prepare_stage, progress, save_config, timed
 
 TABLE_FORMATS = ("parquet", "clip_retrieval", "npy", "datacomp")
@@ -67,68 +63,6 @@ def embed_tar_shard(cfg, path: str, shard: str, out_dir: Path, encoder: Encoder,
     input file's identity (``io.shards.input_identity``)."""
     decoder = decoder or get_decoder(cfg, encoder)
     return embed_chain(cfg, path, shard, out_dir, encoder, decoder, decoder.name, decoder.fast, source)
-
-
-def embed_table_shard(cfg, path: str, shard: str, fmt: str, out_dir: Path, source: dict | None = None) -> dict:
-    """Copy one precomputed-embedding shard into our layout, L2-normalised, bad rows counted.
-    Columnar throughout (no per-row Python): a 1M-row shard is dominated by parquet I/O."""
-    icfg, skipped, pair = cfg.input, Counter(), cfg.embed.modality == "pair"
-    try:
-        if pair:
-            meta, matrix, text, score_col = precomputed_pair(path, fmt, icfg)
-        else:
-            meta, matrix = precomputed_table(path, fmt, icfg)
-    except UnreadableFile as exc:  # bytes that do not parse: skipped and counted, as a corrupt tar is
-        skip(skipped, "unreadable_shard", shard, None, str(exc), cfg.strict)
-        return write_shard(cfg, out_dir, shard, {"uid": [], "shard": [], "key": []}, np.zeros((0, 1), np.float32),
-                           skipped, "precomputed", source=source)
-    uid = pc.cast(meta[icfg.id_column], pa.string()).combine_chunks()
-    ok = normalise_rows(matrix, shard, skipped, uid, cfg.strict)
-    if pair:  # a row whose image is already skipped is not counted again for its caption
-        rows_ok = np.flatnonzero(ok)
-        sub = text[rows_ok]
-        ok[rows_ok] = normalise_rows(sub, shard, skipped, uid.take(pa.array(rows_ok)), cfg.strict, "text_embedding")
-        text[rows_ok] = sub
-    duplicate = np.zeros(len(ok), dtype=bool)
-    duplicate[ok] = pd.Index(uid.filter(pa.array(ok)).to_numpy(zero_copy_only=False)).duplicated()
-    for i in np.flatnonzero(duplicate):  # the first valid copy of a uid stays
-        skip(skipped, "duplicate_key", shard, str(uid[i]), "uid repeats within the shard", cfg.strict)
-    ok &= ~duplicate
-    rows = {"uid": uid, "shard": pa.array(np.full(len(ok), shard, dtype=object), pa.string()), "key": uid}
-    nan_labels = 0
-    if icfg.label_column in meta.column_names:
-        rows["label"], nan_labels = label_strings(meta[icfg.label_column].filter(pa.array(ok)),
-                                                  f"{path}: column {icfg.label_column!r}")
-        if nan_labels:
-            log.warning("shard %s: %d NaN labels read as missing (label null)", shard, nan_labels)
-    for src, name in ((icfg.split_column, "split"), ("caption", "text"),
-                      ("text", "text"), ("uid", "source_uid")):  # "uid": DataComp's own id column
-        if src in meta.column_names and name not in rows:
-            rows[name] = pc.cast(meta[src], pa.string()).filter(pa.array(ok))
-    for name in SIZE_NAMES:
-        if name in meta.column_names and pa.types.is_integer(meta[name].type):
-            rows[name] = pc.cast(meta[name], pa.int64()).filter(pa.array(ok))
-    for name in ("uid", "shard", "key"):
-        rows[name] = rows[name].filter(pa.array(ok))
-    if pair and score_col is not None:
-        rows["clip_score"] = stored_clip_score(meta[score_col].filter(pa.array(ok)), matrix[ok], text[ok],
-                                               f"shard {shard}, {score_col}")
-    return write_shard(cfg, out_dir, shard, rows, matrix[ok], skipped, "precomputed", nan_labels=nan_labels,
-                       text_matrix=text[ok] if pair else None, source=source)
-
-
-def stored_clip_score(given, image: np.ndarray, text: np.ndarray, where: str) -> pa.Array:
-    """The metadata's CLIP score (DataComp's, from the float32 embeddings before they were stored as float16),
-    checked against the cosine of the stored embeddings: a gap above 0.01 is logged (input.npz_key of another
-    model?). A missing value is replaced by the cosine."""
-    values = np.asarray(pc.fill_null(pc.cast(given, pa.float64()), np.nan).to_numpy(), dtype=np.float64)
-    cos = clip_scores(image, text).astype(np.float64)
-    known = np.isfinite(values)
-    gap = float(np.abs(values[known] - cos[known]).max(initial=0.0))
-    if gap > 0.01:
-        log.warning("%s differs from the cosine of the stored embeddings by up to %.3f; are they from the same "
-                    "model (input.npz_key)?", where, gap)
-    return pa.array(np.where(known, values, cos).astype(np.float32), pa.float32())
 
 
 def embed_one(cfg, out_dir: Path, shard: dict, encoder: Encoder | None = None) -> dict:

@@ -115,6 +115,58 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
             pq.ParquetWriter(tmp, table.schema, compression="snappy").close()
 
 
+class RowGroupWriter:
+    """One parquet file written from tables handed in one after the other, in row groups of exactly ``rows``
+    rows (the last may be shorter), atomically on leaving the ``with`` block: its bytes depend on the rows and
+    ``rows`` alone, not on how they were handed in, and a file of at most ``rows`` rows has the bytes
+    ``write_parquet`` gives it. ``rows`` may be set until the first table is added. No row: no row group, with
+    the schema of the last (empty) table added."""
+
+    def __init__(self, path: str | Path, rows: int | None = None):
+        self.path, self.rows, self.schema = Path(path), rows, None
+        self._pending, self._held, self._writer = [], 0, None
+
+    def __enter__(self):
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        return self
+
+    def add(self, table: pa.Table) -> None:
+        self.schema = table.schema
+        if table.num_rows:
+            self._pending.append(table)
+            self._held += table.num_rows
+            if self._held >= self.rows:
+                self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        table = pa.concat_tables(self._pending)
+        take = table.num_rows if final else table.num_rows - table.num_rows % self.rows
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="snappy")
+        if take:
+            self._writer.write_table(table.slice(0, take), row_group_size=self.rows)
+        rest = table.slice(take)
+        self._pending, self._held = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def __exit__(self, kind, exc, tb):
+        from_body = kind is not None
+        try:
+            if not from_body:
+                if self._pending:
+                    self._flush(final=True)
+                if self._writer is None:
+                    self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="snappy")
+            if self._writer is not None:
+                self._writer.close()
+        except BaseException as err:  # handed to atomic_path, which removes the temporary file
+            kind, exc, tb = type(err), err, err.__traceback__
+        handled = self._atomic.__exit__(kind, exc, tb)
+        if exc is not None and not from_body and not handled:
+            raise exc
+        return handled
+
+
 def write_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
