@@ -115,8 +115,8 @@ def _parquet_file(path: str) -> pq.ParquetFile:
         raise UnreadableFile(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
 
-def _batches(pf: pq.ParquetFile, path: str, rows: int) -> Iterator[pa.Table]:
-    batches = pf.iter_batches(batch_size=rows, use_threads=False)
+def _batches(pf: pq.ParquetFile, path: str, rows: int, columns=None) -> Iterator[pa.Table]:
+    batches = pf.iter_batches(batch_size=rows, columns=columns, use_threads=False)
     while True:
         try:
             batch = next(batches)
@@ -144,7 +144,8 @@ def precomputed_chunks(path: str, fmt: str, cfg, pair: bool, chunk_bytes: int) -
     if pair and "text_embedding" not in have:
         raise InputError(f"{path}: embed.modality=pair reads DataComp metadata (.parquet + .npz), clip-retrieval "
                          "folders (img_emb/ + text_emb/) or parquet with embedding and text_embedding columns")
-    uid = read_parquet(path, columns=[cfg.id_column])[cfg.id_column]
+    uid = pa.chunked_array([t[cfg.id_column] for t in _batches(pf, path, 1 << 20, [cfg.id_column])],
+                           pf.schema_arrow.field(cfg.id_column).type)
     if uid.null_count:
         raise InputError(f"{path}: column {cfg.id_column!r} has nulls")
     kind = pf.schema_arrow.field(cfg.embedding_column).type
