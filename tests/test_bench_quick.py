@@ -87,3 +87,9 @@ def test_bench_embed_quick_on_cuda(tmp_path):
 def test_bench_el2n_quick(tmp_path):
     r = run_bench("bench_el2n", tmp_path, "--threads", "1")
     assert r["ours_s"] > 0 and r["bare_s"] > 0 and r["ratio"] > 0 and r["models"] == 2
+
+
+def test_bench_el2n_classes_quick(tmp_path):
+    r = run_bench("bench_el2n_classes", tmp_path)
+    assert set(r["classes"]) == {"60", "200"} and r["bare"]["peak_rss_mib"] > 10 and r["n"] == 2000
+    assert all(c["peak_rss_mib"] > 10 and c["us_per_row"] > 0 and c["rss_vs_bare"] > 0 for c in r["classes"].values())

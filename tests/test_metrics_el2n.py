@@ -36,7 +36,7 @@ def test_matches_the_formula_and_blocks(monkeypatch):
     labels = rng.integers(0, 5, 11)
     want = _direct(logits, labels)
     np.testing.assert_allclose(el2n(logits, labels), want, atol=1e-12)
-    monkeypatch.setattr(el2n_mod, "BLOCK_ELEMS", 20)  # one row per block
+    monkeypatch.setattr(el2n_mod, "BLOCK_BYTES", 160)  # one row (3 x 5 float64) per block
     np.testing.assert_allclose(el2n(logits.astype(np.float32), labels), want, atol=1e-5)
     with pytest.raises(ValueError):
         el2n(logits, np.full(11, 5))
@@ -175,3 +175,44 @@ def test_proxy_trains_in_float64_with_ieee_arithmetic_on_every_thread(monkeypatc
     el2n_proxy(x, y, n_models=2, epochs=1, seed=0)
     assert set(seen) == {(torch.float64, torch.float64, True, 1), (torch.float64, torch.float64, True, "scoring")}
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("classes,hidden", [(3, 0), (37, 0), (1000, 0), (29, 5)])
+def test_blocks_and_head_groups_give_the_same_bits(monkeypatch, classes, hidden):
+    """A tiny block budget (one head per training step, a row or two per scoring block) gives bit for bit the
+    weights and scores of one block for everything; the budget only bounds memory."""
+    rng = np.random.default_rng(classes)
+    x = rng.normal(size=(300, 12)).astype(np.float32)
+    y = rng.integers(0, classes, 300)
+    logits = rng.normal(size=(3, 300, classes)).astype(np.float32)
+    runs = []
+    for budget in (1 << 40, 8):
+        monkeypatch.setattr(el2n_mod, "BLOCK_BYTES", budget)
+        heads = el2n_mod.train_proxy_heads(x, y, classes, n_models=4, epochs=2, hidden=hidden, seed=1, batch_size=64)
+        runs.append((heads, el2n_mod.proxy_el2n(heads, x, y), el2n(logits, y)))
+        assert el2n_mod.heads_per_group(4, 64, classes + hidden) == (4 if budget > 8 else 1)
+    (big_heads, big, big_logits), (small_heads, small, small_logits) = runs
+    for a, b in zip(big_heads, small_heads):
+        assert a.tobytes() == b.tobytes()
+    assert big.tobytes() == small.tobytes() and big_logits.tobytes() == small_logits.tobytes()
+    assert np.isfinite(big).all() and len(np.unique(big)) > 100  # real scores, not a constant
+
+
+def test_adam_step_is_torch_adam_bit_for_bit():
+    """The heads' optimizer step, applied per group of heads, is ``torch.optim.Adam``'s (defaults, CPU)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ours = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)
+    ref = ours.clone().requires_grad_(True)
+    opt = torch.optim.Adam([ref], lr=1e-2)
+    moments = (torch.zeros_like(ours), torch.zeros_like(ours))
+    for step in range(1, 6):
+        grad = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64) * 10.0 ** (step - 3)
+        ref.grad = grad.clone()
+        opt.step()
+        for g0 in (0, 1):  # heads 0 and 1..2: two groups
+            sl = slice(g0, 1 if g0 == 0 else 3)
+            el2n_mod._adam_step(ours[sl], grad[sl], moments[0][sl], moments[1][sl], step, 1e-2)
+        assert ours.numpy().tobytes() == ref.detach().numpy().tobytes()
+    assert not torch.equal(ours, torch.zeros_like(ours))

@@ -14,7 +14,8 @@ from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-BLOCK_ELEMS = 1 << 24  # 16M outputs per block
+BLOCK_BYTES = 32 << 20  # float64 logits per block of rows (scoring) or of heads (training): memory flat in N and C
+ADAM = (0.9, 0.999, 1e-8)  # torch.optim.Adam's defaults: betas, eps
 SMALL_STEP_MACS = 1 << 24  # below this many multiply-adds per step, extra torch threads only add sync cost
 
 
@@ -87,25 +88,29 @@ def el2n(outputs: np.ndarray, labels: np.ndarray, from_logits: bool = True) -> n
     m, n, c = outputs.shape
     labels = _check_labels(labels, n, c)
     scores = np.empty(n, dtype=np.float64)
-    step = max(1, BLOCK_ELEMS // (m * c))
+    step = max(1, BLOCK_BYTES // (8 * m * c))
     for r0 in range(0, n, step):
         scores[r0:r0 + step] = _el2n_block(outputs[:, r0:r0 + step], labels[r0:r0 + step], from_logits)
     return scores
 
 
 def _head_params(n_models: int, d: int, n_classes: int, hidden: int, seed: int):
-    """Per-head weights stacked on a leading model axis; head m is initialised from seed (seed, m)."""
+    """Per-head weights stacked on a leading model axis; head m is initialised from seed (seed, m). Each head is
+    drawn into its slice of the stacked tensors (no second copy of the weights)."""
     import torch
 
     dims = [d, n_classes] if hidden == 0 else [d, hidden, n_classes]
-    params = [[] for _ in range(2 * (len(dims) - 1))]
+    params = []
+    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+        params += [torch.empty(n_models, fan_in, fan_out, dtype=torch.float64),
+                   torch.empty(n_models, 1, fan_out, dtype=torch.float64)]
     for m in range(n_models):
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), m]).generate_state(1)[0]))
         for layer, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
             bound = 1.0 / np.sqrt(fan_in)  # nn.Linear's default uniform init
-            params[2 * layer].append((torch.rand(fan_in, fan_out, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
-            params[2 * layer + 1].append((torch.rand(1, fan_out, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
-    return [torch.stack(p).requires_grad_(True) for p in params]
+            params[2 * layer][m] = (torch.rand(fan_in, fan_out, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+            params[2 * layer + 1][m] = (torch.rand(1, fan_out, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+    return params
 
 
 def _forward(params, x):
@@ -120,13 +125,52 @@ def _forward(params, x):
     return h
 
 
+def _adam_step(p, grad, exp_avg, exp_avg_sq, step: int, lr: float) -> None:
+    """One step of ``torch.optim.Adam`` with its defaults on CPU (the single-tensor path), op for op, so the same
+    bits; applied to one group of heads at a time, it never needs every head's gradient (or the optimizer module,
+    whose import alone costs about 150 MiB of RSS)."""
+    beta1, beta2, eps = ADAM
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1 ** float(step))
+    denom = (exp_avg_sq.sqrt() / (1 - beta2 ** float(step)) ** 0.5).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def heads_per_group(n_models: int, rows: int, width: int) -> int:
+    """Heads trained together in one step: their float64 activations (rows x width each) within ``BLOCK_BYTES``,
+    at least one head. Heads are independent, so the grouping never changes a weight."""
+    return max(1, min(int(n_models), BLOCK_BYTES // max(8 * int(rows) * int(width), 1)))
+
+
+def _train_step(params, moments, x, y, idx, step: int, lr: float, group: int) -> None:
+    """One minibatch step of every head, ``group`` heads at a time: forward, the gradient of the group's summed
+    per-head mean cross-entropy, then Adam on the group's slice of the stacked weights (in place)."""
+    import torch
+
+    n_models = params[0].shape[0]
+    for g0 in range(0, n_models, group):
+        g1 = min(n_models, g0 + group)
+        views = [p[g0:g1] for p in params]
+        leaves = [v.detach().requires_grad_(True) for v in views]
+        logits = _forward(leaves, x[idx[g0:g1]].double())
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[2]), y[idx[g0:g1]].reshape(-1))
+        grads = torch.autograd.grad(loss * (g1 - g0), leaves)  # each head's gradient is its own mean loss's
+        del logits, loss
+        with torch.no_grad():
+            for v, g, (m1, m2) in zip(views, grads, moments):
+                _adam_step(v, g, m1[g0:g1], m2[g0:g1], step, lr)
+
+
 def train_proxy_heads(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, n_models: int = 10,
                       epochs: int = 5, hidden: int = 0, seed: int = 0, lr: float = 1e-2,
                       batch_size: int = 256) -> list[np.ndarray]:
     """Train ``n_models`` independently seeded heads (linear, or a ``hidden``-unit MLP) on the embeddings
     for ``epochs`` epochs (Adam, torch CPU, float64; each head has its own init and batch order, drawn over
     the rows in the order given: the pipeline gives them in uid-hash order). ``labels`` are codes in
-    [0, n_classes). Returns the stacked float64 weights (``proxy_el2n`` scores with them)."""
+    [0, n_classes). Returns the stacked float64 weights (``proxy_el2n`` scores with them). Memory: the
+    weights and Adam's two moments (3 x 8 x n_models x (d + 1) x C bytes for linear heads) plus one group of
+    heads' activations (``heads_per_group``), whatever the number of rows."""
     import torch
 
     x_np = np.asarray(embeddings, dtype=np.float32)
@@ -138,21 +182,18 @@ def train_proxy_heads(embeddings: np.ndarray, labels: np.ndarray, n_classes: int
         log.warning("el2n_proxy: one class only; every EL2N score is 0")
     x, y = torch.from_numpy(x_np), torch.from_numpy(labels)  # float32 rows, widened one batch at a time
     params = _head_params(int(n_models), x.shape[1], n_classes, int(hidden), seed)
-    opt = torch.optim.Adam(params, lr=lr)
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     gen = torch.Generator().manual_seed(int(seed))
-    n = len(x)
+    n, step = len(x), 0
     width = n_classes if hidden == 0 else hidden + n_classes
+    group = heads_per_group(n_models, min(int(batch_size), n), width)
     with torch_threads_for(n_models * int(batch_size) * x.shape[1] * width):
         for _ in tqdm(range(int(epochs)), desc="el2n proxy heads", unit="epoch", disable=n * epochs < 1_000_000):
             perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(n_models)])  # [M, n]
             for b0 in range(0, n, int(batch_size)):
-                idx = perms[:, b0:b0 + int(batch_size)]
-                logits = _forward(params, x[idx].double())
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[2]), y[idx].reshape(-1))
-                opt.zero_grad()
-                (loss * n_models).backward()  # sum over heads, so each head's gradient is its own mean loss
-                opt.step()
-    return [p.detach().numpy() for p in params]
+                step += 1
+                _train_step(params, moments, x, y, perms[:, b0:b0 + int(batch_size)], step, lr, group)
+    return [p.numpy() for p in params]
 
 
 def proxy_el2n(heads: list[np.ndarray], embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -165,7 +206,7 @@ def proxy_el2n(heads: list[np.ndarray], embeddings: np.ndarray, labels: np.ndarr
     x = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
     labels = _check_labels(labels, len(x), n_classes)
     scores = np.empty(len(x), dtype=np.float64)
-    step = max(1, BLOCK_ELEMS // (n_models * max(n_classes, params[0].shape[-1], 1)))
+    step = max(1, BLOCK_BYTES // (8 * n_models * max(n_classes, params[0].shape[-1], 1)))
     with torch.no_grad():
         for r0 in range(0, len(x), step):
             xb = x[r0:r0 + step].double().expand(n_models, -1, -1)

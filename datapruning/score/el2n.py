@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import FILE
-from ..metrics.el2n import el2n, proxy_el2n, train_proxy_heads
+from ..metrics.el2n import BLOCK_BYTES, el2n, proxy_el2n, train_proxy_heads
 from ..hashing import uid_hash
 from ..labels import label_columns
 from .base import Metric
@@ -101,8 +101,9 @@ def score(block: dict, state: dict, params: EL2NParams) -> np.ndarray:
     rows, src = rows[order], src[order]
     arr = np.load(params.logits, allow_pickle=False, mmap_mode="r")
     arr3 = arr if arr.ndim == 3 else arr[None]
-    for b0 in range(0, len(rows), 65536):
-        sl = slice(b0, b0 + 65536)
+    step = max(1, min(65536, BLOCK_BYTES // (arr3.dtype.itemsize * arr3.shape[0] * max(arr3.shape[2], 1))))
+    for b0 in range(0, len(rows), step):  # the rows read at once stay within the block budget, whatever C
+        sl = slice(b0, b0 + step)
         out[rows[sl]] = el2n(arr3[:, src[sl]], labels[rows[sl]], params.from_logits)
     return out
 
