@@ -1,5 +1,8 @@
-"""The embed stage for precomputed embeddings: an input shard copied into our layout, L2-normalised, bad rows and
-repeated uids counted, in chunks of rows (``io.precomputed``): memory follows the chunk, not the shard."""
+"""The embed stage for precomputed embeddings: an input shard copied into our layout.
+
+Rows are L2-normalised, bad rows and repeated uids counted, in chunks of rows (``io.precomputed``): memory
+follows the chunk, not the shard.
+"""
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,8 @@
-"""Precomputed-embedding inputs (parquet, clip-retrieval, .npy, DataComp metadata + .npz): metadata and float32
-matrices, whole or, for parquet, in chunks of rows whose memory follows the chunk, not the shard."""
+"""Precomputed-embedding inputs read as metadata and float32 matrices.
+
+Parquet, clip-retrieval, .npy and DataComp metadata + .npz: whole, or, for parquet, in chunks of rows whose
+memory follows the chunk, not the shard.
+"""
 from __future__ import annotations
 
 from pathlib import Path
