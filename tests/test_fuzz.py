@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from datapruning.config import ConfigError, RunConfig, load_config
 from datapruning.config import to_dict
 from datapruning.io.shards import InputError
-from datapruning.io.precomputed import precomputed_table
+from datapruning.io.precomputed import precomputed_chunks
 from datapruning.io.webdataset import BadSample, iter_tar_samples
 from conftest import add_member
 
@@ -98,11 +98,12 @@ def test_fuzz_parquet_reader(tmp_path, request):
         path = tmp_path / "fuzz.parquet"
         path.write_bytes(data)
         try:
-            meta, matrix = precomputed_table(str(path), "parquet", cfg)
+            uid, chunks = precomputed_chunks(str(path), "parquet", cfg, False, 1 << 20)
+            for meta, matrix, _, _ in chunks:
+                assert matrix.dtype == np.float32 and matrix.ndim == 2 and len(matrix) == meta.num_rows
         except InputError as exc:
             assert "fuzz.parquet" in str(exc) and "\n" not in str(exc)
             return
-        assert matrix.dtype == np.float32 and matrix.ndim == 2 and len(matrix) == meta.num_rows
 
     run()
 

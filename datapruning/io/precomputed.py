@@ -12,21 +12,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import InputError, UnreadableFile
-from .tables import column_to_matrix, load_npy, load_npz, open_input, read_parquet
+from ..errors import InputError
+from .tables import column_to_matrix, load_npy, load_npz, open_input, parquet_errors, read_parquet
 
 
 def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:
-    """Read one precomputed input shard -> (metadata table with a ``uid`` column, float32 [n, d]).
-    ``cfg`` is the InputConfig (column names)."""
-    if fmt == "parquet":
-        table = read_parquet(path)
-        for col in (cfg.id_column, cfg.embedding_column):
-            if col not in table.column_names:
-                raise InputError(missing_column(path, col, table.column_names))
-        matrix = column_to_matrix(table[cfg.embedding_column], path)
-        meta = table.drop_columns([cfg.embedding_column])
-    elif fmt == "clip_retrieval":
+    """Read one precomputed input shard whole -> (metadata table with a ``uid`` column, float32 [n, d]).
+    ``cfg`` is the InputConfig (column names). Parquet is read in chunks: ``precomputed_chunks``."""
+    if fmt == "clip_retrieval":
         matrix = load_npy(path).astype(np.float32, copy=False)
         part = Path(path).stem.split("_")[-1]
         meta_path = str(Path(path).parent.parent / "metadata" / f"metadata_{part}.parquet")
@@ -61,6 +54,8 @@ def precomputed_table(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray]:
     return meta, np.array(matrix, dtype=np.float32)
 
 
+PAIR_INPUTS = ("embed.modality=pair reads DataComp metadata (.parquet + .npz), clip-retrieval folders (img_emb/ + "
+               "text_emb/) or parquet with embedding and text_embedding columns")
 DATACOMP_COLUMNS = {"uid", "url", "text", "original_width", "original_height"}  # DataComp's metadata parquet
 
 
@@ -77,8 +72,8 @@ def missing_column(path: str, col: str, have: list) -> str:
 def precomputed_pair(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray, np.ndarray, str | None]:
     """One precomputed image-text shard -> (metadata, image [n, d], caption [n, d], the metadata's CLIP score
     column or None): DataComp's .npz ``{arch}_img`` / ``{arch}_txt`` (``input.npz_key`` names the image array;
-    ``clip_{arch}_similarity_score`` where the metadata has it), clip-retrieval's img_emb/ and text_emb/ parts,
-    or a parquet's embedding and ``text_embedding`` columns."""
+    ``clip_{arch}_similarity_score`` where the metadata has it) or clip-retrieval's img_emb/ and text_emb/ parts
+    (a parquet's embedding and ``text_embedding`` columns: ``precomputed_chunks``)."""
     meta, image = precomputed_table(path, fmt, cfg)
     score = None
     if fmt == "datacomp":
@@ -91,12 +86,8 @@ def precomputed_pair(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray, np
         if not Path(text_path).is_file():  # the folder's other side, not a fault of this shard: no retry
             raise InputError(f"{text_path}: no such file; embed.modality=pair reads text_emb/ beside img_emb/")
         text = load_npy(text_path)
-    elif fmt == "parquet" and "text_embedding" in meta.column_names:
-        text_path, text = path, column_to_matrix(meta["text_embedding"], path)
-        meta = meta.drop_columns(["text_embedding"])
     else:
-        raise InputError(f"{path}: embed.modality=pair reads DataComp metadata (.parquet + .npz), clip-retrieval "
-                         "folders (img_emb/ + text_emb/) or parquet with embedding and text_embedding columns")
+        raise InputError(f"{path}: {PAIR_INPUTS}")
     if text.ndim != 2 or len(text) != len(image):
         raise InputError(f"{text_path}: caption embeddings of shape {text.shape} for {len(image)} images")
     return meta, image, np.array(text, dtype=np.float32), score
@@ -106,27 +97,20 @@ def precomputed_pair(path: str, fmt: str, cfg) -> tuple[pa.Table, np.ndarray, np
 
 def _parquet_file(path: str) -> pq.ParquetFile:
     source = open_input(path)
-    try:
+    with parquet_errors(path):
         pf = pq.ParquetFile(source if isinstance(source, str) else pa.BufferReader(source), buffer_size=8 << 20,
                             pre_buffer=False)  # read through a buffer: memory follows the batch, not the row group
         _names = pf.schema_arrow.names  # pyarrow decodes names lazily: a non-UTF-8 name fails here, not later
         return pf
-    except UnicodeDecodeError as exc:
-        raise UnreadableFile(f"{path}: not a readable parquet file (a column name is not UTF-8: "
-                             f"{exc.reason})") from None
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise UnreadableFile(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
 
 def _batches(pf: pq.ParquetFile, path: str, rows: int, columns=None) -> Iterator[pa.Table]:
     batches = pf.iter_batches(batch_size=rows, columns=columns, use_threads=False)
     while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
+        with parquet_errors(path):
+            batch = next(batches, None)
+        if batch is None:
             return
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise UnreadableFile(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
         yield pa.Table.from_batches([batch])
 
 
@@ -134,7 +118,7 @@ def precomputed_chunks(path: str, fmt: str, cfg, pair: bool, chunk_bytes: int) -
     """One precomputed input shard as (its whole id column as strings, an iterator of chunks of consecutive rows:
     (metadata, image [m, d], caption [m, d] or None, the metadata's CLIP score column or None)). A parquet file is
     read in batches of about ``chunk_bytes`` of float32 rows (its id column first, on its own); the other formats
-    come in one chunk (``precomputed_table`` / ``precomputed_pair``). ``cfg``: the InputConfig."""
+    come whole, in one chunk (``precomputed_table`` / ``precomputed_pair``). ``cfg``: the InputConfig."""
     if fmt != "parquet":
         meta, image, *rest = precomputed_pair(path, fmt, cfg) if pair else (*precomputed_table(path, fmt, cfg), None)
         text, score = (rest[0], rest[1]) if pair else (None, None)
@@ -145,8 +129,7 @@ def precomputed_chunks(path: str, fmt: str, cfg, pair: bool, chunk_bytes: int) -
         if col not in have:
             raise InputError(missing_column(path, col, have))
     if pair and "text_embedding" not in have:
-        raise InputError(f"{path}: embed.modality=pair reads DataComp metadata (.parquet + .npz), clip-retrieval "
-                         "folders (img_emb/ + text_emb/) or parquet with embedding and text_embedding columns")
+        raise InputError(f"{path}: {PAIR_INPUTS}")
     uid = pa.chunked_array([t[cfg.id_column] for t in _batches(pf, path, 1 << 20, [cfg.id_column])],
                            pf.schema_arrow.field(cfg.id_column).type)
     if uid.null_count:

@@ -5,6 +5,7 @@ import queue
 import re
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -125,12 +126,12 @@ def _readable(source: str | bytes):
     return source if isinstance(source, str) else io.BytesIO(source)
 
 
-def read_parquet(path: str, columns=None) -> pa.Table:
-    source = open_input(path)
+@contextmanager
+def parquet_errors(path: str) -> Iterator[None]:
+    """Faults in parsing a parquet input, as the file's: a missing column is an InputError, bytes that do not
+    parse (a non-UTF-8 column name included) are ``UnreadableFile``, both naming ``path``."""
     try:
-        table = pq.read_table(source if isinstance(source, str) else pa.BufferReader(source), columns=columns)
-        _names = table.column_names  # pyarrow decodes names lazily: a non-UTF-8 name fails here, not later
-        return table
+        yield
     except KeyError as exc:
         raise InputError(f"{path}: missing column {exc}") from None
     except UnicodeDecodeError as exc:
@@ -138,6 +139,14 @@ def read_parquet(path: str, columns=None) -> pa.Table:
                              f"{exc.reason})") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise UnreadableFile(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+
+
+def read_parquet(path: str, columns=None) -> pa.Table:
+    source = open_input(path)
+    with parquet_errors(path):
+        table = pq.read_table(source if isinstance(source, str) else pa.BufferReader(source), columns=columns)
+        _names = table.column_names  # pyarrow decodes names lazily: a non-UTF-8 name fails here, not later
+        return table
 
 
 def load_npy(path: str) -> np.ndarray:
